@@ -1,0 +1,117 @@
+"""Loading the frozen T5 backbone and its tokenizer (local folder or Hugging Face hub id)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+
+from dataloader.errors import UserInputError
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def _looks_like_path(arg: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything path-shaped must exist locally instead."""
+    if arg.startswith(("./", "../", "/", "~", ".\\")) or arg in (".", ".."):
+        return True
+    parent = Path(arg).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in (
+        "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of a library error, short enough for a one-line message."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def backbone_name(model_arg: str | Path) -> str:
+    """Short name of the backbone for checkpoint metadata: folder name or hub id basename."""
+    text = str(model_arg).rstrip("/\\")
+    name = Path(text).name
+    if not name or name in (".", ".."):
+        name = Path(text).expanduser().resolve().name
+    return name or text
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserInputError(
+            f"--device: expected cpu, cuda or cuda:N, found {device!r} ({_first_line(e)})"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device: {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def load_backbone(
+    model: str | Path,
+    tokenizer_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Load T5 + tokenizer; the model is in eval mode with every parameter frozen.
+
+    ``model`` is a local folder (``save_pretrained`` layout) or a hub id. Problems the user can fix (a
+    missing folder, a hub id that is not cached while offline, no tokenizer files) become one-line
+    UserInputErrors instead of library tracebacks.
+    """
+    dev = _device(device)
+    arg = str(model)
+    local = Path(arg).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserInputError(f"--model {arg}: expected a model folder (with config.json), found a file")
+        if not (local / "config.json").is_file():
+            raise UserInputError(f"--model {arg}: expected a model folder with config.json, found none")
+        source: str = str(local)
+    elif _looks_like_path(arg):
+        raise UserInputError(f"--model {arg}: folder not found")
+    else:
+        source = arg
+
+    try:
+        net = T5ForConditionalGeneration.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        if source is arg and _offline():
+            raise UserInputError(
+                f"--model {arg}: not a local folder and not in the Hugging Face cache (offline mode is on); "
+                "pass a local model folder"
+            ) from None
+        raise UserInputError(f"--model {arg}: could not load a T5 model ({_first_line(e)})") from None
+
+    flag = "--tokenizer" if tokenizer_path is not None else "--model"
+    tok_arg = str(tokenizer_path) if tokenizer_path is not None else source
+    tok_local = Path(tok_arg).expanduser()
+    if tok_local.is_dir():
+        # Without these files transformers tries to convert a slow tokenizer and fails deep inside
+        # (protobuf/sentencepiece import errors), so say what is missing up front.
+        if not any((tok_local / f).is_file() for f in TOKENIZER_FILES):
+            expected = " or ".join(TOKENIZER_FILES)
+            raise UserInputError(f"{flag} {tok_arg}: no tokenizer files (expected {expected})")
+        tok_arg = str(tok_local)
+    elif tok_local.exists():
+        raise UserInputError(f"{flag} {tok_arg}: expected a tokenizer folder, found a file")
+    elif _looks_like_path(tok_arg):
+        raise UserInputError(f"{flag} {tok_arg}: folder not found")
+    try:
+        # config= lets a bare tokenizer.json (no tokenizer_config.json) resolve to T5's tokenizer class.
+        tokenizer = AutoTokenizer.from_pretrained(tok_arg, config=net.config)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise UserInputError(f"{flag} {tok_arg}: could not load a tokenizer ({_first_line(e)})") from None
+
+    net.to(dev)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, tokenizer
