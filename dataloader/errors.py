@@ -7,3 +7,24 @@ so a user sees `path:line: what was expected` instead of a traceback.
 
 class UserInputError(Exception):
     """Bad input that the user can fix: a file, a line, a flag or a checkpoint."""
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Run ``main(argv)``; a UserInputError becomes one line on stderr and exit code 2.
+
+    ``--debug`` anywhere on the command line lets the traceback through instead.
+    """
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return int(main([a for a in argv if a != "--debug"]) or 0)
+    except UserInputError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,58 @@
+"""Finding delta checkpoints on disk: a checkpoint folder, a tune.py run folder, or a tune.py task folder."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from dataloader.errors import UserInputError
+from models.delta import CONFIG_FILE
+
+RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+def run_dir_name(lr: float, bsz: int) -> str:
+    return f"lr_{lr:g}_bsz_{bsz}"
+
+
+def read_result_tsv(path: Path) -> list[dict[str, str]]:
+    """Rows of a tune.py ``result.tsv``; missing columns are a UserInputError naming the file."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserInputError(f"{path}:1: missing columns {missing}; expected {RESULT_COLUMNS}")
+        return list(reader)
+
+
+def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
+    """The checkpoint folder that ``path`` stands for.
+
+    ``path`` may be a checkpoint itself, a tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``)
+    or a tune.py task folder, in which case the run with the best dev score in the parent's
+    ``result.tsv`` is taken.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).is_file():
+        return path / CHECKPOINT_SUBDIR
+    if not path.is_dir():
+        raise UserInputError(f"{path}: checkpoint not found (expected a delta checkpoint or a tune.py output folder)")
+    task = task or path.name
+    result_tsv = path.parent / "result.tsv"
+    candidates: list[tuple[float, Path]] = []
+    if result_tsv.is_file():
+        for row in read_result_tsv(result_tsv):
+            if row["task"] != task or row["lr"] == "-":
+                continue
+            run = path / run_dir_name(float(row["lr"]), int(row["bsz"])) / CHECKPOINT_SUBDIR
+            if (run / CONFIG_FILE).is_file():
+                candidates.append((float(row["dev"]), run))
+    if not candidates:
+        raise UserInputError(
+            f"{path}: no delta checkpoint here, and no run of task {task!r} with a checkpoint in {result_tsv}")
+    # Best dev score; ties go to the first row written (the first lr/bsz of the sweep).
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][0], -i))
+    return candidates[best][1]

@@ -1,0 +1,71 @@
+"""Named task lists. Every script that takes ``--tasks`` (or ``TASKS=``) accepts these names or task names.
+
+The bundled synthetic suite comes with one list per family; its families are also its manual
+categories (what the "manual division" fusion method averages within). Real CrossFit lists are
+given for the paper's setting on a GPU box.
+"""
+
+from __future__ import annotations
+
+from dataloader.errors import UserInputError
+from dataloader.synthetic import FAMILIES
+
+# --- the bundled synthetic suite (data/synthetic) -------------------------------------------------
+SENTIMENT_TASKS = FAMILIES["sentiment"]
+TOPIC_TASKS = FAMILIES["topic"]
+LOOKUP_TASKS = FAMILIES["lookup"]
+OVERLAP_TASKS = FAMILIES["overlap"]
+EXTRACT_TASKS = FAMILIES["extract"]
+ALL_TASKS = SENTIMENT_TASKS + TOPIC_TASKS + LOOKUP_TASKS + OVERLAP_TASKS + EXTRACT_TASKS
+# One task per family: the small default of the tuning scripts.
+SAMPLE_TASKS = [tasks[0] for tasks in FAMILIES.values()]
+
+# --- real CrossFit tasks (the paper's setting: QA tasks, leave-one-out) ---------------------------------
+CROSSFIT_QA_TASKS = [
+    # 32 CrossFit QA tasks: closed-book, multiple-choice and reading comprehension.
+    "ai2_arc", "boolq", "codah", "commonsense_qa", "cosmos_qa", "dream", "freebase_qa", "kilt_hotpotqa",
+    "kilt_nq", "kilt_trex", "kilt_zsre", "lama-conceptnet", "lama-google_re", "lama-squad", "lama-trex",
+    "mc_taco", "numer_sense", "openbookqa", "piqa", "qasc", "quarel", "quartz-no_knowledge",
+    "quartz-with_knowledge", "race-middle", "ropes", "sciq", "social_i_qa", "squad-no_context",
+    "superglue-multirc", "tweet_qa", "web_questions", "wino_grande",
+]
+
+TASK_LISTS: dict[str, list[str]] = {
+    "ALL_TASKS": ALL_TASKS,
+    "SAMPLE_TASKS": SAMPLE_TASKS,
+    "SENTIMENT_TASKS": SENTIMENT_TASKS,
+    "TOPIC_TASKS": TOPIC_TASKS,
+    "LOOKUP_TASKS": LOOKUP_TASKS,
+    "OVERLAP_TASKS": OVERLAP_TASKS,
+    "EXTRACT_TASKS": EXTRACT_TASKS,
+    "CROSSFIT_QA_TASKS": CROSSFIT_QA_TASKS,
+}
+
+# Manual categories: task -> category, used by the "manual division" fusion method.
+MANUAL_CATEGORIES: dict[str, str] = {task: family for family, tasks in FAMILIES.items() for task in tasks}
+
+
+def resolve_tasks(names: list[str] | str, known_tasks: list[str] | None = None) -> list[str]:
+    """Expand named lists and explicit task names (space- or comma-separated) into a list of tasks.
+
+    A name that is neither a list nor (when ``known_tasks`` is given) a known task is refused, and so
+    is a task named twice: both are almost always a typo in a sweep script.
+    """
+    if isinstance(names, str):
+        names = [names]
+    tokens = [t for name in names for t in name.replace(",", " ").split()]
+    if not tokens:
+        raise UserInputError("--tasks: no task given")
+    tasks: list[str] = []
+    for token in tokens:
+        if token in TASK_LISTS:
+            tasks.extend(TASK_LISTS[token])
+        elif token.isupper() or (known_tasks is not None and token not in known_tasks):
+            lists = ", ".join(TASK_LISTS)
+            raise UserInputError(f"--tasks: unknown task or task list {token!r}; lists are: {lists}")
+        else:
+            tasks.append(token)
+    duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
+    if duplicates:
+        raise UserInputError(f"--tasks: task named more than once: {', '.join(duplicates)}")
+    return tasks

@@ -1,0 +1,432 @@
+"""Tune a delta module (bottleneck adapter, LoRA or prefix) of a frozen T5 on few-shot tasks.
+
+For each task and each (learning rate, batch size) of the sweep: train only the delta parameters
+with AdamW and linear warmup/decay, validate by generation + the task's metric every
+``--valid_interval`` steps, keep the best module, stop after ``--early_stop`` validations without
+gain, then predict on test with the best module (or with ``--test_checkpoint``).
+
+Writes ``{output_dir}/{task}/lr_{lr}_bsz_{bsz}/`` (log.txt, curve.tsv, checkpoint/, predictions)
+and one ``{output_dir}/result.tsv`` with a row per run. A run folder appears only once complete.
+
+    python tune.py --do_train --do_predict --tune_method lora --tasks SAMPLE_TASKS --output_dir runs/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dataloader.crossfit import Example, list_tasks, load_task
+from dataloader.errors import UserInputError, run_cli
+from dataloader.metrics import METRICS, metric_for_task
+from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone
+from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
+from models.delta import (
+    ADAPTER_TYPES,
+    METHODS,
+    DeltaConfig,
+    attach_delta,
+    backbone_fingerprint,
+    check_compatible,
+    delta_state_dict,
+    load_delta_checkpoint,
+    load_delta_state,
+    save_delta_checkpoint,
+)
+from models.seq2seq import EncodedTask, encode_examples, evaluate, to_device, training_batches
+from task_list import resolve_tasks
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_TASK_DIR = REPO / "data" / "synthetic"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("runs and sweeps")
+    run.add_argument("--do_train", action="store_true", help="train a delta module on each task")
+    run.add_argument("--do_predict", action="store_true", help="score the test split")
+    run.add_argument("--learning_rate_list", type=float, nargs="+", default=[5e-4], metavar="LR",
+                     help="learning rates to sweep (each is a run)")
+    run.add_argument("--bsz_list", type=int, nargs="+", default=[8], metavar="BSZ", help="batch sizes to sweep")
+    run.add_argument("--train_iters", type=int, default=1000, help="training steps per run")
+    run.add_argument("--warmup_steps", type=int, default=200, help="linear warm-up steps")
+    run.add_argument("--valid_interval", type=int, default=100, help="validate every N steps")
+    run.add_argument("--log_interval", type=int, default=20, help="log loss, lr and examples/s every N steps")
+    run.add_argument("--early_stop", type=int, default=10,
+                     help="stop after N validations without gain (0: never)")
+    run.add_argument("--predict_batch_size", type=int, default=64, help="batch size of generation")
+    run.add_argument("--weight_decay", type=float, default=0.0)
+    run.add_argument("--max_grad_norm", type=float, default=1.0)
+    run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
+
+    delta = p.add_argument_group("delta module")
+    delta.add_argument("--tune_method", default="adapter", help=f"one of {', '.join(METHODS)}")
+    delta.add_argument("--apply_adapter", action="store_true", help="same as --tune_method adapter")
+    delta.add_argument("--adapter_type", default="houlsby", help=f"one of {', '.join(ADAPTER_TYPES)}")
+    delta.add_argument("--adapter_size", type=int, default=12, help="bottleneck width of the adapter")
+    delta.add_argument("--lora_r", type=int, default=10)
+    delta.add_argument("--lora_alpha", type=int, default=16)
+    delta.add_argument("--prefix_length", type=int, default=120)
+    delta.add_argument("--prefix_mlp", type=int, default=24, help="hidden size of the prefix's reparametrisation MLP")
+    delta.add_argument("--quiet", action="store_true", help="silence data-processing and library warnings")
+
+    paths = p.add_argument_group("paths")
+    paths.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
+    paths.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
+    paths.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
+    paths.add_argument("--output_dir", default="runs/tune")
+    paths.add_argument("--train_checkpoint", default=None,
+                       help="initialise the delta module from this checkpoint (a fused one too)")
+    paths.add_argument("--test_checkpoint", default=None, help="predict with this checkpoint")
+
+    data = p.add_argument_group("data and decoding")
+    data.add_argument("--tasks", nargs="+", default=["SAMPLE_TASKS"], help="task names or named lists (task_list.py)")
+    data.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    data.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    data.add_argument("--seed", type=int, default=42, help="seed of initialisation, batching and dropout")
+    data.add_argument("--max_input_length", type=int, default=256)
+    data.add_argument("--max_output_length", type=int, default=32)
+    data.add_argument("--num_beams", type=int, default=1)
+    data.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    data.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> DeltaConfig:
+    """Validate flags before anything is loaded or written."""
+    if not (args.do_train or args.do_predict):
+        raise UserInputError("nothing to do: give --do_train and/or --do_predict")
+    if args.apply_adapter:
+        if args.tune_method not in ("adapter",):
+            raise UserInputError(f"--apply_adapter conflicts with --tune_method {args.tune_method}")
+    for lr in args.learning_rate_list:
+        if not math.isfinite(lr) or lr <= 0:
+            raise UserInputError(f"--learning_rate_list: expected positive finite numbers, found {lr}")
+    positive = {"--bsz_list": args.bsz_list, "--train_iters": [args.train_iters],
+                "--valid_interval": [args.valid_interval], "--log_interval": [args.log_interval],
+                "--predict_batch_size": [args.predict_batch_size], "--k": [args.k],
+                "--max_input_length": [args.max_input_length], "--max_output_length": [args.max_output_length],
+                "--num_beams": [args.num_beams]}
+    for flag, values in positive.items():
+        for v in values:
+            if v <= 0:
+                raise UserInputError(f"{flag}: expected a positive integer, found {v}")
+    for flag, v in {"--warmup_steps": args.warmup_steps, "--early_stop": args.early_stop}.items():
+        if v < 0:
+            raise UserInputError(f"{flag}: expected zero or more, found {v}")
+    if len(set(args.learning_rate_list)) != len(args.learning_rate_list) or len(set(args.bsz_list)) != len(
+            args.bsz_list):
+        raise UserInputError("--learning_rate_list/--bsz_list: a value is listed twice")
+    if args.do_predict and not args.do_train and not (args.test_checkpoint or args.train_checkpoint):
+        raise UserInputError("--do_predict without --do_train needs --test_checkpoint (or --train_checkpoint)")
+    return DeltaConfig(args.tune_method, args.adapter_type, args.adapter_size, args.lora_r, args.lora_alpha,
+                       args.prefix_length, args.prefix_mlp).validate()
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class RunLog:
+    """Log lines to the console (above the tqdm bars) and to the run's log file."""
+
+    def __init__(self, path: Path | None = None):
+        self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed in close())
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        tqdm.write(line)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+@dataclass
+class TaskData:
+    name: str
+    metric: str
+    splits: dict[str, EncodedTask]
+
+
+@dataclass
+class RunResult:
+    dev: float | None
+    test: float | None
+    best_step: int | None
+
+
+def write_tsv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
+    """Write a TSV under a temporary name, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def update_result_tsv(output_dir: Path, row: dict) -> None:
+    """Add (or replace) one run's row of ``result.tsv``."""
+    path = output_dir / "result.tsv"
+    key = [str(row[c]) for c in ("task", "k", "data_seed", "lr", "bsz")]
+    rows: list[list] = []
+    if path.is_file():
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header != RESULT_COLUMNS:
+                raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
+            rows = [r for r in reader if r[:5] != key]
+    rows.append([row[c] for c in RESULT_COLUMNS])
+    write_tsv_atomic(path, RESULT_COLUMNS, rows)
+
+
+def fmt_score(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+class Trainer:
+    """Holds the backbone with its delta module; runs one (task, lr, bsz) at a time."""
+
+    def __init__(self, args: argparse.Namespace, cfg: DeltaConfig):
+        self.args, self.cfg = args, cfg
+        self.device = torch.device(pick_device(args.device))
+        self.model, self.tokenizer = load_backbone(args.model, args.tokenizer_path, self.device)
+        self.fingerprint = backbone_fingerprint(self.model)
+        self.backbone = backbone_name(args.model)
+        torch.manual_seed(args.seed)
+        attach_delta(self.model, cfg)
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.init_state = delta_state_dict(self.model)
+        self.init_source = "random initialisation"
+        if args.train_checkpoint:
+            self.init_state, self.init_source = self.load_checkpoint(args.train_checkpoint)
+        self.test_state = None
+        if args.test_checkpoint:
+            self.test_state, _ = self.load_checkpoint(args.test_checkpoint)
+        self.use_bf16 = args.bf16 and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def load_checkpoint(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
+        folder = resolve_checkpoint(path)
+        tensors, meta = load_delta_checkpoint(folder)
+        check_compatible(meta, self.cfg, self.fingerprint, str(folder))
+        load_delta_state(self.model, tensors, str(folder))  # validates keys and shapes now, not mid-sweep
+        return tensors, str(folder)
+
+    def encode(self, examples: list[Example]) -> EncodedTask:
+        return encode_examples(self.tokenizer, examples, self.args.max_input_length, self.args.max_output_length)
+
+    def evaluate(self, task: TaskData, split: str, desc: str) -> tuple[float, list[str]]:
+        a = self.args
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+            return evaluate(self.model, self.tokenizer, task.splits[split], task.metric, a.predict_batch_size,
+                            a.max_output_length, a.num_beams, desc=desc)
+
+    def train(self, task: TaskData, lr: float, bsz: int, log: RunLog, run_dir: Path) -> RunResult:
+        a = self.args
+        load_delta_state(self.model, self.init_state, self.init_source)
+        torch.manual_seed(a.seed)
+        rng = random.Random(a.seed)
+        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=a.weight_decay)
+        warmup = min(a.warmup_steps, a.train_iters)
+
+        def lr_factor(step: int) -> float:  # linear warm-up to lr, then linear decay to 0 at train_iters
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (a.train_iters - step) / max(1, a.train_iters - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        batches = training_batches(task.splits["train"], bsz, rng, self.tokenizer.pad_token_id)
+
+        best_dev, _ = self.evaluate(task, "dev", desc="dev")
+        best_step, best_state, stale = 0, delta_state_dict(self.model), 0
+        curve = [[0, fmt_score(best_dev), "-"]]
+        log(f"step 0 (initialisation from {self.init_source}): dev {task.metric} {best_dev:.4f}")
+        self.model.train()
+        running_loss = torch.zeros((), device=self.device)
+        seen, last_time, last_loss = 0, time.time(), float("nan")
+        bar = tqdm(range(1, a.train_iters + 1), desc=f"{task.name} lr={lr:g} bsz={bsz}", leave=False)
+        for step in bar:
+            batch = to_device(next(batches), self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+                loss = self.model(**batch).loss
+            loss.backward()
+            if a.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()  # no host sync here; read back at log steps only
+            seen += batch["input_ids"].shape[0]
+            if step % a.log_interval == 0 or step == a.train_iters:
+                n = a.log_interval if step % a.log_interval == 0 else step % a.log_interval
+                last_loss = running_loss.item() / n
+                rate = seen / max(time.time() - last_time, 1e-9)
+                log(f"step {step}: loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.3g} {rate:.1f} examples/s")
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+                running_loss.zero_()
+                seen, last_time = 0, time.time()
+            if step % a.valid_interval == 0 or step == a.train_iters:
+                dev, _ = self.evaluate(task, "dev", desc="dev")
+                curve.append([step, fmt_score(dev), f"{last_loss:.4f}"])
+                if dev > best_dev:
+                    best_dev, best_step, best_state, stale = dev, step, delta_state_dict(self.model), 0
+                    log(f"step {step}: dev {task.metric} {dev:.4f} (new best)")
+                else:
+                    stale += 1
+                    log(f"step {step}: dev {task.metric} {dev:.4f} (best {best_dev:.4f} at step {best_step})")
+                    if a.early_stop and stale >= a.early_stop:
+                        log(f"early stop: no gain in {stale} validations")
+                        break
+                self.model.train()
+        bar.close()
+        self.model.eval()
+        write_tsv_atomic(run_dir / "curve.tsv", ["step", "dev", "train_loss"], curve)
+        save_delta_checkpoint(run_dir / CHECKPOINT_SUBDIR, best_state, self.cfg, self.backbone, self.fingerprint,
+                              task=task.name, metric=task.metric, score=best_dev, step=best_step,
+                              extra={"lr": lr, "bsz": bsz, "k": a.k, "data_seed": a.data_seed, "seed": a.seed,
+                                     "init": self.init_source})
+        load_delta_state(self.model, best_state, "best state")
+        test = self.predict(task, run_dir, log) if a.do_predict else None
+        return RunResult(best_dev, test, best_step)
+
+    def predict(self, task: TaskData, run_dir: Path, log: RunLog) -> float:
+        if self.test_state is not None:
+            load_delta_state(self.model, self.test_state, self.args.test_checkpoint)
+        score, predictions = self.evaluate(task, "test", desc="test")
+        rows = [[ex.input, pred, ex.outputs[0]] for ex, pred in zip(task.splits["test"].examples, predictions)]
+        write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
+        log(f"test {task.metric} {score:.4f}")
+        return score
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a hidden temporary folder that becomes ``final`` only if the block completes.
+
+    On any error (or Ctrl-C) the temporary folder is removed, so no half-written run folder is left;
+    an older ``final`` (kept until now) is replaced in two renames.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.apply_adapter:
+        args.tune_method = "adapter"
+    cfg = check_args(args)
+    if args.quiet:
+        import warnings
+
+        import transformers
+        warnings.filterwarnings("ignore")
+        transformers.logging.set_verbosity_error()
+
+    # Everything that can be wrong with the input is checked before the first file is written.
+    task_dir = Path(args.task_dir)
+    if not task_dir.is_dir():
+        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
+    tasks = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    splits = (["train", "dev"] if args.do_train else []) + (["test"] if args.do_predict else [])
+    if args.do_predict and not args.do_train:
+        splits = ["dev", "test"]
+    raw = {t: load_task(task_dir, t, args.k, args.data_seed, splits) for t in tasks}
+    metrics = {t: metric_for_task(t, task_dir) for t in tasks}
+    for t, m in metrics.items():
+        if m not in METRICS:
+            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
+    output_dir = Path(args.output_dir)
+    runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
+    if args.do_train and not args.overwrite:
+        existing = [output_dir / t / run_dir_name(lr, bsz) for t, lr, bsz in runs
+                    if (output_dir / t / run_dir_name(lr, bsz)).exists()]
+        if existing:
+            raise UserInputError(f"{existing[0]}: run folder exists (from an earlier run); pass --overwrite to "
+                                 "replace it or choose another --output_dir")
+    if (output_dir / "result.tsv").is_file():
+        from models.checkpoints import read_result_tsv
+        read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
+
+    trainer = Trainer(args, cfg)
+    data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}) for t in tasks}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(tasks)} task(s), {len(runs) if args.do_train else len(tasks)} run(s): method {cfg.describe()} "
+          f"on {trainer.backbone} ({trainer.device}); output in {output_dir}", flush=True)
+
+    if not args.do_train:
+        if trainer.test_state is None:  # --train_checkpoint only: predict with it
+            trainer.test_state = trainer.init_state
+        for t in tasks:
+            with staged_dir(output_dir / t / "predict") as tmp:
+                log = RunLog(tmp / "log.txt")
+                load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
+                dev, _ = trainer.evaluate(data[t], "dev", desc="dev")
+                log(f"{t}: dev {data[t].metric} {dev:.4f}")
+                test = trainer.predict(data[t], tmp, log)
+                log.close()
+            update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": "-",
+                                           "bsz": "-", "dev": fmt_score(dev), "test": fmt_score(test),
+                                           "best_step": "-"})
+        return 0
+
+    for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1):
+        with staged_dir(output_dir / t / run_dir_name(lr, bsz)) as tmp:
+            log = RunLog(tmp / "log.txt")
+            try:
+                log(f"task {t} ({data[t].metric}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
+                    f"examples, lr {lr:g}, bsz {bsz}, {cfg.describe()}")
+                result = trainer.train(data[t], lr, bsz, log, tmp)
+            finally:
+                log.close()
+            (tmp / "result.json").write_text(json.dumps({"task": t, "lr": lr, "bsz": bsz, "dev": result.dev,
+                                                         "test": result.test, "best_step": result.best_step}))
+        update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": f"{lr:g}",
+                                       "bsz": bsz, "dev": fmt_score(result.dev), "test": fmt_score(result.test),
+                                       "best_step": result.best_step})
+        print(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
+              f"(best step {result.best_step})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
