@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight_decay", type=float, default=0.0)
     run.add_argument("--max_grad_norm", type=float, default=1.0)
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
+    run.add_argument("--save_last", action="store_true",
+                     help="keep the module of the last step, not the best dev one (no model selection)")
 
     delta = p.add_argument_group("delta module")
     delta.add_argument("--tune_method", default="adapter", help=f"one of {', '.join(METHODS)}")
@@ -307,6 +309,8 @@ class Trainer:
                 self.model.train()
         bar.close()
         self.model.eval()
+        if a.save_last:  # the loop always ends on a validation, so `dev` scores this last module
+            best_dev, best_step, best_state = dev, step, delta_state_dict(self.model)
         write_tsv_atomic(run_dir / "curve.tsv", ["step", "dev", "train_loss"], curve)
         save_delta_checkpoint(run_dir / CHECKPOINT_SUBDIR, best_state, self.cfg, self.backbone, self.fingerprint,
                               task=task.name, metric=task.metric, score=best_dev, step=best_step,
