@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Bottleneck adapters on the embedded default (edit or override from the environment; see tune.sh).
+export TUNE_METHOD=adapter
+: "${ADAPTER_TYPE:=houlsby}"
+: "${ADAPTER_SIZE:=12}"
+: "${LRS:=3e-3}"
+export LRS EXTRA_ARGS="--adapter_type $ADAPTER_TYPE --adapter_size $ADAPTER_SIZE ${EXTRA_ARGS:-}"
+exec bash "$(dirname "$0")/tune.sh" "$@"

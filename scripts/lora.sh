@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# LoRA on the embedded default (edit or override from the environment; see tune.sh).
+export TUNE_METHOD=lora
+: "${LORA_R:=8}"
+: "${LORA_ALPHA:=16}"
+: "${LRS:=3e-3}"
+export LRS EXTRA_ARGS="--lora_r $LORA_R --lora_alpha $LORA_ALPHA ${EXTRA_ARGS:-}"
+exec bash "$(dirname "$0")/tune.sh" "$@"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shared sweep around tune.py; adapter.sh, lora.sh and prefix.sh set the method and exec this.
+# Every variable below can be overridden from the environment, e.g.
+#   TASKS=ALL_TASKS LRS="1e-3 3e-3" OUTPUT_DIR=runs/my_sweep bash scripts/lora.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${TUNE_METHOD:?set by adapter.sh, lora.sh or prefix.sh}"
+: "${MODEL:=models/default}"              # backbone folder or hub id
+: "${TOKENIZER:=$MODEL}"
+: "${TASK_DIR:=data/synthetic}"
+: "${TASKS:=SAMPLE_TASKS}"                # task names or a list from task_list.py
+: "${K:=512}"                             # the bundled suite's large split: source modules
+: "${DATA_SEED:=100}"
+: "${OUTPUT_DIR:=runs/sources/${TUNE_METHOD}}"
+: "${DEVICE:=auto}"
+: "${LRS:=3e-3}"
+: "${BSZS:=16}"
+: "${TRAIN_ITERS:=400}"
+: "${WARMUP_STEPS:=40}"
+: "${VALID_INTERVAL:=100}"
+: "${EARLY_STOP:=3}"
+: "${SEED:=42}"
+: "${PYTHON:=.venv/bin/python}"
+: "${EXTRA_ARGS:=}"                       # method sizes come from the calling script
+
+# shellcheck disable=SC2086  # LRS, BSZS, TASKS and the size flags are word lists on purpose
+exec "$PYTHON" tune.py --do_train --do_predict --quiet --overwrite \
+    --tune_method "$TUNE_METHOD" --model "$MODEL" --tokenizer_path "$TOKENIZER" \
+    --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED" \
+    --output_dir "$OUTPUT_DIR" --device "$DEVICE" --seed "$SEED" \
+    --learning_rate_list $LRS --bsz_list $BSZS --train_iters "$TRAIN_ITERS" \
+    --warmup_steps "$WARMUP_STEPS" --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP" \
+    --predict_batch_size 100 --max_output_length 16 $EXTRA_ARGS "$@"
