@@ -425,3 +425,15 @@ def metric_for_task(task: str, task_dir: str | Path | None = None) -> str:
             if task in table:
                 return table[task]
     return TASK_METRICS.get(task, DEFAULT_METRIC)
+
+
+def trivial_baseline(train_outputs: list[str], references: list[list[str]], metric: str) -> float:
+    """Best score of the two trivial predictors: the majority training output everywhere, or an empty answer.
+
+    A delta module has learned something only if it clearly beats this.
+    """
+    from collections import Counter
+
+    majority = Counter(train_outputs).most_common(1)[0][0] if train_outputs else ""
+    return max(score(metric, [majority] * len(references), references),
+               score(metric, [""] * len(references), references))

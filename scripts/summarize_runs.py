@@ -1,0 +1,54 @@
+"""Print a task x method table of test scores from tune.py output folders, beside the trivial baseline.
+
+    .venv/bin/python scripts/summarize_runs.py runs/demo/adapter runs/demo/lora runs/demo/prefix
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataloader.crossfit import load_task  # noqa: E402
+from dataloader.errors import run_cli  # noqa: E402
+from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
+from models.checkpoints import read_result_tsv  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="tune.py --output_dir folders (the folder name is the column)")
+    parser.add_argument("--task_dir", default="data/synthetic")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+
+    columns: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for run_dir in map(Path, args.run_dirs):
+        best: dict[str, tuple[float, float, int]] = {}
+        rows = read_result_tsv(run_dir / "result.tsv")
+        for row in rows:
+            entry = (float(row["dev"]), float(row["test"]) if row["test"] != "-" else float("nan"), int(row["k"]))
+            if row["task"] not in best or entry[0] > best[row["task"]][0]:  # best dev over the sweep
+                best[row["task"]] = entry
+        columns[run_dir.name] = best
+    tasks = list(dict.fromkeys(t for best in columns.values() for t in best))
+    lines = ["| task | metric | trivial | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for task in tasks:
+        metric = metric_for_task(task, args.task_dir)
+        k = next(best[task][2] for best in columns.values() if task in best)
+        splits = load_task(args.task_dir, task, k, 100, ("train", "test"))
+        baseline = trivial_baseline([ex.outputs[0] for ex in splits["train"]],
+                                    [list(ex.outputs) for ex in splits["test"]], metric)
+        cells = [f"{columns[c][task][1]:.3f}" if task in columns[c] else "" for c in columns]
+        lines.append(f"| {task} | {metric} | {baseline:.3f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

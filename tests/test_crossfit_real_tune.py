@@ -1,0 +1,38 @@
+"""Real CrossFit tasks through tune.py with the embedded default backbone (skipped without the data)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+import tune
+from dataloader.errors import run_cli
+from tests.conftest import DEFAULT_MODEL_DIR, REAL_DATA_DIR
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not REAL_DATA_DIR.is_dir(), reason=f"{REAL_DATA_DIR} not present"),
+    pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="embedded default not built"),
+]
+
+# One task per metric family: ACC, Classification-F1, EM, QA-F1, Matthew-Correlation.
+REAL_TASKS = ["glue-mrpc", "ag_news", "ade_corpus_v2-dosage", "tweet_qa", "glue-cola"]
+
+
+@pytest.mark.parametrize("method", ["lora"])
+def test_five_real_tasks_produce_result_rows(method, tmp_path, capsys):
+    out = tmp_path / "real"
+    code = run_cli(tune.main, [
+        "--do_train", "--do_predict", "--tune_method", method, "--lora_r", "4", "--task_dir", str(REAL_DATA_DIR),
+        "--tasks", *REAL_TASKS, "--k", "16", "--data_seed", "100", "--output_dir", str(out),
+        "--train_iters", "2", "--valid_interval", "2", "--warmup_steps", "1", "--learning_rate_list", "1e-3",
+        "--bsz_list", "4", "--max_input_length", "128", "--max_output_length", "8", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "result.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["task"] for r in rows] == REAL_TASKS
+    for row in rows:
+        low = -1.0 if row["task"] == "glue-cola" else 0.0  # Matthews correlation can be negative
+        assert low <= float(row["test"]) <= 1.0 and low <= float(row["dev"]) <= 1.0
+        assert (out / row["task"] / "lr_0.001_bsz_4" / "test_predictions.tsv").is_file()
