@@ -1,0 +1,205 @@
+"""Zero-shot similarity metrics between a source's delta module θ_s and a target task t.
+
+Each metric is a small registered function; ``METRICS`` maps its name to a :class:`Metric` that says
+whether a lower or a higher value means "more similar" (``direction``), whether it needs the target's
+reference logits (KL) and whether it needs gradients (GraNd).
+
+Token-level metrics (Loss, KL, EL2N, LogitsCos) take ``(logits [B,T,V], labels [B,T], reference_logits
+[B,T,V] or None)`` and return ``(values [B,T], mask [B,T])``: one value per target token and a mask that
+is False at label padding (``-100``). Callers sum the masked values over *all* target tokens of D_t and
+divide by the number of tokens (:class:`TokenMean`): a pooled mean over tokens, so a long answer weighs
+more than a short one, not a mean of per-example means.
+
+* Loss: -log p_s(y_j | x, y_<j); lower is more similar.
+* KL: KL(P_t ‖ p_s) = Σ_v P_t(v) (log P_t(v) - log p_s(v)) per token, P_t from a module tuned from random
+  initialisation on t's few-shot train split; lower.
+* EL2N: ‖p_s - onehot(y_j)‖₂ per token; lower.
+* LogitsCos: cos(p_s, onehot(y_j)) = p_s(y_j) / ‖p_s‖₂ per token; higher.
+
+GraNd works per example instead: ``fn(grads)`` is the L2 norm of one example's gradient of its mean token
+loss with respect to θ_s (or one group of θ_s), and the score is the mean over examples of D_t.
+:func:`per_example_grad_norms` computes these norms, one backward pass per example.
+
+All arithmetic is in float32 (logits may come in bf16 from a GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataloader.errors import UserInputError
+from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, to_device
+
+DIRECTIONS = ("lower", "higher")
+TokenFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered similarity metric; ``direction`` says which way is more similar."""
+
+    name: str
+    direction: str
+    fn: Callable
+    needs_reference: bool = False
+    needs_grad: bool = False
+
+    def similarity(self, value: float) -> float:
+        """The value oriented so that higher always means more similar (negated for "lower" metrics)."""
+        return value if self.direction == "higher" else -value
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, direction: str, needs_reference: bool = False,
+             needs_grad: bool = False) -> Callable[[Callable], Callable]:
+    """Add the decorated function to METRICS under ``name``; the function itself is returned unchanged."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, found {direction!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        if name in METRICS:
+            raise ValueError(f"similarity metric {name!r} registered twice")
+        METRICS[name] = Metric(name, direction, fn, needs_reference, needs_grad)
+        return fn
+
+    return decorate
+
+
+def resolve_metrics(names: list[str] | str) -> list[Metric]:
+    """Metrics named on the command line (space- or comma-separated; ``all`` = every one), in order given."""
+    if isinstance(names, str):
+        names = [names]
+    tokens = [t for name in names for t in name.replace(",", " ").split()]
+    if not tokens:
+        raise UserInputError("--metric: no metric given")
+    picked: list[str] = []
+    for token in tokens:
+        if token == "all":
+            picked.extend(METRICS)
+        elif token in METRICS:
+            picked.append(token)
+        else:
+            raise UserInputError(f"--metric: unknown metric {token!r}; expected 'all' or some of {', '.join(METRICS)}")
+    return [METRICS[n] for n in dict.fromkeys(picked)]  # de-duplicated, first mention wins
+
+
+# --- token-level metrics ----------------------------------------------------------------------------------
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probabilities in float32, labels safe to gather with, mask of real target tokens)."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    mask = labels != IGNORE_INDEX
+    return logits.float().log_softmax(-1), labels.clamp_min(0), mask  # -100 -> 0: gathered, then masked out
+
+
+@register("Loss", direction="lower")
+def token_loss(logits: torch.Tensor, labels: torch.Tensor,
+               reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy -log p(y_j) per token."""
+    logp, safe, mask = _prepare(logits, labels)
+    values = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return values.masked_fill(~mask, 0.0), mask
+
+
+@register("KL", direction="lower", needs_reference=True)
+def token_kl(logits: torch.Tensor, labels: torch.Tensor,
+             reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(P_t ‖ p_s) per token, P_t = softmax(reference_logits), p_s = softmax(logits)."""
+    if reference_logits is None:
+        raise ValueError("KL needs reference_logits (the target's random-init tuned module)")
+    if reference_logits.shape != logits.shape:
+        raise ValueError(f"reference logits {tuple(reference_logits.shape)} != logits {tuple(logits.shape)}")
+    logp, _, mask = _prepare(logits, labels)
+    ref_logp = reference_logits.float().log_softmax(-1)
+    values = F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(-1)  # Σ P_t (log P_t - log p_s)
+    return values.masked_fill(~mask, 0.0), mask
+
+
+@register("EL2N", direction="lower")
+def token_el2n(logits: torch.Tensor, labels: torch.Tensor,
+               reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error L2 norm ‖softmax(logits) - onehot(y_j)‖₂ per token."""
+    logp, safe, mask = _prepare(logits, labels)
+    error = logp.exp() - F.one_hot(safe, logp.shape[-1]).float()
+    return error.norm(dim=-1).masked_fill(~mask, 0.0), mask
+
+
+@register("LogitsCos", direction="higher")
+def token_logits_cos(logits: torch.Tensor, labels: torch.Tensor,
+                     reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(softmax(logits), onehot(y_j)) = p(y_j) / ‖p‖₂ per token (the one-hot vector has norm 1)."""
+    logp, safe, mask = _prepare(logits, labels)
+    p = logp.exp()
+    values = p.gather(-1, safe.unsqueeze(-1)).squeeze(-1) / p.norm(dim=-1)
+    return values.masked_fill(~mask, 0.0), mask
+
+
+def pooled_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``values`` over the tokens where ``mask`` is True (all examples pooled)."""
+    count = int(mask.sum())
+    if count == 0:
+        raise ValueError("no target tokens to average over")
+    return float(values[mask].double().sum()) / count
+
+
+class TokenMean:
+    """Running pooled mean over the target tokens of several batches."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.total += float(values[mask].double().sum())
+        self.count += int(mask.sum())
+
+    def value(self) -> float:
+        if self.count == 0:
+            raise ValueError("no target tokens to average over")
+        return self.total / self.count
+
+
+# --- gradient-based metric ------------------------------------------------------------------------------
+
+
+@register("GraNd", direction="lower", needs_grad=True)
+def grad_norm(grads: Iterable[torch.Tensor]) -> float:
+    """L2 norm of one example's gradient, taken over all the given tensors together."""
+    return float(sum((g.double() ** 2).sum() for g in grads) ** 0.5)
+
+
+def per_example_grad_norms(model: nn.Module, task: EncodedTask, pad_id: int,
+                           groups: dict[str, list[str]]) -> dict[str, list[float]]:
+    """‖∇_θ ℓ(x, y)‖₂ for each example of ``task`` and each group of delta parameter names.
+
+    ℓ is the example's mean token cross-entropy with its first gold output (what the model's own loss
+    computes for a batch of one). One forward/backward per example: a plain loop, so nothing depends on
+    whether the adapters library's forward works under torch.func transforms.
+    """
+    params = dict(model.named_parameters())
+    names = [n for members in groups.values() for n in members]
+    missing = [n for n in names if n not in params or not params[n].requires_grad]
+    if missing:
+        raise ValueError(f"not trainable parameters of the model: {missing[:3]}")
+    position = {n: i for i, n in enumerate(names)}
+    device = params[names[0]].device
+    norms: dict[str, list[float]] = {g: [] for g in groups}
+    for ids, outputs in zip(task.inputs, task.outputs):
+        batch = to_device(collate([ids], [outputs[0]], pad_id), device)
+        with torch.enable_grad():
+            loss = model(**batch).loss
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        # A parameter the loss does not reach has a zero gradient, not a missing one.
+        grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]
+        for group, members in groups.items():
+            norms[group].append(grad_norm(grads[position[n]] for n in members))
+    return norms

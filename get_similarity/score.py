@@ -1,0 +1,301 @@
+"""Score source delta modules against target tasks with zero-shot similarity metrics.
+
+For every target t of --tasks and every source s of --source_tasks other than t (leave-one-out), the
+source's module θ_s (``{source_ckpt_path}/{s}``: a checkpoint, tune.py run folder or tune.py task
+folder, whose best dev run is taken) is scored on t's split (dev by default) with each --metric of
+get_similarity/metrics.py. The backbone is loaded once; the delta module is attached once (its config
+comes from the first source checkpoint, and every other checkpoint must match it) and each source's
+tensors are swapped in.
+
+Granularity (--granularity model|block|layer, groups from models.delta.param_group):
+
+* GraNd of a group is the norm of the per-example gradient over that group's parameters alone (the full
+  source module is loaded).
+* Loss, KL, EL2N and LogitsCos of a group are measured with the source's parameters in that group and
+  every other group's parameters at their initial value: the state right after ``attach_delta`` with
+  ``torch.manual_seed(--init_seed)`` (the default 42 is tune.py's default seed, so it is also the state
+  the sources started from when tuned from scratch). For adapter and LoRA that state is neutral (up/B
+  matrices are zero), so a group is scored as if it were the only module present; for prefix tuning the
+  initial state is a random prefix, not the absence of one.
+* At model granularity the single group "model" is the whole module.
+
+Writes ``{output_dir}/result.tsv`` (atomically, replacing an older one) with columns
+``target, source, metric, group, score``; the metric's direction is in get_similarity/metrics.py
+(LogitsCos: higher is more similar; the others: lower).
+
+    python -m get_similarity.score --delta lora --metric Loss EL2N --tasks ALL_TASKS \\
+        --source_ckpt_path runs/sources/lora --output_dir runs/similarity/lora
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python get_similarity/score.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from dataloader.crossfit import SPLITS, Example, list_tasks, load_task  # noqa: E402
+from dataloader.errors import UserInputError, run_cli  # noqa: E402
+from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from models.checkpoints import resolve_checkpoint  # noqa: E402
+from models.delta import (  # noqa: E402
+    GRANULARITIES,
+    METHODS,
+    DeltaConfig,
+    attach_delta,
+    backbone_fingerprint,
+    check_compatible,
+    delta_state_dict,
+    is_delta_param,
+    load_delta_checkpoint,
+    load_delta_state,
+    param_group,
+)
+from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
+from task_list import resolve_tasks  # noqa: E402
+from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic  # noqa: E402
+
+COLUMNS = ["target", "source", "metric", "group", "score"]
+RESULT_FILE = "result.tsv"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
+    p.add_argument("--metric", nargs="+", required=True,
+                   help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
+    p.add_argument("--tasks", nargs="+", default=["ALL_TASKS"], help="target tasks or named lists (task_list.py)")
+    p.add_argument("--source_tasks", nargs="+", default=None,
+                   help="source tasks (default: --tasks); a target is never its own source")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one checkpoint (or tune.py task folder) per source task: PATH/{task}")
+    p.add_argument("--random_tuned_ckpt_path", default=None,
+                   help="KL only: PATH/{target} holds the module tuned from random init on the target")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model)")
+    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    p.add_argument("--split", default="dev", choices=SPLITS, help="the target split to score on (D_t)")
+    p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--max_input_length", type=int, default=256)
+    p.add_argument("--max_output_length", type=int, default=32)
+    p.add_argument("--granularity", default="model", choices=GRANULARITIES,
+                   help="score the whole module (model), per stack (block) or per layer")
+    p.add_argument("--init_seed", type=int, default=42,
+                   help="seed of the initial delta state that groups outside the scored one are reset to")
+    p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written here")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def delta_groups(model: torch.nn.Module, granularity: str) -> dict[str, list[str]]:
+    """Group -> delta parameter names, groups in the order the model lists their first parameter."""
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        if is_delta_param(name):
+            groups.setdefault(param_group(name, granularity), []).append(name)
+    return groups
+
+
+class SimilarityScorer:
+    """A backbone with its delta module attached; scores one source state at a time on one target."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, init_state: dict[str, torch.Tensor],
+                 granularity: str, batch_size: int):
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.init_state = init_state
+        self.groups = delta_groups(model, granularity)
+        self.device = next(model.parameters()).device
+
+    def group_state(self, tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
+        """The source's tensors inside ``group``, the initial state everywhere else."""
+        members = set(self.groups[group])
+        return {n: (tensors[n] if n in members else t) for n, t in self.init_state.items()}
+
+    @torch.no_grad()
+    def logits(self, task: EncodedTask) -> list[torch.Tensor]:
+        """Logits of the current state on each deterministic batch of ``task`` (first gold outputs)."""
+        out = []
+        for _, batch in first_output_batches(task, self.batch_size, self.pad_id):
+            out.append(self.model(**to_device(batch, self.device)).logits)
+        return out
+
+    def reference(self, task: EncodedTask, tensors: dict[str, torch.Tensor], source: str) -> list[torch.Tensor]:
+        """Per-batch logits of a reference module (KL's P_t), kept for all sources of this target."""
+        load_delta_state(self.model, tensors, source)
+        return self.logits(task)
+
+    @torch.no_grad()
+    def _token_scores(self, task: EncodedTask, metrics: list[Metric],
+                      reference: list[torch.Tensor] | None) -> dict[str, float]:
+        means = {m.name: TokenMean() for m in metrics}
+        batches = first_output_batches(task, self.batch_size, self.pad_id)
+        for b, (_, batch) in enumerate(batches):
+            batch = to_device(batch, self.device)
+            logits = self.model(**batch).logits
+            for m in metrics:
+                values, mask = m.fn(logits, batch["labels"], reference[b] if m.needs_reference else None)
+                means[m.name].add(values, mask)
+        return {name: mean.value() for name, mean in means.items()}
+
+    def score(self, task: EncodedTask, tensors: dict[str, torch.Tensor], metrics: list[Metric],
+              source: str = "source", reference: list[torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+        """Metric -> group -> score of the source ``tensors`` on ``task``."""
+        if any(m.needs_reference for m in metrics) and reference is None:
+            raise ValueError("a metric needs reference logits but none were given")
+        out: dict[str, dict[str, float]] = {m.name: {} for m in metrics}
+        token_metrics = [m for m in metrics if not m.needs_grad]
+        if token_metrics:
+            for group in self.groups:  # one forward pass per group serves every output metric
+                load_delta_state(self.model, self.group_state(tensors, group), source)
+                for name, value in self._token_scores(task, token_metrics, reference).items():
+                    out[name][group] = value
+        for m in metrics:
+            if m.needs_grad:
+                load_delta_state(self.model, tensors, source)
+                norms = per_example_grad_norms(self.model, task, self.pad_id, self.groups)
+                out[m.name] = {g: sum(v) / len(v) for g, v in norms.items()}
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class Module:
+    """A resolved checkpoint: its folder, tensors and metadata."""
+
+    task: str
+    folder: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def load_module(root: str, task: str, flag: str) -> Module:
+    """``{root}/{task}`` resolved to a checkpoint and read; errors name the flag and the task."""
+    try:
+        folder = resolve_checkpoint(Path(root) / task, task=task)
+        tensors, meta = load_delta_checkpoint(folder)
+    except UserInputError as e:
+        raise UserInputError(f"{flag}: task {task}: {e}") from None
+    if meta.get("task") not in (None, task):
+        tqdm.write(f"warning: {folder} was tuned on task {meta['task']!r}, used here for {task!r}", file=sys.stderr)
+    return Module(task, folder, tensors, meta)
+
+
+def check_args(args: argparse.Namespace) -> list[Metric]:
+    metrics = resolve_metrics(args.metric)
+    for flag, value in {"--k": args.k, "--batch_size": args.batch_size, "--max_input_length": args.max_input_length,
+                        "--max_output_length": args.max_output_length}.items():
+        if value <= 0:
+            raise UserInputError(f"{flag}: expected a positive integer, found {value}")
+    if args.max_examples is not None and args.max_examples <= 0:
+        raise UserInputError(f"--max_examples: expected a positive integer, found {args.max_examples}")
+    needs_ref = [m.name for m in metrics if m.needs_reference]
+    if needs_ref and not args.random_tuned_ckpt_path:
+        raise UserInputError(f"--random_tuned_ckpt_path is required for {', '.join(needs_ref)} (the module tuned "
+                             "from random init on each target gives the reference distribution)")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--output_dir {out}: exists and is not a folder")
+    if (out / RESULT_FILE).is_dir():
+        raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
+    return metrics
+
+
+def load_targets(args: argparse.Namespace, targets: list[str]) -> dict[str, list[Example]]:
+    data = {}
+    for t in targets:
+        examples = load_task(args.task_dir, t, args.k, args.data_seed, [args.split])[args.split]
+        data[t] = examples[: args.max_examples] if args.max_examples else examples
+    return data
+
+
+def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str, int]) -> None:
+    for m in modules:
+        check_compatible(m.meta, cfg, fingerprint, str(m.folder))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    metrics = check_args(args)
+
+    # Everything that can be wrong with the input is checked before any scoring and any writing.
+    task_dir = Path(args.task_dir)
+    if not task_dir.is_dir():
+        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
+    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    source_tasks = resolve_tasks(args.source_tasks) if args.source_tasks else list(targets)
+    plan = {t: [s for s in source_tasks if s != t] for t in targets}  # leave-one-out
+    lonely = [t for t, sources in plan.items() if not sources]
+    if lonely:
+        raise UserInputError(f"--source_tasks: target {lonely[0]} has no source other than itself")
+    examples = load_targets(args, targets)
+    needed = [s for s in source_tasks if any(s in sources for sources in plan.values())]
+    sources = {s: load_module(args.source_ckpt_path, s, "--source_ckpt_path") for s in needed}
+    first = sources[needed[0]]
+    cfg = DeltaConfig.from_checkpoint_meta(first.meta)
+    if cfg.method != args.delta:
+        raise UserInputError(f"--delta {args.delta}: checkpoint {first.folder} holds a {cfg.method} module")
+    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"])
+    references: dict[str, Module] = {}
+    if any(m.needs_reference for m in metrics):
+        references = {t: load_module(args.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
+        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"])
+
+    device = torch.device(pick_device(args.device))
+    model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
+    check_compatible(first.meta, cfg, backbone_fingerprint(model), str(first.folder))
+    torch.manual_seed(args.init_seed)
+    attach_delta(model, cfg)
+    model.to(device)
+    init_state = delta_state_dict(model)
+    for module in [*sources.values(), *references.values()]:
+        load_delta_state(model, module.tensors, str(module.folder))  # keys and shapes, before any scoring
+    scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
+    encoded = {t: encode_examples(tokenizer, ex, args.max_input_length, args.max_output_length)
+               for t, ex in examples.items()}
+    print(f"{len(targets)} target(s) x {len(needed)} source(s), metrics {', '.join(m.name for m in metrics)}, "
+          f"{cfg.describe()}, granularity {args.granularity} ({len(scorer.groups)} group(s)), device {device}",
+          flush=True)
+
+    rows: list[list] = []
+    pairs, seconds = 0, 0.0
+    for t in tqdm(targets, desc="targets", disable=len(targets) == 1):
+        reference = None
+        if t in references:
+            reference = scorer.reference(encoded[t], references[t].tensors, str(references[t].folder))
+        for s in tqdm(plan[t], desc=f"sources -> {t}", leave=False):
+            start = time.perf_counter()
+            scores = scorer.score(encoded[t], sources[s].tensors, metrics, str(sources[s].folder), reference)
+            seconds += time.perf_counter() - start
+            pairs += 1
+            for m in metrics:
+                rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tsv_atomic(out / RESULT_FILE, COLUMNS, rows)
+    print(f"{len(rows)} rows -> {out / RESULT_FILE} ({seconds / pairs:.3f} s per source per target)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
