@@ -1,0 +1,169 @@
+# ruff: noqa: E402
+# (the sys.path line below must run before the project imports)
+"""Dev-all: score every source module on every target's dev split, zero-shot and after tune-all.
+
+For each target t in --tasks and each source s in --source_tasks (default: --tasks) with s != t:
+
+* ``dev_zero_shot``: t's dev score (generation + t's metric, ``models.seq2seq.evaluate``) of s's module as
+  it is (``{source_ckpt_path}/{s}``, any form models.checkpoints accepts);
+* ``dev_after``: the same for the module tune_all.py tuned from s on t (``{tuneall_ckpt_path}/{t}/{s}``),
+  or ``-`` where there is none (not tuned yet, or no --tuneall_ckpt_path).
+
+The Performance fusion method reads these dev gains. The backbone is loaded once and modules are swapped
+in; every module is checked (method, sizes, backbone, which pair) before the first generation. Writes one
+TSV (atomically, at the end) with columns target, source, dev_zero_shot, dev_after; scores are written
+in full precision.
+
+    python -m get_similarity.dev_all --tasks SAMPLE_TASKS --source_ckpt_path runs/sources/lora \\
+        --tuneall_ckpt_path runs/tuneall/lora --output runs/tuneall/lora/dev_all.tsv
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+
+import torch
+from tqdm.auto import tqdm
+
+from dataloader.crossfit import list_tasks, load_task
+from dataloader.errors import UserInputError, run_cli
+from dataloader.metrics import METRICS, metric_for_task
+from get_similarity.tune_all import (
+    check_positive,
+    check_sources_fit,
+    leave_one_out,
+    load_sources,
+    quiet_libraries,
+    read_tuned,
+)
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone
+from models.delta import (
+    METHODS,
+    attach_delta,
+    backbone_fingerprint,
+    check_compatible,
+    load_delta_checkpoint,
+    load_delta_state,
+)
+from models.seq2seq import encode_examples, evaluate
+from task_list import resolve_tasks
+from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic
+
+COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["SAMPLE_TASKS"], help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+", default=None,
+                   help="sources (default: --tasks); a target is never scored with its own module")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
+    p.add_argument("--tuneall_ckpt_path", default=None,
+                   help="tune_all.py's --output_dir: tuned modules at {tuneall_ckpt_path}/{target}/{source}")
+    p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
+    p.add_argument("--tune_method", default=None,
+                   help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
+    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    p.add_argument("--max_input_length", type=int, default=256)
+    p.add_argument("--max_output_length", type=int, default=32)
+    p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    return p
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else repr(float(x))  # full precision: the fusion takes differences of these
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_positive({"--k": args.k, "--max_input_length": args.max_input_length,
+                    "--max_output_length": args.max_output_length, "--predict_batch_size": args.predict_batch_size,
+                    "--num_beams": args.num_beams})
+    if args.tune_method is not None and args.tune_method not in METHODS:
+        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {args.tune_method!r}")
+    if args.quiet:
+        quiet_libraries()
+
+    # Everything that can be wrong with the input is checked before the first generation.
+    task_dir = Path(args.task_dir)
+    if not task_dir.is_dir():
+        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
+    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
+    pairs = leave_one_out(targets, source_names)
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
+    raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["dev"])["dev"] for t in targets}
+    metrics = {t: metric_for_task(t, task_dir) for t in targets}
+    for t, m in metrics.items():
+        if m not in METRICS:
+            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
+    cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
+    tuned: dict[tuple[str, str], Path] = {}  # pairs with a tuned module, and its folder
+    metas: dict[tuple[str, str], dict | None] = {}
+    if args.tuneall_ckpt_path is not None:
+        root = Path(args.tuneall_ckpt_path)
+        if not root.is_dir():
+            raise UserInputError(f"--tuneall_ckpt_path {root}: folder does not exist")
+        metas = {(t, s): read_tuned(root / t / s, t, s) for t, s in pairs}
+        tuned = {pair: root / pair[0] / pair[1] for pair, meta in metas.items() if meta is not None}
+
+    device = torch.device(pick_device(args.device))
+    model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
+    fingerprint = backbone_fingerprint(model)
+    attach_delta(model, cfg)
+    model.to(device)
+    check_sources_fit(model, cfg, fingerprint, sources)
+    for (t, s), folder in tuned.items():
+        check_compatible(metas[(t, s)], cfg, fingerprint, str(folder))
+    dev = {t: encode_examples(tokenizer, raw[t], args.max_input_length, args.max_output_length) for t in targets}
+    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
+          f"{cfg.describe()} ({device}); output {output}", flush=True)
+
+    def score(target: str) -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+            result, _ = evaluate(model, tokenizer, dev[target], metrics[target], args.predict_batch_size,
+                                 args.max_output_length, args.num_beams)
+        return result
+
+    zero_shot: dict[tuple[str, str], float] = {}
+    after: dict[tuple[str, str], float] = {}
+    bar = tqdm(total=len(pairs) + len(tuned), desc="dev scores")
+    for s in source_names:  # one swap per source for all its targets
+        load_delta_state(model, sources[s].tensors, str(sources[s].folder))
+        for t in targets:
+            if t != s:
+                zero_shot[(t, s)] = score(t)
+                bar.update()
+    for (t, s), folder in tuned.items():  # tuned modules are read one at a time: there may be hundreds
+        tensors, _ = load_delta_checkpoint(folder)
+        load_delta_state(model, tensors, str(folder))
+        after[(t, s)] = score(t)
+        bar.update()
+    bar.close()
+
+    rows = [[t, s, fmt(zero_shot[(t, s)]), fmt(after.get((t, s)))] for t, s in pairs]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_tsv_atomic(output, COLUMNS, rows)
+    print(f"wrote {len(rows)} row(s) to {output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

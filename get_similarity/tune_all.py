@@ -1,0 +1,286 @@
+# ruff: noqa: E402
+# (the sys.path line below must run before the project imports)
+"""Tune-all: tune every source's delta module on every target task, leave-one-out.
+
+For each target t in --tasks and each source s in --source_tasks (default: --tasks) with s != t, the
+delta module starts from s's checkpoint (``{source_ckpt_path}/{s}``: a checkpoint folder, a tune.py run
+folder or a tune.py task folder) and is tuned on t's few-shot train split for --steps steps. There is no
+model selection: the module of the last step is kept, and its dev score on t is recorded. Each result
+is a delta checkpoint folder ``{output_dir}/{t}/{s}`` whose meta has task=t, metric, score=dev,
+step=steps and extra={source, steps, lr, bsz, dev, warmup_steps, seed, k, data_seed, init}. The
+Euclidean fusion method measures how far each source moved; dev_all.py scores the modules.
+
+Training runs tune.py's own loop (``tune.Trainer.train`` with ``--save_last``), so a pair's module is
+exactly what ``tune.py --train_checkpoint {source} --train_iters N --valid_interval N --early_stop 0
+--save_last`` (same lr, bsz, warm-up and seed) saves. The backbone is loaded once for all pairs; every
+source checkpoint is checked (found, one method and sizes, this backbone) before the first step.
+A pair whose checkpoint exists is skipped, so a rerun resumes where it stopped; --overwrite redoes it.
+
+    python -m get_similarity.tune_all --tasks SAMPLE_TASKS --source_ckpt_path runs/sources/lora \\
+        --output_dir runs/tuneall/lora --steps 200 --learning_rate 5e-4 --bsz 8
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python get_similarity/tune_all.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import tune
+from dataloader.crossfit import list_tasks, load_task
+from dataloader.errors import UserInputError, run_cli
+from dataloader.metrics import METRICS, metric_for_task
+from models.backbone import DEFAULT_MODEL_DIR
+from models.checkpoints import resolve_checkpoint
+from models.delta import (
+    CONFIG_FILE,
+    METHODS,
+    DeltaConfig,
+    check_compatible,
+    delta_state_dict,
+    load_delta_checkpoint,
+    load_delta_state,
+    save_delta_checkpoint,
+)
+from task_list import resolve_tasks
+
+# The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
+# settings all match (otherwise the table would silently mix two set-ups).
+SETTINGS = ("steps", "lr", "bsz", "warmup_steps", "seed", "k", "data_seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["SAMPLE_TASKS"], help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+", default=None,
+                   help="sources (default: --tasks); a target is never tuned from itself")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
+    p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
+    p.add_argument("--tune_method", default=None,
+                   help=f"expected method of the sources ({', '.join(METHODS)}); default: whatever they are")
+    p.add_argument("--steps", type=int, default=200, help="training steps per (target, source) pair")
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--bsz", type=int, default=8, help="training batch size")
+    p.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps (then linear decay to 0)")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42, help="seed of batching and dropout (same for every pair)")
+    p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
+    p.add_argument("--task_dir", default=str(tune.DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    p.add_argument("--max_input_length", type=int, default=256)
+    p.add_argument("--max_output_length", type=int, default=32)
+    p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    return p
+
+
+def check_positive(flags: dict[str, float]) -> None:
+    """Refuse non-positive (or non-finite) values of the given flags."""
+    for flag, v in flags.items():
+        if not math.isfinite(v) or v <= 0:
+            raise UserInputError(f"{flag}: expected a positive number, found {v:g}")
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    import transformers
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and tuned modules (shared with dev_all.py)
+
+
+@dataclass
+class Source:
+    name: str
+    folder: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def leave_one_out(targets: list[str], sources: list[str]) -> list[tuple[str, str]]:
+    """(target, source) pairs in target-major order, never a task with itself."""
+    pairs = [(t, s) for t in targets for s in sources if s != t]
+    if not pairs:
+        raise UserInputError("--tasks/--source_tasks: no (target, source) pair left once a target's own "
+                             "module is left out; give at least one source other than the target")
+    return pairs
+
+
+def load_sources(root: str | Path, names: list[str], method: str | None) -> tuple[DeltaConfig, dict[str, Source]]:
+    """Find and read every source module; all must share one method and sizes, which become the run's config."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserInputError(f"--source_ckpt_path {root}: folder does not exist")
+    sources = {}
+    for name in names:
+        folder = resolve_checkpoint(root / name, task=name)
+        tensors, meta = load_delta_checkpoint(folder)
+        sources[name] = Source(name, folder, tensors, meta)
+    first = sources[names[0]]
+    cfg = DeltaConfig.from_checkpoint_meta(first.meta)
+    if method is not None and cfg.method != method:
+        raise UserInputError(f"--tune_method {method}: source module {first.folder} is {cfg.describe()}")
+    for src in sources.values():
+        if src.meta["method"] != cfg.method or src.meta["sizes"] != cfg.sizes():
+            made = DeltaConfig.from_checkpoint_meta(src.meta).describe()
+            raise UserInputError(f"source module {src.folder} is {made}, but {first.folder} is {cfg.describe()}; "
+                                 "all sources must share one method and sizes")
+    return cfg, sources
+
+
+def check_sources_fit(model: torch.nn.Module, cfg: DeltaConfig, fingerprint: dict[str, int],
+                      sources: dict[str, Source]) -> None:
+    """Refuse a source made for another backbone, or whose weights do not fit (keys, shapes)."""
+    for src in sources.values():
+        check_compatible(src.meta, cfg, fingerprint, str(src.folder))
+        load_delta_state(model, src.tensors, str(src.folder))
+
+
+def is_tuned(folder: Path) -> bool:
+    """True if ``folder`` holds a module; refuses a folder that is something else (it is never replaced)."""
+    if not folder.exists():
+        return False
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserInputError(f"{folder}: exists but is not a delta checkpoint (no {CONFIG_FILE}); "
+                             "remove it or choose another output folder")
+    return True
+
+
+def read_tuned(folder: Path, target: str, source: str) -> dict[str, Any] | None:
+    """Meta of the tuned module at ``folder`` (None if absent); refuses a module that is not this pair's."""
+    if not is_tuned(folder):
+        return None
+    _, meta = load_delta_checkpoint(folder)  # also checks the weights file is readable
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if meta["task"] != target or extra.get("source") != source:
+        raise UserInputError(f"{folder}/{CONFIG_FILE}: expected the module tuned on {target!r} from {source!r}, "
+                             f"found task={meta['task']!r} source={extra.get('source')!r}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def trainer_args(args: argparse.Namespace) -> argparse.Namespace:
+    """tune.py's flags for one pair: train --steps steps, validate once at the end, keep the last module."""
+    targs = tune.build_parser().parse_args([])  # tune.py's defaults for everything not set here
+    vars(targs).update(
+        do_train=True, do_predict=False, train_checkpoint=None, test_checkpoint=None,
+        model=args.model, tokenizer_path=args.tokenizer_path, device=args.device, bf16=args.bf16,
+        k=args.k, data_seed=args.data_seed, seed=args.seed,
+        max_input_length=args.max_input_length, max_output_length=args.max_output_length,
+        predict_batch_size=args.predict_batch_size, num_beams=args.num_beams,
+        train_iters=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, valid_interval=args.steps, log_interval=args.steps,
+        early_stop=0, save_last=True,
+    )
+    return targs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_positive({"--steps": args.steps, "--learning_rate": args.learning_rate, "--bsz": args.bsz,
+                    "--k": args.k, "--max_input_length": args.max_input_length,
+                    "--max_output_length": args.max_output_length, "--predict_batch_size": args.predict_batch_size,
+                    "--num_beams": args.num_beams})
+    for flag, v in {"--warmup_steps": args.warmup_steps, "--weight_decay": args.weight_decay,
+                    "--max_grad_norm": args.max_grad_norm}.items():
+        if not math.isfinite(v) or v < 0:
+            raise UserInputError(f"{flag}: expected zero or more, found {v:g}")
+    if args.tune_method is not None and args.tune_method not in METHODS:
+        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {args.tune_method!r}")
+    if args.quiet:
+        quiet_libraries()
+
+    # Everything that can be wrong with the input is checked before the first file is written.
+    task_dir = Path(args.task_dir)
+    if not task_dir.is_dir():
+        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
+    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    # Sources need a module, not data: any name goes, a missing module is reported below.
+    source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
+    pairs = leave_one_out(targets, source_names)
+    raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["train", "dev"]) for t in targets}
+    metrics = {t: metric_for_task(t, task_dir) for t in targets}
+    for t, m in metrics.items():
+        if m not in METRICS:
+            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
+    cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
+    output_dir = Path(args.output_dir)
+    settings = {"steps": args.steps, "lr": args.learning_rate, "bsz": args.bsz, "warmup_steps": args.warmup_steps,
+                "seed": args.seed, "k": args.k, "data_seed": args.data_seed}
+    # With --overwrite an existing module is replaced unread (it may be the broken one being redone).
+    existing = {(t, s): None if args.overwrite and is_tuned(output_dir / t / s) else
+                read_tuned(output_dir / t / s, t, s) for t, s in pairs}
+
+    trainer = tune.Trainer(trainer_args(args), cfg)  # loads the backbone, once
+    check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources)
+    todo = []
+    for (t, s), meta in existing.items():
+        if meta is None:
+            todo.append((t, s))
+            continue
+        folder = output_dir / t / s
+        check_compatible(meta, cfg, trainer.fingerprint, str(folder))
+        for key, want in settings.items():
+            if meta["extra"].get(key) != want:
+                raise UserInputError(f"{folder}: tuned with {key}={meta['extra'].get(key)!r} but this run asks "
+                                     f"{key}={want!r}; pass --overwrite to redo it or choose another --output_dir")
+    data = {t: tune.TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")})
+            for t in dict.fromkeys(t for t, _ in todo)}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), "
+          f"{len(pairs) - len(todo)} already tuned: {cfg.describe()} on {trainer.backbone} ({trainer.device}), "
+          f"{args.steps} steps each; output in {output_dir}", flush=True)
+    log = tune.RunLog(output_dir / "tune_all.log")
+    start = time.time()
+    try:
+        for t, s in tqdm(todo, desc="pairs", disable=not todo):
+            pair_start = time.time()
+            trainer.init_state, trainer.init_source = sources[s].tensors, str(sources[s].folder)
+            log(f"target {t} <- source {s}: {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev examples")
+            # tune.py's own files for the run (curve, its checkpoint) are not kept: the module is saved below.
+            with tempfile.TemporaryDirectory(prefix="tune_all-") as scratch:
+                result = trainer.train(data[t], args.learning_rate, args.bsz, log, Path(scratch))
+            tensors = delta_state_dict(trainer.model)  # with save_last the model holds the last step's module
+            save_delta_checkpoint(output_dir / t / s, tensors, cfg, trainer.backbone, trainer.fingerprint, task=t,
+                                  metric=metrics[t], score=result.dev, step=result.best_step,
+                                  extra={"source": s, **settings, "dev": result.dev, "init": str(sources[s].folder)})
+            log(f"target {t} <- source {s}: dev {metrics[t]} {result.dev:.4f} after {args.steps} steps "
+                f"({time.time() - pair_start:.1f}s)")
+    finally:
+        log.close()
+    if todo:
+        elapsed = time.time() - start
+        print(f"tuned {len(todo)} pair(s) in {elapsed:.1f}s ({elapsed / len(todo):.2f}s per pair)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
