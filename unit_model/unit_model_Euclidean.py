@@ -1,0 +1,36 @@
+"""Fusion weighted by how little each source moves when tuned on the target.
+
+w_s ∝ softmax(-‖θ_s - θ_s^{tuned on t}‖₂ / T), with θ_s^{tuned on t} from the tune-all output
+({tuneall_ckpt_path}/{t}/{s}); the ORIGINAL sources θ_s are averaged. --granularity block|layer: one
+distance and one softmax per group.
+
+    python unit_model/unit_model_Euclidean.py --delta lora --tasks ALL_TASKS --tem 0.5
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+
+from dataloader.errors import run_cli  # noqa: E402
+from unit_model import fusion  # noqa: E402
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+delta = "lora"
+tasks = "ALL_TASKS"
+source_ckpt_path = "runs/sources/lora"
+tuneall_ckpt_path = "runs/tuneall/lora"
+save_ckpt_path = "runs/fused/lora/Euclidean"
+tem = 1.0
+granularity = "model"
+lora_combine = fusion.DEFAULT_LORA_COMBINE
+# -----------------------------------------------------------------------------------------------------
+PARAMS = fusion.block_params(globals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return fusion.run_fusion("Euclidean", fusion.parse_params(PARAMS, argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

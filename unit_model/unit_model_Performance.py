@@ -1,0 +1,36 @@
+"""Fusion weighted by each source's dev gain from tuning on the target.
+
+w_s ∝ softmax((dev_after - dev_zero_shot) / T) from the dev-all table (--devall_tsv). Averages the sources
+tuned on the target ({tuneall_ckpt_path}/{t}/{s}) by default, the original ones with --average_untuned.
+
+    python unit_model/unit_model_Performance.py --delta lora --tasks ALL_TASKS --tem 0.1
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+
+from dataloader.errors import run_cli  # noqa: E402
+from unit_model import fusion  # noqa: E402
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+delta = "lora"
+tasks = "ALL_TASKS"
+source_ckpt_path = "runs/sources/lora"
+tuneall_ckpt_path = "runs/tuneall/lora"
+devall_tsv = "runs/devall/lora/result.tsv"
+average_untuned = False
+save_ckpt_path = "runs/fused/lora/Performance"
+tem = 1.0
+lora_combine = fusion.DEFAULT_LORA_COMBINE
+# -----------------------------------------------------------------------------------------------------
+PARAMS = fusion.block_params(globals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return fusion.run_fusion("Performance", fusion.parse_params(PARAMS, argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,36 @@
+"""Uniform average of the source modules (no scores): the 'average' and 'manual division' baselines.
+
+Sources of a target t: every other task of --tasks (--TASK_LIST all), the tasks of t's own category in
+task_list.MANUAL_CATEGORIES (--TASK_LIST manual, or --manual), or the tasks of one named category.
+Writes {save_ckpt_path}/without_{t}/, weights.tsv and heatmap.png (see unit_model/fusion.py).
+
+    python unit_model/unit_model_average.py --delta lora --tasks ALL_TASKS --manual
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+
+from dataloader.errors import run_cli  # noqa: E402
+from unit_model import fusion  # noqa: E402
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+delta = "lora"
+tasks = "ALL_TASKS"
+TASK_LIST = "all"  # all | manual | a category (sentiment, topic, lookup, overlap, extract)
+manual = False
+source_ckpt_path = "runs/sources/lora"
+save_ckpt_path = "runs/fused/lora/average"
+tem = 1.0  # recorded only: uniform weights do not depend on it
+lora_combine = fusion.DEFAULT_LORA_COMBINE
+# -----------------------------------------------------------------------------------------------------
+PARAMS = fusion.block_params(globals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return fusion.run_fusion("average", fusion.parse_params(PARAMS, argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

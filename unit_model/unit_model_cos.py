@@ -1,0 +1,37 @@
+"""Fusion weighted by the cosine between the target's few-shot module and each source module.
+
+w_s ∝ softmax(cos(θ_t^few-shot, θ_s) / T), θ_t^few-shot tuned from random init on the target's few-shot
+split ({random_tuned_ckpt_path}/{t}). --cos_mode flat: cosine of the flattened modules; per_tensor: the
+mean of per-tensor cosines (the original). --granularity block|layer: one cosine and one softmax per group.
+
+    python unit_model/unit_model_cos.py --delta lora --tasks ALL_TASKS --tem 0.05
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+
+from dataloader.errors import run_cli  # noqa: E402
+from unit_model import fusion  # noqa: E402
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+delta = "lora"
+tasks = "ALL_TASKS"
+source_ckpt_path = "runs/sources/lora"
+random_tuned_ckpt_path = "runs/random_tuned/lora"
+save_ckpt_path = "runs/fused/lora/cos"
+tem = 1.0
+cos_mode = "flat"
+granularity = "model"
+lora_combine = fusion.DEFAULT_LORA_COMBINE
+# -----------------------------------------------------------------------------------------------------
+PARAMS = fusion.block_params(globals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return fusion.run_fusion("cos", fusion.parse_params(PARAMS, argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,38 @@
+"""Fusion weighted by any zero-shot similarity metric of get_similarity's result.tsv.
+
+w_s ∝ softmax(sign · score / T), sign = +1 for metrics where higher means more similar (LogitsCos) and -1
+where lower does (Loss, KL, EL2N, GraNd), as each metric declares in get_similarity/metrics.py.
+--metric picks one when the file holds several; --granularity block|layer uses the file's per-group rows,
+one softmax per group.
+
+    python unit_model/unit_model_others.py --delta lora --result_tsv runs/similarity/lora/result.tsv --metric KL
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+
+from dataloader.errors import run_cli  # noqa: E402
+from unit_model import fusion  # noqa: E402
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+delta = "lora"
+tasks = "ALL_TASKS"
+source_ckpt_path = "runs/sources/lora"
+result_tsv = "runs/similarity/lora/result.tsv"
+metric = None  # None: the only metric of result_tsv
+granularity = "model"
+save_ckpt_path = "runs/fused/lora/others"
+tem = 1.0
+lora_combine = fusion.DEFAULT_LORA_COMBINE
+# -----------------------------------------------------------------------------------------------------
+PARAMS = fusion.block_params(globals())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return fusion.run_fusion("others", fusion.parse_params(PARAMS, argv, __doc__))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
