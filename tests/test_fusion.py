@@ -1,0 +1,576 @@
+"""Weighted fusion of source modules: weights, exact fusion, LoRA delta_w, granularity, the five scripts."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataloader.errors import UserInputError, run_cli
+from models.backbone import backbone_name, load_backbone
+from models.delta import (
+    DeltaConfig,
+    attach_delta,
+    backbone_fingerprint,
+    delta_state_dict,
+    load_delta_checkpoint,
+    load_delta_state,
+    param_group,
+    save_delta_checkpoint,
+)
+from unit_model import (
+    fusion,
+    unit_model_average,
+    unit_model_cos,
+    unit_model_Euclidean,
+    unit_model_others,
+    unit_model_Performance,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ["sent_review", "sent_tweet", "topic_news", "topic_places"]
+# Each target's most similar source in the fixtures below (the other task of its category).
+FRIEND = {"sent_review": "sent_tweet", "sent_tweet": "sent_review", "topic_news": "topic_places",
+          "topic_places": "topic_news"}
+LORA = DeltaConfig("lora", lora_r=4, lora_alpha=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+def test_softmax_direction_and_exact_formula() -> None:
+    scores = {"a": 1.0, "b": 3.0, "c": 2.0}
+    low = fusion.softmax_weights(scores, "lower", 2.0)
+    z = math.exp(-0.5) + math.exp(-1.5) + math.exp(-1.0)
+    assert low == pytest.approx({"a": math.exp(-0.5) / z, "b": math.exp(-1.5) / z, "c": math.exp(-1.0) / z})
+    assert max(low, key=low.get) == "a"  # lower score = more similar
+    high = fusion.softmax_weights(scores, "higher", 2.0)
+    assert max(high, key=high.get) == "b"
+    assert high["a"] == pytest.approx(low["b"])  # negating the scores mirrors the weights
+    assert math.fsum(low.values()) == pytest.approx(1.0) and math.fsum(high.values()) == pytest.approx(1.0)
+
+
+def test_softmax_large_temperature_is_uniform_and_huge_scores_do_not_overflow() -> None:
+    w = fusion.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
+    assert w == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    w = fusion.softmax_weights({"a": 1e6, "b": 1e6 - 1}, "higher", 1.0)
+    assert w["a"] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+@pytest.mark.parametrize("tem", [0.0, -1.0, float("nan"), float("inf")])
+def test_softmax_refuses_bad_temperature(tem: float) -> None:
+    with pytest.raises(UserInputError, match="--tem"):
+        fusion.softmax_weights({"a": 1.0}, "lower", tem)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_softmax_refuses_non_finite_score_naming_the_pair(bad: float) -> None:
+    with pytest.raises(UserInputError, match=r"target=t1, source=s2"):
+        fusion.softmax_weights({"s1": 1.0, "s2": bad}, "higher", 1.0, target="t1")
+
+
+def test_group_softmax_gives_each_group_its_own_weights() -> None:
+    scores = {"a": {"encoder.0": 0.0, "decoder.0": 1.0}, "b": {"encoder.0": 1.0, "decoder.0": 0.0}}
+    w = fusion.group_softmax_weights(scores, "higher", 1.0, "t")
+    e = math.exp(1) / (1 + math.exp(1))
+    assert w["a"] == pytest.approx({"encoder.0": 1 - e, "decoder.0": e})
+    assert w["b"] == pytest.approx({"encoder.0": e, "decoder.0": 1 - e})
+
+
+def test_leave_one_out_and_categories_never_include_the_target() -> None:
+    for t in TASKS:
+        assert t not in fusion.leave_one_out(t, TASKS)
+        assert fusion.leave_one_out(t, TASKS) == [s for s in TASKS if s != t]
+        assert fusion.category_sources(t, TASKS) == [FRIEND[t]]
+    assert fusion.category_sources("sent_review", TASKS, "topic") == ["topic_news", "topic_places"]
+    with pytest.raises(UserInputError, match="no source"):
+        fusion.leave_one_out("sent_review", ["sent_review"])
+    with pytest.raises(UserInputError, match="category"):
+        fusion.category_sources("sent_review", ["sent_review", "topic_news"])
+
+
+def test_metric_directions() -> None:
+    assert fusion.metric_direction("LogitsCos") == "higher"
+    for name in ("Loss", "KL", "EL2N", "GraNd"):
+        assert fusion.metric_direction(name) == "lower"
+    with pytest.raises(UserInputError, match="--metric"):
+        fusion.metric_direction("NoSuchMetric")
+
+
+def test_cosine_and_distance_by_group_hand_computed() -> None:
+    enc, dec = "encoder.block.0.layer.0.SelfAttention.q.loras.delta.", "decoder.block.1.layer.0.SelfAttention.q.loras."
+    dec += "delta."
+    a = {enc + "lora_A": torch.tensor([[1.0, 0.0]]), enc + "lora_B": torch.tensor([[2.0], [0.0]]),
+         dec + "lora_A": torch.tensor([[3.0, 4.0]])}
+    b = {enc + "lora_A": torch.tensor([[1.0, 0.0]]), enc + "lora_B": torch.tensor([[0.0], [1.0]]),
+         dec + "lora_A": torch.tensor([[0.0, 0.0]])}
+    # flat: a=(1,0,2,0,3,4), b=(1,0,0,1,0,0): dot 1, |a|=sqrt(30), |b|=sqrt(2)
+    assert fusion.cosine_by_group(a, b, "model", "flat") == pytest.approx({"model": 1 / math.sqrt(60)})
+    # per tensor: cos 1, 0 and 0 (zero vector) -> mean 1/3
+    assert fusion.cosine_by_group(a, b, "model", "per_tensor") == pytest.approx({"model": 1 / 3})
+    assert fusion.cosine_by_group(a, b, "layer", "flat") == pytest.approx({"encoder.0": 1 / math.sqrt(10),
+                                                                           "decoder.1": 0.0})
+    assert fusion.distance_by_group(a, b, "block") == pytest.approx({"encoder": math.sqrt(5), "decoder": 5.0})
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse()
+
+
+def lora_keys(stack: str, layer: int) -> tuple[str, str]:
+    prefix = f"{stack}.block.{layer}.layer.0.SelfAttention.q.loras.delta."
+    return prefix + "lora_A", prefix + "lora_B"
+
+
+def test_fuse_is_the_exact_weighted_sum() -> None:
+    ka, kb = lora_keys("encoder", 0)
+    s1 = {ka: torch.tensor([[1.0, 2.0]]), kb: torch.tensor([[4.0], [8.0]])}
+    s2 = {ka: torch.tensor([[3.0, -2.0]]), kb: torch.tensor([[0.0], [16.0]])}
+    s3 = {ka: torch.tensor([[-1.0, 6.0]]), kb: torch.tensor([[4.0], [4.0]])}
+    fused, info = fusion.fuse([s1, s2, s3], [0.5, 0.25, 0.25], lora_combine="params")
+    assert torch.equal(fused[ka], torch.tensor([[1.0, 2.0]]))  # 0.5+0.75-0.25, 1-0.5+1.5
+    assert torch.equal(fused[kb], torch.tensor([[3.0], [9.0]]))  # 2+0+1, 4+4+1
+    assert fused[ka].dtype == torch.float32 and info == {}
+
+
+def test_fuse_per_layer_weights_average_each_layer_with_its_own_weights() -> None:
+    (ea, eb), (da, db) = lora_keys("encoder", 0), lora_keys("decoder", 1)
+    s1 = {ea: torch.ones(1, 2), eb: torch.ones(2, 1), da: torch.ones(1, 2), db: torch.ones(2, 1)}
+    s2 = {k: torch.zeros_like(v) for k, v in s1.items()}
+    w = [{"encoder.0": 0.75, "decoder.1": 0.125}, {"encoder.0": 0.25, "decoder.1": 0.875}]
+    fused, _ = fusion.fuse([s1, s2], w, granularity="layer", lora_combine="params")
+    assert torch.equal(fused[ea], torch.full((1, 2), 0.75)) and torch.equal(fused[eb], torch.full((2, 1), 0.75))
+    assert torch.equal(fused[da], torch.full((1, 2), 0.125)) and torch.equal(fused[db], torch.full((2, 1), 0.125))
+    with pytest.raises(UserInputError, match="decoder.1"):
+        fusion.fuse([s1, s2], [{"encoder.0": 1.0}, {"encoder.0": 0.0}], granularity="layer")
+
+
+def random_lora(seed: int, r: int = 3, d_out: int = 6, d_in: int = 5, shared_a: torch.Tensor | None = None):
+    g = torch.Generator().manual_seed(seed)
+    ka, kb = lora_keys("encoder", 0)
+    a = shared_a if shared_a is not None else torch.randn(r, d_in, generator=g)
+    return {ka: a, kb: torch.randn(d_out, r, generator=g)}
+
+
+def test_delta_w_is_the_best_rank_r_approximation_of_the_weighted_sum() -> None:
+    ka, kb = lora_keys("encoder", 0)
+    sources, w, scaling = [random_lora(s) for s in range(3)], [0.5, 0.3, 0.2], 8 / 3
+    total = sum(wi * (s[kb].double() @ s[ka].double()) * scaling for wi, s in zip(w, sources))
+    u, sv, vh = torch.linalg.svd(total)
+    best = u[:, :3] @ torch.diag(sv[:3]) @ vh[:3]  # Eckart-Young: the best rank-3 approximation
+    fused, info = fusion.fuse(sources, w, lora_combine="delta_w", lora_scaling=scaling)
+    assert fused[ka].shape == (3, 5) and fused[kb].shape == (6, 3)
+    product = fused[kb].double() @ fused[ka].double() * scaling
+    torch.testing.assert_close(product, best, rtol=1e-5, atol=1e-5)
+    expected_err = float(torch.linalg.matrix_norm(total - best) / torch.linalg.matrix_norm(total))
+    assert expected_err > 0.01  # three rank-3 sources summed: truly truncated
+    assert info["lora_truncation_error"] == pytest.approx(expected_err, rel=1e-4)
+    # singular values split symmetrically: both factors carry sqrt(S / scaling)
+    torch.testing.assert_close(torch.linalg.norm(fused[kb].double(), dim=0),
+                               torch.linalg.norm(fused[ka].double(), dim=1), rtol=1e-5, atol=1e-6)
+    params, _ = fusion.fuse(sources, w, lora_combine="params")
+    assert not torch.allclose(params[kb].double() @ params[ka].double() * scaling, best, atol=1e-2)
+
+
+def test_delta_w_is_exact_when_the_sum_has_rank_at_most_r() -> None:
+    ka, kb = lora_keys("encoder", 0)
+    shared = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
+    sources, w = [random_lora(s, shared_a=shared) for s in range(4)], [0.1, 0.2, 0.3, 0.4]
+    total = sum(wi * (s[kb].double() @ s[ka].double()) for wi, s in zip(w, sources))  # (Σ w B) A: rank <= 3
+    fused, info = fusion.fuse(sources, w, lora_combine="delta_w", lora_scaling=2.0)
+    torch.testing.assert_close(fused[kb].double() @ fused[ka].double() * 2.0, total * 2.0, rtol=1e-5, atol=1e-5)
+    assert info["lora_truncation_error"] < 1e-6
+
+
+def test_fuse_streams_one_source_at_a_time() -> None:
+    live, peak = [0], [0]
+
+    class Tracked(dict):
+        def __init__(self, *a):
+            super().__init__(*a)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= 1
+
+    def loader():
+        for seed in range(12):
+            yield Tracked(random_lora(seed))
+
+    for combine in fusion.LORA_COMBINES:
+        peak[0] = 0
+        fusion.fuse(loader(), [1 / 12] * 12, lora_combine=combine)
+        assert peak[0] <= 2, f"{combine}: {peak[0]} source modules alive at once"
+        assert live[0] == 0
+
+
+def test_fuse_refuses_mismatched_or_missing_sources() -> None:
+    with pytest.raises(UserInputError, match="shapes differ"):
+        fusion.fuse([random_lora(0), random_lora(1, r=2)], [0.5, 0.5])
+    with pytest.raises(UserInputError, match="empty"):
+        fusion.fuse([], [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures on disk: source modules of a tiny T5 and the outputs of the other stages
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_backbone_dir: Path):
+    model, _ = load_backbone(tiny_backbone_dir)
+    torch.manual_seed(0)
+    attach_delta(model, LORA)
+    return model
+
+
+def perturbed(base: dict[str, torch.Tensor], seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], backbone_dir: Path, model, cfg: DeltaConfig = LORA,
+         task: str = "x") -> None:
+    save_delta_checkpoint(path, tensors, cfg, backbone_name(backbone_dir), backbone_fingerprint(model), task=task)
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_backbone_dir: Path, lora_model) -> dict:
+    """sources/, random_tuned/, tuneall/, devall.tsv and similarity.tsv for TASKS, with FRIEND most similar."""
+    base = delta_state_dict(lora_model)
+    theta = {t: perturbed(base, seed=i, scale=0.5) for i, t in enumerate(TASKS)}
+    for t in TASKS:
+        save(tmp_path / "sources" / t, theta[t], tiny_backbone_dir, lora_model, task=t)
+        # the target's few-shot module points the way of its friend
+        save(tmp_path / "random_tuned" / t, perturbed(theta[FRIEND[t]], 100 + TASKS.index(t), 0.01),
+             tiny_backbone_dir, lora_model, task=t)
+        for j, s in enumerate(fusion.leave_one_out(t, TASKS)):
+            # the friend hardly moves when tuned on the target
+            moved = perturbed(theta[s], 200 + 10 * TASKS.index(t) + j, 0.01 if s == FRIEND[t] else 0.3)
+            save(tmp_path / "tuneall" / t / s, moved, tiny_backbone_dir, lora_model, task=t)
+    with open(tmp_path / "devall.tsv", "w") as f:
+        f.write("target\tsource\tdev_zero_shot\tdev_after\n")
+        for t in TASKS:
+            for s in fusion.leave_one_out(t, TASKS):
+                f.write(f"{t}\t{s}\t0.2\t{0.9 if s == FRIEND[t] else 0.4}\n")
+            f.write(f"{t}\t{t}\t0.2\t-\n")  # no tuned module of a task on itself: never read
+    groups = sorted({param_group(k, "layer") for k in base})
+    with open(tmp_path / "similarity.tsv", "w") as f:
+        f.write("target\tsource\tmetric\tgroup\tscore\n")
+        for t in TASKS:
+            for s in fusion.leave_one_out(t, TASKS):
+                near = s == FRIEND[t]
+                f.write(f"{t}\t{s}\tLoss\tmodel\t{0.5 if near else 2.0}\n")
+                f.write(f"{t}\t{s}\tLogitsCos\tmodel\t{0.9 if near else 0.1}\n")
+                for g in groups:  # per layer: the friend wins the encoder layers only
+                    good = near == g.startswith("encoder")
+                    f.write(f"{t}\t{s}\tLoss\t{g}\t{0.5 if good else 2.0}\n")
+    return {"root": tmp_path, "theta": theta, "groups": groups, "base": base}
+
+
+def read_weights(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def weights_of(rows: list[dict[str, str]], target: str, group: str | None = None) -> dict[str, float]:
+    return {r["source"]: float(r["weight"]) for r in rows
+            if r["target"] == target and (group is None or r["group"] == group)}
+
+
+def run(module, argv: list[str]) -> int:
+    return run_cli(module.main, argv)
+
+
+def common(root: Path, out: str, *extra: str) -> list[str]:
+    return ["--tasks", *TASKS, "--source_ckpt_path", str(root / "sources"), "--save_ckpt_path", str(root / out),
+            *extra]
+
+
+def check_outputs(save_dir: Path) -> list[dict[str, str]]:
+    assert {p.name for p in save_dir.iterdir()} == {*(f"without_{t}" for t in TASKS), "weights.tsv", "heatmap.png"}
+    assert (save_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in save_dir.parent.iterdir() if p.name.startswith(f".{save_dir.name}.")]  # no staging left
+    rows = read_weights(save_dir / "weights.tsv")
+    for t in TASKS:
+        tensors, meta = load_delta_checkpoint(save_dir / f"without_{t}")
+        assert meta["task"] == t and meta["method"] == "lora" and meta["sizes"] == LORA.sizes()
+        assert t not in meta["extra"]["sources"]
+        for g in {r.get("group") for r in rows}:  # weights sum to 1 (per group when granular)
+            assert sum(weights_of(rows, t, g).values()) == pytest.approx(1.0)
+    return rows
+
+
+def expected_fusion(theta: dict[str, dict[str, torch.Tensor]], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Σ_s w_s θ_s in a float64 accumulator (add_ with alpha rounds like fuse does: bit-equal results)."""
+    out = {}
+    for k in next(iter(theta.values())):
+        acc = torch.zeros(theta[next(iter(weights))][k].shape, dtype=torch.float64)
+        for s, w in weights.items():
+            acc.add_(theta[s][k].double(), alpha=w)
+        out[k] = acc.float()
+    return out
+
+
+def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------------------
+# The five scripts, end to end
+
+
+def test_average_all_and_manual(world: dict) -> None:
+    root = world["root"]
+    assert run(unit_model_average, common(root, "avg", "--lora_combine", "params")) == 0
+    rows = check_outputs(root / "avg")
+    for t in TASKS:
+        w = weights_of(rows, t)
+        assert w == pytest.approx({s: 1 / 3 for s in TASKS if s != t})
+        tensors, meta = load_delta_checkpoint(root / "avg" / f"without_{t}")
+        assert_tensors_equal(tensors, expected_fusion(world["theta"], w))
+        assert meta["extra"]["fusion"] == "average" and meta["extra"]["lora_combine"] == "params"
+
+    assert run(unit_model_average, common(root, "manual", "--manual", "--lora_combine", "params")) == 0
+    rows = check_outputs(root / "manual")
+    for t in TASKS:
+        assert weights_of(rows, t) == {FRIEND[t]: 1.0}
+        tensors, _ = load_delta_checkpoint(root / "manual" / f"without_{t}")
+        assert_tensors_equal(tensors, world["theta"][FRIEND[t]])
+
+
+def test_delta_w_fused_checkpoint_matches_truncated_svd(world: dict) -> None:
+    root = world["root"]
+    assert run(unit_model_average, common(root, "avg_dw")) == 0  # delta_w is the default
+    t = "sent_review"
+    tensors, meta = load_delta_checkpoint(root / "avg_dw" / f"without_{t}")
+    assert meta["extra"]["lora_combine"] == "delta_w"
+    scaling = LORA.lora_alpha / LORA.lora_r
+    errors = []
+    for ka in [k for k in tensors if k.endswith("lora_A")]:
+        kb = ka[: -len("lora_A")] + "lora_B"
+        total = sum(world["theta"][s][kb].double() @ world["theta"][s][ka].double() for s in TASKS if s != t) / 3
+        u, sv, vh = torch.linalg.svd(total * scaling)
+        best = u[:, :4] @ torch.diag(sv[:4]) @ vh[:4]
+        torch.testing.assert_close(tensors[kb].double() @ tensors[ka].double() * scaling, best, rtol=1e-4, atol=1e-5)
+        errors.append((float(torch.linalg.matrix_norm(total * scaling - best)), float(sv.square().sum())))
+    expected = math.sqrt(sum(e * e for e, _ in errors) / sum(n for _, n in errors))
+    assert meta["extra"]["lora_truncation_error"] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_cos_gives_the_friend_the_largest_weight(world: dict, granularity: str) -> None:
+    root = world["root"]
+    argv = common(root, "cos", "--random_tuned_ckpt_path", str(root / "random_tuned"), "--tem", "0.1",
+                  "--granularity", granularity, "--lora_combine", "params")
+    assert run(unit_model_cos, argv) == 0
+    rows = check_outputs(root / "cos")
+    for t in TASKS:
+        for g in ([None] if granularity == "model" else world["groups"]):
+            w = weights_of(rows, t, g)
+            assert max(w, key=w.get) == FRIEND[t]
+    if granularity == "model":  # the weight is the softmax of the stored cosines
+        t = TASKS[0]
+        target, _ = load_delta_checkpoint(root / "random_tuned" / t)
+        cos = {s: fusion.cosine_by_group(target, world["theta"][s])["model"] for s in TASKS if s != t}
+        assert weights_of(rows, t) == pytest.approx(fusion.softmax_weights(cos, "higher", 0.1), rel=1e-6)
+
+
+def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> None:
+    root = world["root"]
+    argv = common(root, "euc", "--tuneall_ckpt_path", str(root / "tuneall"), "--tem", "0.5",
+                  "--lora_combine", "params")
+    assert run(unit_model_Euclidean, argv) == 0
+    rows = check_outputs(root / "euc")
+    for t in TASKS:
+        w = weights_of(rows, t)
+        assert max(w, key=w.get) == FRIEND[t]
+        tensors, meta = load_delta_checkpoint(root / "euc" / f"without_{t}")
+        assert_tensors_equal(tensors, expected_fusion(world["theta"], w))
+        assert all("/sources/" in p for p in meta["extra"]["source_checkpoints"])
+
+
+def test_performance_averages_tuned_sources_by_default(world: dict) -> None:
+    root = world["root"]
+    base = common(root, "perf", "--tuneall_ckpt_path", str(root / "tuneall"), "--devall_tsv",
+                  str(root / "devall.tsv"), "--tem", "0.1", "--lora_combine", "params")
+    assert run(unit_model_Performance, base) == 0
+    rows = check_outputs(root / "perf")
+    t = "topic_news"
+    w = weights_of(rows, t)
+    e = math.exp(0.5 / 0.1)  # gains 0.7 (friend) and 0.2: softmax of (0.7, 0.2, 0.2) / 0.1
+    assert w == pytest.approx({"topic_places": e / (e + 2), "sent_review": 1 / (e + 2), "sent_tweet": 1 / (e + 2)})
+    tuned = {s: load_delta_checkpoint(root / "tuneall" / t / s)[0] for s in w}
+    assert_tensors_equal(load_delta_checkpoint(root / "perf" / f"without_{t}")[0], expected_fusion(tuned, w))
+
+    assert run(unit_model_Performance, [*base, "--save_ckpt_path", str(root / "perf_u"), "--average_untuned"]) == 0
+    assert_tensors_equal(load_delta_checkpoint(root / "perf_u" / f"without_{t}")[0],
+                         expected_fusion(world["theta"], w))
+
+
+@pytest.mark.parametrize("metric", ["Loss", "LogitsCos"])
+def test_others_uses_each_metrics_direction(world: dict, metric: str) -> None:
+    root = world["root"]
+    argv = common(root, "oth", "--result_tsv", str(root / "similarity.tsv"), "--metric", metric, "--tem", "0.5",
+                  "--lora_combine", "params")
+    assert run(unit_model_others, argv) == 0
+    rows = check_outputs(root / "oth")
+    for t in TASKS:
+        w = weights_of(rows, t)
+        assert max(w, key=w.get) == FRIEND[t]  # low Loss and high LogitsCos both mean similar
+    meta = load_delta_checkpoint(root / "oth" / f"without_{TASKS[0]}")[1]
+    assert meta["extra"]["metric"] == metric
+    assert meta["extra"]["direction"] == ("higher" if metric == "LogitsCos" else "lower")
+
+
+def test_others_per_layer_weights_and_averaging(world: dict) -> None:
+    root = world["root"]
+    argv = common(root, "oth_l", "--result_tsv", str(root / "similarity.tsv"), "--metric", "Loss",
+                  "--granularity", "layer", "--lora_combine", "params")
+    assert run(unit_model_others, argv) == 0
+    rows = check_outputs(root / "oth_l")
+    assert list(rows[0]) == ["target", "source", "group", "score", "weight"]
+    t = "sent_review"
+    tensors, meta = load_delta_checkpoint(root / "oth_l" / f"without_{t}")
+    e = math.exp(1.5)  # scores 0.5 vs 2.0 at T=1, direction lower
+    for g in world["groups"]:
+        w = weights_of(rows, t, g)
+        if g.startswith("encoder"):
+            assert w == pytest.approx({"sent_tweet": e / (e + 2), "topic_news": 1 / (e + 2),
+                                       "topic_places": 1 / (e + 2)})
+        else:
+            assert w == pytest.approx({"sent_tweet": 1 / (2 * e + 1), "topic_news": e / (2 * e + 1),
+                                       "topic_places": e / (2 * e + 1)})
+        expected = expected_fusion(world["theta"], w)
+        for k in tensors:
+            if param_group(k, "layer") == g:
+                assert torch.equal(tensors[k], expected[k]), k
+    assert meta["extra"]["granularity"] == "layer" and isinstance(meta["extra"]["weights"]["sent_tweet"], dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused module is usable
+
+
+def test_fused_model_gives_the_logits_of_the_averaged_weights(world: dict, tiny_backbone_dir: Path) -> None:
+    root = world["root"]
+    assert run(unit_model_average, common(root, "avg", "--lora_combine", "params")) == 0
+    t = "topic_places"
+    averaged = expected_fusion(world["theta"], {s: 1 / 3 for s in TASKS if s != t})
+    fused, _ = load_delta_checkpoint(root / "avg" / f"without_{t}")
+    ids = torch.randint(2, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(2, 100, (2, 4), generator=torch.Generator().manual_seed(2))
+    out = []
+    for tensors in (averaged, fused):
+        model, _ = load_backbone(tiny_backbone_dir)
+        attach_delta(model, LORA)
+        load_delta_state(model, tensors, "test")
+        with torch.no_grad():
+            out.append(model(input_ids=ids, labels=labels).logits)
+    assert torch.equal(out[0], out[1])
+    model, _ = load_backbone(tiny_backbone_dir)
+    attach_delta(model, LORA)
+    with torch.no_grad():  # and the fused module changes the model (it is not the neutral start)
+        assert not torch.allclose(model(input_ids=ids, labels=labels).logits, out[1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fused_checkpoint_trains_in_tune_py(world: dict, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    root = world["root"]
+    assert run(unit_model_average, common(root, "avg_dw")) == 0
+    task_dir = tmp_path / "tasks"
+    (task_dir / "tiny").mkdir(parents=True)
+    for split in ("train", "dev"):
+        lines = [f"review {i} : is this good ?\t{'yes' if i % 2 else 'no'}" for i in range(4)]
+        (task_dir / "tiny" / f"tiny_4_1_{split}.tsv").write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, str(REPO / "tune.py"), "--do_train", "--tune_method", "lora", "--lora_r", "4",
+           "--lora_alpha", "8", "--train_checkpoint", str(root / "avg_dw" / "without_sent_review"),
+           "--model", str(tiny_backbone_dir), "--task_dir", str(task_dir), "--tasks", "tiny", "--k", "4",
+           "--data_seed", "1", "--train_iters", "1", "--valid_interval", "1", "--warmup_steps", "0",
+           "--bsz_list", "2", "--max_output_length", "4", "--device", "cpu", "--quiet",
+           "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "out" / "tiny" / "lr_0.0005_bsz_2" / "log.txt").read_text()
+    assert "without_sent_review" in text  # initialised from the fused checkpoint
+
+
+def test_script_runs_as_a_file_and_has_help(world: dict) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_cos.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--delta", "--tasks", "--source_ckpt_path", "--random_tuned_ckpt_path", "--save_ckpt_path",
+                 "--tem", "--cos_mode", "--granularity", "--lora_combine"):
+        assert flag in proc.stdout
+    help_text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "(default: flat)" in help_text and "(default: delta_w)" in help_text
+    root = world["root"]
+    proc = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_cos.py"),
+                           *common(root, "cos_file", "--random_tuned_ckpt_path", str(root / "nowhere"))],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nowhere" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line naming the culprit, nothing in save_ckpt_path
+
+
+def _nan_similarity(root: Path) -> None:
+    text = (root / "similarity.tsv").read_text()
+    (root / "similarity.tsv").write_text(text.replace("topic_news\tsent_tweet\tLoss\tmodel\t2.0",
+                                                      "topic_news\tsent_tweet\tLoss\tmodel\tnan"))
+
+
+def _remove_source(root: Path, _: Path) -> None:
+    shutil.rmtree(root / "sources" / "topic_news")
+
+
+def _different_sizes(root: Path, tiny_backbone_dir: Path) -> None:
+    cfg = DeltaConfig("lora", lora_r=2, lora_alpha=8)
+    model, _ = load_backbone(tiny_backbone_dir)
+    attach_delta(model, cfg)
+    save(root / "sources" / "topic_places", delta_state_dict(model), tiny_backbone_dir, model, cfg)
+
+
+BAD_INPUTS = {
+    "zero temperature": (unit_model_average, ["--tem", "0"], None, "--tem"),
+    "negative temperature": (unit_model_cos, ["--tem", "-1"], None, "--tem"),
+    "missing source": (unit_model_average, [], _remove_source, "topic_news"),
+    "different sizes": (unit_model_average, [], _different_sizes, "topic_places"),
+    "nan score": (unit_model_others, ["--metric", "Loss"], lambda root, _: _nan_similarity(root),
+                  "target=topic_news, source=sent_tweet"),
+    "target absent": (unit_model_others, ["--metric", "Loss", "--tasks", *TASKS, "ext_food"], None, "ext_food"),
+    "empty source list": (unit_model_average, ["--tasks", "sent_review"], None, "no source"),
+    "no friend in category": (unit_model_average, ["--manual", "--tasks", "sent_review", "topic_news"], None,
+                              "category"),
+    "two metrics, none chosen": (unit_model_others, [], None, "--metric"),
+    "method mismatch": (unit_model_average, ["--delta", "adapter"], None, "--delta is adapter"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_and_writes_nothing(case: str, world: dict, tiny_backbone_dir: Path, capsys) -> None:
+    module, extra, damage, message = BAD_INPUTS[case]
+    root = world["root"]
+    if damage is not None:
+        damage(root, tiny_backbone_dir)
+    argv = common(root, "bad", "--random_tuned_ckpt_path", str(root / "random_tuned")) if module is unit_model_cos \
+        else common(root, "bad")
+    if module is unit_model_others:
+        argv += ["--result_tsv", str(root / "similarity.tsv")]
+    capsys.readouterr()
+    assert run(module, argv + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (root / "bad").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".bad.")]
