@@ -703,9 +703,10 @@ def write_heatmap(path: Path, plans: list[Plan], title: str) -> None:
     import numpy as np
     import seaborn as sns
 
-    columns: list[str] = []
+    columns = [p.target for p in plans]  # task order, so the (blank) target-on-itself cells form the diagonal
     for p in plans:
         columns += [s for s in p.sources if s not in columns]
+    columns = [c for c in columns if any(c in p.sources for p in plans)]
     grid = np.full((len(plans), len(columns)), np.nan)
     for i, p in enumerate(plans):
         for s in p.sources:

@@ -9,7 +9,8 @@ tuned on the target ({tuneall_ckpt_path}/{t}/{s}) by default, the original ones 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloader.errors import run_cli  # noqa: E402
 from unit_model import fusion  # noqa: E402
@@ -19,7 +20,7 @@ delta = "lora"
 tasks = "ALL_TASKS"
 source_ckpt_path = "runs/sources/lora"
 tuneall_ckpt_path = "runs/tuneall/lora"
-devall_tsv = "runs/devall/lora/result.tsv"
+devall_tsv = "runs/tuneall/lora/dev_all.tsv"  # written by get_similarity/dev_all.py
 average_untuned = False
 save_ckpt_path = "runs/fused/lora/Performance"
 tem = 1.0

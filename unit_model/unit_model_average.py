@@ -10,7 +10,8 @@ Writes {save_ckpt_path}/without_{t}/, weights.tsv and heatmap.png (see unit_mode
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a file from anywhere
+if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloader.errors import run_cli  # noqa: E402
 from unit_model import fusion  # noqa: E402
