@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,33 @@ def test_cli_help_runs_as_file_and_as_module(cmd, cwd):
     proc = subprocess.run([sys.executable, *cmd, "--help"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage:") and "--source_ckpt_path" in proc.stdout
+
+
+def dry_run(script: str, **env: str) -> list[str]:
+    """The command a script would run (DRY_RUN=1), split into words."""
+    clean = {k: v for k, v in os.environ.items() if k not in {"DELTA", "LR", "TASKS", "OUTPUT_DIR", "STEPS"}}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script)], env={**clean, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def flag(words: list[str], name: str) -> str:
+    return words[words.index(name) + 1]
+
+
+def test_scripts_set_the_method_and_take_overrides(tmp_path):
+    words = dry_run("prefix_tuneall.sh", TASKS="alpha beta", STEPS="7")
+    assert words[1:3] == ["-m", "get_similarity.tune_all"]
+    assert flag(words, "--tune_method") == "prefix" and flag(words, "--learning_rate") == "1e-2"
+    assert flag(words, "--source_ckpt_path") == "runs/sources/prefix"
+    assert flag(words, "--output_dir") == "runs/tuneall/prefix" and flag(words, "--steps") == "7"
+    assert words[words.index("--tasks") + 1:words.index("--source_tasks")] == ["alpha", "beta"]
+    assert flag(dry_run("adapter_tuneall.sh", LR="1e-4"), "--learning_rate") == "1e-4"
+
+    # dev-all reads the tuned modules only where tune-all wrote some.
+    words = dry_run("lora_devall.sh", OUTPUT_DIR=str(tmp_path / "none"))
+    assert flag(words, "--tune_method") == "lora" and "--tuneall_ckpt_path" not in words
+    assert flag(words, "--output") == str(tmp_path / "none" / "dev_all.tsv")
+    words = dry_run("lora_devall.sh", OUTPUT_DIR=str(tmp_path))
+    assert flag(words, "--tuneall_ckpt_path") == str(tmp_path)
