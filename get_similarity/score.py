@@ -97,7 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the initial delta state that groups outside the scored one are reset to")
     p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written here")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="silence library warnings")
     return p
+
+
+def quiet() -> None:
+    """Silence library warnings (deprecations, cache-format notices) for tidy script output."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("adapters").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +248,8 @@ def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        quiet()
     metrics = check_args(args)
 
     # Everything that can be wrong with the input is checked before any scoring and any writing.

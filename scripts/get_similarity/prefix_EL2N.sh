@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# EL2N, prefix-tuning sources: error L2 norm of each source's token distribution on the target's dev answers (lower: more similar).
+# Variables (TASKS, SOURCE_CKPT_PATH, GRANULARITY, ...) are described in run.sh; the environment overrides them.
+: "${DELTA:=prefix}"
+: "${METRIC:=EL2N}"
+export DELTA METRIC
+exec bash "$(dirname "$0")/run.sh" "$@"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# GraNd, prefix-tuning sources: per-example gradient norm of each source module on the target's dev split (lower: more similar).
+# Variables (TASKS, SOURCE_CKPT_PATH, GRANULARITY, ...) are described in run.sh; the environment overrides them.
+: "${DELTA:=prefix}"
+: "${METRIC:=GraNd}"
+export DELTA METRIC
+exec bash "$(dirname "$0")/run.sh" "$@"

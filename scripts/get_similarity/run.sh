@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Zero-shot similarity of source modules to target tasks (get_similarity/score.py).
+# The thin scripts {adapter,lora,prefix}_{Loss,KL,EL2N,LogitsCos,GraNd}.sh set DELTA and METRIC and exec this.
+# Every variable below can be overridden from the environment, e.g.
+#   TASKS=SAMPLE_TASKS GRANULARITY=layer MAX_EXAMPLES=8 bash scripts/get_similarity/lora_Loss.sh
+# DRY_RUN=1 prints the command instead of running it. Relative paths are relative to the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+: "${DELTA:?set DELTA to adapter, lora or prefix (or use one of the thin scripts)}"
+: "${METRIC:?set METRIC to one or several of Loss KL EL2N LogitsCos GraNd, or all}"
+: "${MODEL:=models/default}"                      # backbone folder or hub id
+: "${TOKENIZER:=$MODEL}"
+: "${TASK_DIR:=data/synthetic}"
+: "${TASKS:=ALL_TASKS}"                           # targets: task names or a list from task_list.py
+: "${SOURCE_TASKS:=$TASKS}"                       # leave-one-out: a target is never its own source
+: "${K:=16}"
+: "${DATA_SEED:=100}"
+: "${SPLIT:=dev}"
+: "${SOURCE_CKPT_PATH:=runs/sources/${DELTA}}"    # tune.py output (scripts/${DELTA}.sh): one folder per task
+: "${RANDOM_TUNED_CKPT_PATH:=runs/random/${DELTA}}"  # KL only: tune.py on the targets' K-shot train split
+: "${GRANULARITY:=model}"                         # model, block or layer
+: "${MAX_EXAMPLES:=}"                             # empty: the whole split
+: "${BATCH_SIZE:=32}"
+: "${OUTPUT_DIR:=runs/similarity/${DELTA}/${METRIC// /_}_${GRANULARITY}}"
+: "${DEVICE:=auto}"
+: "${PYTHON:=.venv/bin/python}"
+: "${EXTRA_ARGS:=}"
+
+# shellcheck disable=SC2206  # METRIC, TASKS, SOURCE_TASKS and EXTRA_ARGS are word lists on purpose
+cmd=("$PYTHON" -m get_similarity.score --quiet --delta "$DELTA" --metric $METRIC
+     --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
+     --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED" --split "$SPLIT"
+     --source_ckpt_path "$SOURCE_CKPT_PATH" --random_tuned_ckpt_path "$RANDOM_TUNED_CKPT_PATH"
+     --granularity "$GRANULARITY" --batch_size "$BATCH_SIZE" --output_dir "$OUTPUT_DIR" --device "$DEVICE"
+     ${MAX_EXAMPLES:+--max_examples "$MAX_EXAMPLES"} $EXTRA_ARGS "$@")
+if [[ -n "${DRY_RUN:-}" ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"
