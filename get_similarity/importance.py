@@ -1,0 +1,220 @@
+"""Which parts of a delta module matter on a task: reset one group at a time and re-score.
+
+For a module (--checkpoint: a checkpoint, a tune.py run folder or a tune.py task folder) and a target
+task (--task), each parameter group (block granularity: encoder/decoder, then layer granularity: one
+group per layer, or per prefix for prefix tuning; see models.delta.param_group) is reset to its initial
+value while the others keep the module's values, and the target split (dev by default) is scored by
+generation + the task's metric and by the pooled mean token loss.
+
+The initial value is the state right after ``attach_delta`` with ``torch.manual_seed(--init_seed)``
+(42: tune.py's default seed). For adapter and LoRA it is neutral (a reset group does nothing); for
+prefix tuning it is a random prefix.
+
+Writes into --output_dir, each file atomically:
+
+* ``importance.tsv``: columns ``granularity, group, dev_score, dev_loss, delta_score, delta_loss`` with
+  deltas relative to the full module (negative delta_score / positive delta_loss: the group helps).
+  Rows: ``model/full`` (nothing reset), every block group, every layer group, ``model/init`` (every
+  group reset).
+* ``importance_layers.png``: delta_score and delta_loss per layer group, as bars.
+
+    python -m get_similarity.importance --checkpoint runs/sources/lora/sent_review --task sent_review \\
+        --output_dir runs/importance/lora/sent_review
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python get_similarity/importance.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from dataloader.crossfit import SPLITS, load_task  # noqa: E402
+from dataloader.errors import UserInputError, run_cli  # noqa: E402
+from dataloader.metrics import METRICS, metric_for_task  # noqa: E402
+from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
+from get_similarity.score import delta_groups, quiet  # noqa: E402
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from models.checkpoints import resolve_checkpoint  # noqa: E402
+from models.delta import (  # noqa: E402
+    DeltaConfig,
+    attach_delta,
+    backbone_fingerprint,
+    check_compatible,
+    delta_state_dict,
+    load_delta_checkpoint,
+    load_delta_state,
+)
+from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
+from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic  # noqa: E402
+
+COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
+TSV_FILE = "importance.tsv"
+PLOT_FILE = "importance_layers.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="delta checkpoint, tune.py run folder or tune.py task folder")
+    p.add_argument("--task", required=True, help="target task scored with the module")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model)")
+    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
+    p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass / generation batch")
+    p.add_argument("--max_input_length", type=int, default=256)
+    p.add_argument("--max_output_length", type=int, default=32, help="also the generation length")
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
+    p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    return p
+
+
+@dataclass
+class Row:
+    granularity: str
+    group: str
+    dev_score: float
+    dev_loss: float
+
+
+@torch.no_grad()
+def pooled_loss(model: torch.nn.Module, task: EncodedTask, pad_id: int, batch_size: int) -> float:
+    """Mean token cross-entropy over all target tokens of ``task`` (first gold outputs)."""
+    device = next(model.parameters()).device
+    mean = TokenMean()
+    for _, batch in first_output_batches(task, batch_size, pad_id):
+        batch = to_device(batch, device)
+        mean.add(*token_loss(model(**batch).logits, batch["labels"]))
+    return mean.value()
+
+
+def reset(tensors: dict[str, torch.Tensor], init_state: dict[str, torch.Tensor],
+          names: list[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with the parameters in ``names`` set back to their initial value."""
+    chosen = set(names)
+    return {n: (init_state[n] if n in chosen else t) for n, t in tensors.items()}
+
+
+def importance_rows(model: torch.nn.Module, tokenizer, task: EncodedTask, metric: str,
+                    tensors: dict[str, torch.Tensor], init_state: dict[str, torch.Tensor], batch_size: int,
+                    max_new_tokens: int, num_beams: int = 1) -> list[Row]:
+    """Full module, each block group reset, each layer group reset, everything reset (in that order)."""
+    everything = list(init_state)
+    plan = [("model", "full", [])]
+    for granularity in ("block", "layer"):
+        plan += [(granularity, g, names) for g, names in delta_groups(model, granularity).items()]
+    plan.append(("model", "init", everything))
+    rows = []
+    for granularity, group, names in tqdm(plan, desc="groups"):
+        load_delta_state(model, reset(tensors, init_state, names), f"{granularity} {group}")
+        score, _ = evaluate(model, tokenizer, task, metric, batch_size, max_new_tokens, num_beams)
+        rows.append(Row(granularity, group, score, pooled_loss(model, task, tokenizer.pad_token_id, batch_size)))
+    return rows
+
+
+def plot_layers(rows: list[Row], path: Path, title: str = "") -> None:
+    """Bar plots of delta_score and delta_loss per layer group, written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    full = rows[0]
+    layers = [r for r in rows if r.granularity == "layer"]
+    names = [r.group for r in layers]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(names) + 2), 3.5))
+    for ax, label, values in (
+        (axes[0], "dev score change", [r.dev_score - full.dev_score for r in layers]),
+        (axes[1], "dev loss change", [r.dev_loss - full.dev_loss for r in layers]),
+    ):
+        sns.barplot(x=names, y=values, ax=ax, color="tab:blue")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylabel(label)
+        ax.set_xlabel("layer reset to its initial value")
+        ax.tick_params(axis="x", rotation=45)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        quiet()
+    for flag, value in {"--k": args.k, "--batch_size": args.batch_size, "--max_input_length": args.max_input_length,
+                        "--max_output_length": args.max_output_length, "--num_beams": args.num_beams}.items():
+        if value <= 0:
+            raise UserInputError(f"{flag}: expected a positive integer, found {value}")
+    if args.max_examples is not None and args.max_examples <= 0:
+        raise UserInputError(f"--max_examples: expected a positive integer, found {args.max_examples}")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--output_dir {out}: exists and is not a folder")
+    for name in (TSV_FILE, PLOT_FILE):
+        if (out / name).is_dir():
+            raise UserInputError(f"--output_dir: {out / name} is a folder, expected a file or nothing")
+
+    # Inputs first: the task's split and metric, the checkpoint; nothing is written before all are fine.
+    examples = load_task(args.task_dir, args.task, args.k, args.data_seed, [args.split])[args.split]
+    examples = examples[: args.max_examples] if args.max_examples else examples
+    metric = metric_for_task(args.task, args.task_dir)
+    if metric not in METRICS:
+        raise UserInputError(f"{args.task_dir}: task {args.task}: unknown metric {metric!r}")
+    try:
+        folder = resolve_checkpoint(args.checkpoint, task=args.task)
+        tensors, meta = load_delta_checkpoint(folder)
+    except UserInputError as e:
+        raise UserInputError(f"--checkpoint: {e}") from None
+    cfg = DeltaConfig.from_checkpoint_meta(meta)
+
+    device = torch.device(pick_device(args.device))
+    model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
+    check_compatible(meta, cfg, backbone_fingerprint(model), str(folder))
+    torch.manual_seed(args.init_seed)
+    attach_delta(model, cfg)
+    model.to(device)
+    init_state = delta_state_dict(model)
+    load_delta_state(model, tensors, str(folder))  # keys and shapes
+    task = encode_examples(tokenizer, examples, args.max_input_length, args.max_output_length)
+    print(f"{folder} ({cfg.describe()}) on {args.task} {args.split} ({len(examples)} examples, {metric})", flush=True)
+
+    rows = importance_rows(model, tokenizer, task, metric, tensors, init_state, args.batch_size,
+                           args.max_output_length, args.num_beams)
+    full = rows[0]
+    table = [[r.granularity, r.group, f"{r.dev_score:.10g}", f"{r.dev_loss:.10g}",
+              f"{r.dev_score - full.dev_score:.10g}", f"{r.dev_loss - full.dev_loss:.10g}"] for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.task}: full module {metric} {full.dev_score:.3f}, loss {full.dev_loss:.3f} ({cfg.method})"
+    plot_layers(rows, out / PLOT_FILE, title)
+    write_tsv_atomic(out / TSV_FILE, COLUMNS, table)
+    for r in rows:
+        print(f"{r.granularity:>5} {r.group:<22} score {r.dev_score:.4f} loss {r.dev_loss:.4f}", flush=True)
+    print(f"-> {out / TSV_FILE}, {out / PLOT_FILE}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
