@@ -19,9 +19,11 @@ Granularity (--granularity model|block|layer, groups from models.delta.param_gro
   initial state is a random prefix, not the absence of one.
 * At model granularity the single group "model" is the whole module.
 
-Writes ``{output_dir}/result.tsv`` (atomically, replacing an older one) with columns
-``target, source, metric, group, score``; the metric's direction is in get_similarity/metrics.py
-(LogitsCos: higher is more similar; the others: lower).
+Writes ``{output_dir}/result.tsv`` (atomically) with columns ``target, source, metric, group, score``;
+the metric's direction is in get_similarity/metrics.py (LogitsCos: higher is more similar; the others:
+lower). An existing result.tsv is updated, as tune.py updates its own: rows with the same (target,
+source, metric, group) are replaced, all others kept, so runs of several metrics (or granularities) can
+share one file.
 
     python -m get_similarity.score --delta lora --metric Loss EL2N --tasks ALL_TASKS \\
         --source_ckpt_path runs/sources/lora --output_dir runs/similarity/lora
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the whole module (model), per stack (block) or per layer")
     p.add_argument("--init_seed", type=int, default=42,
                    help="seed of the initial delta state that groups outside the scored one are reset to")
-    p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written here")
+    p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written (or updated) here")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")
     return p
@@ -230,7 +232,30 @@ def check_args(args: argparse.Namespace) -> list[Metric]:
         raise UserInputError(f"--output_dir {out}: exists and is not a folder")
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
+    read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
     return metrics
+
+
+def read_result(path: Path) -> list[list[str]]:
+    """Rows of an existing result.tsv (none if there is no file); a malformed one is a UserInputError."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].split("\t") != COLUMNS:
+        raise UserInputError(f"{path}:1: expected the header {'<TAB>'.join(COLUMNS)}; not updating this file")
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != len(COLUMNS):
+            raise UserInputError(f"{path}:{lineno}: expected {len(COLUMNS)} tab-separated fields, found {len(fields)}")
+        rows.append(fields)
+    return rows
+
+
+def merge_rows(old: list[list[str]], new: list[list]) -> list[list]:
+    """``old`` rows that ``new`` does not replace (same target, source, metric, group), then ``new``."""
+    keys = {tuple(str(x) for x in row[:4]) for row in new}
+    return [row for row in old if tuple(row[:4]) not in keys] + new
 
 
 def load_targets(args: argparse.Namespace, targets: list[str]) -> dict[str, list[Example]]:
@@ -307,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_tsv_atomic(out / RESULT_FILE, COLUMNS, rows)
-    print(f"{len(rows)} rows -> {out / RESULT_FILE} ({seconds / pairs:.3f} s per source per target)", flush=True)
+    merged = merge_rows(read_result(out / RESULT_FILE), rows)
+    write_tsv_atomic(out / RESULT_FILE, COLUMNS, merged)
+    kept = len(merged) - len(rows)
+    print(f"{len(rows)} rows -> {out / RESULT_FILE}{f' ({kept} earlier rows kept)' if kept else ''}; "
+          f"{seconds / pairs:.3f} s per source per target", flush=True)
     return 0
 
 

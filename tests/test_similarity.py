@@ -405,3 +405,27 @@ def test_script_entry_points(tiny_backbone_dir: Path, modules: Path, tmp_path: P
     assert [(r["target"], r["source"], r["metric"], r["group"]) for r in rows] == [
         (t, s, "EL2N", g) for t, s in [("sent_review", "topic_news"), ("topic_news", "sent_review")]
         for g in ("encoder", "decoder")]
+
+
+def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp_path: Path, capsys) -> None:
+    """A second run adds its metric's rows; a rerun replaces its own rows and keeps the others."""
+    out = tmp_path / "sim"
+    two = ["sent_review", "sent_tweet"]
+    assert score_cli.main(cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)) == 0
+    assert score_cli.main(cli_args(tiny_backbone_dir, modules, out, metric="EL2N", tasks=two)) == 0
+    first = read_rows(out / "result.tsv")
+    assert [(r["target"], r["metric"]) for r in first] == [
+        ("sent_review", "Loss"), ("sent_tweet", "Loss"), ("sent_review", "EL2N"), ("sent_tweet", "EL2N")]
+    # Rerun Loss on fewer examples: its rows change, EL2N's stay as they were.
+    args = cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)
+    args[args.index("--max_examples") + 1] = "2"
+    assert score_cli.main(args) == 0
+    second = read_rows(out / "result.tsv")
+    assert second[:2] == first[2:]
+    assert [(r["target"], r["metric"]) for r in second[2:]] == [("sent_review", "Loss"), ("sent_tweet", "Loss")]
+    assert [r["score"] for r in second[2:]] != [r["score"] for r in first[:2]]
+    # A malformed result.tsv is refused before scoring and left untouched.
+    (out / "result.tsv").write_text("target\tsource\tscore\nsent_review\tsent_tweet\t1.0\n")
+    assert run_cli(score_cli.main, cli_args(tiny_backbone_dir, modules, out, tasks=two)) == 2
+    assert "result.tsv:1: expected the header" in capsys.readouterr().err
+    assert (out / "result.tsv").read_text() == "target\tsource\tscore\nsent_review\tsent_tweet\t1.0\n"
