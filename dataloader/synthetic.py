@@ -1,7 +1,7 @@
 """Deterministic generator of the bundled synthetic few-shot suite and of the pre-training mixture.
 
-Five skills (families) underlie everything: lexicon sentiment, 3-way topic, key-value lookup,
-word-overlap entailment and category extraction. A *task* is a skill rendered with one prompt
+Five skills (families) underlie everything: lexicon sentiment, 3-way topic, typed fact lookup,
+category entailment and category extraction. A *task* is a skill rendered with one prompt
 template and one set of label words. The bundled suite (``SUITE``) and the pre-training mixture
 (``PRETRAIN_TASKS``) use the same lexicon and skills but disjoint prompts and label words, so the
 suite's tasks are new phrasings of skills the tiny backbone has seen, as T5's pre-training is to
@@ -82,53 +82,35 @@ def draw_topic(rng: random.Random, categories: tuple[str, ...]) -> dict:
 
 
 LOOKUP_RELATIONS: dict[str, tuple[str, list[str]]] = {
-    # relation -> (verb phrase, values)
-    "likes": ("likes", CATEGORIES["food"]),
-    "lives": ("lives in", CITIES),
-    "owns": ("owns a", CATEGORIES["animals"]),
-    "colour": ("wears", COLOURS),
+    # relation -> (what a question calls its value, values)
+    "likes": ("food", CATEGORIES["food"]),
+    "lives": ("city", CITIES),
+    "wears": ("colour", COLOURS),
+    "owns": ("pet", CATEGORIES["animals"]),
 }
+ENTAIL_PHRASES = {"animals": "an animal", "food": "some food", "sports": "a sport", "music": "some music",
+                  "vehicles": "a vehicle"}
 
 
-def draw_lookup(rng: random.Random, relation: str, n_facts: int = 3) -> dict:
-    """Facts `name relation value` and one queried fact (by name, or by value for reverse lookup)."""
+def draw_lookup(rng: random.Random, n_facts: int = 3) -> dict:
+    """Facts about people, one relation each; the question asks for the value of one relation."""
     names = rng.sample(NAMES, n_facts)
-    values = rng.sample(LOOKUP_RELATIONS[relation][1], n_facts)
+    relations = rng.sample(list(LOOKUP_RELATIONS), n_facts)
+    values = [rng.choice(LOOKUP_RELATIONS[rel][1]) for rel in relations]
     asked = rng.randrange(n_facts)
-    return {"names": names, "values": values, "name": names[asked], "value": values[asked]}
+    return {"facts": list(zip(names, relations, values)), "relation": relations[asked], "value": values[asked]}
 
 
-def draw_overlap(rng: random.Random) -> dict:
-    """Premise of content words; the hypothesis either keeps three of them or swaps one for a new word."""
+def draw_entail(rng: random.Random) -> dict:
+    """A premise naming two things of two categories; the hypothesis claims a thing of some category."""
+    first, second = rng.sample(list(ENTAIL_PHRASES), 2)
     name, city = rng.choice(NAMES), rng.choice(CITIES)
-    colour, animal, food = rng.choice(COLOURS), rng.choice(CATEGORIES["animals"]), rng.choice(CATEGORIES["food"])
-    premise = f"{name} saw a {colour} {animal} and ate {food} in {city}"
-    slots = {"name": (name, NAMES), "colour": (colour, COLOURS), "animal": (animal, CATEGORIES["animals"]),
-             "food": (food, CATEGORIES["food"]), "city": (city, CITIES)}
-    kept = dict.fromkeys(slots, "")
-    for slot, (word, _) in slots.items():
-        kept[slot] = word
+    premise = f"{name} saw a {rng.choice(CATEGORIES[first])} and a {rng.choice(CATEGORIES[second])} in {city}"
     entailed = rng.random() < 0.5
-    if not entailed:
-        slot = rng.choice(list(slots))
-        word, pool = slots[slot]
-        kept[slot] = rng.choice([w for w in pool if w != word])
-    form = rng.randrange(3)
-    if form == 0:
-        hypothesis = f"{kept['name']} saw a {kept['animal']}"
-        if not entailed and kept["name"] == name and kept["animal"] == animal:
-            hypothesis = f"{kept['name']} saw a {kept['animal']} in {kept['city']}"
-            if kept["city"] == city:  # the swap hit a slot this form doesn't show: show it
-                hypothesis = f"{kept['name']} ate {kept['food']} and saw a {kept['colour']} {kept['animal']}"
-    elif form == 1:
-        hypothesis = f"{kept['name']} was in {kept['city']} and ate {kept['food']}"
-        if not entailed and kept["name"] == name and kept["city"] == city and kept["food"] == food:
-            hypothesis = f"{kept['name']} saw a {kept['colour']} {kept['animal']}"
-    else:
-        hypothesis = f"a {kept['colour']} {kept['animal']} in {kept['city']}"
-        if not entailed and (kept["colour"], kept["animal"], kept["city"]) == (colour, animal, city):
-            hypothesis = f"{kept['name']} ate {kept['food']} in {kept['city']}"
-    return {"premise": premise, "hypothesis": hypothesis, "label": "yes" if entailed else "no"}
+    claimed = rng.choice([first, second]) if entailed else rng.choice(
+        [c for c in ENTAIL_PHRASES if c not in (first, second)])
+    return {"premise": premise, "hypothesis": f"{name} saw {ENTAIL_PHRASES[claimed]}",
+            "label": "yes" if entailed else "no"}
 
 
 def draw_extract(rng: random.Random, category: str) -> dict:
@@ -177,25 +159,24 @@ def topic_task(name: str, template: str, labels: dict[str, str], metric: str = "
     return TaskSpec(name, family, metric, render, tuple(labels.values()))
 
 
-def lookup_task(name: str, relation: str, fact: str, question: str, reverse: bool = False,
-                metric: str = "EM", family: str = "lookup", separator: str = " . ") -> TaskSpec:
-    """`fact` renders one fact from {name} and {value}; `question` asks by {name} (or by {value} if reverse)."""
+def lookup_task(name: str, facts: dict[str, str], question: str, metric: str = "EM", family: str = "lookup",
+                separator: str = " . ") -> TaskSpec:
+    """`facts` renders each relation from {name} and {value}; `question` asks for a relation's {thing}."""
 
     def render(rng: random.Random) -> tuple[str, str]:
-        ex = draw_lookup(rng, relation)
-        facts = separator.join(fact.format(name=n, value=v) for n, v in zip(ex["names"], ex["values"]))
-        text = f"{facts} . {question.format(name=ex['name'], value=ex['value'])}"
-        return text, ex["name"] if reverse else ex["value"]
+        ex = draw_lookup(rng)
+        text = separator.join(facts[rel].format(name=n, value=v) for n, rel, v in ex["facts"])
+        return f"{text} . {question.format(thing=LOOKUP_RELATIONS[ex['relation']][0])}", ex["value"]
 
     return TaskSpec(name, family, metric, render)
 
 
-def overlap_task(name: str, template: str, no: str, yes: str, metric: str = "ACC",
-                 family: str = "overlap") -> TaskSpec:
+def entail_task(name: str, template: str, no: str, yes: str, metric: str = "ACC",
+                family: str = "entail") -> TaskSpec:
     words = {"no": no, "yes": yes}
 
     def render(rng: random.Random) -> tuple[str, str]:
-        ex = draw_overlap(rng)
+        ex = draw_entail(rng)
         return template.format(premise=ex["premise"], hypothesis=ex["hypothesis"]), words[ex["label"]]
 
     return TaskSpec(name, family, metric, render, (no, yes))
@@ -223,8 +204,13 @@ def copy_task(name: str, template: str) -> TaskSpec:
     return TaskSpec(name, "copy", "EM", render)
 
 
+STANDARD_FACTS = {"likes": "{name} likes {value}", "lives": "{name} lives in {value}",
+                  "wears": "{name} wears {value}", "owns": "{name} owns a {value}"}
+STORY_FACTS = {"likes": "{name} ate the {value}", "lives": "{name} came home to {value}",
+               "wears": "{name} put on something {value}", "owns": "{name} fed the {value}"}
+
 # The bundled suite: 5 families x 4 tasks. Label words are shared within a family (positive/negative)
-# and across families (yes/no in sentiment, topic-free overlap and lookup-free tasks), so that a
+# and across families (yes/no in sentiment and entailment, true/false in topic and entailment), so that a
 # similarity metric can be fooled by label words rather than skill -- a known trap worth measuring.
 SUITE: tuple[TaskSpec, ...] = (
     sentiment_task("sent_review", "review : {text} . is this review positive or negative ?", "negative", "positive"),
@@ -239,15 +225,16 @@ SUITE: tuple[TaskSpec, ...] = (
                {"food": "kitchen", "music": "concert", "vehicles": "road"}),
     topic_task("topic_truefalse", "{text} . is this about sport , true or false ?",
                {"sports": "true", "food": "false", "vehicles": "false"}, metric="ACC"),
-    lookup_task("qa_likes", "likes", "{name} likes {value}", "question : what does {name} like ?"),
-    lookup_task("qa_lives", "lives", "{name} lives in {value}", "where does {name} live ?"),
-    lookup_task("qa_wears", "colour", "{name} wears {value}", "which colour does {name} wear ?"),
-    lookup_task("qa_owner", "owns", "{name} owns a {value}", "who owns the {value} ?", reverse=True),
-    overlap_task("nli_support", "premise : {premise} . hypothesis : {hypothesis} . supported ?", "no", "yes"),
-    overlap_task("nli_truefalse", "{premise} . question : {hypothesis} . true or false ?", "false", "true"),
-    overlap_task("nli_entail", "sentence one : {premise} sentence two : {hypothesis}", "neutral", "entailment",
-                 metric="Classification-F1"),
-    overlap_task("nli_consistent", "{hypothesis} ? based on : {premise}", "negative", "positive"),
+    lookup_task("qa_which", STANDARD_FACTS, "question : which {thing} is mentioned ?"),
+    lookup_task("qa_short", STANDARD_FACTS, "{thing} ?"),
+    lookup_task("qa_records", {rel: "{name} -> {value}" for rel in LOOKUP_RELATIONS}, "give the {thing}",
+                separator=" , "),
+    lookup_task("qa_story", STORY_FACTS, "in the story , what is the {thing} ?"),
+    entail_task("nli_support", "premise : {premise} . hypothesis : {hypothesis} . supported ?", "no", "yes"),
+    entail_task("nli_truefalse", "{premise} . question : {hypothesis} . true or false ?", "false", "true"),
+    entail_task("nli_entail", "sentence one : {premise} sentence two : {hypothesis}", "neutral", "entailment",
+                metric="Classification-F1"),
+    entail_task("nli_consistent", "{hypothesis} ? based on : {premise}", "negative", "positive"),
     extract_task("ext_animals", "animals", "list the animals : {text}"),
     extract_task("ext_colours", "colours", "which colours appear in : {text}"),
     extract_task("ext_food", "food", "{text} . foods mentioned :"),
@@ -261,17 +248,18 @@ PRETRAIN_TASKS: tuple[TaskSpec, ...] = (
     topic_task("pt_topic_a", "category of : {text}", {c: c for c in CATEGORIES}),
     topic_task("pt_topic_b", "{text} . topic ?", {"animals": "nature", "food": "meal", "sports": "game",
                                                   "music": "sound", "vehicles": "travel"}),
-    *[lookup_task(f"pt_lookup_{rel}_a", rel, "{name} : {value}", "lookup {name}", separator=" ; ")
-      for rel in LOOKUP_RELATIONS],
-    *[lookup_task(f"pt_lookup_{rel}_b", rel, "{name} has {value}", "{name} has ?") for rel in LOOKUP_RELATIONS],
-    *[lookup_task(f"pt_rlookup_{rel}", rel, "{name} : {value}", "key of {value}", reverse=True, separator=" ; ")
-      for rel in LOOKUP_RELATIONS],
-    overlap_task("pt_overlap_a", "text : {premise} words : {hypothesis} all present ?", "absent", "present"),
-    overlap_task("pt_overlap_b", "{premise} || {hypothesis} contained ?", "outside", "inside"),
+    lookup_task("pt_lookup_a", {rel: "{name} : {value}" for rel in LOOKUP_RELATIONS}, "find the {thing}",
+                separator=" ; "),
+    lookup_task("pt_lookup_b", STANDARD_FACTS, "the {thing} is ?"),
+    entail_task("pt_entail_a", "text : {premise} claim : {hypothesis} holds ?", "fails", "holds"),
+    entail_task("pt_entail_b", "{premise} || {hypothesis} implied ?", "unrelated", "implied"),
     *[extract_task(f"pt_extract_{c}", c, f"find {c} words : {{text}}") for c in EXTRACTABLE],
     *[extract_task(f"pt_keep_{c}", c, f"{{text}} keep only {c}") for c in EXTRACTABLE],
     copy_task("pt_copy", "repeat : {text}"),
 )
+
+# Generating word lists (extraction, copying) is slower to learn than choosing a label: give it more data.
+PRETRAIN_SKILL_WEIGHTS = {"extract": 2.0, "copy": 2.0}
 
 SUITE_BY_NAME = {spec.name: spec for spec in SUITE}
 FAMILIES: dict[str, list[str]] = {}
@@ -334,8 +322,17 @@ def write_suite(out_dir: Path, specs: tuple[TaskSpec, ...] = SUITE) -> list[Path
 
 
 def pretraining_stream(seed: int):
-    """Endless deterministic stream of (input, output) pairs from the pre-training mixture."""
+    """Endless deterministic stream of (input, output) pairs from the pre-training mixture.
+
+    Skills are drawn uniformly, then a task within the skill: drawing tasks uniformly would starve the
+    skills with few phrasings (entailment, copy) in favour of those with many (extraction).
+    """
     rng = random.Random(f"pretrain/{seed}")
+    by_skill: dict[str, list[TaskSpec]] = {}
+    for spec in PRETRAIN_TASKS:
+        by_skill.setdefault(spec.family, []).append(spec)
+    skills = list(by_skill)
+    weights = [PRETRAIN_SKILL_WEIGHTS.get(skill, 1.0) for skill in skills]
     while True:
-        spec = rng.choice(PRETRAIN_TASKS)
-        yield spec.render(rng)
+        skill = rng.choices(skills, weights)[0]
+        yield rng.choice(by_skill[skill]).render(rng)

@@ -19,7 +19,7 @@ from unit_model import fusion  # noqa: E402
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 delta = "lora"
 tasks = "ALL_TASKS"
-TASK_LIST = "all"  # all | manual | a category (sentiment, topic, lookup, overlap, extract)
+TASK_LIST = "all"  # all | manual | a category (sentiment, topic, lookup, entail, extract)
 manual = False
 source_ckpt_path = "runs/sources/lora"
 save_ckpt_path = "runs/fused/lora/average"
