@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight_decay", type=float, default=0.0)
     run.add_argument("--max_grad_norm", type=float, default=1.0)
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
+    run.add_argument("--log_file_only", action="store_true",
+                     help="write log lines only to each run's log.txt (progress bars stay); for drivers like study.py")
     run.add_argument("--save_last", action="store_true",
                      help="keep the module of the last step, not the best dev one (no model selection)")
 
@@ -148,12 +150,14 @@ def pick_device(name: str) -> str:
 class RunLog:
     """Log lines to the console (above the tqdm bars) and to the run's log file."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, console: bool = True):
         self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed in close())
+        self.console = console
 
     def __call__(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        tqdm.write(line)
+        if self.console:
+            tqdm.write(line)
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
@@ -394,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(args, cfg)
     data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}) for t in tasks}
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(tasks)} task(s), {len(runs) if args.do_train else len(tasks)} run(s): method {cfg.describe()} "
+    say = (lambda *a, **k: None) if args.log_file_only else print
+    say(f"{len(tasks)} task(s), {len(runs) if args.do_train else len(tasks)} run(s): method {cfg.describe()} "
           f"on {trainer.backbone} ({trainer.device}); output in {output_dir}", flush=True)
 
     if not args.do_train:
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.test_state = trainer.init_state
         for t in tasks:
             with staged_dir(output_dir / t / "predict") as tmp:
-                log = RunLog(tmp / "log.txt")
+                log = RunLog(tmp / "log.txt", console=not args.log_file_only)
                 load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
                 dev, _ = trainer.evaluate(data[t], "dev", desc="dev")
                 log(f"{t}: dev {data[t].metric} {dev:.4f}")
@@ -415,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1):
         with staged_dir(output_dir / t / run_dir_name(lr, bsz)) as tmp:
-            log = RunLog(tmp / "log.txt")
+            log = RunLog(tmp / "log.txt", console=not args.log_file_only)
             try:
                 log(f"task {t} ({data[t].metric}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
                     f"examples, lr {lr:g}, bsz {bsz}, {cfg.describe()}")
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": f"{lr:g}",
                                        "bsz": bsz, "dev": fmt_score(result.dev), "test": fmt_score(result.test),
                                        "best_step": result.best_step})
-        print(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
+        say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
               f"(best step {result.best_step})", flush=True)
     return 0
 

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
     return p
 
 
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), "
           f"{len(pairs) - len(todo)} already tuned: {cfg.describe()} on {trainer.backbone} ({trainer.device}), "
           f"{args.steps} steps each; output in {output_dir}", flush=True)
-    log = tune.RunLog(output_dir / "tune_all.log")
+    log = tune.RunLog(output_dir / "tune_all.log", console=not args.log_file_only)
     start = time.time()
     try:
         for t, s in tqdm(todo, desc="pairs", disable=not todo):

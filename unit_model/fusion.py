@@ -493,7 +493,14 @@ def _check_common(args: argparse.Namespace) -> list[str]:
     for flag in ("source_ckpt_path", "save_ckpt_path"):
         if not getattr(args, flag):
             raise UserInputError(f"--{flag}: required")
-    return resolve_tasks(args.tasks)
+    tasks = resolve_tasks(args.tasks)
+    # Targets default to every task; a study fuses for a few targets, each with all other tasks as sources.
+    targets = getattr(args, "targets", None)
+    args.target_list = resolve_tasks(targets) if targets else tasks
+    outside = [t for t in args.target_list if t not in tasks]
+    if outside:
+        raise UserInputError(f"--targets: {', '.join(outside)} not among --tasks (the source pool)")
+    return tasks
 
 
 def _require(args: argparse.Namespace, flag: str) -> str:
@@ -517,7 +524,7 @@ def plan_average(args: argparse.Namespace, tasks: list[str], cache: ModuleCache)
         raise UserInputError(f"--TASK_LIST: expected all, manual or a category ({', '.join(categories)}), "
                              f"found {mode!r}")
     plans = []
-    for t in tasks:
+    for t in args.target_list:
         if mode == "all":
             sources = leave_one_out(t, tasks)
         else:
@@ -533,7 +540,7 @@ def _weight_plans(
 ) -> list[Plan]:
     """Plans whose scores come from module weights: ``score_fn(target, source, source_module) -> group -> score``."""
     plans = []
-    for t in tasks:
+    for t in args.target_list:
         sources = leave_one_out(t, tasks)
         modules = _source_modules(cache, args.source_ckpt_path, t, sources)
         plans.append(Plan(t, sources, modules, {}, {}))
@@ -602,7 +609,7 @@ def plan_performance(args: argparse.Namespace, tasks: list[str], cache: ModuleCa
     path = Path(_require(args, "devall_tsv"))
     gains = read_devall_tsv(path)
     plans = []
-    for t in tasks:
+    for t in args.target_list:
         sources = leave_one_out(t, tasks)
         scores = {}
         for s in sources:
@@ -627,11 +634,11 @@ def plan_others(args: argparse.Namespace, tasks: list[str], cache: ModuleCache) 
     metric, table = read_similarity_tsv(path, args.metric)
     direction = metric_direction(metric)
     present = {key[0] for key in table}
-    for t in tasks:  # before any checkpoint is opened: the likelier mistake is the wrong table
+    for t in args.target_list:  # before any checkpoint is opened: the likelier mistake is the wrong table
         if t not in present:
             raise UserInputError(f"{path}: target {t!r} has no {metric} rows")
     plans = []
-    for t in tasks:
+    for t in args.target_list:
         sources = leave_one_out(t, tasks)
         plans.append(Plan(t, sources, _source_modules(cache, args.source_ckpt_path, t, sources), {}, {}))
     cache.check(args.delta)
@@ -813,7 +820,8 @@ def run_fusion(method: str, args: argparse.Namespace) -> int:
 
 HELP = {
     "delta": "delta method of the modules; every checkpoint must have it",
-    "tasks": "targets (task names or task_list.py lists); the sources of a target are the other tasks of this list",
+    "tasks": "the task pool (names or task_list.py lists); the sources of a target are the other tasks of this list",
+    "targets": "targets to fuse for (default: every task of --tasks)",
     "TASK_LIST": "sources: 'all' (leave-one-out), 'manual' (the target's own category) or a category name",
     "manual": "'manual division': average the target's own category (same as --TASK_LIST manual)",
     "source_ckpt_path": "folder with one source module per task: {source_ckpt_path}/{task}",
@@ -830,7 +838,7 @@ HELP = {
     "average_untuned": "average the original sources instead of the ones tuned on the target",
 }
 CHOICES = {"delta": METHODS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES, "granularity": GRANULARITIES}
-LIST_PARAMS = ("tasks",)  # take several words, as tune.py's --tasks does
+LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 
 
 def block_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
@@ -870,6 +878,7 @@ def build_parser(params: Mapping[str, Any], description: str | None) -> argparse
 
 def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None) -> argparse.Namespace:
     args = build_parser(params, description).parse_args(argv)
-    if isinstance(getattr(args, "tasks", None), list):
-        args.tasks = " ".join(args.tasks)
+    for name in LIST_PARAMS:
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, " ".join(getattr(args, name)))
     return args

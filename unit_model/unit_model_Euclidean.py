@@ -19,6 +19,7 @@ from unit_model import fusion  # noqa: E402
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 delta = "lora"
 tasks = "ALL_TASKS"
+targets = None  # None: every task of `tasks`
 source_ckpt_path = "runs/sources/lora"
 tuneall_ckpt_path = "runs/tuneall/lora"
 save_ckpt_path = "runs/fused/lora/Euclidean"

@@ -20,6 +20,7 @@ from unit_model import fusion  # noqa: E402
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 delta = "lora"
 tasks = "ALL_TASKS"
+targets = None  # None: every task of `tasks`
 source_ckpt_path = "runs/sources/lora"
 result_tsv = "runs/similarity/lora/result.tsv"
 metric = None  # None: the only metric of result_tsv

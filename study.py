@@ -1,0 +1,329 @@
+"""The transfer study in one command: source modules -> similarities -> fused initialisations -> results.
+
+For each delta method in DELTAS:
+  1. sources      train one module per task of TASKS on its large split (k=SOURCE_K)
+  2. random       tune each target of TARGETS from random initialisation on its few-shot split (the baseline)
+  3. tuneall      tune every source on every target's few-shot split (Euclidean, Performance, transferability)
+  4. devall       score every source on every target's dev split, zero-shot and after tune-all
+  5. similarity   zero-shot similarity metrics of every source on every target (leave-one-out)
+  6. fusion       fused initialisation of every target with every fusion method
+  7. transfer     tune each target from each fused initialisation (same budget and seed as the baseline)
+  8. pairs        test score of every single-source transfer (tune-all modules), for transferability
+then writes {OUTPUT}/results/: summary.tsv/.md, heatmaps, gain bar chart, learning curves, transferability.tsv.
+
+Resumable: each step leaves a marker listing its outputs only once they are complete; a rerun skips a
+step whose marker and outputs are all present, and redoes a step whose outputs were deleted.
+Parameters are the plain variables below; each can be overridden on the command line (--name value).
+
+    .venv/bin/python study.py --output runs/study --targets "sent_review topic_news"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+# ---- parameters (each one can be overridden on the command line as --name value) -------------------
+output = "runs/study"
+model = "models/default"
+task_dir = "data/synthetic"
+tasks = "ALL_TASKS"  # the source pool; leave-one-out: a target's sources are the other tasks
+targets = "sent_review sent_stars topic_news topic_places qa_which qa_records nli_support nli_entail " \
+          "ext_animals ext_names"
+deltas = "lora"  # adapter lora prefix
+fusions = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
+seed = 42
+# source modules (large split)
+source_k = 512
+source_iters = 300
+source_lr = 3e-3
+source_bsz = 16
+source_valid_interval = 100
+# targets (few-shot split): the baseline, every fused initialisation and tune-all share this budget
+target_k = 16
+target_data_seed = 100
+target_iters = 40
+target_lr = 3e-3
+target_bsz = 8
+target_valid_interval = 10
+target_warmup = 4
+# method sizes for the embedded default (the paper's: adapter 12, lora 10/16, prefix 120/24)
+adapter_size = 12
+lora_r = 8
+lora_alpha = 16
+prefix_length = 16
+prefix_mlp = 64
+prefix_lr_scale = 3.0  # prefix tuning wants a larger learning rate
+# fusion
+tem = 1.0
+cos_tem = 0.05  # cosines live in [-1, 1]: a small temperature keeps them from giving uniform weights
+lora_combine = "delta_w"
+max_examples = 64  # dev examples scored by each similarity metric
+device = "auto"
+quiet = True
+# -----------------------------------------------------------------------------------------------------
+PARAMS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, str | int | float | bool)
+          and k not in ("REPO",)}
+
+SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
+
+
+def words(text: str | list[str]) -> list[str]:
+    """A list parameter: space- or comma-separated words (one string or several)."""
+    text = " ".join(text) if isinstance(text, list) else text
+    return text.replace(",", " ").split()
+
+
+class Study:
+    """One study's folders, step markers and progress lines."""
+
+    def __init__(self, p):
+        self.p = p
+        self.root = Path(p.output)
+        self.markers = self.root / ".steps"
+
+    # -- resumability ------------------------------------------------------------------------------
+    def marker(self, name: str) -> Path:
+        return self.markers / f"{name.replace('/', '__')}.json"
+
+    def done(self, name: str) -> bool:
+        marker = self.marker(name)
+        if not marker.is_file():
+            return False
+        outputs = json.loads(marker.read_text())["outputs"]
+        return all((self.root / o).exists() for o in outputs)
+
+    def mark(self, name: str, outputs: list[Path], seconds: float) -> None:
+        self.markers.mkdir(parents=True, exist_ok=True)
+        marker = self.marker(name)
+        tmp = marker.with_name(f".{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps({"outputs": [str(o.relative_to(self.root)) for o in outputs],
+                                   "seconds": round(seconds, 1)}))
+        os.replace(tmp, marker)
+
+    def step(self, name: str, outputs: list[Path], run: Callable[[], None]) -> bool:
+        """Run ``run`` unless ``name`` is done; mark it done once every output exists."""
+        if self.done(name):
+            return False
+        start = time.time()
+        run()
+        missing = [o for o in outputs if not o.exists()]
+        if missing:
+            raise RuntimeError(f"step {name} finished without writing {missing[0]}")
+        self.mark(name, outputs, time.time() - start)
+        return True
+
+    def stage(self, index: int, title: str, names: list[str], outputs: Callable[[str], list[Path]],
+              run: Callable[[str], None]) -> None:
+        """A stage is a list of steps; print one progress line, then a line per step that runs."""
+        todo = [n for n in names if not self.done(f"{title}.{n}")]
+        print(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run", flush=True)
+        start = time.time()
+        for n in todo:
+            self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
+        if todo:
+            print(f"[{index}/8] {title}: finished in {time.time() - start:.0f}s", flush=True)
+
+
+def call(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Call a CLI's main in this process (no new interpreter, no re-import of torch)."""
+    from dataloader.errors import UserInputError
+
+    code = main([str(a) for a in argv])
+    if code:
+        raise UserInputError(f"{main.__module__} exited with code {code}: {' '.join(map(str, argv))}")
+
+
+def size_args(p, delta: str) -> list:
+    return {"adapter": ["--adapter_size", p.adapter_size], "lora": ["--lora_r", p.lora_r, "--lora_alpha", p.lora_alpha],
+            "prefix": ["--prefix_length", p.prefix_length, "--prefix_mlp", p.prefix_mlp]}[delta]
+
+
+def lr_of(p, delta: str, lr: float) -> float:
+    return lr * p.prefix_lr_scale if delta == "prefix" else lr
+
+
+def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
+    import tune
+    from get_similarity import dev_all, score, tune_all
+    from unit_model import fusion
+
+    p, root = study.p, study.root / delta
+    quiet = ["--quiet"] if p.quiet else []
+    common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet]
+    tune_common = [*common, "--tune_method", delta, *size_args(p, delta), "--seed", p.seed, "--overwrite",
+                   "--log_file_only",
+                   "--predict_batch_size", 100, "--max_output_length", 16]
+    target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", p.target_iters,
+                     "--learning_rate_list", lr_of(p, delta, p.target_lr), "--bsz_list", p.target_bsz,
+                     "--warmup_steps", p.target_warmup, "--valid_interval", p.target_valid_interval,
+                     "--early_stop", 0, "--log_interval", p.target_valid_interval]
+
+    def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
+        from models.checkpoints import run_dir_name
+        return out / task / run_dir_name(lr, bsz)
+
+    src = root / "sources"
+    study.stage(1, f"{delta}/sources", task_pool,
+                lambda t: [run_dir(src, t, lr_of(p, delta, p.source_lr), p.source_bsz)],
+                lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
+                                           "--k", p.source_k, "--data_seed", 100, "--output_dir", src,
+                                           "--train_iters", p.source_iters, "--learning_rate_list",
+                                           lr_of(p, delta, p.source_lr), "--bsz_list", p.source_bsz,
+                                           "--warmup_steps", p.source_iters // 10, "--valid_interval",
+                                           p.source_valid_interval, "--early_stop", 3, "--log_interval", 50]))
+    rnd = root / "random"
+    study.stage(2, f"{delta}/random", target_list,
+                lambda t: [run_dir(rnd, t, lr_of(p, delta, p.target_lr), p.target_bsz)],
+                lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
+                                           "--output_dir", rnd, *target_budget]))
+    tuneall = root / "tuneall"
+    study.stage(3, f"{delta}/tuneall", target_list,
+                lambda t: [tuneall / t / s for s in task_pool if s != t],
+                lambda t: call(tune_all.main, [*common, "--tasks", t, "--source_tasks", *task_pool,
+                                               "--source_ckpt_path", src, "--output_dir", tuneall,
+                                               "--steps", p.target_iters, "--learning_rate",
+                                               lr_of(p, delta, p.target_lr), "--bsz", p.target_bsz,
+                                               "--warmup_steps", p.target_warmup, "--seed", p.seed,
+                                               "--k", p.target_k, "--data_seed", p.target_data_seed,
+                                               "--log_file_only"]))
+    devall = root / "devall.tsv"
+    study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
+                lambda _: call(dev_all.main, [*common, "--tasks", *target_list, "--source_tasks", *task_pool,
+                                              "--source_ckpt_path", src, "--tuneall_ckpt_path", tuneall,
+                                              "--output", devall, "--k", p.target_k, "--data_seed",
+                                              p.target_data_seed, "--max_output_length", 16,
+                                              "--predict_batch_size", 100]))
+    similarity = root / "similarity"
+    study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
+                lambda _: call(score.main, [*common, "--delta", delta, "--metric", *SIMILARITY_METRICS,
+                                            "--tasks", *target_list, "--source_tasks", *task_pool,
+                                            "--source_ckpt_path", src, "--random_tuned_ckpt_path", rnd,
+                                            "--output_dir", similarity, "--k", p.target_k, "--data_seed",
+                                            p.target_data_seed, "--max_examples", p.max_examples,
+                                            "--init_seed", p.seed]))
+    fused = root / "fused"
+    fusion_list = words(p.fusions)
+
+    def fuse(method: str) -> None:
+        args = ["--delta", delta, "--tasks", *task_pool, "--targets", *target_list, "--source_ckpt_path", src,
+                "--save_ckpt_path", fused / method, "--tem", p.cos_tem if method == "cos" else p.tem,
+                "--lora_combine", p.lora_combine]
+        if method in ("average", "manual"):
+            script, args = "average", [*args, "--TASK_LIST", "all" if method == "average" else "manual"]
+        elif method == "cos":
+            script, args = "cos", [*args, "--random_tuned_ckpt_path", rnd]
+        elif method == "Euclidean":
+            script, args = "Euclidean", [*args, "--tuneall_ckpt_path", tuneall]
+        elif method == "Performance":
+            script, args = "Performance", [*args, "--tuneall_ckpt_path", tuneall, "--devall_tsv", devall]
+        else:
+            script, args = "others", [*args, "--result_tsv", similarity / "result.tsv", "--metric", method]
+        module = __import__(f"unit_model.unit_model_{script}", fromlist=["main"])
+        call(module.main, args)
+
+    study.stage(6, f"{delta}/fusion", fusion_list,
+                lambda m: [fused / m / fusion.fused_dir_name(t) for t in target_list], fuse)
+    transfer = root / "transfer"
+    steps = [f"{m}.{t}" for m in fusion_list for t in target_list]
+    study.stage(7, f"{delta}/transfer", steps,
+                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], lr_of(p, delta, p.target_lr),
+                                    p.target_bsz)],
+                lambda mt: call(tune.main, [
+                    "--do_train", "--do_predict", *tune_common, "--tasks", mt.split(".")[1],
+                    "--output_dir", transfer / mt.split(".")[0], *target_budget, "--train_checkpoint",
+                    fused / mt.split(".")[0] / fusion.fused_dir_name(mt.split(".")[1])]))
+    pairs = root / "pairs.tsv"
+    study.stage(8, f"{delta}/pairs", ["all"], lambda _: [pairs],
+                lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, pairs))
+
+
+def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool: list[str], out: Path) -> None:
+    """Test score of each target's module tuned from each single source (tune-all), for transferability."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from dataloader.crossfit import load_task
+    from dataloader.metrics import metric_for_task
+    from models.backbone import load_backbone
+    from models.delta import DeltaConfig, attach_delta, load_delta_checkpoint, load_delta_state
+    from models.seq2seq import encode_examples, evaluate
+    from tune import pick_device, write_tsv_atomic
+
+    net, tokenizer = load_backbone(p.model, None, pick_device(p.device))
+    rows, attached = [], False
+    pairs = [(t, s) for t in target_list for s in task_pool if s != t]
+    encoded = {}
+    for t, s in tqdm(pairs, desc=f"{delta} single-source test scores", leave=False):
+        tensors, meta = load_delta_checkpoint(tuneall / t / s)
+        if not attached:
+            torch.manual_seed(p.seed)
+            attach_delta(net, DeltaConfig.from_checkpoint_meta(meta))
+            net.to(pick_device(p.device))
+            attached = True
+        load_delta_state(net, tensors, str(tuneall / t / s))
+        if t not in encoded:
+            test = load_task(p.task_dir, t, p.target_k, p.target_data_seed, ("test",))["test"]
+            encoded[t] = encode_examples(tokenizer, test, 256, 16)
+        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, 16)
+        rows.append([t, s, repr(score)])
+    write_tsv_atomic(out, ["target", "source", "test"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataloader.errors import UserInputError
+    from task_list import resolve_tasks
+    from unit_model.fusion import build_parser
+    from unit_model.report import write_results
+
+    p = build_parser(PARAMS, __doc__).parse_args(argv)
+    for name in ("source_iters", "target_iters", "source_bsz", "target_bsz", "source_valid_interval",
+                 "target_valid_interval", "max_examples"):
+        if getattr(p, name) <= 0:
+            raise UserInputError(f"--{name}: expected a positive integer, found {getattr(p, name)}")
+    for name in ("tem", "cos_tem", "source_lr", "target_lr"):
+        value = getattr(p, name)
+        if not math.isfinite(value) or value <= 0:
+            raise UserInputError(f"--{name}: expected a positive number, found {value}")
+    task_pool = resolve_tasks(words(p.tasks))
+    target_list = resolve_tasks(words(p.targets))
+    outside = [t for t in target_list if t not in task_pool]
+    if outside:
+        raise UserInputError(f"--targets: {', '.join(outside)} not in --tasks (the source pool)")
+    delta_list = words(p.deltas)
+    from models.delta import METHODS
+    for d in delta_list:
+        if d not in METHODS:
+            raise UserInputError(f"--deltas: unknown delta method {d!r}; expected some of {', '.join(METHODS)}")
+    known = {"average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS}
+    for f in words(p.fusions):
+        if f not in known:
+            raise UserInputError(f"--fusions: unknown fusion method {f!r}; expected some of {', '.join(sorted(known))}")
+
+    study = Study(p)
+    study.root.mkdir(parents=True, exist_ok=True)
+    (study.root / "params.json").write_text(json.dumps(vars(p), indent=1))
+    start = time.time()
+    print(f"study: {len(delta_list)} delta method(s), {len(task_pool)} source tasks, {len(target_list)} targets, "
+          f"{len(words(p.fusions))} fusion methods -> {study.root}", flush=True)
+    for d in delta_list:
+        run_delta(study, d, task_pool, target_list)
+    results = study.root / "results"
+    write_results(study.root, delta_list, target_list, task_pool, words(p.fusions), results)
+    print(f"study finished in {time.time() - start:.0f}s; summary: {results / 'summary.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from dataloader.errors import run_cli
+
+    sys.exit(run_cli(main))

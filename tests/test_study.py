@@ -1,0 +1,115 @@
+"""study.py end to end on a tiny random backbone: every output, resume after deletion, interruption."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import study
+from dataloader.errors import run_cli
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+POOL = "sent_review sent_tweet sent_stars topic_news topic_places topic_numbered"
+TARGETS = "sent_review topic_news"
+FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
+
+
+def small_study(out: Path, model: Path, deltas: str = "lora") -> list[str]:
+    return ["--output", str(out), "--model", str(model), "--tasks", POOL, "--targets", TARGETS, "--deltas", deltas,
+            "--fusions", FUSIONS, "--source_iters", "4", "--source_valid_interval", "2", "--target_iters", "2",
+            "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
+            "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16"]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_backbone_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    assert run_cli(study.main, small_study(out, tiny_backbone_dir, "lora adapter")) == 0
+    return out
+
+
+def test_every_output_exists_and_agrees_with_its_parts(finished):
+    results = finished / "results"
+    for name in ("summary.tsv", "summary.md", "transferability.tsv", "transfer_pairs.tsv", "gain_by_method.png",
+                 "learning_curves_lora.png", "learning_curves_adapter.png"):
+        assert (results / name).is_file(), name
+    methods = FUSIONS.split()
+    assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
+        f"{d}_{m}.png" for d in ("lora", "adapter") for m in methods)
+    summary = rows(results / "summary.tsv")
+    for delta in ("lora", "adapter"):
+        mine = {r["target"]: r for r in summary if r["delta"] == delta}
+        assert set(mine) == {*TARGETS.split(), "mean", "gain_over_random", "rank"}
+        random = {r["task"]: float(r["test"]) for r in rows(finished / delta / "random" / "result.tsv")}
+        for m in methods:
+            fused = {r["task"]: float(r["test"]) for r in rows(finished / delta / "transfer" / m / "result.tsv")}
+            for t in TARGETS.split():
+                assert float(mine[t][m]) == pytest.approx(fused[t], abs=1e-4)
+            mean = sum(fused.values()) / len(fused)
+            assert float(mine["mean"][m]) == pytest.approx(mean, abs=1e-4)
+            gain = mean - sum(random.values()) / len(random)
+            assert float(mine["gain_over_random"][m]) == pytest.approx(gain, abs=2e-4)
+        columns = ["random", *methods]
+        for a in columns:  # a better mean never has a worse rank; equal means share a rank
+            for b in columns:
+                if float(mine["mean"][a]) > float(mine["mean"][b]):
+                    assert int(mine["rank"][a]) < int(mine["rank"][b])
+                elif mine["mean"][a] == mine["mean"][b]:
+                    assert mine["rank"][a] == mine["rank"][b]
+    transfer = rows(results / "transferability.tsv")
+    weighted = [m for m in methods if m not in ("average", "manual")]
+    assert {(r["delta"], r["method"]) for r in transfer} == {(d, m) for d in ("lora", "adapter") for m in weighted}
+    pairs = rows(results / "transfer_pairs.tsv")
+    assert len(pairs) == 2 * len(TARGETS.split()) * (len(POOL.split()) - 1)
+    for r in pairs:
+        assert r["source"] != r["target"]
+
+
+def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys):
+    summary_before = (finished / "results" / "summary.tsv").read_text()
+    markers = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
+    shutil.rmtree(finished / "lora" / "fused" / "KL")
+    capsys.readouterr()
+    assert run_cli(study.main, small_study(finished, tiny_backbone_dir, "lora adapter")) == 0
+    printed = capsys.readouterr().out
+    assert "lora/fusion: 9/10 done, 1 to run" in printed
+    assert "lora/sources: 6/6 done, 0 to run" in printed
+    after = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
+    changed = sorted(n for n in after if after[n] != markers[n])
+    assert changed == ["lora__fusion.KL.json"]
+    assert (finished / "results" / "summary.tsv").read_text() == summary_before
+
+
+def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, tmp_path):
+    """SIGKILL during the sources stage; the rerun completes and matches an uninterrupted run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "study.py"), *small_study(out, tiny_backbone_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "lora" / "sources").glob("*/lr_*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # no temporary run folder was promoted: every run folder left behind is complete
+    for run in (out / "lora" / "sources").glob("*/lr_*"):
+        assert (run / "checkpoint" / "delta.safetensors").is_file() and (run / "result.json").is_file()
+    assert run_cli(study.main, small_study(out, tiny_backbone_dir)) == 0
+    reference = tmp_path / "reference"
+    assert run_cli(study.main, small_study(reference, tiny_backbone_dir)) == 0
+    assert (out / "results" / "summary.tsv").read_text() == (reference / "results" / "summary.tsv").read_text()
