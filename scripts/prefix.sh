@@ -3,6 +3,6 @@
 export TUNE_METHOD=prefix
 : "${PREFIX_LENGTH:=16}"
 : "${PREFIX_MLP:=64}"
-: "${LRS:=1e-2}"
+: "${LRS:=9e-3}"
 export LRS EXTRA_ARGS="--prefix_length $PREFIX_LENGTH --prefix_mlp $PREFIX_MLP ${EXTRA_ARGS:-}"
 exec bash "$(dirname "$0")/tune.sh" "$@"

@@ -69,8 +69,6 @@ LORA_COMBINES = ("params", "delta_w")
 DEFAULT_LORA_COMBINE = "delta_w"
 COS_MODES = ("flat", "per_tensor")
 DIRECTIONS = ("lower", "higher")
-# Used only while get_similarity.metrics (the registry of similarity metrics) cannot be imported.
-FALLBACK_DIRECTIONS = {"Loss": "lower", "KL": "lower", "EL2N": "lower", "GraNd": "lower", "LogitsCos": "higher"}
 SIMILARITY_COLUMNS = ["target", "source", "metric", "group", "score"]
 DEVALL_COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 WEIGHTS_FILE = "weights.tsv"
@@ -107,17 +105,12 @@ def category_sources(target: str, tasks: Sequence[str], category: str | None = N
 
 
 def metric_direction(metric: str) -> str:
-    """'lower' or 'higher': which way of a similarity metric means "more similar"."""
-    try:  # the registry is the authority; the fallback table only covers its absence
-        from get_similarity.metrics import METRICS as registry
-    except ImportError:
-        registry = {}
-    if metric in registry:
-        return registry[metric].direction
-    if metric in FALLBACK_DIRECTIONS:
-        return FALLBACK_DIRECTIONS[metric]
-    known = sorted(set(registry) | set(FALLBACK_DIRECTIONS))
-    raise UserInputError(f"--metric: unknown similarity metric {metric!r}; expected one of {', '.join(known)}")
+    """'lower' or 'higher': which way of a similarity metric means "more similar" (as the metric declares)."""
+    from get_similarity.metrics import METRICS
+
+    if metric not in METRICS:
+        raise UserInputError(f"--metric: unknown similarity metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return METRICS[metric].direction
 
 
 def check_temperature(temperature: float) -> float:

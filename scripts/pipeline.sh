@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The transfer study in one command (study.py): sources -> similarities -> fused initialisations -> results.
+# Every study.py parameter can be set from the environment under its upper-case name, e.g.
+#   DELTAS="adapter lora prefix" TARGETS=ALL_TASKS OUTPUT=runs/study-full bash scripts/pipeline.sh
+# Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_ITERS, TARGET_K, MAX_EXAMPLES.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PYTHON:=.venv/bin/python}"
+args=()
+for name in OUTPUT MODEL TASK_DIR TASKS TARGETS DELTAS FUSIONS SEED \
+            SOURCE_K SOURCE_ITERS SOURCE_LR SOURCE_BSZ SOURCE_VALID_INTERVAL \
+            TARGET_K TARGET_DATA_SEED TARGET_ITERS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
+            ADAPTER_SIZE LORA_R LORA_ALPHA PREFIX_LENGTH PREFIX_MLP PREFIX_LR_SCALE \
+            TEM COS_TEM LORA_COMBINE MAX_EXAMPLES DEVICE; do
+    if [ -n "${!name:-}" ]; then
+        args+=("--${name,,}" "${!name}")
+    fi
+done
+exec "$PYTHON" study.py "${args[@]}" "$@"
