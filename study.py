@@ -48,6 +48,8 @@ source_iters = 200
 source_lr = 3e-3
 source_bsz = 16
 source_valid_interval = 50
+source_early_stop = 3
+source_data_seed = 100
 # targets (few-shot split): the baseline, every fused initialisation and tune-all share this budget
 target_k = 16
 target_data_seed = 100
@@ -56,13 +58,16 @@ target_lr = 3e-3
 target_bsz = 8
 target_valid_interval = 10
 target_warmup = 4
+target_early_stop = 0  # 0: the whole budget, best dev validation kept
+max_input_length = 256
+max_output_length = 16
 # method sizes for the embedded default (the paper's: adapter 12, lora 10/16, prefix 120/24)
 adapter_size = 12
 lora_r = 8
 lora_alpha = 16
-prefix_length = 16
+prefix_length = 32
 prefix_mlp = 64
-prefix_lr_scale = 3.0  # prefix tuning wants a larger learning rate
+prefix_iters_scale = 4  # prefix tuning learns slower: its source and target budgets are this many times longer
 # fusion
 tem = 1.0
 cos_tem = 0.05  # cosines live in [-1, 1]: a small temperature keeps them from giving uniform weights
@@ -156,8 +161,8 @@ def size_args(p, delta: str) -> list:
             "prefix": ["--prefix_length", p.prefix_length, "--prefix_mlp", p.prefix_mlp]}[delta]
 
 
-def lr_of(p, delta: str, lr: float) -> float:
-    return lr * p.prefix_lr_scale if delta == "prefix" else lr
+def iters_of(p, delta: str, iters: int) -> int:
+    return iters * p.prefix_iters_scale if delta == "prefix" else iters
 
 
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
@@ -167,31 +172,32 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     p, root = study.p, study.root / delta
     quiet = ["--quiet"] if p.quiet else []
-    common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet]
+    common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet,
+              "--max_input_length", p.max_input_length, "--max_output_length", p.max_output_length]
     tune_common = [*common, "--tune_method", delta, *size_args(p, delta), "--seed", p.seed, "--overwrite",
-                   "--log_file_only",
-                   "--predict_batch_size", 100, "--max_output_length", 16]
-    target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", p.target_iters,
-                     "--learning_rate_list", lr_of(p, delta, p.target_lr), "--bsz_list", p.target_bsz,
+                   "--log_file_only", "--predict_batch_size", 100]
+    target_iters = iters_of(p, delta, p.target_iters)
+    target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", target_iters,
+                     "--learning_rate_list", p.target_lr, "--bsz_list", p.target_bsz,
                      "--warmup_steps", p.target_warmup, "--valid_interval", p.target_valid_interval,
-                     "--early_stop", 0, "--log_interval", p.target_valid_interval]
+                     "--early_stop", p.target_early_stop, "--log_interval", p.target_valid_interval]
+    source_iters = iters_of(p, delta, p.source_iters)
+    source_budget = ["--k", p.source_k, "--data_seed", p.source_data_seed, "--train_iters", source_iters,
+                     "--learning_rate_list", p.source_lr, "--bsz_list", p.source_bsz,
+                     "--warmup_steps", source_iters // 10, "--valid_interval", p.source_valid_interval,
+                     "--early_stop", p.source_early_stop, "--log_interval", 50]
 
     def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
         from models.checkpoints import run_dir_name
         return out / task / run_dir_name(lr, bsz)
 
     src = root / "sources"
-    study.stage(1, f"{delta}/sources", task_pool,
-                lambda t: [run_dir(src, t, lr_of(p, delta, p.source_lr), p.source_bsz)],
+    study.stage(1, f"{delta}/sources", task_pool, lambda t: [run_dir(src, t, p.source_lr, p.source_bsz)],
                 lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
-                                           "--k", p.source_k, "--data_seed", 100, "--output_dir", src,
-                                           "--train_iters", p.source_iters, "--learning_rate_list",
-                                           lr_of(p, delta, p.source_lr), "--bsz_list", p.source_bsz,
-                                           "--warmup_steps", p.source_iters // 10, "--valid_interval",
-                                           p.source_valid_interval, "--early_stop", 3, "--log_interval", 50]))
+                                           "--output_dir", src, *source_budget]))
     rnd = root / "random"
     study.stage(2, f"{delta}/random", target_list,
-                lambda t: [run_dir(rnd, t, lr_of(p, delta, p.target_lr), p.target_bsz)],
+                lambda t: [run_dir(rnd, t, p.target_lr, p.target_bsz)],
                 lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
                                            "--output_dir", rnd, *target_budget]))
     tuneall = root / "tuneall"
@@ -199,8 +205,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 lambda t: [tuneall / t / s for s in task_pool if s != t],
                 lambda t: call(tune_all.main, [*common, "--tasks", t, "--source_tasks", *task_pool,
                                                "--source_ckpt_path", src, "--output_dir", tuneall,
-                                               "--steps", p.target_iters, "--learning_rate",
-                                               lr_of(p, delta, p.target_lr), "--bsz", p.target_bsz,
+                                               "--steps", target_iters, "--learning_rate",
+                                               p.target_lr, "--bsz", p.target_bsz,
                                                "--warmup_steps", p.target_warmup, "--seed", p.seed,
                                                "--k", p.target_k, "--data_seed", p.target_data_seed,
                                                "--log_file_only"]))
@@ -209,8 +215,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 lambda _: call(dev_all.main, [*common, "--tasks", *target_list, "--source_tasks", *task_pool,
                                               "--source_ckpt_path", src, "--tuneall_ckpt_path", tuneall,
                                               "--output", devall, "--k", p.target_k, "--data_seed",
-                                              p.target_data_seed, "--max_output_length", 16,
-                                              "--predict_batch_size", 100]))
+                                              p.target_data_seed, "--predict_batch_size", 100]))
     similarity = root / "similarity"
     study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
                 lambda _: call(score.main, [*common, "--delta", delta, "--metric", *SIMILARITY_METRICS,
@@ -244,7 +249,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     transfer = root / "transfer"
     steps = [f"{m}.{t}" for m in fusion_list for t in target_list]
     study.stage(7, f"{delta}/transfer", steps,
-                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], lr_of(p, delta, p.target_lr),
+                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], p.target_lr,
                                     p.target_bsz)],
                 lambda mt: call(tune.main, [
                     "--do_train", "--do_predict", *tune_common, "--tasks", mt.split(".")[1],
@@ -281,8 +286,8 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
         load_delta_state(net, tensors, str(tuneall / t / s))
         if t not in encoded:
             test = load_task(p.task_dir, t, p.target_k, p.target_data_seed, ("test",))["test"]
-            encoded[t] = encode_examples(tokenizer, test, 256, 16)
-        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, 16)
+            encoded[t] = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
+        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, p.max_output_length)
         rows.append([t, s, repr(score)])
     write_tsv_atomic(out, ["target", "source", "test"], rows)
 

@@ -3,6 +3,6 @@
 # Variables (TASKS, SOURCE_CKPT_PATH, OUTPUT_DIR, STEPS, LR, ...) are described in tuneall.sh; the environment
 # overrides them.
 : "${DELTA:=prefix}"
-: "${LR:=9e-3}"                                   # as scripts/prefix.sh
+: "${LR:=3e-3}"                                   # as scripts/prefix.sh
 export DELTA LR
 exec bash "$(dirname "$0")/tuneall.sh" "$@"
