@@ -784,7 +784,8 @@ def write_fusion(plans: list[Plan], args: argparse.Namespace, method: str) -> Pa
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
-        write_heatmap(staging / HEATMAP_FILE, plans, f"{method} fusion weights ({args.delta}, T={args.tem:g})")
+        name = getattr(args, "metric_used", None) or method  # "others": name the similarity metric
+        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({args.delta}, T={args.tem:g})")
         _commit(staging, save)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
