@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from dataloader.crossfit import Example, list_tasks, load_task
 from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import METRICS, metric_for_task
-from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone
+from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, quiet_libraries
 from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
 from models.delta import (
     ADAPTER_TYPES,
@@ -364,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tune_method = "adapter"
     cfg = check_args(args)
     if args.quiet:
-        import warnings
-
-        import transformers
-        warnings.filterwarnings("ignore")
-        transformers.logging.set_verbosity_error()
+        quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first file is written.
     task_dir = Path(args.task_dir)

@@ -39,10 +39,9 @@ from get_similarity.tune_all import (
     check_sources_fit,
     leave_one_out,
     load_sources,
-    quiet_libraries,
     read_tuned,
 )
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries
 from models.delta import (
     METHODS,
     attach_delta,

@@ -42,8 +42,8 @@ from dataloader.crossfit import SPLITS, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.metrics import METRICS, metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
-from get_similarity.score import delta_groups, quiet  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from get_similarity.score import delta_groups  # noqa: E402
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries  # noqa: E402
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     DeltaConfig,
@@ -163,7 +163,7 @@ def plot_layers(rows: list[Row], path: Path, title: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
-        quiet()
+        quiet_libraries()
     for flag, value in {"--k": args.k, "--batch_size": args.batch_size, "--max_input_length": args.max_input_length,
                         "--max_output_length": args.max_output_length, "--num_beams": args.num_beams}.items():
         if value <= 0:

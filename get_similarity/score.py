@@ -48,7 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from dataloader.crossfit import SPLITS, Example, list_tasks, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries  # noqa: E402
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     GRANULARITIES,
@@ -101,18 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")
     return p
-
-
-def quiet() -> None:
-    """Silence library warnings (deprecations, cache-format notices) for tidy script output."""
-    import logging
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("adapters").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +262,7 @@ def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
-        quiet()
+        quiet_libraries()
     metrics = check_args(args)
 
     # Everything that can be wrong with the input is checked before any scoring and any writing.

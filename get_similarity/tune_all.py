@@ -42,7 +42,7 @@ import tune
 from dataloader.crossfit import list_tasks, load_task
 from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import METRICS, metric_for_task
-from models.backbone import DEFAULT_MODEL_DIR
+from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries
 from models.checkpoints import resolve_checkpoint
 from models.delta import (
     CONFIG_FILE,
@@ -100,14 +100,6 @@ def check_positive(flags: dict[str, float]) -> None:
     for flag, v in flags.items():
         if not math.isfinite(v) or v <= 0:
             raise UserInputError(f"{flag}: expected a positive number, found {v:g}")
-
-
-def quiet_libraries() -> None:
-    import warnings
-
-    import transformers
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
 
 
 # --------------------------------------------------------------------------------------------------

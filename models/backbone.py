@@ -115,3 +115,15 @@ def load_backbone(
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tokenizer
+
+
+def quiet_libraries() -> None:
+    """Silence library warnings (deprecations, cache-format notices) for tidy script output (--quiet)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("adapters").setLevel(logging.ERROR)
