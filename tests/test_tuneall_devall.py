@@ -299,7 +299,7 @@ def flag(words: list[str], name: str) -> str:
 def test_scripts_set_the_method_and_take_overrides(tmp_path):
     words = dry_run("prefix_tuneall.sh", TASKS="alpha beta", STEPS="7")
     assert words[1:3] == ["-m", "get_similarity.tune_all"]
-    assert flag(words, "--tune_method") == "prefix" and flag(words, "--learning_rate") == "1e-2"
+    assert flag(words, "--tune_method") == "prefix" and flag(words, "--learning_rate") == "3e-3"
     assert flag(words, "--source_ckpt_path") == "runs/sources/prefix"
     assert flag(words, "--output_dir") == "runs/tuneall/prefix" and flag(words, "--steps") == "7"
     assert words[words.index("--tasks") + 1:words.index("--source_tasks")] == ["alpha", "beta"]
