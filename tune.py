@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dataloader.crossfit import Example, list_tasks, load_task
 from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import METRICS, metric_for_task
+from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, quiet_libraries
 from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
 from models.delta import (
@@ -51,7 +52,7 @@ from models.seq2seq import EncodedTask, encode_examples, evaluate, to_device, tr
 from task_list import resolve_tasks
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_TASK_DIR = REPO / "data" / "synthetic"
+DEFAULT_TASK_DIR = SUITE_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:

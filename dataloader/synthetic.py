@@ -266,6 +266,8 @@ FAMILIES: dict[str, list[str]] = {}
 for _spec in SUITE:
     FAMILIES.setdefault(_spec.family, []).append(_spec.name)
 
+SUITE_DIR = Path(__file__).resolve().parents[1] / "data" / "synthetic"  # where data/make_suite.py writes it
+
 # Split sizes of the bundled suite.
 TEST_SIZE = 200
 LARGE_K, LARGE_SEED, LARGE_DEV = 512, 100, 64  # source modules train on {task}_512_100_train.tsv

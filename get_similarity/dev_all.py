@@ -41,7 +41,7 @@ from get_similarity.tune_all import (
     load_sources,
     read_tuned,
 )
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries
+from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries
 from models.delta import (
     METHODS,
     attach_delta,
@@ -52,7 +52,7 @@ from models.delta import (
 )
 from models.seq2seq import encode_examples, evaluate
 from task_list import resolve_tasks
-from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic
+from tune import pick_device, write_tsv_atomic
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
@@ -69,18 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
     p.add_argument("--tune_method", default=None,
                    help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
-    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
-    p.add_argument("--max_input_length", type=int, default=256)
-    p.add_argument("--max_output_length", type=int, default=32)
     p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
     p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    add_backbone_and_data_args(p)
     return p
 
 

@@ -43,7 +43,7 @@ from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.metrics import METRICS, metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries  # noqa: E402
+from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     DeltaConfig,
@@ -55,7 +55,7 @@ from models.delta import (  # noqa: E402
     load_delta_state,
 )
 from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
-from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic  # noqa: E402
+from tune import pick_device, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
@@ -66,21 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="delta checkpoint, tune.py run folder or tune.py task folder")
     p.add_argument("--task", required=True, help="target task scored with the module")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model)")
-    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
     p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
     p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass / generation batch")
-    p.add_argument("--max_input_length", type=int, default=256)
-    p.add_argument("--max_output_length", type=int, default=32, help="also the generation length")
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
     p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    add_backbone_and_data_args(p)
     return p
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from dataloader.crossfit import SPLITS, Example, list_tasks, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone, quiet_libraries  # noqa: E402
+from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     GRANULARITIES,
@@ -65,7 +65,7 @@ from models.delta import (  # noqa: E402
 )
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks  # noqa: E402
-from tune import DEFAULT_TASK_DIR, pick_device, write_tsv_atomic  # noqa: E402
+from tune import pick_device, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
@@ -83,23 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding one checkpoint (or tune.py task folder) per source task: PATH/{task}")
     p.add_argument("--random_tuned_ckpt_path", default=None,
                    help="KL only: PATH/{target} holds the module tuned from random init on the target")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model)")
-    p.add_argument("--task_dir", default=str(DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
     p.add_argument("--split", default="dev", choices=SPLITS, help="the target split to score on (D_t)")
     p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
-    p.add_argument("--max_input_length", type=int, default=256)
-    p.add_argument("--max_output_length", type=int, default=32)
     p.add_argument("--granularity", default="model", choices=GRANULARITIES,
                    help="score the whole module (model), per stack (block) or per layer")
     p.add_argument("--init_seed", type=int, default=42,
                    help="seed of the initial delta state that groups outside the scored one are reset to")
     p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written (or updated) here")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    add_backbone_and_data_args(p)
     return p
 
 

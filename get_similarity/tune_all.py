@@ -42,7 +42,7 @@ import tune
 from dataloader.crossfit import list_tasks, load_task
 from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import METRICS, metric_for_task
-from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries
+from models.backbone import add_backbone_and_data_args, quiet_libraries
 from models.checkpoints import resolve_checkpoint
 from models.delta import (
     CONFIG_FILE,
@@ -79,19 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42, help="seed of batching and dropout (same for every pair)")
     p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
-    p.add_argument("--task_dir", default=str(tune.DEFAULT_TASK_DIR), help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
-    p.add_argument("--max_input_length", type=int, default=256)
-    p.add_argument("--max_output_length", type=int, default=32)
     p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
     p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--quiet", action="store_true", help="silence library warnings")
     p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
+    add_backbone_and_data_args(p)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -127,3 +128,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     logging.getLogger("adapters").setLevel(logging.ERROR)
+
+
+def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
+    """The flags every script that loads the backbone and reads few-shot files shares, with one set of defaults."""
+    from dataloader.synthetic import SUITE_DIR
+
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
+    p.add_argument("--task_dir", default=str(SUITE_DIR), help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
+    p.add_argument("--max_input_length", type=int, default=256)
+    p.add_argument("--max_output_length", type=int, default=32, help="also the generation length")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="silence library warnings")
