@@ -7,6 +7,8 @@ given for the paper's setting on a GPU box.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dataloader.errors import UserInputError
 from dataloader.synthetic import FAMILIES
 
@@ -69,3 +71,13 @@ def resolve_tasks(names: list[str] | str, known_tasks: list[str] | None = None) 
     if duplicates:
         raise UserInputError(f"--tasks: task named more than once: {', '.join(duplicates)}")
     return tasks
+
+
+def resolve_tasks_in(task_dir: str | Path, names: list[str] | str) -> tuple[Path, list[str]]:
+    """``task_dir`` (which must exist) and the tasks ``names`` stand for, each a task folder of it."""
+    from dataloader.crossfit import list_tasks
+
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
+    return task_dir, resolve_tasks(names, known_tasks=list_tasks(task_dir))

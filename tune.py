@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dataloader.crossfit import Example, list_tasks, load_task
+from dataloader.crossfit import Example, load_task
 from dataloader.errors import UserInputError, run_cli
-from dataloader.metrics import METRICS, metric_for_task
+from dataloader.metrics import metric_for_task
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, quiet_libraries
 from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
@@ -49,7 +49,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.seq2seq import EncodedTask, encode_examples, evaluate, to_device, training_batches
-from task_list import resolve_tasks
+from task_list import resolve_tasks_in
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_TASK_DIR = SUITE_DIR
@@ -368,18 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first file is written.
-    task_dir = Path(args.task_dir)
-    if not task_dir.is_dir():
-        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
-    tasks = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    task_dir, tasks = resolve_tasks_in(args.task_dir, args.tasks)
     splits = (["train", "dev"] if args.do_train else []) + (["test"] if args.do_predict else [])
     if args.do_predict and not args.do_train:
         splits = ["dev", "test"]
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, splits) for t in tasks}
     metrics = {t: metric_for_task(t, task_dir) for t in tasks}
-    for t, m in metrics.items():
-        if m not in METRICS:
-            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
     output_dir = Path(args.output_dir)
     runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
     if args.do_train and not args.overwrite:

@@ -31,9 +31,9 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
-from dataloader.crossfit import list_tasks, load_task
+from dataloader.crossfit import load_task
 from dataloader.errors import UserInputError, run_cli
-from dataloader.metrics import METRICS, metric_for_task
+from dataloader.metrics import metric_for_task
 from get_similarity.tune_all import (
     check_positive,
     check_sources_fit,
@@ -51,7 +51,7 @@ from models.delta import (
     load_delta_state,
 )
 from models.seq2seq import encode_examples, evaluate
-from task_list import resolve_tasks
+from task_list import resolve_tasks, resolve_tasks_in
 from tune import pick_device, write_tsv_atomic
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first generation.
-    task_dir = Path(args.task_dir)
-    if not task_dir.is_dir():
-        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
-    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
     source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
     output = Path(args.output)
@@ -102,9 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["dev"])["dev"] for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
-    for t, m in metrics.items():
-        if m not in METRICS:
-            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
     cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
     tuned: dict[tuple[str, str], Path] = {}  # pairs with a tuned module, and its folder
     metas: dict[tuple[str, str], dict | None] = {}

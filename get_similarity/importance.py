@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
-from dataloader.metrics import METRICS, metric_for_task  # noqa: E402
+from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
 from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     # Inputs first: the task's split and metric, the checkpoint; nothing is written before all are fine.
     examples = load_task(args.task_dir, args.task, args.k, args.data_seed, [args.split])[args.split]
     examples = examples[: args.max_examples] if args.max_examples else examples
-    metric = metric_for_task(args.task, args.task_dir)
-    if metric not in METRICS:
-        raise UserInputError(f"{args.task_dir}: task {args.task}: unknown metric {metric!r}")
+    metric = metric_for_task(args.task, args.task_dir)  # always a registered metric (checked when read)
     try:
         folder = resolve_checkpoint(args.checkpoint, task=args.task)
         tensors, meta = load_delta_checkpoint(folder)

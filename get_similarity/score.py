@@ -45,7 +45,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dataloader.crossfit import SPLITS, Example, list_tasks, load_task  # noqa: E402
+from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
 from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
@@ -64,7 +64,7 @@ from models.delta import (  # noqa: E402
     param_group,
 )
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
-from task_list import resolve_tasks  # noqa: E402
+from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from tune import pick_device, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
@@ -258,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = check_args(args)
 
     # Everything that can be wrong with the input is checked before any scoring and any writing.
-    task_dir = Path(args.task_dir)
-    if not task_dir.is_dir():
-        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
-    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
     source_tasks = resolve_tasks(args.source_tasks) if args.source_tasks else list(targets)
     plan = {t: [s for s in source_tasks if s != t] for t in targets}  # leave-one-out
     lonely = [t for t, sources in plan.items() if not sources]

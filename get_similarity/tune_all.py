@@ -39,9 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 import tune
-from dataloader.crossfit import list_tasks, load_task
+from dataloader.crossfit import load_task
 from dataloader.errors import UserInputError, run_cli
-from dataloader.metrics import METRICS, metric_for_task
+from dataloader.metrics import metric_for_task
 from models.backbone import add_backbone_and_data_args, quiet_libraries
 from models.checkpoints import resolve_checkpoint
 from models.delta import (
@@ -54,7 +54,7 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
-from task_list import resolve_tasks
+from task_list import resolve_tasks, resolve_tasks_in
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
@@ -203,18 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first file is written.
-    task_dir = Path(args.task_dir)
-    if not task_dir.is_dir():
-        raise UserInputError(f"--task_dir {task_dir}: folder does not exist")
-    targets = resolve_tasks(args.tasks, known_tasks=list_tasks(task_dir))
+    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
     # Sources need a module, not data: any name goes, a missing module is reported below.
     source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
-    for t, m in metrics.items():
-        if m not in METRICS:
-            raise UserInputError(f"{task_dir}/task_metrics.tsv: task {t}: unknown metric {m!r}")
     cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
     output_dir = Path(args.output_dir)
     settings = {"steps": args.steps, "lr": args.learning_rate, "bsz": args.bsz, "warmup_steps": args.warmup_steps,
