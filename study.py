@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
+from unit_model.fusion import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -76,8 +77,7 @@ max_examples = 64  # dev examples scored by each similarity metric
 device = "auto"
 quiet = True
 # -----------------------------------------------------------------------------------------------------
-PARAMS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, str | int | float | bool)
-          and k not in ("REPO",)}
+PARAMS = block_params(globals())
 
 SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
 
