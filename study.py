@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from unit_model.fusion import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
+from utils.io import write_text_atomic  # noqa: E402
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -118,10 +117,8 @@ class Study:
     def mark(self, name: str, outputs: list[Path], seconds: float) -> None:
         self.markers.mkdir(parents=True, exist_ok=True)
         marker = self.marker(name)
-        tmp = marker.with_name(f".{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps({"outputs": [str(o.relative_to(self.root)) for o in outputs],
-                                   "seconds": round(seconds, 1)}))
-        os.replace(tmp, marker)
+        write_text_atomic(marker, json.dumps({"outputs": [str(o.relative_to(self.root)) for o in outputs],
+                                              "seconds": round(seconds, 1)}))
 
     def step(self, name: str, outputs: list[Path], run: Callable[[], None]) -> bool:
         """Run ``run`` unless ``name`` is done; mark it done once every output exists."""
@@ -267,10 +264,10 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
 
     from dataloader.crossfit import load_task
     from dataloader.metrics import metric_for_task
-    from models.backbone import load_backbone
+    from models.backbone import load_backbone, pick_device
     from models.delta import DeltaConfig, attach_delta, load_delta_checkpoint, load_delta_state
     from models.seq2seq import encode_examples, evaluate
-    from tune import pick_device, write_tsv_atomic
+    from utils.io import write_tsv_atomic
 
     net, tokenizer = load_backbone(p.model, None, pick_device(p.device))
     rows, attached = [], False
@@ -324,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     study = Study(p)
     study.root.mkdir(parents=True, exist_ok=True)
-    (study.root / "params.json").write_text(json.dumps(vars(p), indent=1))
+    write_text_atomic(study.root / "params.json", json.dumps(vars(p), indent=1))
     start = time.time()
     print(f"study: {len(delta_list)} delta method(s), {len(task_pool)} source tasks, {len(target_list)} targets, "
           f"{len(words(p.fusions))} fusion methods -> {study.root}", flush=True)

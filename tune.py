@@ -17,13 +17,9 @@ import argparse
 import csv
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +30,7 @@ from dataloader.crossfit import Example, load_task
 from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task
 from dataloader.synthetic import SUITE_DIR
-from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, quiet_libraries
+from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device, quiet_libraries
 from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
 from models.delta import (
     ADAPTER_TYPES,
@@ -50,6 +46,7 @@ from models.delta import (
 )
 from models.seq2seq import EncodedTask, encode_examples, evaluate, to_device, training_batches
 from task_list import resolve_tasks_in
+from utils.io import staged_dir, write_tsv_atomic
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_TASK_DIR = SUITE_DIR
@@ -142,12 +139,6 @@ def check_args(args: argparse.Namespace) -> DeltaConfig:
                        args.prefix_length, args.prefix_mlp).validate()
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 class RunLog:
     """Log lines to the console (above the tqdm bars) and to the run's log file."""
 
@@ -180,18 +171,6 @@ class RunResult:
     dev: float | None
     test: float | None
     best_step: int | None
-
-
-def write_tsv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write a TSV under a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def update_result_tsv(output_dir: Path, row: dict) -> None:
@@ -333,30 +312,6 @@ class Trainer:
         write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
         log(f"test {task.metric} {score:.4f}")
         return score
-
-
-@contextmanager
-def staged_dir(final: Path):
-    """Yield a hidden temporary folder that becomes ``final`` only if the block completes.
-
-    On any error (or Ctrl-C) the temporary folder is removed, so no half-written run folder is left;
-    an older ``final`` (kept until now) is replaced in two renames.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from get_similarity.tune_all import (
     load_sources,
     read_tuned,
 )
-from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries
+from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
 from models.delta import (
     METHODS,
     attach_delta,
@@ -52,7 +52,7 @@ from models.delta import (
 )
 from models.seq2seq import encode_examples, evaluate
 from task_list import resolve_tasks, resolve_tasks_in
-from tune import pick_device, write_tsv_atomic
+from utils.io import write_tsv_atomic
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 

@@ -31,8 +31,6 @@ if __package__ in (None, ""):  # run as a script (python get_similarity/importan
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import os  # noqa: E402
-import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -43,7 +41,12 @@ from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
-from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
+from models.backbone import (  # noqa: E402
+    add_backbone_and_data_args,
+    load_backbone,
+    pick_device,  # noqa: E402
+    quiet_libraries,
+)
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     DeltaConfig,
@@ -55,7 +58,7 @@ from models.delta import (  # noqa: E402
     load_delta_state,
 )
 from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
-from tune import pick_device, write_tsv_atomic  # noqa: E402
+from utils.io import save_figure_atomic, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
@@ -143,13 +146,10 @@ def plot_layers(rows: list[Row], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        save_figure_atomic(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,12 @@ from tqdm.auto import tqdm  # noqa: E402
 from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
 from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
-from models.backbone import add_backbone_and_data_args, load_backbone, quiet_libraries  # noqa: E402
+from models.backbone import (  # noqa: E402
+    add_backbone_and_data_args,
+    load_backbone,
+    pick_device,  # noqa: E402
+    quiet_libraries,
+)
 from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     GRANULARITIES,
@@ -65,7 +70,7 @@ from models.delta import (  # noqa: E402
 )
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
-from tune import pick_device, write_tsv_atomic  # noqa: E402
+from utils.io import write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"

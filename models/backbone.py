@@ -15,6 +15,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
+def pick_device(name: str) -> str:
+    """``auto`` means cuda when present; anything else is passed to torch as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _looks_like_path(arg: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything path-shaped must exist locally instead."""
     if arg.startswith(("./", "../", "/", "~", ".\\")) or arg in (".", ".."):

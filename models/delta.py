@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dataloader.errors import UserInputError
+from utils.io import fsync_dir, fsync_file
 
 METHODS = ("adapter", "lora", "prefix")
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
@@ -309,24 +310,6 @@ def param_group(name: str, granularity: str) -> str:
 # Checkpoints
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_delta_checkpoint(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -382,14 +365,14 @@ def save_delta_checkpoint(
         owned = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         save_file(owned, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
-        _fsync_file(tmp / WEIGHTS_FILE)
-        _fsync_file(tmp / CONFIG_FILE)
-        _fsync_dir(tmp)
+        fsync_file(tmp / WEIGHTS_FILE)
+        fsync_file(tmp / CONFIG_FILE)
+        fsync_dir(tmp)
         if path.exists():
             os.rename(path, old)
             moved_old = True
         os.rename(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         if moved_old and not path.exists():
             os.rename(old, path)

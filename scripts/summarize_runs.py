@@ -14,6 +14,7 @@ from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.errors import run_cli  # noqa: E402
 from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
 from models.checkpoints import read_result_tsv  # noqa: E402
+from utils.io import write_text_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
+        write_text_atomic(args.out, table + "\n")
     return 0
 
 

@@ -64,6 +64,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from task_list import MANUAL_CATEGORIES, resolve_tasks
+from utils.io import save_figure_atomic, write_tsv_atomic
 
 LORA_COMBINES = ("params", "delta_w")
 DEFAULT_LORA_COMBINE = "delta_w"
@@ -719,8 +720,10 @@ def write_heatmap(path: Path, plans: list[Plan], title: str) -> None:
     ax.set_ylabel("target")
     ax.set_title(title + (" (mean over groups)" if _granular(plans) else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _commit(staging: Path, save: Path) -> None:
@@ -780,10 +783,7 @@ def write_fusion(plans: list[Plan], args: argparse.Namespace, method: str) -> Pa
             tqdm.write(f"{plan.target}: {len(plan.sources)} sources, largest weight {best} "
                        f"({_mean(plan.weights[best]):.3f}){note}")
         header, rows = weight_rows(plans)
-        with open(staging / WEIGHTS_FILE, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
+        write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
         name = getattr(args, "metric_used", None) or method  # "others": name the similarity metric
         write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({args.delta}, T={args.tem:g})")
         _commit(staging, save)

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from models.checkpoints import read_result_tsv
+from utils.io import save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
 
@@ -87,7 +88,6 @@ def fmt(x: float) -> str:
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
-    from tune import write_tsv_atomic
 
     write_tsv_atomic(path, header, rows)
 
@@ -148,7 +148,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
             axes[0][0].set_ylabel("dev score")
             axes[0][0].legend(fontsize=7)
             fig.tight_layout()
-            fig.savefig(out / f"learning_curves_{delta}.png", dpi=110)
+            save_figure_atomic(fig, out / f"learning_curves_{delta}.png", dpi=110)
             plt.close(fig)
             md += [f"Learning curves ({delta}): mean dev score over the validations of a run (higher = converges "
                    f"faster): random {np.mean(auc_random):.3f}, {best} {np.mean(auc_best):.3f}.", ""]
@@ -188,7 +188,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                "| delta | method | Spearman | NDCG@3 | family precision@3 |", "|---|---|---|---|---|"]
         md += [f"| {r[0]} | {r[1]} | {r[3]} | {r[4]} | {r[5]} |" for r in transfer_rows if r[2] == "mean"]
         md.append("")
-    (out / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
 
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(methods) * len(deltas), 3))
     width = 0.8 / max(1, len(deltas))
@@ -201,5 +201,5 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
     ax.set_ylabel("mean test gain over random init")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "gain_by_method.png", dpi=110)
+    save_figure_atomic(fig, out / "gain_by_method.png", dpi=110)
     plt.close(fig)
