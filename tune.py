@@ -14,7 +14,6 @@ and one ``{output_dir}/result.tsv`` with a row per run. A run folder appears onl
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import random
@@ -31,7 +30,7 @@ from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device, quiet_libraries
-from models.checkpoints import CHECKPOINT_SUBDIR, RESULT_COLUMNS, resolve_checkpoint, run_dir_name
+from models.checkpoints import CHECKPOINT_SUBDIR, resolve_checkpoint, run_dir_name, update_result_tsv
 from models.delta import (
     ADAPTER_TYPES,
     METHODS,
@@ -171,22 +170,6 @@ class RunResult:
     dev: float | None
     test: float | None
     best_step: int | None
-
-
-def update_result_tsv(output_dir: Path, row: dict) -> None:
-    """Add (or replace) one run's row of ``result.tsv``."""
-    path = output_dir / "result.tsv"
-    key = [str(row[c]) for c in ("task", "k", "data_seed", "lr", "bsz")]
-    rows: list[list] = []
-    if path.is_file():
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t")
-            header = next(reader, None)
-            if header != RESULT_COLUMNS:
-                raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
-            rows = [r for r in reader if r[:5] != key]
-    rows.append([row[c] for c in RESULT_COLUMNS])
-    write_tsv_atomic(path, RESULT_COLUMNS, rows)
 
 
 def fmt_score(x: float | None) -> str:

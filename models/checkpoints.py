@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dataloader.errors import UserInputError
 from models.delta import CONFIG_FILE
+from utils.io import write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -24,6 +28,35 @@ def read_result_tsv(path: Path) -> list[dict[str, str]]:
         if missing:
             raise UserInputError(f"{path}:1: missing columns {missing}; expected {RESULT_COLUMNS}")
         return list(reader)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed): parallel jobs share one result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_result_tsv(output_dir: Path, row: dict) -> None:
+    """Add (or replace) one run's row of ``result.tsv``; safe when several runs write at once."""
+    path = output_dir / "result.tsv"
+    key = [str(row[c]) for c in ("task", "k", "data_seed", "lr", "bsz")]
+    with file_lock(output_dir / ".result.tsv.lock"):
+        rows: list[list] = []
+        if path.is_file():
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.reader(f, delimiter="\t")
+                header = next(reader, None)
+                if header != RESULT_COLUMNS:
+                    raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
+                rows = [r for r in reader if r[:5] != key]
+        rows.append([row[c] for c in RESULT_COLUMNS])
+        write_tsv_atomic(path, RESULT_COLUMNS, rows)
 
 
 def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
