@@ -47,29 +47,29 @@ TASK_LISTS: dict[str, list[str]] = {
 MANUAL_CATEGORIES: dict[str, str] = {task: family for family, tasks in FAMILIES.items() for task in tasks}
 
 
-def resolve_tasks(names: list[str] | str, known_tasks: list[str] | None = None) -> list[str]:
+def resolve_tasks(names: list[str] | str, known_tasks: list[str] | None = None, flag: str = "--tasks") -> list[str]:
     """Expand named lists and explicit task names (space- or comma-separated) into a list of tasks.
 
     A name that is neither a list nor (when ``known_tasks`` is given) a known task is refused, and so
-    is a task named twice: both are almost always a typo in a sweep script.
+    is a task named twice: both are almost always a typo in a sweep script. Messages name ``flag``.
     """
     if isinstance(names, str):
         names = [names]
     tokens = [t for name in names for t in name.replace(",", " ").split()]
     if not tokens:
-        raise UserInputError("--tasks: no task given")
+        raise UserInputError(f"{flag}: no task given")
     tasks: list[str] = []
     for token in tokens:
         if token in TASK_LISTS:
             tasks.extend(TASK_LISTS[token])
         elif token.isupper() or (known_tasks is not None and token not in known_tasks):
             lists = ", ".join(TASK_LISTS)
-            raise UserInputError(f"--tasks: unknown task or task list {token!r}; lists are: {lists}")
+            raise UserInputError(f"{flag}: unknown task or task list {token!r}; lists are: {lists}")
         else:
             tasks.append(token)
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
     if duplicates:
-        raise UserInputError(f"--tasks: task named more than once: {', '.join(duplicates)}")
+        raise UserInputError(f"{flag}: task named more than once: {', '.join(duplicates)}")
     return tasks
 
 

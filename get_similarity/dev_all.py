@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that can be wrong with the input is checked before the first generation.
     task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
-    source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
+    source_names = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
     output = Path(args.output)
     if output.is_dir():

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything that can be wrong with the input is checked before any scoring and any writing.
     task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
-    source_tasks = resolve_tasks(args.source_tasks) if args.source_tasks else list(targets)
+    source_tasks = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else list(targets)
     plan = {t: [s for s in source_tasks if s != t] for t in targets}  # leave-one-out
     lonely = [t for t, sources in plan.items() if not sources]
     if lonely:

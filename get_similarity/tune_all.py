@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be wrong with the input is checked before the first file is written.
     task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
     # Sources need a module, not data: any name goes, a missing module is reported below.
-    source_names = resolve_tasks(args.source_tasks) if args.source_tasks else targets
+    source_names = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}

@@ -490,7 +490,7 @@ def _check_common(args: argparse.Namespace) -> list[str]:
     tasks = resolve_tasks(args.tasks)
     # Targets default to every task; a study fuses for a few targets, each with all other tasks as sources.
     targets = getattr(args, "targets", None)
-    args.target_list = resolve_tasks(targets) if targets else tasks
+    args.target_list = resolve_tasks(targets, flag="--targets") if targets else tasks
     outside = [t for t in args.target_list if t not in tasks]
     if outside:
         raise UserInputError(f"--targets: {', '.join(outside)} not among --tasks (the source pool)")
