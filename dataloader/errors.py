@@ -12,12 +12,22 @@ class UserInputError(Exception):
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; a UserInputError becomes one line on stderr and exit code 2.
 
-    ``--debug`` anywhere on the command line lets the traceback through instead.
+    ``--debug`` anywhere on the command line lets the traceback through instead. Command-line parsing
+    errors (an unknown flag, ``--train_iters abc``) become the same single line instead of argparse's usage
+    block.
     """
+    import argparse
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+
+    def parse_error(parser: argparse.ArgumentParser, message: str) -> None:
+        # argparse would print the whole usage block and exit; one line naming the flag is enough.
+        raise UserInputError(f"{message} (see {parser.prog} --help)")
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = parse_error  # type: ignore[method-assign]
     try:
         return int(main([a for a in argv if a != "--debug"]) or 0)
     except UserInputError as e:
@@ -28,3 +38,5 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]

@@ -10,7 +10,7 @@ The initial value is the state right after ``attach_delta`` with ``torch.manual_
 (42: tune.py's default seed). For adapter and LoRA it is neutral (a reset group does nothing); for
 prefix tuning it is a random prefix.
 
-Writes into --output_dir, each file atomically:
+Writes into --output_dir, each file atomically (files of an earlier run are replaced only with --overwrite):
 
 * ``importance.tsv``: columns ``granularity, group, dev_score, dev_loss, delta_score, delta_loss`` with
   deltas relative to the full module (negative delta_score / positive delta_loss: the group helps).
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
     p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
+    p.add_argument("--overwrite", action="store_true", help="replace importance.tsv and the plot of an earlier run")
     add_backbone_and_data_args(p)
     return p
 
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in (TSV_FILE, PLOT_FILE):
         if (out / name).is_dir():
             raise UserInputError(f"--output_dir: {out / name} is a folder, expected a file or nothing")
+        if (out / name).exists() and not args.overwrite:
+            raise UserInputError(f"{out / name}: exists (from an earlier run); pass --overwrite to replace it "
+                                 "or choose another --output_dir")
 
     # Inputs first: the task's split and metric, the checkpoint; nothing is written before all are fine.
     examples = load_task(args.task_dir, args.task, args.k, args.data_seed, [args.split])[args.split]

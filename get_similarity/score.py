@@ -21,9 +21,10 @@ Granularity (--granularity model|block|layer, groups from models.delta.param_gro
 
 Writes ``{output_dir}/result.tsv`` (atomically) with columns ``target, source, metric, group, score``;
 the metric's direction is in get_similarity/metrics.py (LogitsCos: higher is more similar; the others:
-lower). An existing result.tsv is updated, as tune.py updates its own: rows with the same (target,
-source, metric, group) are replaced, all others kept, so runs of several metrics (or granularities) can
-share one file.
+lower). An existing result.tsv is updated, as tune.py updates its own: rows of other (target, source,
+metric, group) keys are kept, so runs of several metrics, granularities or targets (parallel jobs too: the
+update holds a file lock) share one file. A row this run would write that is already there, from an
+earlier run, is refused before any scoring unless --overwrite, which replaces it.
 
     python -m get_similarity.score --delta lora --metric Loss EL2N --tasks ALL_TASKS \\
         --source_ckpt_path runs/sources/lora --output_dir runs/similarity/lora
@@ -54,7 +55,7 @@ from models.backbone import (  # noqa: E402
     pick_device,  # noqa: E402
     quiet_libraries,
 )
-from models.checkpoints import resolve_checkpoint  # noqa: E402
+from models.checkpoints import file_lock, resolve_checkpoint  # noqa: E402
 from models.delta import (  # noqa: E402
     GRANULARITIES,
     METHODS,
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_seed", type=int, default=42,
                    help="seed of the initial delta state that groups outside the scored one are reset to")
     p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written (or updated) here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
     add_backbone_and_data_args(p)
     return p
 
@@ -237,6 +240,15 @@ def read_result(path: Path) -> list[list[str]]:
     return rows
 
 
+def check_no_earlier_rows(path: Path, keys: set[tuple[str, str, str, str]]) -> None:
+    """Refuse when ``path`` already holds a row with one of ``keys`` (target, source, metric, group)."""
+    for lineno, row in enumerate(read_result(path), start=2):
+        if tuple(row[:4]) in keys:
+            raise UserInputError(f"{path}:{lineno}: already holds the score of (target={row[0]}, source={row[1]}, "
+                                 f"metric={row[2]}, group={row[3]}) from an earlier run; pass --overwrite to "
+                                 "replace it or choose another --output_dir")
+
+
 def merge_rows(old: list[list[str]], new: list[list]) -> list[list]:
     """``old`` rows that ``new`` does not replace (same target, source, metric, group), then ``new``."""
     keys = {tuple(str(x) for x in row[:4]) for row in new}
@@ -292,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     for module in [*sources.values(), *references.values()]:
         load_delta_state(model, module.tensors, str(module.folder))  # keys and shapes, before any scoring
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
+    if not args.overwrite:
+        check_no_earlier_rows(Path(args.output_dir) / RESULT_FILE,
+                              {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics
+                               for g in scorer.groups})
     encoded = {t: encode_examples(tokenizer, ex, args.max_input_length, args.max_output_length)
                for t, ex in examples.items()}
     print(f"{len(targets)} target(s) x {len(needed)} source(s), metrics {', '.join(m.name for m in metrics)}, "
@@ -314,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merged = merge_rows(read_result(out / RESULT_FILE), rows)
-    write_tsv_atomic(out / RESULT_FILE, COLUMNS, merged)
+    with file_lock(out / f".{RESULT_FILE}.lock"):  # parallel jobs writing other targets into one file
+        merged = merge_rows(read_result(out / RESULT_FILE), rows)
+        write_tsv_atomic(out / RESULT_FILE, COLUMNS, merged)
     kept = len(merged) - len(rows)
     print(f"{len(rows)} rows -> {out / RESULT_FILE}{f' ({kept} earlier rows kept)' if kept else ''}; "
           f"{seconds / pairs:.3f} s per source per target", flush=True)

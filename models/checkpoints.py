@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dataloader.errors import UserInputError
 from models.delta import CONFIG_FILE
+from models.legacy import is_adapterhub_folder
 from utils.io import write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
@@ -21,13 +22,28 @@ def run_dir_name(lr: float, bsz: int) -> str:
 
 
 def read_result_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a tune.py ``result.tsv``; missing columns are a UserInputError naming the file."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserInputError(f"{path}:1: missing columns {missing}; expected {RESULT_COLUMNS}")
-        return list(reader)
+    """Rows of a tune.py ``result.tsv``; missing columns, a cut-off row or a non-numeric lr, bsz or dev
+    score are a UserInputError naming the file and line (checkpoint lookup does arithmetic on them)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserInputError(f"{path}:1: missing columns {missing}; expected {RESULT_COLUMNS}")
+            numbered = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: expected UTF-8 text") from None
+    for lineno, row in numbered:
+        if None in row.values() or None in row:
+            raise UserInputError(f"{path}:{lineno}: expected {len(reader.fieldnames)} tab-separated fields")
+        for column, kind in (("lr", float), ("bsz", int), ("dev", float)):
+            if row[column] != "-":
+                try:
+                    kind(row[column])
+                except ValueError:
+                    raise UserInputError(f"{path}:{lineno}: {column}: expected a number or '-', "
+                                         f"found {row[column]!r}") from None
+    return [row for _, row in numbered]
 
 
 @contextmanager
@@ -62,15 +78,18 @@ def update_result_tsv(output_dir: Path, row: dict) -> None:
 def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
     """The checkpoint folder that ``path`` stands for.
 
-    ``path`` may be a checkpoint itself, a tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``)
-    or a tune.py task folder, in which case the run with the best dev score in the parent's
-    ``result.tsv`` is taken.
+    ``path`` may be a checkpoint itself, an AdapterHub ``save_adapter`` folder (converted when loaded), a
+    tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``) or a tune.py task folder, in which case the
+    run with the best dev score in the parent's ``result.tsv`` is taken.
     """
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() or is_adapterhub_folder(path):
         return path
     if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).is_file():
         return path / CHECKPOINT_SUBDIR
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise UserInputError(f"{path}: a torch pickle file, which is never loaded as a checkpoint directly; convert "
+                             f"it first: python scripts/convert_legacy_ckpt.py {path} OUTPUT_DIR")
     if not path.is_dir():
         raise UserInputError(f"{path}: checkpoint not found (expected a delta checkpoint or a tune.py output folder)")
     task = task or path.name

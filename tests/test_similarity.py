@@ -245,7 +245,7 @@ def test_cli_rows_are_targets_x_other_sources_x_metrics(tiny_backbone_dir: Path,
     assert keys == expected
     assert all(r["target"] != r["source"] for r in rows)
     assert all(math.isfinite(float(r["score"])) for r in rows)
-    assert sorted(p.name for p in out.iterdir()) == ["result.tsv"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".result.tsv.lock") == ["result.tsv"]
 
 
 def test_cli_loss_equals_independent_pooled_loss(tiny_backbone_dir: Path, modules: Path, tmp_path: Path) -> None:
@@ -408,7 +408,7 @@ def test_script_entry_points(tiny_backbone_dir: Path, modules: Path, tmp_path: P
 
 
 def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp_path: Path, capsys) -> None:
-    """A second run adds its metric's rows; a rerun replaces its own rows and keeps the others."""
+    """A second run adds its metric's rows; a rerun is refused, and with --overwrite replaces its own rows."""
     out = tmp_path / "sim"
     two = ["sent_review", "sent_tweet"]
     assert score_cli.main(cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)) == 0
@@ -419,7 +419,11 @@ def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp
     # Rerun Loss on fewer examples: its rows change, EL2N's stay as they were.
     args = cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)
     args[args.index("--max_examples") + 1] = "2"
-    assert score_cli.main(args) == 0
+    capsys.readouterr()
+    assert run_cli(score_cli.main, args) == 2  # its rows are there already
+    assert "result.tsv:2: already holds the score of (target=sent_review" in capsys.readouterr().err
+    assert read_rows(out / "result.tsv") == first
+    assert score_cli.main([*args, "--overwrite"]) == 0
     second = read_rows(out / "result.tsv")
     assert second[:2] == first[2:]
     assert [(r["target"], r["metric"]) for r in second[2:]] == [("sent_review", "Loss"), ("sent_tweet", "Loss")]

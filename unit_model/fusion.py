@@ -414,10 +414,14 @@ def _read_table(path: Path, columns: list[str], flag: str) -> list[tuple[int, di
 
 
 def _number(text: str, path: Path, line: int, column: str) -> float:
+    """A finite number: a NaN or infinite score would turn every weight of its softmax into NaN."""
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise UserInputError(f"{path}:{line}: {column}: expected a number, found {text!r}") from None
+    if not math.isfinite(value):
+        raise UserInputError(f"{path}:{line}: {column}: expected a finite number, found {text!r}")
+    return value
 
 
 def read_devall_tsv(path: str | Path) -> dict[tuple[str, str], float | None]:
@@ -437,8 +441,8 @@ def read_devall_tsv(path: str | Path) -> dict[tuple[str, str], float | None]:
 def read_similarity_tsv(path: str | Path, metric: str | None) -> tuple[str, dict[tuple[str, str, str], float]]:
     """(metric, {(target, source, group): score}) from a get_similarity result.tsv.
 
-    ``metric`` may be None when the file holds a single metric. Scores are not checked here: a NaN
-    reaches ``softmax_weights``, which names the (target, source).
+    ``metric`` may be None when the file holds a single metric. A score that is not a finite number is
+    refused with its file, line and (target, source, group).
     """
     path = Path(path)
     rows = _read_table(path, SIMILARITY_COLUMNS, "--result_tsv")
@@ -458,7 +462,8 @@ def read_similarity_tsv(path: str | Path, metric: str | None) -> tuple[str, dict
         key = (row["target"], row["source"], row["group"])
         if key in scores:
             raise UserInputError(f"{path}:{line}: (target={key[0]}, source={key[1]}, group={key[2]}) listed twice")
-        scores[key] = _number(row["score"], path, line, "score")
+        scores[key] = _number(row["score"], path, line,
+                              f"score of (target={key[0]}, source={key[1]}, group={key[2]})")
     return metric, scores
 
 
@@ -662,7 +667,9 @@ PLANNERS = {
 # Outputs
 
 
-def _check_destination(save: Path, plans: list[Plan]) -> None:
+def _check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
+    """Refuse to replace what this run would write (its targets' folders, the table, the plot) unless
+    ``overwrite``; other targets' folders in ``save`` (parallel jobs of one sweep) are left alone."""
     if save.exists() and not save.is_dir():
         raise UserInputError(f"--save_ckpt_path {save}: exists and is not a folder")
     for plan in plans:
@@ -672,6 +679,12 @@ def _check_destination(save: Path, plans: list[Plan]) -> None:
     for name in (WEIGHTS_FILE, HEATMAP_FILE):
         if (save / name).is_dir():
             raise UserInputError(f"{save / name}: is a folder; not replacing it")
+    if not overwrite:
+        ours = [save / fused_dir_name(p.target) for p in plans] + [save / WEIGHTS_FILE, save / HEATMAP_FILE]
+        for dest in ours:
+            if dest.exists():
+                raise UserInputError(f"{dest}: exists (from an earlier fusion); pass --overwrite to replace it "
+                                     "or choose another --save_ckpt_path")
 
 
 def _granular(plans: list[Plan]) -> bool:
@@ -746,7 +759,7 @@ def _commit(staging: Path, save: Path) -> None:
 def write_fusion(plans: list[Plan], args: argparse.Namespace, method: str) -> Path:
     """Fuse every target's sources and write the checkpoints, weights.tsv and heatmap.png (all or nothing)."""
     save = Path(os.path.abspath(args.save_ckpt_path))
-    _check_destination(save, plans)
+    _check_destination(save, plans, bool(getattr(args, "overwrite", False)))
     ref = plans[0].modules[0].meta
     cfg = DeltaConfig.from_checkpoint_meta(ref)
     scaling = cfg.lora_alpha / cfg.lora_r if cfg.method == "lora" else 1.0
@@ -802,6 +815,7 @@ def run_fusion(method: str, args: argparse.Namespace) -> int:
     cache = ModuleCache()
     plans = PLANNERS[method](args, tasks, cache)
     cache.check(args.delta)
+    _check_destination(Path(os.path.abspath(args.save_ckpt_path)), plans, bool(getattr(args, "overwrite", False)))
     print(f"{method} fusion of {args.delta} modules for {len(plans)} target(s) into {args.save_ckpt_path}",
           flush=True)
     save = write_fusion(plans, args, method)
@@ -830,6 +844,7 @@ HELP = {
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_untuned": "average the original sources instead of the ones tuned on the target",
+    "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
 }
 CHOICES = {"delta": METHODS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES, "granularity": GRANULARITIES}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does

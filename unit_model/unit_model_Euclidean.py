@@ -26,6 +26,7 @@ save_ckpt_path = "runs/fused/lora/Euclidean"
 tem = 1.0
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
+overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 PARAMS = fusion.block_params(globals())
 

@@ -26,6 +26,7 @@ average_untuned = False
 save_ckpt_path = "runs/fused/lora/Performance"
 tem = 1.0
 lora_combine = fusion.DEFAULT_LORA_COMBINE
+overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 PARAMS = fusion.block_params(globals())
 

@@ -26,6 +26,7 @@ source_ckpt_path = "runs/sources/lora"
 save_ckpt_path = "runs/fused/lora/average"
 tem = 1.0  # recorded only: uniform weights do not depend on it
 lora_combine = fusion.DEFAULT_LORA_COMBINE
+overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 PARAMS = fusion.block_params(globals())
 

@@ -27,6 +27,7 @@ tem = 1.0
 cos_mode = "flat"
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
+overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 PARAMS = fusion.block_params(globals())
 

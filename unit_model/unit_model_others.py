@@ -28,6 +28,7 @@ granularity = "model"
 save_ckpt_path = "runs/fused/lora/others"
 tem = 1.0
 lora_combine = fusion.DEFAULT_LORA_COMBINE
+overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 PARAMS = fusion.block_params(globals())
 

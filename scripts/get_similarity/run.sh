@@ -22,7 +22,7 @@ cd "$(dirname "$0")/../.."
 : "${GRANULARITY:=model}"                         # model, block or layer
 : "${MAX_EXAMPLES:=}"                             # empty: the whole split
 : "${BATCH_SIZE:=32}"
-: "${OUTPUT_DIR:=runs/similarity/${DELTA}}"        # result.tsv there: this run adds/replaces its rows
+: "${OUTPUT_DIR:=runs/similarity/${DELTA}}"        # result.tsv there: this run adds its rows (--overwrite: replaces them)
 : "${DEVICE:=auto}"
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
