@@ -320,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         if existing:
             raise UserInputError(f"{existing[0]}: run folder exists (from an earlier run); pass --overwrite to "
                                  "replace it or choose another --output_dir")
+    if not args.do_train and not args.overwrite:  # prediction only writes {task}/predict
+        existing = [output_dir / t / "predict" for t in tasks if (output_dir / t / "predict").exists()]
+        if existing:
+            raise UserInputError(f"{existing[0]}: prediction folder exists (from an earlier run); pass --overwrite "
+                                 "to replace it or choose another --output_dir")
     if (output_dir / "result.tsv").is_file():
         from models.checkpoints import read_result_tsv
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
