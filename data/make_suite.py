@@ -10,12 +10,12 @@ dataloader/synthetic.py.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import write_suite  # noqa: E402
+from utils.io import staged_dir  # noqa: E402
 
 
 def main() -> None:
@@ -23,11 +23,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "synthetic"))
     args = parser.parse_args()
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = write_suite(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged_dir(out) as tmp:  # the old suite stays in place until the new one is complete
+        files = write_suite(tmp)
     print(f"wrote {len(files)} files under {out}")
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.io import write_text_atomic
+
 # --------------------------------------------------------------------------------------------
 # Lexicon: real English words, so the tokenizer and the model see ordinary text.
 POSITIVE = ("good great wonderful lovely excellent amazing pleasant delightful fantastic superb "
@@ -315,10 +317,10 @@ def write_suite(out_dir: Path, specs: tuple[TaskSpec, ...] = SUITE) -> list[Path
         for (k, seed), splits in build_task_splits(spec).items():
             for split, examples in splits.items():
                 path = task_dir / f"{spec.name}_{k}_{seed}_{split}.tsv"
-                path.write_text("".join(f"{x}\t{y}\n" for x, y in examples), encoding="utf-8")
+                write_text_atomic(path, "".join(f"{x}\t{y}\n" for x, y in examples))
                 written.append(path)
     metrics = out_dir / "task_metrics.tsv"
-    metrics.write_text("task\tmetric\n" + "".join(f"{s.name}\t{s.metric}\n" for s in specs), encoding="utf-8")
+    write_text_atomic(metrics, "task\tmetric\n" + "".join(f"{s.name}\t{s.metric}\n" for s in specs))
     written.append(metrics)
     return written
 

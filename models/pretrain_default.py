@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +25,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import PRETRAIN_TASKS, SUITE, pretraining_stream  # noqa: E402
+from utils.io import staged_dir, write_text_atomic  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0 (also decoder start), eos 1, unk 2
 
@@ -136,16 +136,14 @@ def main() -> None:
     print("held-out accuracy by skill:", json.dumps(skills, indent=1), flush=True)
 
     out = Path(args.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seconds": round(seconds),
               "parameters": n_params, "vocab_size": len(tokenizer), "skill_accuracy": skills,
               "task_accuracy": accuracy}
-    (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # Built beside the old backbone and swapped in by renames: a crash never leaves models/default missing.
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_text_atomic(tmp / "pretrain_report.json", json.dumps(report, indent=1) + "\n")
     print(f"saved {out} after {seconds:.0f}s", flush=True)
 
 

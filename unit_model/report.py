@@ -26,7 +26,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from models.checkpoints import read_result_tsv
-from utils.io import save_figure_atomic, write_text_atomic, write_tsv_atomic
+from utils.io import atomic_file, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
 
@@ -129,7 +129,8 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         for m in methods:
             heatmap = base / "fused" / m / "heatmap.png"
             if heatmap.is_file():
-                shutil.copyfile(heatmap, out / "heatmaps" / f"{delta}_{m}.png")
+                with atomic_file(out / "heatmaps" / f"{delta}_{m}.png") as tmp:
+                    shutil.copyfile(heatmap, tmp)
 
         # learning curves: random vs the best fused initialisation (by mean test score)
         best = methods[int(np.argmax(means[1:]))] if methods else None
