@@ -13,6 +13,9 @@ then writes {OUTPUT}/results/: summary.tsv/.md, heatmaps, gain bar chart, learni
 
 Resumable: each step leaves a marker listing its outputs only once they are complete; a rerun skips a
 step whose marker and outputs are all present, and redoes a step whose outputs were deleted.
+Scale-out: with jobs > 1 or slurm, stages 1, 2, 3, 4 and 7 run as one process per job (a tune.py run, a
+tune-all or dev-all pair; utils/jobs.py): N local processes at once, or one Slurm job array per stage,
+waited for. The other stages run in this process. The outputs are the same files.
 Parameters are the plain variables below; each can be overridden on the command line (--name value).
 
     .venv/bin/python study.py --output runs/study --targets "sent_review topic_news"
@@ -20,6 +23,7 @@ Parameters are the plain variables below; each can be overridden on the command 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -75,6 +79,16 @@ lora_combine = "delta_w"
 max_examples = 64  # dev examples scored by each similarity metric
 device = "auto"
 quiet = True
+# scale-out (sweep.py's launcher): stages 1, 2, 3, 4 and 7 as one process per job
+jobs = 1  # local processes at once; 1: every step in this process, in order
+slurm = False  # one Slurm job array per stage through submitit, waited for
+slurm_partition = ""
+slurm_time = "240"  # limit of each array task: minutes, HH:MM:SS or D-HH:MM:SS
+slurm_gpus = 0  # GPUs per array task
+slurm_cpus = 0  # CPUs per array task; 0: the cluster's default
+slurm_mem = 0.0  # GB per array task; 0: the cluster's default
+slurm_array_parallelism = 0  # array tasks running at once; 0: submitit's default (256)
+slurm_log_dir = ""  # submitit's files; default {output}/logs/{stage}/slurm
 # -----------------------------------------------------------------------------------------------------
 PARAMS = block_params(globals())
 
@@ -102,6 +116,7 @@ class Study:
         self.p = p
         self.root = Path(p.output)
         self.markers = self.root / ".steps"
+        self.launch = None  # utils.jobs.LaunchOptions when stages run as parallel jobs
 
     # -- resumability ------------------------------------------------------------------------------
     def marker(self, name: str) -> Path:
@@ -133,15 +148,48 @@ class Study:
         return True
 
     def stage(self, index: int, title: str, names: list[str], outputs: Callable[[str], list[Path]],
-              run: Callable[[str], None]) -> None:
-        """A stage is a list of steps; print one progress line, then a line per step that runs."""
+              run: Callable[[str], None], jobs: Callable[[str], list] | None = None,
+              finish: Callable[[list[str]], None] | None = None) -> None:
+        """A stage is a list of steps; print one progress line, then a line per step that runs.
+
+        With a launcher, a stage that can say each step's ``jobs`` runs them all as one batch, then ``finish``
+        puts what the jobs shared in the order the steps would have left it.
+        """
         todo = [n for n in names if not self.done(f"{title}.{n}")]
         say(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run")
         start = time.time()
-        for n in todo:
-            self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
+        if todo and jobs is not None and self.launch is not None:
+            self.dispatch(title, todo, outputs, jobs, finish)
+        else:
+            for n in todo:
+                self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
         if todo:
             say(f"[{index}/8] {title}: finished in {time.time() - start:.0f}s")
+
+    def dispatch(self, title: str, todo: list[str], outputs: Callable[[str], list[Path]],
+                 jobs: Callable[[str], list], finish: Callable[[list[str]], None] | None) -> None:
+        """Run the steps' jobs as one batch; mark each step whose jobs all succeeded, then report failures."""
+        from utils.jobs import JobsFailed, run_jobs
+
+        start = time.time()
+        batches = {n: jobs(n) for n in todo}
+        folder = title.replace("/", "-")
+        launch = self.launch
+        if launch.slurm and not launch.slurm_log_dir:
+            launch = dataclasses.replace(launch, slurm_log_dir=str(self.root / "logs" / folder / "slurm"))
+        report = run_jobs([j for batch in batches.values() for j in batch], launch, self.root / "logs" / folder,
+                          name=f"study-{folder}")
+        succeeded = {r.job.name for r in report.results if r.ok}
+        finished = [n for n, batch in batches.items() if all(j.name in succeeded for j in batch)]
+        if finished and finish is not None:
+            finish(finished)
+        for n in finished:
+            missing = [o for o in outputs(n) if not o.exists()]
+            if missing:
+                raise RuntimeError(f"step {title}.{n} finished without writing {missing[0]}")
+            self.mark(f"{title}.{n}", outputs(n), time.time() - start)
+        if report.failed:
+            raise JobsFailed(report)
 
 
 def call(main: Callable[[list[str]], int], argv: list[str]) -> None:
@@ -188,31 +236,56 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         from models.checkpoints import run_dir_name
         return out / task / run_dir_name(lr, bsz)
 
+    # Parallel jobs run the same argv in their own process (sweep.script_job); shared result.tsv files are
+    # then put in the order these steps would have written them (sweep.order_result_tsv).
+    from sweep import order_result_tsv, script_job
+
+    def in_order(out: Path, k: int, data_seed: int, lr: float, bsz: int) -> Callable[[list[str]], None]:
+        return lambda tasks: order_result_tsv(out, [(t, str(k), str(data_seed), f"{lr:g}", str(bsz)) for t in tasks])
+
     src = root / "sources"
+
+    def source_argv(t: str) -> list:
+        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", src, *source_budget]
+
     study.stage(1, f"{delta}/sources", task_pool, lambda t: [run_dir(src, t, p.source_lr, p.source_bsz)],
-                lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
-                                           "--output_dir", src, *source_budget]))
+                lambda t: call(tune.main, source_argv(t)), jobs=lambda t: [script_job(t, "tune.py", source_argv(t))],
+                finish=in_order(src, p.source_k, p.source_data_seed, p.source_lr, p.source_bsz))
     rnd = root / "random"
+
+    def random_argv(t: str) -> list:
+        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", rnd, *target_budget]
+
     study.stage(2, f"{delta}/random", target_list,
                 lambda t: [run_dir(rnd, t, p.target_lr, p.target_bsz)],
-                lambda t: call(tune.main, ["--do_train", "--do_predict", *tune_common, "--tasks", t,
-                                           "--output_dir", rnd, *target_budget]))
+                lambda t: call(tune.main, random_argv(t)), jobs=lambda t: [script_job(t, "tune.py", random_argv(t))],
+                finish=in_order(rnd, p.target_k, p.target_data_seed, p.target_lr, p.target_bsz))
     tuneall = root / "tuneall"
+
+    def tuneall_argv(t: str, sources: list[str]) -> list:
+        return [*common, "--tasks", t, "--source_tasks", *sources, "--source_ckpt_path", src,
+                "--output_dir", tuneall, "--steps", target_iters, "--learning_rate", p.target_lr,
+                "--bsz", p.target_bsz, "--warmup_steps", p.target_warmup, "--seed", p.seed, "--k", p.target_k,
+                "--data_seed", p.target_data_seed, "--log_file_only"]
+
     study.stage(3, f"{delta}/tuneall", target_list,
                 lambda t: [tuneall / t / s for s in task_pool if s != t],
-                lambda t: call(tune_all.main, [*common, "--tasks", t, "--source_tasks", *task_pool,
-                                               "--source_ckpt_path", src, "--output_dir", tuneall,
-                                               "--steps", target_iters, "--learning_rate",
-                                               p.target_lr, "--bsz", p.target_bsz,
-                                               "--warmup_steps", p.target_warmup, "--seed", p.seed,
-                                               "--k", p.target_k, "--data_seed", p.target_data_seed,
-                                               "--log_file_only"]))
+                lambda t: call(tune_all.main, tuneall_argv(t, task_pool)),
+                jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py", tuneall_argv(t, [s]))
+                                for s in task_pool if s != t])
     devall = root / "devall.tsv"
+    devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
+
+    def devall_argv(targets: list[str], sources: list[str]) -> list:
+        return [*common, "--tasks", *targets, "--source_tasks", *sources, "--source_ckpt_path", src,
+                "--tuneall_ckpt_path", tuneall, "--output", devall, "--k", p.target_k, "--data_seed",
+                p.target_data_seed, "--predict_batch_size", 100]
+
     study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
-                lambda _: call(dev_all.main, [*common, "--tasks", *target_list, "--source_tasks", *task_pool,
-                                              "--source_ckpt_path", src, "--tuneall_ckpt_path", tuneall,
-                                              "--output", devall, "--k", p.target_k, "--data_seed",
-                                              p.target_data_seed, "--predict_batch_size", 100]))
+                lambda _: call(dev_all.main, devall_argv(target_list, task_pool)),
+                jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py", [*devall_argv([t], [s]), "--merge"])
+                                for t, s in devall_pairs],
+                finish=lambda _: dev_all.keep_pairs(devall, devall_pairs))
     similarity = root / "similarity"
     # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
     study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
@@ -246,13 +319,23 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 lambda m: [fused / m / fusion.fused_dir_name(t) for t in target_list], fuse)
     transfer = root / "transfer"
     steps = [f"{m}.{t}" for m in fusion_list for t in target_list]
+
+    def transfer_argv(mt: str) -> list:
+        m, t = mt.split(".")
+        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", transfer / m,
+                *target_budget, "--train_checkpoint", fused / m / fusion.fused_dir_name(t)]
+
+    def transfer_in_order(done: list[str]) -> None:
+        for m in dict.fromkeys(mt.split(".")[0] for mt in done):
+            in_order(transfer / m, p.target_k, p.target_data_seed, p.target_lr, p.target_bsz)(
+                [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
+
     study.stage(7, f"{delta}/transfer", steps,
                 lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], p.target_lr,
                                     p.target_bsz)],
-                lambda mt: call(tune.main, [
-                    "--do_train", "--do_predict", *tune_common, "--tasks", mt.split(".")[1],
-                    "--output_dir", transfer / mt.split(".")[0], *target_budget, "--train_checkpoint",
-                    fused / mt.split(".")[0] / fusion.fused_dir_name(mt.split(".")[1])]))
+                lambda mt: call(tune.main, transfer_argv(mt)),
+                jobs=lambda mt: [script_job(mt.replace(".", "/"), "tune.py", transfer_argv(mt))],
+                finish=transfer_in_order)
     pairs = root / "pairs.tsv"
     study.stage(8, f"{delta}/pairs", ["all"], lambda _: [pairs],
                 lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, pairs))
@@ -372,13 +455,25 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(p, task_pool, target_list)
 
     study = Study(p)
+    if p.jobs != 1 or p.slurm:
+        from utils.jobs import LaunchOptions
+        study.launch = LaunchOptions(
+            jobs=p.jobs, slurm=p.slurm, slurm_partition=p.slurm_partition or None, slurm_time=p.slurm_time,
+            slurm_gpus=p.slurm_gpus, slurm_cpus=p.slurm_cpus or None, slurm_mem=p.slurm_mem or None,
+            slurm_array_parallelism=p.slurm_array_parallelism or None,
+            slurm_log_dir=p.slurm_log_dir or None).validate()
     study.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.root / "params.json", json.dumps(vars(p), indent=1))
     start = time.time()
     print(f"study: {len(delta_list)} delta method(s), {len(task_pool)} source tasks, {len(target_list)} targets, "
           f"{len(words(p.fusions))} fusion methods -> {study.root}", flush=True)
-    for d in delta_list:
-        run_delta(study, d, task_pool, target_list)
+    from utils.jobs import JobsFailed
+    try:
+        for d in delta_list:
+            run_delta(study, d, task_pool, target_list)
+    except JobsFailed as e:  # the launcher has printed which jobs failed and where their logs are
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     results = study.root / "results"
     write_results(study.root, delta_list, target_list, task_pool, words(p.fusions), results)
     print(f"study finished in {time.time() - start:.0f}s; summary: {results / 'summary.md'}", flush=True)

@@ -12,7 +12,8 @@ For each target t in --tasks and each source s in --source_tasks (default: --tas
 The Performance fusion method reads these dev gains. The backbone is loaded once and modules are swapped
 in; every module is checked (method, sizes, backbone, which pair) before the first generation. Writes one
 TSV (atomically, at the end) with columns target, source, dev_zero_shot, dev_after; scores are written
-in full precision.
+in full precision. With --merge, this run's rows replace or join those of an existing --output, under a
+file lock, so parallel jobs that each score some pairs share one table (sweep.py devall).
 
     python -m get_similarity.dev_all --tasks SAMPLE_TASKS --source_ckpt_path runs/sources/lora \\
         --tuneall_ckpt_path runs/tuneall/lora --output runs/tuneall/lora/dev_all.tsv
@@ -27,6 +28,7 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import csv
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +44,7 @@ from get_similarity.tune_all import (
     read_tuned,
 )
 from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
+from models.checkpoints import file_lock
 from models.delta import (
     METHODS,
     attach_delta,
@@ -72,8 +75,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--merge", action="store_true",
+                   help="replace this run's rows in an existing --output and keep its other rows (under a file "
+                        "lock): parallel jobs that each score some pairs share one table")
     add_backbone_and_data_args(p)
     return p
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """Rows of a dev-all table as text; a wrong header or row is a UserInputError naming the file and line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header != COLUMNS:
+            raise UserInputError(f"{path}:1: expected columns {COLUMNS}, found {header}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(COLUMNS):
+                raise UserInputError(f"{path}:{line}: expected {len(COLUMNS)} tab-separated fields, found {len(row)}")
+            rows.append(row)
+    return rows
+
+
+def lock_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def merge_rows(path: Path, rows: list[list[str]]) -> None:
+    """Replace these pairs' rows of the table at ``path`` in place and append the new ones; safe in parallel."""
+    with file_lock(lock_of(path)):
+        new = {(r[0], r[1]): r for r in rows}
+        merged = [new.pop((r[0], r[1]), r) for r in (read_rows(path) if path.is_file() else [])]
+        write_tsv_atomic(path, COLUMNS, merged + list(new.values()))
+
+
+def keep_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
+    """Rewrite the table with exactly these pairs' rows in this order: what one process scoring them writes."""
+    with file_lock(lock_of(path)):
+        rows = {(r[0], r[1]): r for r in read_rows(path)}
+        missing = [pair for pair in pairs if pair not in rows]
+        if missing:
+            raise UserInputError(f"{path}: no row for target {missing[0][0]!r} and source {missing[0][1]!r}")
+        write_tsv_atomic(path, COLUMNS, [rows[pair] for pair in pairs])
 
 
 def fmt(x: float | None) -> str:
@@ -97,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
+    if args.merge and output.is_file():
+        read_rows(output)  # refuse a table it cannot merge into before scoring anything
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["dev"])["dev"] for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
@@ -145,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [[t, s, fmt(zero_shot[(t, s)]), fmt(after.get((t, s)))] for t, s in pairs]
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_tsv_atomic(output, COLUMNS, rows)
+    if args.merge:
+        merge_rows(output, rows)
+    else:
+        write_tsv_atomic(output, COLUMNS, rows)
     print(f"wrote {len(rows)} row(s) to {output}", flush=True)
     return 0
 

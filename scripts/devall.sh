@@ -4,7 +4,9 @@
 # {adapter,lora,prefix}_devall.sh set DELTA and exec this. Every variable below can be overridden from the
 # environment, e.g.
 #   TASKS=SAMPLE_TASKS DEVICE=cpu bash scripts/lora_devall.sh
-# DRY_RUN=1 prints the command instead of running it. Relative paths are relative to the repository root.
+# JOBS=4 scores 4 pairs at once; SLURM=1 (+ SLURM_PARTITION, SLURM_GPUS, ...) submits one Slurm job array
+# (scripts/jobs.sh lists the variables). DRY_RUN=1 prints the command instead of running it. Relative paths
+# are relative to the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +31,15 @@ tuned=()
 if [[ -d "$OUTPUT_DIR" ]]; then
     tuned=(--tuneall_ckpt_path "$OUTPUT_DIR")
 fi
+# JOBS=N or SLURM=1: one process per (target, source) pair, through sweep.py (see scripts/jobs.sh); each
+# merges its row into $OUTPUT, which ends up as one process writes it.
+source scripts/jobs.sh
+entry=(-m get_similarity.dev_all)
+if (( ${#LAUNCH[@]} )); then
+    entry=(sweep.py "${LAUNCH[@]}" devall)
+fi
 # shellcheck disable=SC2206  # TASKS, SOURCE_TASKS and EXTRA_ARGS are word lists on purpose
-cmd=("$PYTHON" -m get_similarity.dev_all --quiet --tune_method "$DELTA"
+cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED"
      --source_ckpt_path "$SOURCE_CKPT_PATH" "${tuned[@]}" --output "$OUTPUT"

@@ -3,6 +3,10 @@
 # Every study.py parameter can be set from the environment under its upper-case name, e.g.
 #   DELTAS="adapter lora prefix" TARGETS=ALL_TASKS OUTPUT=runs/study-full bash scripts/pipeline.sh
 # Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_ITERS, TARGET_K, MAX_EXAMPLES.
+# Scale-out: JOBS=N runs the sources, random, tune-all, dev-all and transfer stages as N processes at once;
+# SLURM=1 submits each of them as one Slurm job array and waits for it, with SLURM_PARTITION, SLURM_TIME,
+# SLURM_GPUS, SLURM_CPUS, SLURM_MEM (GB), SLURM_ARRAY_PARALLELISM and SLURM_LOG_DIR (read only with SLURM=1:
+# Slurm itself sets some of these names inside a job). The other stages run in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PYTHON:=.venv/bin/python}"
@@ -12,9 +16,17 @@ for name in OUTPUT MODEL TASK_DIR TASKS TARGETS DELTAS FUSIONS SEED \
             TARGET_K TARGET_DATA_SEED TARGET_ITERS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
             TARGET_EARLY_STOP MAX_INPUT_LENGTH MAX_OUTPUT_LENGTH \
             ADAPTER_SIZE LORA_R LORA_ALPHA PREFIX_LENGTH PREFIX_MLP PREFIX_ITERS_SCALE \
-            TEM COS_TEM LORA_COMBINE MAX_EXAMPLES DEVICE; do
+            TEM COS_TEM LORA_COMBINE MAX_EXAMPLES DEVICE JOBS; do
     if [ -n "${!name:-}" ]; then
         args+=("--${name,,}" "${!name}")
     fi
 done
+if [[ "${SLURM:-0}" == 1 ]]; then
+    args+=(--slurm 1)
+    for name in SLURM_PARTITION SLURM_TIME SLURM_GPUS SLURM_CPUS SLURM_MEM SLURM_ARRAY_PARALLELISM SLURM_LOG_DIR; do
+        if [ -n "${!name:-}" ]; then
+            args+=("--${name,,}" "${!name}")
+        fi
+    done
+fi
 exec "$PYTHON" study.py "${args[@]}" "$@"

@@ -2,6 +2,8 @@
 # Shared sweep around tune.py; adapter.sh, lora.sh and prefix.sh set the method and exec this.
 # Every variable below can be overridden from the environment, e.g.
 #   TASKS=ALL_TASKS LRS="1e-3 3e-3" OUTPUT_DIR=runs/my_sweep bash scripts/lora.sh
+# JOBS=4 runs 4 (task, lr, bsz) runs at once; SLURM=1 (+ SLURM_PARTITION, SLURM_GPUS, ...) submits one Slurm
+# job array (scripts/jobs.sh lists the variables). DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,11 +26,24 @@ cd "$(dirname "$0")/.."
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"                       # method sizes come from the calling script
 
-# shellcheck disable=SC2086  # LRS, BSZS, TASKS and the size flags are word lists on purpose
-exec "$PYTHON" tune.py --do_train --do_predict --quiet --overwrite \
-    --tune_method "$TUNE_METHOD" --model "$MODEL" --tokenizer_path "$TOKENIZER" \
-    --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED" \
-    --output_dir "$OUTPUT_DIR" --device "$DEVICE" --seed "$SEED" \
-    --learning_rate_list $LRS --bsz_list $BSZS --train_iters "$TRAIN_ITERS" \
-    --warmup_steps "$WARMUP_STEPS" --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP" \
-    --predict_batch_size 100 --max_output_length 16 $EXTRA_ARGS "$@"
+# shellcheck disable=SC2206  # LRS, BSZS, TASKS and the size flags are word lists on purpose
+args=(--do_train --do_predict --quiet --overwrite
+      --tune_method "$TUNE_METHOD" --model "$MODEL" --tokenizer_path "$TOKENIZER"
+      --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED"
+      --output_dir "$OUTPUT_DIR" --device "$DEVICE" --seed "$SEED"
+      --learning_rate_list $LRS --bsz_list $BSZS --train_iters "$TRAIN_ITERS"
+      --warmup_steps "$WARMUP_STEPS" --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP"
+      --predict_batch_size 100 --max_output_length 16 $EXTRA_ARGS "$@")
+# JOBS=N or SLURM=1: one process per (task, lr, bsz) through sweep.py (see scripts/jobs.sh).
+source scripts/jobs.sh
+if (( ${#LAUNCH[@]} )); then
+    cmd=("$PYTHON" sweep.py "${LAUNCH[@]}" tune "${args[@]}")
+else
+    cmd=("$PYTHON" tune.py "${args[@]}")
+fi
+if [[ -n "${DRY_RUN:-}" ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"

@@ -3,8 +3,10 @@
 # Euclidean fusion method. The thin scripts {adapter,lora,prefix}_tuneall.sh set DELTA (and LR) and exec this.
 # Every variable below can be overridden from the environment, e.g.
 #   TASKS=SAMPLE_TASKS STEPS=100 bash scripts/lora_tuneall.sh
-# A rerun skips the pairs already tuned (pass --overwrite to redo them). DRY_RUN=1 prints the command instead
-# of running it. Relative paths are relative to the repository root.
+# A rerun skips the pairs already tuned (pass --overwrite to redo them). JOBS=4 tunes 4 pairs at once;
+# SLURM=1 (+ SLURM_PARTITION, SLURM_GPUS, ...) submits one Slurm job array (scripts/jobs.sh lists the
+# variables). DRY_RUN=1 prints the command instead of running it. Relative paths are relative to the
+# repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +31,14 @@ cd "$(dirname "$0")/.."
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
 
+# JOBS=N or SLURM=1: one process per (target, source) pair, through sweep.py (see scripts/jobs.sh).
+source scripts/jobs.sh
+entry=(-m get_similarity.tune_all)
+if (( ${#LAUNCH[@]} )); then
+    entry=(sweep.py "${LAUNCH[@]}" tuneall)
+fi
 # shellcheck disable=SC2206  # TASKS, SOURCE_TASKS and EXTRA_ARGS are word lists on purpose
-cmd=("$PYTHON" -m get_similarity.tune_all --quiet --tune_method "$DELTA"
+cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED"
      --source_ckpt_path "$SOURCE_CKPT_PATH" --output_dir "$OUTPUT_DIR"

@@ -1,0 +1,174 @@
+"""Scale a sweep out: one process per job, N at once on this machine or one Slurm job array.
+
+Takes the command line of an entry point and splits it into independent jobs that write where the single
+process would have written:
+
+* ``tune``: tune.py, one job per (task, learning rate, batch size); every job updates the shared
+  ``{output_dir}/result.tsv`` under a file lock;
+* ``tuneall``: get_similarity/tune_all.py, one job per (target, source) pair (each writes its own module);
+* ``devall``: get_similarity/dev_all.py, one job per (target, source) pair, each merging its row into
+  ``--output`` under a file lock.
+
+Launch flags come before the entry point's name, its own flags after it. Once every job has succeeded (and
+was waited for), the shared table is put in the order one process writes, so the outputs are the same
+files. Exit code: 0 when every job succeeded, 1 when some failed (the summary names them and their logs),
+2 for bad input (checked before anything starts).
+
+    python sweep.py --jobs 4 tune --do_train --do_predict --tune_method lora --tasks ALL_TASKS \\
+        --learning_rate_list 1e-3 3e-3 --output_dir runs/lora
+    python sweep.py --slurm --slurm_partition gpu --slurm_gpus 1 tuneall --tasks SAMPLE_TASKS \\
+        --source_tasks ALL_TASKS --source_ckpt_path runs/sources/lora --output_dir runs/tuneall/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataloader.errors import UserInputError, run_cli
+from utils.io import write_tsv_atomic
+from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    log_dir: Path  # default home of the per-job logs: beside the outputs
+    finish: Callable[[], None] | None = None  # once every job succeeded: put shared tables in order
+
+
+def script_job(name: str, script: str, argv: list) -> Job:
+    """A job running one of the repository's scripts with this interpreter (absolute path: any cwd works)."""
+    return Job(name, [sys.executable, str(REPO / script), *map(str, argv)])
+
+
+def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]]) -> None:
+    """Put ``keys``' rows (task, k, data_seed, lr, bsz) of ``result.tsv`` last and in this order, under its lock.
+
+    A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
+    (models.checkpoints.resolve_checkpoint); parallel jobs append them in the order they finish.
+    """
+    from models.checkpoints import RESULT_COLUMNS, file_lock
+
+    path = output_dir / "result.tsv"
+    with file_lock(output_dir / ".result.tsv.lock"):
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if header != RESULT_COLUMNS:
+                raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
+            rows = list(reader)
+        rank = {key: i for i, key in enumerate(keys)}
+        others = [r for r in rows if tuple(r[:5]) not in rank]
+        ours = sorted((r for r in rows if tuple(r[:5]) in rank), key=lambda r: rank[tuple(r[:5])])
+        write_tsv_atomic(path, RESULT_COLUMNS, others + ours)
+
+
+def plan_tune(argv: list[str]) -> Plan:
+    import tune
+    from dataloader.crossfit import load_task
+    from models.checkpoints import read_result_tsv, run_dir_name
+    from task_list import resolve_tasks_in
+
+    args = tune.build_parser().parse_args(argv)
+    if args.apply_adapter:
+        args.tune_method = "adapter"
+    tune.check_args(args)
+    # The checks tune.py makes before writing anything, made once here rather than failing in every job.
+    task_dir, tasks = resolve_tasks_in(args.task_dir, args.tasks)
+    splits = (["train", "dev"] if args.do_train else ["dev"]) + (["test"] if args.do_predict else [])
+    for t in tasks:
+        load_task(task_dir, t, args.k, args.data_seed, splits)
+    out = Path(args.output_dir)
+    if (out / "result.tsv").is_file():
+        read_result_tsv(out / "result.tsv")
+    k, seed = str(args.k), str(args.data_seed)
+    if not args.do_train:
+        jobs = [script_job(f"{t}/predict", "tune.py", [*argv, "--tasks", t]) for t in tasks]
+        keys = [(t, k, seed, "-", "-") for t in tasks]
+    else:
+        runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
+        if not args.overwrite:
+            for t, lr, bsz in runs:
+                if (out / t / run_dir_name(lr, bsz)).exists():
+                    raise UserInputError(f"{out / t / run_dir_name(lr, bsz)}: run folder exists (from an earlier "
+                                         "run); pass --overwrite to replace it or choose another --output_dir")
+        # The last --tasks/--learning_rate_list/--bsz_list on a command line wins: each job keeps one of each.
+        jobs = [script_job(f"{t}/{run_dir_name(lr, bsz)}", "tune.py",
+                           [*argv, "--tasks", t, "--learning_rate_list", repr(lr), "--bsz_list", bsz])
+                for t, lr, bsz in runs]
+        keys = [(t, k, seed, f"{lr:g}", str(bsz)) for t, lr, bsz in runs]
+    return Plan(jobs, out / "logs", lambda: order_result_tsv(out, keys))
+
+
+def pairs_of(module, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """Parsed flags and (target, source) pairs of tune_all.py or dev_all.py; every source module checked."""
+    from get_similarity.tune_all import leave_one_out, load_sources
+    from task_list import resolve_tasks, resolve_tasks_in
+
+    args = module.build_parser().parse_args(argv)
+    _, targets = resolve_tasks_in(args.task_dir, args.tasks)
+    sources = resolve_tasks(args.source_tasks) if args.source_tasks else targets
+    pairs = leave_one_out(targets, sources)
+    load_sources(args.source_ckpt_path, sources, args.tune_method)
+    return args, pairs
+
+
+def plan_tuneall(argv: list[str]) -> Plan:
+    from get_similarity import tune_all
+
+    args, pairs = pairs_of(tune_all, argv)
+    jobs = [script_job(f"{t}/{s}", "get_similarity/tune_all.py", [*argv, "--tasks", t, "--source_tasks", s])
+            for t, s in pairs]
+    return Plan(jobs, Path(args.output_dir) / "logs")
+
+
+def plan_devall(argv: list[str]) -> Plan:
+    from get_similarity import dev_all
+
+    args, pairs = pairs_of(dev_all, argv)
+    output = Path(args.output)
+    if output.is_file():
+        dev_all.read_rows(output)  # a malformed table is refused now, not by every job
+    jobs = [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
+                       [*argv, "--tasks", t, "--source_tasks", s, "--merge"]) for t, s in pairs]
+    return Plan(jobs, output.parent / "logs", lambda: dev_all.keep_pairs(output, pairs))
+
+
+PLANS = {"tune": plan_tune, "tuneall": plan_tuneall, "devall": plan_devall}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_args(p)
+    p.add_argument("entry", choices=sorted(PLANS), help="tune (tune.py), tuneall (tune_all.py) or devall (dev_all.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the entry point's own flags")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    entry_argv = args.args[1:] if args.args[:1] == ["--"] else args.args
+    plan = PLANS[args.entry](entry_argv)
+    log_dir = Path(args.log_dir) if args.log_dir else plan.log_dir
+    report = run_jobs(plan.jobs, options, log_dir, name=f"{args.entry}")
+    if report.submitted is not None:
+        return 0
+    if report.failed:
+        return 1
+    if plan.finish is not None:
+        plan.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,287 @@
+"""Scale-out (utils/jobs.py, sweep.py, study.py's jobs): parallel and Slurm-array runs write the sequential files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+import study
+import sweep
+import tune
+from dataloader.errors import UserInputError, run_cli
+from get_similarity import dev_all, tune_all
+from models.delta import load_delta_checkpoint
+from tests.conftest import DEFAULT_MODEL_DIR, REPO, SUITE_DIR
+from tests.test_tuneall_devall import DEV, LORA, TASKS, TRAIN, make_sources
+from utils.jobs import Job, LaunchOptions, parse_minutes, run_jobs
+
+# 2 tasks x 2 learning rates on the embedded default and the bundled suite; --save_last keeps the trained
+# module (a best-dev pick after 4 steps would often be the untouched initialisation).
+SWEEP = ["--do_train", "--do_predict", "--quiet", "--tune_method", "lora", "--lora_r", "2", "--model",
+         str(DEFAULT_MODEL_DIR), "--task_dir", str(SUITE_DIR), "--tasks", "sent_review", "topic_news", "--k", "16",
+         "--learning_rate_list", "1e-3", "3e-2", "--bsz_list", "4", "--train_iters", "4", "--warmup_steps", "1",
+         "--valid_interval", "2", "--log_interval", "2", "--max_output_length", "6", "--predict_batch_size", "100",
+         "--save_last"]
+RUNS = [(t, lr) for t in ("sent_review", "topic_news") for lr in ("lr_0.001_bsz_4", "lr_0.03_bsz_4")]
+
+
+@pytest.fixture()
+def task_dir(tmp_path: Path) -> Path:
+    """Three tiny tasks (test_tuneall_devall's) for tune-all and dev-all on the tiny backbone."""
+    for task in TASKS:
+        (tmp_path / "data" / task).mkdir(parents=True)
+        for split, text in {"train": TRAIN, "dev": DEV}.items():
+            (tmp_path / "data" / task / f"{task}_16_100_{split}.tsv").write_text(text, encoding="utf-8")
+    return tmp_path / "data"
+
+
+def local_executor(folder: Path, options: LaunchOptions) -> submitit.AutoExecutor:
+    return submitit.AutoExecutor(folder=folder, cluster="local")
+
+
+def python_job(name: str, code: str) -> Job:
+    return Job(name, [sys.executable, "-c", code])
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    ta, ma = load_delta_checkpoint(a)
+    tb, mb = load_delta_checkpoint(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta), (a, b)
+    assert ma == mb
+
+
+def same_sweep(out: Path, reference: Path) -> None:
+    """Same result.tsv bytes, bit-identical checkpoints, same curves and predictions, one log per job."""
+    assert (out / "result.tsv").read_bytes() == (reference / "result.tsv").read_bytes()
+    for task, run in RUNS:
+        same_tensors(out / task / run / "checkpoint", reference / task / run / "checkpoint")
+        for name in ("curve.tsv", "test_predictions.tsv", "result.json"):
+            assert (out / task / run / name).read_bytes() == (reference / task / run / name).read_bytes()
+        assert "$ " in (out / "logs" / task / f"{run}.log").read_text().splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sequential") / "sweep"
+    assert run_cli(tune.main, [*SWEEP, "--output_dir", str(out)]) == 0
+    rows = (out / "result.tsv").read_text().splitlines()
+    assert len(rows) == 5 and rows[1].startswith("sent_review\t16\t100\t0.001\t4\t")
+    # The trained modules differ between learning rates: the comparison below is not of untouched inits.
+    a, _ = load_delta_checkpoint(out / "sent_review" / RUNS[0][1] / "checkpoint")
+    b, _ = load_delta_checkpoint(out / "sent_review" / RUNS[1][1] / "checkpoint")
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    return out
+
+
+@pytest.mark.slow
+def test_jobs_2_sweep_equals_the_sequential_run(sequential, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert run_cli(sweep.main, ["--jobs", "2", "tune", *SWEEP, "--output_dir", str(out)]) == 0
+    assert "jobs: 4 of 4 succeeded" in capsys.readouterr().out
+    same_sweep(out, sequential)
+
+
+@pytest.mark.slow
+def test_submitit_local_array_equals_the_sequential_run(sequential, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = run_cli(sweep.main, ["--slurm", "--slurm_cluster", "local", "--slurm_time", "10", "tune", *SWEEP,
+                                "--output_dir", str(out)])
+    assert code == 0
+    assert "jobs: 4 of 4 succeeded" in capsys.readouterr().out
+    same_sweep(out, sequential)
+    assert list((out / "logs" / "slurm").glob("*_0_log.out"))  # submitit's own files beside the job logs
+
+
+def test_failing_job_is_reported_with_its_log_and_the_others_finish(tmp_path, capsys):
+    jobs = [python_job("fails", "import sys; print('error: no such file x.tsv', file=sys.stderr); sys.exit(3)"),
+            python_job("slow/ok", "import time; time.sleep(0.5); print('done')"),
+            python_job("ok", "print('done')")]
+    report = run_jobs(jobs, LaunchOptions(jobs=2), tmp_path / "logs")
+    assert [r.returncode for r in report.results] == [3, 0, 0]
+    assert [r.job.name for r in report.failed] == ["fails"]
+    assert (tmp_path / "logs" / "slow" / "ok.log").read_text().endswith("done\n")
+    summary = capsys.readouterr().out
+    assert "jobs: 2 of 3 succeeded" in summary
+    assert (f"FAILED fails: exit code 3 (error: no such file x.tsv); log {tmp_path / 'logs' / 'fails.log'}"
+            in summary)
+
+
+def test_jobs_1_runs_in_order_and_a_program_that_cannot_start_fails(tmp_path, capsys):
+    order = tmp_path / "order.txt"
+    jobs = [python_job(str(i), f"open({str(order)!r}, 'a').write('{i}')") for i in range(5)]
+    jobs.append(Job("missing", [str(tmp_path / "no-such-program")]))
+    report = run_jobs(jobs, LaunchOptions(jobs=1), tmp_path / "logs")
+    assert order.read_text() == "01234"
+    assert [r.job.name for r in report.failed] == ["missing"] and report.failed[0].returncode is None
+    assert "could not start" in capsys.readouterr().out
+
+
+def test_submitit_local_array_reports_a_failing_task(tmp_path, capsys):
+    jobs = [python_job("ok", "print('fine')"), python_job("bad", "raise SystemExit(5)")]
+    options = LaunchOptions(slurm=True, slurm_time="5", poll_s=0.2).validate()
+    report = run_jobs(jobs, options, tmp_path / "logs", executor_factory=local_executor)
+    assert [r.returncode for r in report.results] == [0, 5]
+    assert (tmp_path / "logs" / "ok.log").read_text().endswith("fine\n")
+    assert "FAILED bad: exit code 5" in capsys.readouterr().out
+
+
+def test_no_wait_prints_the_array_id_and_returns(tmp_path, capsys):
+    log = tmp_path / "logs" / "late.log"
+    options = LaunchOptions(slurm=True, slurm_time="5", wait=False).validate()
+    report = run_jobs([python_job("late", "import time; time.sleep(1); print('finished')")], options,
+                      tmp_path / "logs", executor_factory=local_executor)
+    assert report.submitted and not report.failed
+    assert f"as array {report.submitted}" in capsys.readouterr().out
+    deadline = time.time() + 60  # the job runs on after the call returned
+    while not (log.is_file() and log.read_text().endswith("finished\n")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().endswith("finished\n")
+
+
+def test_tune_plan_has_one_job_per_task_lr_bsz(tmp_path):
+    plan = sweep.plan_tune([*SWEEP, "--bsz_list", "4", "8", "--output_dir", str(tmp_path / "out")])
+    assert [j.name for j in plan.jobs] == [f"{t}/lr_{lr}_bsz_{b}" for t in ("sent_review", "topic_news")
+                                           for lr in ("0.001", "0.03") for b in (4, 8)]
+    parsed = [tune.build_parser().parse_args(j.argv[2:]) for j in plan.jobs]
+    assert all(j.argv[:2] == [sys.executable, str(REPO / "tune.py")] for j in plan.jobs)
+    assert [(a.tasks, a.learning_rate_list, a.bsz_list) for a in parsed][:2] == [
+        (["sent_review"], [1e-3], [4]), (["sent_review"], [1e-3], [8])]
+    assert plan.log_dir == tmp_path / "out" / "logs"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--jobs", "0", "tune"], "--jobs: expected a positive integer"),
+    (["--jobs", "2", "--slurm", "tune"], "--jobs with --slurm"),
+    (["--no_wait", "tune"], "--no_wait: only with --slurm"),
+    (["--slurm", "--slurm_time", "1:30", "tune"], "--slurm_time: expected minutes"),
+    (["--jobs", "2", "tune", "--do_train", "--tasks", "no_such_task"], "no_such_task"),
+    (["--jobs", "2", "tuneall", "--tasks", "sent_review", "sent_tweet", "--source_ckpt_path", "/nonexistent",
+      "--output_dir", "x"], "--source_ckpt_path /nonexistent: folder does not exist"),
+])
+def test_bad_input_exits_2_before_any_job_starts(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(sweep.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_run_folder_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "sent_review" / "lr_0.03_bsz_4").mkdir(parents=True)
+    assert run_cli(sweep.main, ["--jobs", "2", "tune", *SWEEP, "--output_dir", str(out)]) == 2
+    assert "lr_0.03_bsz_4: run folder exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == ["lr_0.03_bsz_4", "sent_review"]
+
+
+def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--do_train", "--quiet", "--model", str(tiny_backbone_dir), "--tasks", "sent_review", "topic_news",
+            "--train_iters", "1", "--train_checkpoint", str(tmp_path / "missing"), "--output_dir", str(out)]
+    assert run_cli(sweep.main, ["--jobs", "2", "tune", *argv]) == 1
+    summary = capsys.readouterr().out
+    assert "jobs: 0 of 2 succeeded" in summary
+    for task in ("sent_review", "topic_news"):
+        log = out / "logs" / task / "lr_0.0005_bsz_8.log"
+        assert f"FAILED {task}/lr_0.0005_bsz_8: exit code 2 (error: {tmp_path / 'missing'}: checkpoint not found" \
+            in summary and f"log {log}" in summary
+        assert log.is_file()
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1), ("2-00:00:00", 2880),
+                                           ("1-12", 2160), ("1-0:30", 1470)])
+def test_slurm_time_formats(text, minutes):
+    assert parse_minutes(text) == minutes
+
+
+def test_dev_all_merge_replaces_in_place_and_keep_pairs_orders(tmp_path):
+    table = tmp_path / "dev_all.tsv"
+    dev_all.merge_rows(table, [["b", "a", "0.5", "-"]])
+    dev_all.merge_rows(table, [["a", "b", "0.25", "0.75"], ["a", "c", "0.0", "-"]])
+    dev_all.merge_rows(table, [["b", "a", "0.5", "1.0"]])  # replaced where it stands
+    assert dev_all.read_rows(table) == [["b", "a", "0.5", "1.0"], ["a", "b", "0.25", "0.75"], ["a", "c", "0.0", "-"]]
+    dev_all.keep_pairs(table, [("a", "b"), ("b", "a")])
+    assert table.read_text() == "target\tsource\tdev_zero_shot\tdev_after\na\tb\t0.25\t0.75\nb\ta\t0.5\t1.0\n"
+    with pytest.raises(UserInputError, match="no row for target 'a' and source 'c'"):
+        dev_all.keep_pairs(table, [("a", "c")])
+    table.write_text("target\tsource\tdev_zero_shot\tdev_after\na\tb\t0.25\n")
+    with pytest.raises(UserInputError, match=r"dev_all.tsv:2: expected 4 tab-separated fields, found 3"):
+        dev_all.merge_rows(table, [["a", "c", "0.0", "-"]])
+
+
+@pytest.mark.slow
+def test_tuneall_and_devall_pairs_split_across_jobs_equal_one_process(tiny_backbone_dir, task_dir, tmp_path, capsys):
+    sources = make_sources(tmp_path / "sources", tiny_backbone_dir, LORA, TASKS)
+    common = ["--model", str(tiny_backbone_dir), "--task_dir", str(task_dir), "--tasks", "alpha", "beta",
+              "--source_tasks", *TASKS, "--source_ckpt_path", str(sources), "--max_output_length", "4", "--quiet"]
+    fast = ["--steps", "2", "--learning_rate", "1e-2", "--bsz", "2", "--warmup_steps", "1"]
+    pairs = [("alpha", "beta"), ("alpha", "gamma"), ("beta", "alpha"), ("beta", "gamma")]
+
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert run_cli(tune_all.main, [*common, *fast, "--output_dir", str(one)]) == 0
+    assert run_cli(dev_all.main, [*common, "--tuneall_ckpt_path", str(one), "--output", str(one / "dev.tsv")]) == 0
+    assert run_cli(sweep.main, ["--jobs", "2", "tuneall", *common, *fast, "--output_dir", str(split)]) == 0
+    # A stale row from another run is dropped, as a single process replacing the table would.
+    (split / "dev.tsv").write_text("target\tsource\tdev_zero_shot\tdev_after\ngamma\talpha\t0.1\t-\n")
+    assert run_cli(sweep.main, ["--jobs", "2", "devall", *common, "--tuneall_ckpt_path", str(split),
+                                "--output", str(split / "dev.tsv")]) == 0
+    assert "jobs: 4 of 4 succeeded" in capsys.readouterr().out
+
+    for t, s in pairs:
+        same_tensors(split / t / s, one / t / s)
+        assert (split / "logs" / t / f"{s}.log").is_file()
+    assert (split / "dev.tsv").read_bytes() == (one / "dev.tsv").read_bytes()
+    assert [line.split("\t")[:2] for line in (one / "dev.tsv").read_text().splitlines()[1:]] == [list(p) for p in pairs]
+
+
+def read_tree(root: Path, names: list[str]) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in names}
+
+
+@pytest.mark.slow
+def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, tmp_path, capsys):
+    small = ["--model", str(tiny_backbone_dir), "--tasks", "sent_review sent_tweet topic_news", "--targets",
+             "sent_review topic_news", "--fusions", "average Performance", "--source_iters", "4",
+             "--source_valid_interval", "2", "--target_iters", "2", "--target_valid_interval", "1",
+             "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2", "--source_k", "16"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert run_cli(study.main, ["--output", str(one), *small]) == 0
+    assert run_cli(study.main, ["--output", str(split), *small, "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    # sources (3 jobs), random (2), tune-all (4 pairs), dev-all (4 pairs), transfer (2 fusions x 2 targets)
+    for n in (3, 2, 4, 4, 4):
+        assert f"jobs: {n} of {n} succeeded" in out
+
+    files = ["lora/sources/result.tsv", "lora/random/result.tsv", "lora/devall.tsv", "lora/pairs.tsv",
+             "lora/transfer/average/result.tsv", "lora/transfer/Performance/result.tsv", "results/summary.tsv",
+             "results/transferability.tsv"]
+    assert read_tree(split, files) == read_tree(one, files)
+    for t, s in [("sent_review", "sent_tweet"), ("topic_news", "sent_review")]:
+        same_tensors(split / "lora" / "tuneall" / t / s, one / "lora" / "tuneall" / t / s)
+    assert (split / "logs" / "lora-tuneall" / "topic_news" / "sent_tweet.log").is_file()
+    assert sorted(p.name for p in (split / ".steps").iterdir()) == sorted(p.name for p in (one / ".steps").iterdir())
+
+
+def test_scripts_route_through_the_launcher_only_when_asked(tmp_path):
+    def dry(script: str, **env: str) -> list[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "JOBS", "JOB_LOG_DIR"))}
+        proc = subprocess.run(["bash", str(REPO / "scripts" / script)], env={**clean, "DRY_RUN": "1", **env},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert dry("lora.sh")[1] == "tune.py" and dry("lora.sh", JOBS="1")[1] == "tune.py"
+    assert dry("lora.sh", JOBS="3")[1:5] == ["sweep.py", "--jobs", "3", "tune"]
+    words = dry("lora_tuneall.sh", SLURM="1", SLURM_PARTITION="gpu", SLURM_GPUS="1", SLURM_TIME="2:00:00",
+                SLURM_NO_WAIT="1", JOB_LOG_DIR=str(tmp_path))
+    assert words[1:words.index("tuneall")] == ["sweep.py", "--slurm", "--slurm_partition", "gpu", "--slurm_time",
+                                               "2:00:00", "--slurm_gpus", "1", "--no_wait", "--log_dir", str(tmp_path)]
+    assert dry("lora_devall.sh", SLURM_PARTITION="gpu")[1:3] == ["-m", "get_similarity.dev_all"]  # SLURM unset
+    assert dry("adapter_devall.sh", JOBS="2")[1:5] == ["sweep.py", "--jobs", "2", "devall"]
