@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dataloader.errors import UserInputError
 from models.delta import CONFIG_FILE
+from models.legacy import is_adapterhub_folder
 from utils.io import write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
@@ -77,15 +78,18 @@ def update_result_tsv(output_dir: Path, row: dict) -> None:
 def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
     """The checkpoint folder that ``path`` stands for.
 
-    ``path`` may be a checkpoint itself, a tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``)
-    or a tune.py task folder, in which case the run with the best dev score in the parent's
-    ``result.tsv`` is taken.
+    ``path`` may be a checkpoint itself, an AdapterHub ``save_adapter`` folder (converted when loaded), a
+    tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``) or a tune.py task folder, in which case the
+    run with the best dev score in the parent's ``result.tsv`` is taken.
     """
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() or is_adapterhub_folder(path):
         return path
     if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).is_file():
         return path / CHECKPOINT_SUBDIR
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        raise UserInputError(f"{path}: a torch pickle file, which is never loaded as a checkpoint directly; convert "
+                             f"it first: python scripts/convert_legacy_ckpt.py {path} OUTPUT_DIR")
     if not path.is_dir():
         raise UserInputError(f"{path}: checkpoint not found (expected a delta checkpoint or a tune.py output folder)")
     task = task or path.name

@@ -394,6 +394,10 @@ def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], di
         raise UserInputError(f"{path}: expected a delta checkpoint folder, found a file")
     cfg_file = path / CONFIG_FILE
     weights_file = path / WEIGHTS_FILE
+    from models.legacy import is_adapterhub_folder, read_adapterhub_folder  # here: models.legacy imports this module
+
+    if is_adapterhub_folder(path):  # an AdapterHub save_adapter folder, renamed and checked on the fly
+        return read_adapterhub_folder(path)
     if not cfg_file.is_file():
         raise UserInputError(f"{cfg_file}: missing (a delta checkpoint folder holds {CONFIG_FILE})")
     if not weights_file.is_file():
@@ -431,7 +435,10 @@ def check_compatible(
     if meta.get("method") != cfg.method or meta.get("sizes") != cfg.sizes():
         raise UserInputError(f"checkpoint {source} was made with {made}; this run uses {cfg.describe()}")
     theirs = meta.get("backbone_fingerprint")
-    if theirs != fingerprint:
+    # A module converted from another format may record only part of it (an AdapterHub folder has no
+    # vocabulary size): compare the numbers it records.
+    mine = {k: fingerprint.get(k) for k in theirs} if isinstance(theirs, dict) and theirs else fingerprint
+    if theirs != mine:
         raise UserInputError(
             f"checkpoint {source} was made for backbone {meta.get('backbone')!r} with {_fmt(theirs)}; "
             f"this run's backbone has {_fmt(fingerprint)}"
