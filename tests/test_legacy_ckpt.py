@@ -127,7 +127,19 @@ def test_malicious_pickle(tmp_path, tiny_backbone_dir, capsys):
                                "--output_dir", str(tmp_path / "runs")])
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, "convert it first", "convert_legacy_ckpt.py")
+    # Nor does a poisoned AdapterHub folder get further than the restricted unpickler.
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"config": {"architecture": "lora"}, "hidden_size": 32, '
+                                                '"model_type": "t5", "name": "x"}', encoding="utf-8")
+    torch.save({"x": Payload(sentinel)}, folder / "pytorch_adapter.bin")
+    code = run_cli(tune.main, ["--do_predict", "--train_checkpoint", str(folder), "--model", str(tiny_backbone_dir),
+                               "--tune_method", "lora", "--tasks", "sent_review", "--quiet",
+                               "--output_dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "pytorch_adapter.bin: refused", "posix.system")
     assert not sentinel.exists()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_malicious_pickle_cli_exit_code(tmp_path):
