@@ -278,7 +278,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     def devall_argv(targets: list[str], sources: list[str]) -> list:
         return [*common, "--tasks", *targets, "--source_tasks", *sources, "--source_ckpt_path", src,
-                "--tuneall_ckpt_path", tuneall, "--output", devall, "--k", p.target_k, "--data_seed",
+                "--tuneall_ckpt_path", tuneall, "--output", devall, "--overwrite", "--k", p.target_k, "--data_seed",
                 p.target_data_seed, "--predict_batch_size", 100]
 
     study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],

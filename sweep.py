@@ -138,6 +138,8 @@ def plan_devall(argv: list[str]) -> Plan:
     output = Path(args.output)
     if output.is_file():
         dev_all.read_rows(output)  # a malformed table is refused now, not by every job
+        if not args.overwrite:
+            dev_all.check_no_earlier_rows(output, pairs, merge=True)
     jobs = [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
                        [*argv, "--tasks", t, "--source_tasks", s, "--merge"]) for t, s in pairs]
     return Plan(jobs, output.parent / "logs", lambda: dev_all.keep_pairs(output, pairs))

@@ -13,7 +13,8 @@ The Performance fusion method reads these dev gains. The backbone is loaded once
 in; every module is checked (method, sizes, backbone, which pair) before the first generation. Writes one
 TSV (atomically, at the end) with columns target, source, dev_zero_shot, dev_after; scores are written
 in full precision. With --merge, this run's rows replace or join those of an existing --output, under a
-file lock, so parallel jobs that each score some pairs share one table (sweep.py devall).
+file lock, so parallel jobs that each score some pairs share one table (sweep.py devall). What an earlier
+run wrote (the table; with --merge, these pairs' rows) is refused before any scoring unless --overwrite.
 
     python -m get_similarity.dev_all --tasks SAMPLE_TASKS --source_ckpt_path runs/sources/lora \\
         --tuneall_ckpt_path runs/tuneall/lora --output runs/tuneall/lora/dev_all.tsv
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (with --merge: the rows of this run's pairs)")
     p.add_argument("--merge", action="store_true",
                    help="replace this run's rows in an existing --output and keep its other rows (under a file "
                         "lock): parallel jobs that each score some pairs share one table")
@@ -95,6 +98,20 @@ def read_rows(path: Path) -> list[list[str]]:
                 raise UserInputError(f"{path}:{line}: expected {len(COLUMNS)} tab-separated fields, found {len(row)}")
             rows.append(row)
     return rows
+
+
+def check_no_earlier_rows(path: Path, pairs: list[tuple[str, str]], merge: bool) -> None:
+    """Refuse to replace an earlier run's output: the whole table, or with ``merge`` the rows of ``pairs``."""
+    if not path.exists():
+        return
+    if not merge:
+        raise UserInputError(f"--output {path}: exists (from an earlier run); pass --overwrite to replace it "
+                             "or choose another --output")
+    wanted = set(pairs)
+    for line, row in enumerate(read_rows(path), start=2):
+        if (row[0], row[1]) in wanted:
+            raise UserInputError(f"{path}:{line}: already holds the row of (target={row[0]}, source={row[1]}) from "
+                                 "an earlier run; pass --overwrite to replace it or choose another --output")
 
 
 def lock_of(path: Path) -> Path:
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
     if args.merge and output.is_file():
         read_rows(output)  # refuse a table it cannot merge into before scoring anything
+    if not args.overwrite:
+        check_no_earlier_rows(output, pairs, args.merge)
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["dev"])["dev"] for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
