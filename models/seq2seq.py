@@ -1,9 +1,12 @@
-"""Tokenised batches, greedy/beam generation and task scoring shared by the trainer and the similarity code."""
+"""Tokenised batches, greedy/beam generation, rank classification and task scoring.
+
+Shared by the trainer and the similarity code.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +16,9 @@ from dataloader.crossfit import Example
 from dataloader.metrics import score
 
 IGNORE_INDEX = -100
+# Metrics whose gold outputs are class names: only these tasks can have a fixed label set.
+CLASSIFICATION_METRICS = ("ACC", "Classification-F1", "Matthew-Correlation")
+MAX_LABELS = 32
 
 
 @dataclass
@@ -22,6 +28,11 @@ class EncodedTask:
     examples: list[Example]
     inputs: list[list[int]]
     outputs: list[list[list[int]]]
+
+    def subset(self, indices: Sequence[int]) -> EncodedTask:
+        """The examples at ``indices``, in that order (a shard of a split, for instance)."""
+        return EncodedTask([self.examples[i] for i in indices], [self.inputs[i] for i in indices],
+                           [self.outputs[i] for i in indices])
 
 
 def encode_examples(tokenizer, examples: list[Example], max_input_length: int,
@@ -55,16 +66,26 @@ def collate(inputs: list[list[int]], labels: list[list[int]] | None, pad_id: int
     return batch
 
 
-def training_batches(task: EncodedTask, batch_size: int, rng: random.Random,
-                     pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled epochs; each epoch draws one of an example's gold outputs at random."""
+def training_examples(task: EncodedTask, batch_size: int,
+                      rng: random.Random) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
+    """Endless shuffled epochs of (input ids, label ids) lists; each epoch draws one gold output at random.
+
+    Uncollated, so that data-parallel ranks can draw the same global batch and each collate its share.
+    """
     order = list(range(len(task.inputs)))
     while True:
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             labels = [rng.choice(task.outputs[i]) for i in idx]
-            yield collate([task.inputs[i] for i in idx], labels, pad_id)
+            yield [task.inputs[i] for i in idx], labels
+
+
+def training_batches(task: EncodedTask, batch_size: int, rng: random.Random,
+                     pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled epochs of collated batches (same draws as ``training_examples``)."""
+    for inputs, labels in training_examples(task, batch_size, rng):
+        yield collate(inputs, labels, pad_id)
 
 
 def first_output_batches(task: EncodedTask, batch_size: int, pad_id: int) -> Iterator[tuple[list[int], dict]]:
@@ -76,32 +97,161 @@ def first_output_batches(task: EncodedTask, batch_size: int, pad_id: int) -> Ite
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+    """Move a CPU batch to ``device``; on CUDA through pinned memory, so the copy is truly asynchronous.
+
+    A non_blocking copy from pageable memory is staged synchronously by the driver; from pinned memory
+    it overlaps with queued kernels and the host goes on preparing the next batch. The caching host
+    allocator keeps each pinned buffer alive until its copy has finished.
+    """
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def label_set(examples: Sequence[Example], metric: str | None = None) -> list[str] | None:
+    """The task's fixed label set (sorted), or None when its outputs are free text.
+
+    Pass a task's train and dev examples. The rule: the metric (when given) is a classification metric
+    (CLASSIFICATION_METRICS), every example has exactly one gold output, there are at most MAX_LABELS
+    distinct outputs, and each appears twice on average (2 * labels <= examples). The last condition
+    keeps out tasks scored by ACC whose answers are free text (multiple-choice QA answered with the
+    option's text), where almost every output is distinct.
+    """
+    if metric is not None and metric not in CLASSIFICATION_METRICS:
+        return None
+    if not examples or any(len(ex.outputs) != 1 for ex in examples):
+        return None
+    labels = sorted({ex.outputs[0] for ex in examples})
+    if len(labels) > MAX_LABELS or 2 * len(labels) > len(examples):
+        return None
+    return labels
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {int(eos)}
 
 
 @torch.no_grad()
 def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int, num_beams: int = 1,
-             device: torch.device | None = None, desc: str | None = None) -> list[str]:
-    """Predictions in the examples' order; batches are sorted by input length to waste less padding."""
+             device: torch.device | None = None, desc: str | None = None, sort_by_length: bool = True,
+             fallback_max_new_tokens: int | None = None) -> list[str]:
+    """Predictions in the examples' order.
+
+    ``sort_by_length`` batches examples sorted by input length, which wastes less padding (False: file
+    order, for comparison). With ``fallback_max_new_tokens``, a batch in which some row used all
+    ``max_new_tokens`` without emitting EOS is generated again with the larger budget. For greedy
+    decoding this makes a short budget exact: the first steps of a batch do not depend on the budget,
+    so a batch whose rows all finish gives the same tokens as with the large budget, and any other
+    batch is generated with the large budget itself.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     predictions: list[str] = [""] * len(task.inputs)
-    order = sorted(range(len(task.inputs)), key=lambda i: len(task.inputs[i]))
+    order = list(range(len(task.inputs)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(task.inputs[i]))
+    eos = _eos_ids(model, tokenizer)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[start:start + batch_size]
         batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        # generate() stops early once every row has finished, so only a full-length output can hold an
+        # unfinished row (this host sync is per batch, at evaluation only).
+        if (fallback_max_new_tokens is not None and fallback_max_new_tokens > max_new_tokens
+                and out.shape[1] - 1 >= max_new_tokens):
+            finished = torch.isin(out[:, 1:], torch.tensor(sorted(eos), device=out.device)).any(dim=1)
+            if not bool(finished.all()):
+                out = model.generate(**batch, max_new_tokens=fallback_max_new_tokens, num_beams=num_beams,
+                                     do_sample=False)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             predictions[i] = text.strip()
     model.train(was_training)
     return predictions
 
 
+@torch.no_grad()
+def rank_scores(model, tokenizer, task: EncodedTask, labels: list[str], batch_size: int,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Summed log-likelihood of each label's tokens (EOS included) per example, teacher-forced.
+
+    Returns a float32 CPU tensor (examples, labels). The encoder runs once per batch of examples; its
+    states are repeated for every label, so a batch feeds about ``batch_size`` decoder rows.
+    """
+    if not labels:
+        raise ValueError("rank classification needs at least one label")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_labels = len(labels)
+    tokenised = tokenizer(list(labels)).input_ids
+    label_ids = torch.full((n_labels, max(len(t) for t in tokenised)), IGNORE_INDEX, dtype=torch.long)
+    for j, ids in enumerate(tokenised):
+        label_ids[j, :len(ids)] = torch.tensor(ids)
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=label_ids)
+    label_ids, decoder_inputs = label_ids.to(device), decoder_inputs.to(device)
+    example_bsz = max(1, batch_size // n_labels)
+    scores = torch.empty((len(task.inputs), n_labels), dtype=torch.float32)
+    order = sorted(range(len(task.inputs)), key=lambda i: len(task.inputs[i]))
+    for start in range(0, len(order), example_bsz):
+        idx = order[start:start + example_bsz]
+        batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
+        n = len(idx)
+        encoded = _encode(model, batch)
+        # Row r of the decoder batch is example r // n_labels with label r % n_labels.
+        out = model(encoder_outputs=(encoded.repeat_interleave(n_labels, dim=0),),
+                    attention_mask=batch["attention_mask"].repeat_interleave(n_labels, dim=0),
+                    decoder_input_ids=decoder_inputs.repeat(n, 1), use_cache=False)
+        targets = label_ids.repeat(n, 1)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        token_logp = token_logp.masked_fill(targets == IGNORE_INDEX, 0.0)
+        scores[idx] = token_logp.sum(dim=-1).view(n, n_labels).cpu()
+    model.train(was_training)
+    return scores
+
+
+def _encode(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Encoder states of a batch, inside the delta library's forward context when it has one.
+
+    The ``adapters`` library sets up per-batch state (prefix tuning's keys and values) in a context
+    that the model's forward() opens; calling the encoder alone must open it too, as its own
+    generate() does.
+    """
+    encoder = model.get_encoder()
+    if getattr(model, "adapters_config", None) is None:
+        return encoder(**batch, return_dict=True).last_hidden_state
+    from adapters.context import ForwardContext
+
+    with ForwardContext(model, **batch):
+        return encoder(**batch, return_dict=True).last_hidden_state
+
+
+def rank_classify(model, tokenizer, task: EncodedTask, labels: list[str], batch_size: int,
+                  device: torch.device | None = None) -> list[str]:
+    """The label with the highest summed token log-likelihood per example (ties: the first label)."""
+    scores = rank_scores(model, tokenizer, task, labels, batch_size, device)
+    return [labels[j] for j in scores.argmax(dim=1).tolist()]
+
+
+def predict(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int, num_beams: int = 1,
+            desc: str | None = None, labels: list[str] | None = None,
+            fallback_max_new_tokens: int | None = None) -> list[str]:
+    """Rank classification over ``labels`` when given, else generation."""
+    if labels:
+        return rank_classify(model, tokenizer, task, labels, batch_size)
+    return generate(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc=desc,
+                    fallback_max_new_tokens=fallback_max_new_tokens)
+
+
 def evaluate(model, tokenizer, task: EncodedTask, metric: str, batch_size: int, max_new_tokens: int,
-             num_beams: int = 1, desc: str | None = None) -> tuple[float, list[str]]:
-    """Task score by generation and the task's metric; returns (score, predictions)."""
-    predictions = generate(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc=desc)
+             num_beams: int = 1, desc: str | None = None, labels: list[str] | None = None,
+             fallback_max_new_tokens: int | None = None) -> tuple[float, list[str]]:
+    """Task score of the predictions (rank classification over ``labels`` when given, else generation)."""
+    predictions = predict(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc, labels,
+                          fallback_max_new_tokens)
     return score(metric, predictions, [list(ex.outputs) for ex in task.examples]), predictions
