@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example, load_task
 from dataloader.errors import UserInputError, run_cli
-from dataloader.metrics import metric_for_task
+from dataloader.metrics import metric_for_task, score
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device, quiet_libraries
 from models.checkpoints import CHECKPOINT_SUBDIR, resolve_checkpoint, run_dir_name, update_result_tsv
@@ -43,9 +46,9 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
-from models.seq2seq import EncodedTask, encode_examples, evaluate, to_device, training_batches
+from models.seq2seq import EncodedTask, collate, encode_examples, label_set, predict, to_device, training_examples
 from task_list import resolve_tasks_in
-from utils.io import staged_dir, write_tsv_atomic
+from utils.io import staged_dir, write_text_atomic, write_tsv_atomic
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_TASK_DIR = SUITE_DIR
@@ -102,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_input_length", type=int, default=256)
     data.add_argument("--max_output_length", type=int, default=32)
     data.add_argument("--num_beams", type=int, default=1)
+    data.add_argument("--max_new_tokens", default="auto",
+                      help="generation budget at validation and test: auto (label tasks: the longest label + EOS, "
+                           "exact because rows that do not finish are generated again with --max_output_length; "
+                           "other tasks: --max_output_length) or a number")
+    data.add_argument("--rank_classification", action="store_true",
+                      help="score label tasks by the likelihood of each label instead of generating (others generate)")
     data.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     data.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     return p
@@ -126,6 +135,14 @@ def check_args(args: argparse.Namespace) -> DeltaConfig:
         for v in values:
             if v <= 0:
                 raise UserInputError(f"{flag}: expected a positive integer, found {v}")
+    if args.max_new_tokens != "auto":
+        try:
+            args.max_new_tokens = int(args.max_new_tokens)
+        except ValueError:
+            raise UserInputError(f"--max_new_tokens: expected auto or a positive integer, found "
+                                 f"{args.max_new_tokens!r}") from None
+        if args.max_new_tokens <= 0:
+            raise UserInputError(f"--max_new_tokens: expected auto or a positive integer, found {args.max_new_tokens}")
     for flag, v in {"--warmup_steps": args.warmup_steps, "--early_stop": args.early_stop}.items():
         if v < 0:
             raise UserInputError(f"{flag}: expected zero or more, found {v}")
@@ -159,10 +176,44 @@ class RunLog:
 
 
 @dataclass
+class Decoding:
+    """How a task is predicted at validation and test (see ``plan_decoding``)."""
+
+    max_new_tokens: int
+    fallback_max_new_tokens: int | None = None  # rows that do not finish within max_new_tokens get this budget
+    rank_labels: list[str] | None = None  # rank classification over these labels instead of generation
+
+    def describe(self) -> str:
+        if self.rank_labels:
+            shown = ", ".join(self.rank_labels[:5]) + (", ..." if len(self.rank_labels) > 5 else "")
+            return f"rank classification over {len(self.rank_labels)} labels ({shown})"
+        if self.fallback_max_new_tokens:
+            return (f"generation, max_new_tokens {self.max_new_tokens} (label task; a batch with an unfinished row "
+                    f"is generated again with {self.fallback_max_new_tokens})")
+        return f"generation, max_new_tokens {self.max_new_tokens}"
+
+
+def plan_decoding(args: argparse.Namespace, tokenizer, metric: str, examples: list[Example]) -> Decoding:
+    """Budget and method of prediction for one task, from its label set (train and dev examples)."""
+    labels = label_set(examples, metric)
+    if args.rank_classification and labels:
+        return Decoding(args.max_output_length, rank_labels=labels)
+    if args.max_new_tokens != "auto":
+        return Decoding(args.max_new_tokens)
+    if not labels or args.num_beams > 1:  # the exactness argument of the short budget holds for greedy decoding
+        return Decoding(args.max_output_length)
+    longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels) + 1  # + EOS
+    if longest >= args.max_output_length:
+        return Decoding(args.max_output_length)
+    return Decoding(longest, fallback_max_new_tokens=args.max_output_length)
+
+
+@dataclass
 class TaskData:
     name: str
     metric: str
     splits: dict[str, EncodedTask]
+    decoding: Decoding | None = None  # None: generation with --max_output_length tokens (callers without a plan)
 
 
 @dataclass
@@ -176,16 +227,59 @@ def fmt_score(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-class Trainer:
-    """Holds the backbone with its delta module; runs one (task, lr, bsz) at a time."""
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among data-parallel processes (one process: rank 0 of 1)."""
 
-    def __init__(self, args: argparse.Namespace, cfg: DeltaConfig):
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str) -> tuple[Distributed, str]:
+    """Join the process group a launcher (``accelerate launch``, ``torchrun``) describes, and pick the device.
+
+    The launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Without it (or with one
+    process) nothing is joined. Several processes use one GPU each (NCCL) or the CPU (gloo).
+    """
+    if device_arg == "auto" and os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes"):
+        device_arg = "cpu"  # accelerate launch --cpu
+    device = pick_device(device_arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    rank = int(os.environ["RANK"])
+    try:
+        is_cuda = torch.device(device).type == "cuda"
+    except (RuntimeError, ValueError):
+        return Distributed(rank, world), device  # load_backbone reports the bad --device before any collective
+    if is_cuda and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"  # one GPU per process
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if is_cuda else "gloo")
+    return Distributed(rank, world), device
+
+
+class Trainer:
+    """Holds the backbone with its delta module; runs one (task, lr, bsz) at a time.
+
+    Under several processes (data parallel) every process holds the same module and takes the same
+    decisions; each computes its share of every batch and of every evaluation, and only rank 0 writes.
+    """
+
+    def __init__(self, args: argparse.Namespace, cfg: DeltaConfig, ddp: Distributed | None = None,
+                 device: str | None = None):
         self.args, self.cfg = args, cfg
-        self.device = torch.device(pick_device(args.device))
+        self.ddp = ddp or Distributed()
+        self.device = torch.device(device or pick_device(args.device))
         self.model, self.tokenizer = load_backbone(args.model, args.tokenizer_path, self.device)
         self.fingerprint = backbone_fingerprint(self.model)
         self.backbone = backbone_name(args.model)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # same seed on every rank, so every rank starts from the same module
         attach_delta(self.model, cfg)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -211,13 +305,81 @@ class Trainer:
     def encode(self, examples: list[Example]) -> EncodedTask:
         return encode_examples(self.tokenizer, examples, self.args.max_input_length, self.args.max_output_length)
 
-    def evaluate(self, task: TaskData, split: str, desc: str) -> tuple[float, list[str]]:
-        a = self.args
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
-            return evaluate(self.model, self.tokenizer, task.splits[split], task.metric, a.predict_batch_size,
-                            a.max_output_length, a.num_beams, desc=desc)
+    def autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    def train(self, task: TaskData, lr: float, bsz: int, log: RunLog, run_dir: Path) -> RunResult:
+    def decoding(self, task: TaskData) -> Decoding:
+        return task.decoding or Decoding(self.args.max_output_length)
+
+    def evaluate(self, task: TaskData, split: str, desc: str) -> tuple[float, list[str]]:
+        """Score of a split; several processes predict every world-th example each and gather the predictions,
+        so every rank scores the same predictions and takes the same best/early-stop decisions."""
+        a, d, world = self.args, self.decoding(task), self.ddp.world
+        encoded = task.splits[split]
+        mine = encoded if world == 1 else encoded.subset(range(self.ddp.rank, len(encoded.inputs), world))
+        with self.autocast():
+            predictions = predict(self.model, self.tokenizer, mine, a.predict_batch_size, d.max_new_tokens,
+                                  a.num_beams, desc=desc if self.ddp.is_main else None, labels=d.rank_labels,
+                                  fallback_max_new_tokens=d.fallback_max_new_tokens)
+        if world > 1:
+            shares: list[list[str] | None] = [None] * world
+            dist.all_gather_object(shares, predictions)
+            predictions = [""] * len(encoded.inputs)
+            for rank, share in enumerate(shares):
+                predictions[rank::world] = share
+        return score(task.metric, predictions, [list(ex.outputs) for ex in encoded.examples]), predictions
+
+    def backward_share(self, inputs: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+        """Backward on this rank's contiguous share of the global batch, then sum the gradients over ranks.
+
+        The model's loss is the mean over label tokens; weighting each share's mean by its fraction of the
+        batch's label tokens makes the sum over ranks the mean over the whole batch, as in one process.
+        Returns this share's weighted loss (on device).
+        """
+        n, world, rank = len(inputs), self.ddp.world, self.ddp.rank
+        lo, hi = rank * n // world, (rank + 1) * n // world  # shares differ by at most one example
+        if hi > lo:
+            batch = to_device(collate(inputs[lo:hi], labels[lo:hi], self.tokenizer.pad_token_id), self.device)
+            weight = sum(len(y) for y in labels[lo:hi]) / sum(len(y) for y in labels)  # host ints: no sync
+            with self.autocast():
+                loss = self.model(**batch).loss * weight
+            loss.backward()
+        else:  # a batch smaller than the world leaves this rank without examples: it adds zero gradients
+            loss = torch.zeros((), device=self.device)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # one collective for all delta parameters; on NCCL it is queued, no host sync
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return loss.detach()
+
+    def step(self, inputs: list[list[int]], labels: list[list[int]], optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> torch.Tensor:
+        """One optimisation step on a global batch; returns its loss (this rank's share) without a host sync.
+
+        Nothing here reads a device value on the host: the batch is copied asynchronously from pinned memory
+        (to_device), clip_grad_norm_ keeps the total norm on the device, AdamW keeps its step counters on the
+        CPU and LambdaLR sets the learning rate as a python float.
+        """
+        a = self.args
+        if self.ddp.world == 1:
+            batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
+            with self.autocast():
+                loss = self.model(**batch).loss
+            loss.backward()
+        else:
+            loss = self.backward_share(inputs, labels)
+        if a.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def train(self, task: TaskData, lr: float, bsz: int, log: RunLog, run_dir: Path | None) -> RunResult:
+        """Train one run; ``run_dir`` (rank 0 only; None on other ranks) gets the curve and the checkpoint."""
         a = self.args
         load_delta_state(self.model, self.init_state, self.init_source)
         torch.manual_seed(a.seed)
@@ -231,8 +393,10 @@ class Trainer:
             return max(0.0, (a.train_iters - step) / max(1, a.train_iters - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        batches = training_batches(task.splits["train"], bsz, rng, self.tokenizer.pad_token_id)
+        # Every rank draws the same global batches (same seed); each trains on its share of them.
+        batches = training_examples(task.splits["train"], bsz, rng)
 
+        log(f"validation: {self.decoding(task).describe()}")
         best_dev, _ = self.evaluate(task, "dev", desc="dev")
         best_step, best_state, stale = 0, delta_state_dict(self.model), 0
         curve = [[0, fmt_score(best_dev), "-"]]
@@ -240,21 +404,16 @@ class Trainer:
         self.model.train()
         running_loss = torch.zeros((), device=self.device)
         seen, last_time, last_loss = 0, time.time(), float("nan")
-        bar = tqdm(range(1, a.train_iters + 1), desc=f"{task.name} lr={lr:g} bsz={bsz}", leave=False)
+        bar = tqdm(range(1, a.train_iters + 1), desc=f"{task.name} lr={lr:g} bsz={bsz}", leave=False,
+                   disable=not self.ddp.is_main)
         for step in bar:
-            batch = to_device(next(batches), self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
-                loss = self.model(**batch).loss
-            loss.backward()
-            if a.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach()  # no host sync here; read back at log steps only
-            seen += batch["input_ids"].shape[0]
+            inputs, labels = next(batches)
+            running_loss += self.step(inputs, labels, optimizer, scheduler)  # no host sync; read at log steps
+            seen += len(inputs)
             if step % a.log_interval == 0 or step == a.train_iters:
                 n = a.log_interval if step % a.log_interval == 0 else step % a.log_interval
+                if self.ddp.world > 1:
+                    dist.all_reduce(running_loss)  # the shares' weighted losses add up to the batch loss
                 last_loss = running_loss.item() / n
                 rate = seen / max(time.time() - last_time, 1e-9)
                 log(f"step {step}: loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.3g} {rate:.1f} examples/s")
@@ -278,23 +437,25 @@ class Trainer:
         self.model.eval()
         if a.save_last:  # the loop always ends on a validation, so `dev` scores this last module
             best_dev, best_step, best_state = dev, step, delta_state_dict(self.model)
-        write_tsv_atomic(run_dir / "curve.tsv", ["step", "dev", "train_loss"], curve)
-        save_delta_checkpoint(run_dir / CHECKPOINT_SUBDIR, best_state, self.cfg, self.backbone, self.fingerprint,
-                              task=task.name, metric=task.metric, score=best_dev, step=best_step,
-                              extra={"lr": lr, "bsz": bsz, "k": a.k, "data_seed": a.data_seed, "seed": a.seed,
-                                     "init": self.init_source})
+        if run_dir is not None:
+            write_tsv_atomic(run_dir / "curve.tsv", ["step", "dev", "train_loss"], curve)
+            save_delta_checkpoint(run_dir / CHECKPOINT_SUBDIR, best_state, self.cfg, self.backbone,
+                                  self.fingerprint, task=task.name, metric=task.metric, score=best_dev,
+                                  step=best_step, extra={"lr": lr, "bsz": bsz, "k": a.k, "data_seed": a.data_seed,
+                                                         "seed": a.seed, "init": self.init_source})
         load_delta_state(self.model, best_state, "best state")
         test = self.predict(task, run_dir, log) if a.do_predict else None
         return RunResult(best_dev, test, best_step)
 
-    def predict(self, task: TaskData, run_dir: Path, log: RunLog) -> float:
+    def predict(self, task: TaskData, run_dir: Path | None, log: RunLog) -> float:
         if self.test_state is not None:
             load_delta_state(self.model, self.test_state, self.args.test_checkpoint)
-        score, predictions = self.evaluate(task, "test", desc="test")
-        rows = [[ex.input, pred, ex.outputs[0]] for ex, pred in zip(task.splits["test"].examples, predictions)]
-        write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
-        log(f"test {task.metric} {score:.4f}")
-        return score
+        test_score, predictions = self.evaluate(task, "test", desc="test")
+        if run_dir is not None:
+            rows = [[ex.input, pred, ex.outputs[0]] for ex, pred in zip(task.splits["test"].examples, predictions)]
+            write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
+        log(f"test {task.metric} {test_score:.4f}")
+        return test_score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,43 +490,73 @@ def main(argv: list[str] | None = None) -> int:
         from models.checkpoints import read_result_tsv
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
 
-    trainer = Trainer(args, cfg)
-    data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}) for t in tasks}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a, **k: None) if args.log_file_only else print
+    ddp, device = init_distributed(args.device)
+    try:
+        return run_all(args, cfg, ddp, device, tasks, splits, raw, metrics, runs, output_dir)
+    finally:
+        if ddp.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_all(args: argparse.Namespace, cfg: DeltaConfig, ddp: Distributed, device: str, tasks: list[str],
+            splits: list[str], raw: dict[str, dict[str, list[Example]]], metrics: dict[str, str],
+            runs: list[tuple[str, float, int]], output_dir: Path) -> int:
+    """Every run of the sweep (or the predictions of a checkpoint); only rank 0 writes files and logs."""
+    trainer = Trainer(args, cfg, ddp, device)
+    data = {}
+    for t in tasks:
+        decoding = plan_decoding(args, trainer.tokenizer, metrics[t],
+                                 [ex for s in ("train", "dev") if s in raw[t] for ex in raw[t][s]])
+        data[t] = TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}, decoding)
+    main_rank = ddp.is_main
+    if main_rank:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    say = print if main_rank and not args.log_file_only else (lambda *a, **k: None)
+    processes = f"; {ddp.world} processes, each on its share of every batch" if ddp.world > 1 else ""
     say(f"{len(tasks)} task(s), {len(runs) if args.do_train else len(tasks)} run(s): method {cfg.describe()} "
-          f"on {trainer.backbone} ({trainer.device}); output in {output_dir}", flush=True)
+          f"on {trainer.backbone} ({trainer.device}{processes}); output in {output_dir}", flush=True)
+
+    def staged(final: Path):  # rank 0 builds the run folder; other ranks get None and write nothing
+        return staged_dir(final) if main_rank else nullcontext(None)
+
+    def run_log(tmp: Path | None) -> RunLog:
+        return RunLog(tmp / "log.txt" if tmp else None, console=main_rank and not args.log_file_only)
 
     if not args.do_train:
         if trainer.test_state is None:  # --train_checkpoint only: predict with it
             trainer.test_state = trainer.init_state
         for t in tasks:
-            with staged_dir(output_dir / t / "predict") as tmp:
-                log = RunLog(tmp / "log.txt", console=not args.log_file_only)
+            with staged(output_dir / t / "predict") as tmp:
+                log = run_log(tmp)
                 load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
+                log(f"{t}: {data[t].decoding.describe()}")
                 dev, _ = trainer.evaluate(data[t], "dev", desc="dev")
                 log(f"{t}: dev {data[t].metric} {dev:.4f}")
                 test = trainer.predict(data[t], tmp, log)
                 log.close()
-            update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": "-",
-                                           "bsz": "-", "dev": fmt_score(dev), "test": fmt_score(test),
-                                           "best_step": "-"})
+            if main_rank:
+                update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": "-",
+                                               "bsz": "-", "dev": fmt_score(dev), "test": fmt_score(test),
+                                               "best_step": "-"})
         return 0
 
-    for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1):
-        with staged_dir(output_dir / t / run_dir_name(lr, bsz)) as tmp:
-            log = RunLog(tmp / "log.txt", console=not args.log_file_only)
+    for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1 or not main_rank):
+        with staged(output_dir / t / run_dir_name(lr, bsz)) as tmp:
+            log = run_log(tmp)
             try:
                 log(f"task {t} ({data[t].metric}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
                     f"examples, lr {lr:g}, bsz {bsz}, {cfg.describe()}")
                 result = trainer.train(data[t], lr, bsz, log, tmp)
             finally:
                 log.close()
-            (tmp / "result.json").write_text(json.dumps({"task": t, "lr": lr, "bsz": bsz, "dev": result.dev,
-                                                         "test": result.test, "best_step": result.best_step}))
-        update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": f"{lr:g}",
-                                       "bsz": bsz, "dev": fmt_score(result.dev), "test": fmt_score(result.test),
-                                       "best_step": result.best_step})
+            if tmp is not None:
+                write_text_atomic(tmp / "result.json", json.dumps(
+                    {"task": t, "lr": lr, "bsz": bsz, "dev": result.dev, "test": result.test,
+                     "best_step": result.best_step}))
+        if main_rank:
+            update_result_tsv(output_dir, {"task": t, "k": args.k, "data_seed": args.data_seed, "lr": f"{lr:g}",
+                                           "bsz": bsz, "dev": fmt_score(result.dev), "test": fmt_score(result.test),
+                                           "best_step": result.best_step})
         say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
               f"(best step {result.best_step})", flush=True)
     return 0
