@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,10 +52,13 @@ def python_job(name: str, code: str) -> Job:
     return Job(name, [sys.executable, "-c", code])
 
 
-def same_tensors(a: Path, b: Path) -> None:
+def same_tensors(a: Path, b: Path, roots: tuple[Path, Path] | None = None) -> None:
+    """Bit-identical tensors and the same metadata (up to the two runs' own output folders in ``roots``)."""
     ta, ma = load_delta_checkpoint(a)
     tb, mb = load_delta_checkpoint(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta), (a, b)
+    if roots:
+        ma, mb = (json.loads(json.dumps(m).replace(str(r), "ROOT")) for m, r in zip((ma, mb), roots))
     assert ma == mb
 
 
@@ -183,16 +188,26 @@ def test_existing_run_folder_is_refused_up_front(tmp_path, capsys):
 
 def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--do_train", "--quiet", "--model", str(tiny_backbone_dir), "--tasks", "sent_review", "topic_news",
+    argv = ["--do_train", "--quiet", "--model", str(tiny_backbone_dir), "--tasks", "sent_review",
             "--train_iters", "1", "--train_checkpoint", str(tmp_path / "missing"), "--output_dir", str(out)]
     assert run_cli(sweep.main, ["--jobs", "2", "tune", *argv]) == 1
     summary = capsys.readouterr().out
-    assert "jobs: 0 of 2 succeeded" in summary
-    for task in ("sent_review", "topic_news"):
-        log = out / "logs" / task / "lr_0.0005_bsz_8.log"
-        assert f"FAILED {task}/lr_0.0005_bsz_8: exit code 2 (error: {tmp_path / 'missing'}: checkpoint not found" \
-            in summary and f"log {log}" in summary
-        assert log.is_file()
+    log = out / "logs" / "sent_review" / "lr_0.0005_bsz_8.log"
+    assert "jobs: 0 of 1 succeeded" in summary
+    assert (f"FAILED sent_review/lr_0.0005_bsz_8: exit code 2 (error: {tmp_path / 'missing'}: checkpoint not found"
+            in summary and summary.rstrip().endswith(f"log {log}"))
+    assert "checkpoint not found" in log.read_text()
+    assert not (out / "result.tsv").exists()
+
+
+def test_order_result_tsv_puts_the_sweep_rows_last_in_sweep_order(tmp_path):
+    header = "task\tk\tdata_seed\tlr\tbsz\tdev\ttest\tbest_step\n"
+    b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t0.5\t0.5\t2\n", "old\t16\t100\t0.001\t8\t1.0\t1.0\t4\n",
+                      "a\t16\t100\t0.003\t8\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t0.3\t0.3\t2\n")
+    (tmp_path / "result.tsv").write_text(header + b + old + a3 + a1)  # as parallel jobs may leave it
+    sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8"), ("a", "16", "100", "0.003", "8"),
+                                      ("b", "16", "100", "0.001", "8")])
+    assert (tmp_path / "result.tsv").read_text() == header + old + a1 + a3 + b
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1), ("2-00:00:00", 2880),
@@ -220,9 +235,10 @@ def test_dev_all_merge_replaces_in_place_and_keep_pairs_orders(tmp_path):
 def test_tuneall_and_devall_pairs_split_across_jobs_equal_one_process(tiny_backbone_dir, task_dir, tmp_path, capsys):
     sources = make_sources(tmp_path / "sources", tiny_backbone_dir, LORA, TASKS)
     common = ["--model", str(tiny_backbone_dir), "--task_dir", str(task_dir), "--tasks", "alpha", "beta",
-              "--source_tasks", *TASKS, "--source_ckpt_path", str(sources), "--max_output_length", "4", "--quiet"]
+              "--source_tasks", "beta", "gamma", "--source_ckpt_path", str(sources), "--max_output_length", "4",
+              "--quiet"]
     fast = ["--steps", "2", "--learning_rate", "1e-2", "--bsz", "2", "--warmup_steps", "1"]
-    pairs = [("alpha", "beta"), ("alpha", "gamma"), ("beta", "alpha"), ("beta", "gamma")]
+    pairs = [("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")]
 
     one, split = tmp_path / "one", tmp_path / "split"
     assert run_cli(tune_all.main, [*common, *fast, "--output_dir", str(one)]) == 0
@@ -232,7 +248,7 @@ def test_tuneall_and_devall_pairs_split_across_jobs_equal_one_process(tiny_backb
     (split / "dev.tsv").write_text("target\tsource\tdev_zero_shot\tdev_after\ngamma\talpha\t0.1\t-\n")
     assert run_cli(sweep.main, ["--jobs", "2", "devall", *common, "--tuneall_ckpt_path", str(split),
                                 "--output", str(split / "dev.tsv")]) == 0
-    assert "jobs: 4 of 4 succeeded" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("jobs: 3 of 3 succeeded") == 2
 
     for t, s in pairs:
         same_tensors(split / t / s, one / t / s)
@@ -246,26 +262,45 @@ def read_tree(root: Path, names: list[str]) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, tmp_path, capsys):
+def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, tmp_path, capsys, monkeypatch):
+    """Every dispatched stage through the real launcher; each job's entry point runs in this process, one at a
+    time (torch's RNG is per process), so the test does not pay a Python start-up per job."""
+    import utils.jobs
+
+    mains = {"tune.py": tune.main, "tune_all.py": tune_all.main, "dev_all.py": dev_all.main}
+    lock, scripts = threading.Lock(), []
+
+    def in_process(argv, cwd, log, env=None, started=None) -> int:
+        with lock:
+            scripts.append(Path(argv[1]).name)
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            Path(log).write_text(" ".join(argv) + "\n")
+            return run_cli(mains[Path(argv[1]).name], argv[2:])
+
+    monkeypatch.setattr(utils.jobs, "run_command", in_process)
     small = ["--model", str(tiny_backbone_dir), "--tasks", "sent_review sent_tweet topic_news", "--targets",
              "sent_review topic_news", "--fusions", "average Performance", "--source_iters", "4",
              "--source_valid_interval", "2", "--target_iters", "2", "--target_valid_interval", "1",
              "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2", "--source_k", "16"]
     one, split = tmp_path / "one", tmp_path / "split"
     assert run_cli(study.main, ["--output", str(one), *small]) == 0
+    assert not scripts
     assert run_cli(study.main, ["--output", str(split), *small, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     # sources (3 jobs), random (2), tune-all (4 pairs), dev-all (4 pairs), transfer (2 fusions x 2 targets)
     for n in (3, 2, 4, 4, 4):
         assert f"jobs: {n} of {n} succeeded" in out
+    assert sorted(scripts) == sorted(["tune.py"] * 9 + ["tune_all.py"] * 4 + ["dev_all.py"] * 4)
 
     files = ["lora/sources/result.tsv", "lora/random/result.tsv", "lora/devall.tsv", "lora/pairs.tsv",
              "lora/transfer/average/result.tsv", "lora/transfer/Performance/result.tsv", "results/summary.tsv",
              "results/transferability.tsv"]
     assert read_tree(split, files) == read_tree(one, files)
-    for t, s in [("sent_review", "sent_tweet"), ("topic_news", "sent_review")]:
-        same_tensors(split / "lora" / "tuneall" / t / s, one / "lora" / "tuneall" / t / s)
-    assert (split / "logs" / "lora-tuneall" / "topic_news" / "sent_tweet.log").is_file()
+    for t in ("sent_review", "topic_news"):
+        for s in ("sent_review", "sent_tweet", "topic_news"):
+            if s != t:
+                same_tensors(split / "lora" / "tuneall" / t / s, one / "lora" / "tuneall" / t / s, (split, one))
+    assert "--merge" in (split / "logs" / "lora-devall" / "topic_news" / "sent_tweet.log").read_text()
     assert sorted(p.name for p in (split / ".steps").iterdir()) == sorted(p.name for p in (one / ".steps").iterdir())
 
 
