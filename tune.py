@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_beams", type=int, default=1)
     data.add_argument("--max_new_tokens", default="auto",
                       help="generation budget at validation and test: auto (label tasks: the longest label + EOS, "
-                           "exact because rows that do not finish are generated again with --max_output_length; "
-                           "other tasks: --max_output_length) or a number")
+                           "which cuts only outputs that are not labels; other tasks: --max_output_length) "
+                           "or a number")
     data.add_argument("--rank_classification", action="store_true",
                       help="score label tasks by the likelihood of each label instead of generating (others generate)")
     data.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
@@ -180,32 +180,37 @@ class Decoding:
     """How a task is predicted at validation and test (see ``plan_decoding``)."""
 
     max_new_tokens: int
-    fallback_max_new_tokens: int | None = None  # rows that do not finish within max_new_tokens get this budget
     rank_labels: list[str] | None = None  # rank classification over these labels instead of generation
+    label_budget: bool = False  # max_new_tokens is the longest label + EOS
 
     def describe(self) -> str:
         if self.rank_labels:
             shown = ", ".join(self.rank_labels[:5]) + (", ..." if len(self.rank_labels) > 5 else "")
             return f"rank classification over {len(self.rank_labels)} labels ({shown})"
-        if self.fallback_max_new_tokens:
-            return (f"generation, max_new_tokens {self.max_new_tokens} (label task; a batch with an unfinished row "
-                    f"is generated again with {self.fallback_max_new_tokens})")
+        if self.label_budget:
+            return f"generation, max_new_tokens {self.max_new_tokens} (label task: the longest label + EOS)"
         return f"generation, max_new_tokens {self.max_new_tokens}"
 
 
 def plan_decoding(args: argparse.Namespace, tokenizer, metric: str, examples: list[Example]) -> Decoding:
-    """Budget and method of prediction for one task, from its label set (train and dev examples)."""
+    """Budget and method of prediction for one task, from its label set (train and dev examples).
+
+    A label task generates at most its longest label + EOS: a row that produces a label (in the label's
+    own tokenisation) ends within that budget and keeps its prediction; a row that would go on is cut,
+    and it was not going to be a label (see models.seq2seq.generate). Beam search keeps the full budget,
+    since its choice among beams can depend on the maximum length.
+    """
     labels = label_set(examples, metric)
     if args.rank_classification and labels:
         return Decoding(args.max_output_length, rank_labels=labels)
     if args.max_new_tokens != "auto":
         return Decoding(args.max_new_tokens)
-    if not labels or args.num_beams > 1:  # the exactness argument of the short budget holds for greedy decoding
+    if not labels or args.num_beams > 1:
         return Decoding(args.max_output_length)
     longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels) + 1  # + EOS
     if longest >= args.max_output_length:
         return Decoding(args.max_output_length)
-    return Decoding(longest, fallback_max_new_tokens=args.max_output_length)
+    return Decoding(longest, label_budget=True)
 
 
 @dataclass
@@ -319,8 +324,7 @@ class Trainer:
         mine = encoded if world == 1 else encoded.subset(range(self.ddp.rank, len(encoded.inputs), world))
         with self.autocast():
             predictions = predict(self.model, self.tokenizer, mine, a.predict_batch_size, d.max_new_tokens,
-                                  a.num_beams, desc=desc if self.ddp.is_main else None, labels=d.rank_labels,
-                                  fallback_max_new_tokens=d.fallback_max_new_tokens)
+                                  a.num_beams, desc=desc if self.ddp.is_main else None, labels=d.rank_labels)
         if world > 1:
             shares: list[list[str] | None] = [None] * world
             dist.all_gather_object(shares, predictions)

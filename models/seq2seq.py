@@ -127,25 +127,21 @@ def label_set(examples: Sequence[Example], metric: str | None = None) -> list[st
     return labels
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, list) else {int(eos)}
-
-
 @torch.no_grad()
 def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int, num_beams: int = 1,
-             device: torch.device | None = None, desc: str | None = None, sort_by_length: bool = True,
-             fallback_max_new_tokens: int | None = None) -> list[str]:
+             device: torch.device | None = None, desc: str | None = None,
+             sort_by_length: bool = True) -> list[str]:
     """Predictions in the examples' order.
 
     ``sort_by_length`` batches examples sorted by input length, which wastes less padding (False: file
-    order, for comparison). With ``fallback_max_new_tokens``, a batch in which some row used all
-    ``max_new_tokens`` without emitting EOS is generated again with the larger budget. For greedy
-    decoding this makes a short budget exact: the first steps of a batch do not depend on the budget,
-    so a batch whose rows all finish gives the same tokens as with the large budget, and any other
-    batch is generated with the large budget itself.
+    order, for comparison).
+
+    What a shorter ``max_new_tokens`` changes (greedy decoding): the first steps of a batch do not depend
+    on the budget, and generation already stops once every row has emitted EOS. So a row that ends
+    within the budget gets exactly the prediction of any larger budget, and a row that would go on is cut
+    to a prefix of its longer prediction. The time saved is the steps a batch would spend waiting for
+    its longest row: for a label task with a budget of the longest label plus EOS, only rows that would
+    not have produced a label are cut.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -154,20 +150,11 @@ def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_token
     order = list(range(len(task.inputs)))
     if sort_by_length:
         order.sort(key=lambda i: len(task.inputs[i]))
-    eos = _eos_ids(model, tokenizer)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[start:start + batch_size]
         batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        # generate() stops early once every row has finished, so only a full-length output can hold an
-        # unfinished row (this host sync is per batch, at evaluation only).
-        if (fallback_max_new_tokens is not None and fallback_max_new_tokens > max_new_tokens
-                and out.shape[1] - 1 >= max_new_tokens):
-            finished = torch.isin(out[:, 1:], torch.tensor(sorted(eos), device=out.device)).any(dim=1)
-            if not bool(finished.all()):
-                out = model.generate(**batch, max_new_tokens=fallback_max_new_tokens, num_beams=num_beams,
-                                     do_sample=False)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             predictions[i] = text.strip()
     model.train(was_training)
@@ -239,19 +226,16 @@ def rank_classify(model, tokenizer, task: EncodedTask, labels: list[str], batch_
 
 
 def predict(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int, num_beams: int = 1,
-            desc: str | None = None, labels: list[str] | None = None,
-            fallback_max_new_tokens: int | None = None) -> list[str]:
+            desc: str | None = None, labels: list[str] | None = None) -> list[str]:
     """Rank classification over ``labels`` when given, else generation."""
     if labels:
         return rank_classify(model, tokenizer, task, labels, batch_size)
-    return generate(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc=desc,
-                    fallback_max_new_tokens=fallback_max_new_tokens)
+    return generate(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc=desc)
 
 
 def evaluate(model, tokenizer, task: EncodedTask, metric: str, batch_size: int, max_new_tokens: int,
-             num_beams: int = 1, desc: str | None = None, labels: list[str] | None = None,
-             fallback_max_new_tokens: int | None = None) -> tuple[float, list[str]]:
+             num_beams: int = 1, desc: str | None = None,
+             labels: list[str] | None = None) -> tuple[float, list[str]]:
     """Task score of the predictions (rank classification over ``labels`` when given, else generation)."""
-    predictions = predict(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc, labels,
-                          fallback_max_new_tokens)
+    predictions = predict(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc, labels)
     return score(metric, predictions, [list(ex.outputs) for ex in task.examples]), predictions

@@ -70,18 +70,29 @@ def test_bundled_label_tasks():
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def test_sorting_and_fallback_keep_predictions(tiny_backbone_dir):
-    """Random tiny T5: its outputs run to any budget, so a short budget alone truncates them; with the
-    fallback the predictions equal those of the full budget, sorted or not."""
+def test_sorting_keeps_predictions(tiny_backbone_dir):
     model, tokenizer = load_backbone(tiny_backbone_dir)
     examples = load_task(SUITE_DIR, TASK, 16, 100, ["dev"])["dev"]
     task = encode_examples(tokenizer, examples, 256, 12)
-    full = generate(model, tokenizer, task, 5, 12)
-    assert generate(model, tokenizer, task, 5, 12, sort_by_length=False) == full
-    short = generate(model, tokenizer, task, 5, 2)
-    assert short != full  # the short budget really truncates here
-    assert generate(model, tokenizer, task, 5, 2, fallback_max_new_tokens=12) == full
-    assert generate(model, tokenizer, task, 5, 2, sort_by_length=False, fallback_max_new_tokens=12) == full
+    assert generate(model, tokenizer, task, 5, 12, sort_by_length=False) == generate(model, tokenizer, task, 5, 12)
+
+
+def test_short_budget_cuts_only_rows_that_go_on():
+    """The embedded default on ext_names (zero-shot): 15 dev outputs of 5 or 6 tokens and one that runs to
+    the 32-token budget. With 7 tokens (6 + EOS), the 15 rows that end in time keep their prediction exactly;
+    the long one is cut to a prefix of its prediction. That is what the label budget relies on."""
+    model, tokenizer = load_backbone(DEFAULT_MODEL_DIR)
+    examples = load_task(SUITE_DIR, "ext_names", 16, 100, ["dev"])["dev"]
+    task = encode_examples(tokenizer, examples, 256, 32)
+    full = generate(model, tokenizer, task, 64, 32)
+    short = generate(model, tokenizer, task, 64, 7)
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in full]
+    assert sorted(lengths) == [5] * 5 + [6] * 10 + [32]
+    for n, f, s in zip(lengths, full, short):
+        if n + 1 <= 7:
+            assert s == f
+        else:
+            assert s != f and f.startswith(s) and len(tokenizer(s, add_special_tokens=False).input_ids) == 7
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +106,9 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_auto_budget_changes_no_prediction(trained, tmp_path):
     """Same run with --max_new_tokens auto (2 on sent_review: one label token + EOS) and with the full 32:
-    identical dev curve, checkpoint and test predictions."""
+    identical dev curve, checkpoint and test predictions (every prediction of this run is a label)."""
     log = (trained / RUN / "log.txt").read_text()
-    assert "validation: generation, max_new_tokens 2 (label task" in log
+    assert "validation: generation, max_new_tokens 2 (label task: the longest label + EOS)" in log
     full = tmp_path / "full"
     assert run_cli(tune.main, [*TRAIN, "--output_dir", str(full), "--max_new_tokens", "32"]) == 0
     assert "validation: generation, max_new_tokens 32\n" in (full / RUN / "log.txt").read_text()
