@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,7 @@ def test_cuda_training_step_does_not_sync(tmp_path):
     task = trainer.encode(examples)
     optimizer = torch.optim.AdamW(trainer.params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    batches = tune.training_examples(task, 8, __import__("random").Random(0))
+    batches = tune.training_examples(task, 8, random.Random(0))
     trainer.model.train()
     trainer.step(*next(batches), optimizer, scheduler)  # first step: lazy CUDA initialisation may sync
     torch.cuda.synchronize()
