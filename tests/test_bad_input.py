@@ -422,6 +422,8 @@ CASES: dict[str, Case] = {
     "tune/lr-nan": Case(tune.main, _flag(tune_argv, "--learning_rate_list", "nan", words=("--learning_rate_list",))),
     "tune/bsz-zero": Case(tune.main, _flag(tune_argv, "--bsz_list", "0", words=("--bsz_list",))),
     "tune/train-iters-zero": Case(tune.main, _flag(tune_argv, "--train_iters", "0", words=("--train_iters",))),
+    "tune/train-iters-not-a-number": Case(tune.main, _flag(tune_argv, "--train_iters", "ten",
+                                                           words=("--train_iters", "'ten'"))),
     # ---- tune.py: checkpoints and outputs
     "tune/ckpt-truncated": Case(tune.main, _tune_truncated),
     "tune/ckpt-other-backbone": Case(tune.main, _tune_ckpt("other_backbone", "backbone", "num_layers=1")),
