@@ -1,0 +1,132 @@
+"""Similarity scoring: N sources in one process (one backbone load) vs N processes of one source each.
+
+The sources are random LoRA modules of the default size (r=8, alpha 16 on the embedded default backbone),
+laid out like a tune.py output (``{root}/{source}/lr_0.003_bsz_16/checkpoint`` + ``{root}/result.tsv``).
+Each is scored with ``Loss`` on the dev split of one bundled target (sent_review; 16 examples at ``--k 16``,
+64 at ``--k 64``) by ``python -m get_similarity.score``:
+
+* one process: ``--source_tasks`` lists all N sources: one interpreter start, one backbone load;
+* N processes: one ``score`` process per source, one after the other, each starting Python and loading the
+  backbone (how the original scripts ran one source at a time).
+
+Times are wall-clock times of whole child processes (start-up included). The one-process run is repeated
+(median); the N single-source processes are split into as many chunks, interleaved with those repeats; one
+untimed warm-up process runs first. The per-source cost is score.py's own "s per source per target" (the
+scoring loop only); fixed cost = one-process time - N x per-source cost. The N-process side runs for every
+N at the smallest dev size and only for the smallest N at the larger dev sizes (each process costs about
+5 s of start-up, whatever the dev size).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/similarity.py           # N = 10, 30; dev 16 and 64 examples
+    OMP_NUM_THREADS=1 .venv/bin/python bench/similarity.py --quick   # N = 3, dev 16
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    bench_parser,
+    check_positive,
+    command_line,
+    default_config,
+    fmt,
+    markdown_table,
+    median,
+    remove_tree,
+    run_child,
+    scratch_dir,
+    script_config,
+    write_report,
+    write_sources,
+)
+from dataloader.errors import run_cli  # noqa: E402
+from dataloader.synthetic import SUITE_DIR  # noqa: E402
+
+TARGET = "sent_review"
+METHOD, METRIC = "lora", "Loss"
+PER_SOURCE = re.compile(r"; ([0-9.]+) s per source per target")
+
+
+def score_once(root: Path, sources: list[str], k: int, out: Path) -> tuple[float, float]:
+    """(wall seconds of one score.py process, its own scoring seconds per source)."""
+    argv = [sys.executable, "-m", "get_similarity.score", "--delta", METHOD, "--metric", METRIC, "--tasks", TARGET,
+            "--source_tasks", *sources, "--source_ckpt_path", str(root), "--output_dir", str(out),
+            "--task_dir", str(SUITE_DIR), "--k", str(k), "--data_seed", "100", "--device", "cpu", "--quiet"]
+    wall, stdout = run_child(argv, f"score.py with {len(sources)} source(s)")
+    rows = (out / "result.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    if len(rows) != len(sources):
+        raise RuntimeError(f"{out / 'result.tsv'}: expected {len(sources)} rows, found {len(rows)}")
+    remove_tree(out)
+    match = PER_SOURCE.search(stdout)
+    if match is None:
+        raise RuntimeError(f"score.py printed no per-source time: {stdout.strip()[-200:]}")
+    return wall, float(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser(__doc__)
+    p.add_argument("--n", type=int, nargs="+", default=None, help="source counts (default 10 30; quick 3)")
+    p.add_argument("--k", type=int, nargs="+", default=None,
+                   help="few-shot splits whose dev sets are scored: 16 and 64 examples (default 16 64; quick 16)")
+    p.add_argument("--reps", type=int, default=None, help="repeats of the one-process run (default 3; quick 1)")
+    a = p.parse_args(argv)
+    ns = sorted(a.n or ([3] if a.quick else [10, 30]))
+    ks = sorted(a.k or ([16] if a.quick else [16, 64]))
+    reps = a.reps or (1 if a.quick else 3)
+    check_positive("--n/--k/--reps", [*ns, *ks, reps])
+
+    scratch = scratch_dir("similarity")
+    rows, growth = [], []
+    try:
+        names = [f"src{i:03d}" for i in range(max(ns))]
+        write_sources(scratch / "sources", names, script_config(METHOD), default_config())
+        score_once(scratch / "sources", names[:1], ks[0], scratch / "out")  # warm-up: file cache, .pyc files
+        for k in ks:
+            fit: dict[int, tuple[float, float]] = {}
+            for n in ns:
+                sources = names[:n]
+                separate_wanted = k == ks[0] or n == ns[0]
+                one, per_source, separate = [], [], 0.0
+                parts = [sources[i::reps] if separate_wanted else [] for i in range(reps)]
+                for rep in range(reps):
+                    wall, each = score_once(scratch / "sources", sources, k, scratch / "out")
+                    one.append(wall)
+                    per_source.append(each)
+                    for s in parts[rep]:
+                        separate += score_once(scratch / "sources", [s], k, scratch / "out")[0]
+                t_one, t_src = median(one), median(per_source)
+                fit[n] = (t_one, t_src)
+                rows.append([k, n, fmt(t_one), fmt(separate) if separate_wanted else "not run",
+                             f"{separate / t_one:.1f}x" if separate_wanted else "-",
+                             fmt(separate / n) if separate_wanted else "-", f"{t_src:.3f}",
+                             fmt(t_one - n * t_src)])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            if len(ns) > 1:
+                (t_lo, s_lo), (t_hi, s_hi) = fit[ns[0]], fit[ns[-1]]
+                growth.append([k, f"{(t_hi - t_lo) / (ns[-1] - ns[0]):.3f}", f"{median([s_lo, s_hi]):.3f}",
+                               f"{t_hi / t_lo:.2f}x for {ns[-1] / ns[0]:.0f}x the sources"])
+    finally:
+        remove_tree(scratch)
+
+    header = ["dev examples", "N sources", "one process s", "N processes s", "ratio", "s per process",
+              "scoring s/source", "fixed s (one process)"]
+    tables = [markdown_table(header, rows)]
+    if growth:
+        tables.append(markdown_table(["dev examples", "marginal s/source (one process, from N)",
+                                      "scoring s/source (score.py)", "one-process time growth"], growth))
+    write_report(a.results_dir, "similarity", "Similarity scoring: one process vs one process per source",
+                 command_line("bench/similarity.py", argv), tables,
+                 [f"{METHOD} modules (r=8, alpha 16) on the embedded default, metric {METRIC}, target {TARGET}, CPU",
+                  f"one process: median of {reps} run(s); N processes: the sum of N runs, interleaved with those",
+                  "ratio = N processes / one process; fixed = one-process wall - N x scoring s/source (start-up, "
+                  "imports, backbone load, reading and checking checkpoints, writing result.tsv)"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
