@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo study-full test test-fast lint
+.PHONY: demo study-full test test-fast lint bench
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -31,3 +31,12 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Benchmarks (bench/README.md), one BLAS thread; each writes its table to bench/results/ (about 20 min on 2 CPU cores).
+# bench/gpu.sh is not part of it: it needs a GPU machine.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/trainer_overhead.py
+	OMP_NUM_THREADS=1 $(PY) bench/similarity.py
+	OMP_NUM_THREADS=1 $(PY) bench/fusion.py
+	OMP_NUM_THREADS=1 $(PY) bench/eval_speed.py
+	OMP_NUM_THREADS=1 $(PY) bench/load_sources.py

@@ -223,8 +223,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def machine_line() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # the machine is shared: say how busy it was
     return (f"machine: {os.cpu_count()} CPU cores ({platform.machine()}), OMP_NUM_THREADS={threads}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+            f"torch {torch.__version__}, Python {platform.python_version()}; load average at the end {load}")
 
 
 def write_report(results_dir: str | Path, name: str, title: str, command: str, tables: Sequence[str],

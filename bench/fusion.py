@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p = bench_parser(__doc__)
     p.add_argument("--n", type=int, nargs="+", default=None, help="source counts (default 10 30 100; quick 3)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--reps", type=int, default=None, help="repeats per point, median (default 2; quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="repeats per point, median (default 1)")
     a = p.parse_args(argv)
     ns = sorted(a.n or ([3] if a.quick else [10, 30, 100]))
-    reps = a.reps or (1 if a.quick else 2)
+    reps = a.reps or 1
     check_positive("--n/--reps", [*ns, reps])
     config = default_config() if a.quick else t5_config("t5-base", len(default_tokenizer()))
     shape_name = "default" if a.quick else "t5-base"
