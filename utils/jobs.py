@@ -112,11 +112,6 @@ class LaunchOptions:
     poll_s: float = 10.0  # how often a waiting Slurm array is polled
 
     @property
-    def parallel(self) -> bool:
-        """True when the batch leaves this process: several local processes or a Slurm array."""
-        return self.jobs > 1 or self.slurm
-
-    @property
     def minutes(self) -> int:
         return parse_minutes(self.slurm_time)
 
@@ -129,9 +124,11 @@ class LaunchOptions:
         if not self.wait and not self.slurm:
             raise UserInputError("--no_wait: only with --slurm (local jobs end with this process)")
         self.minutes  # noqa: B018  (raises on a bad --slurm_time)
-        for flag, value in {"--slurm_gpus": self.slurm_gpus, "--slurm_cpus": self.slurm_cpus,
+        if self.slurm_gpus < 0:
+            raise UserInputError(f"--slurm_gpus: expected zero or more, found {self.slurm_gpus}")
+        for flag, value in {"--slurm_cpus": self.slurm_cpus,
                             "--slurm_array_parallelism": self.slurm_array_parallelism}.items():
-            if value is not None and (value < 0 or (value == 0 and flag != "--slurm_gpus")):
+            if value is not None and value <= 0:
                 raise UserInputError(f"{flag}: expected a positive integer, found {value}")
         if self.slurm_mem is not None and not self.slurm_mem > 0:
             raise UserInputError(f"--slurm_mem: expected a positive number of GB, found {self.slurm_mem}")
