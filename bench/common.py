@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -178,26 +179,36 @@ def bench_env() -> dict[str, str]:
     return env
 
 
-def run_child(argv: Sequence[str], what: str) -> tuple[float, str]:
-    """Run a command to completion; return its wall time in seconds (startup included) and its stdout."""
-    start = time.perf_counter()
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished child of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(argv: Sequence[str], what: str) -> tuple[float, float, str]:
+    """Run a command to completion: (wall seconds, CPU seconds, stdout); start-up included in both.
+
+    CPU time (user + system of the child and its children) is what the benches compare: on a shared,
+    busy machine it barely moves with the load of other processes, while wall time can double.
+    """
+    cpu0, start = children_cpu(), time.perf_counter()
     proc = subprocess.run([str(a) for a in argv], cwd=REPO, env=bench_env(), capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu() - cpu0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{what} failed with exit code {proc.returncode}: {' | '.join(tail)}")
-    return wall, proc.stdout
+    return wall, cpu, proc.stdout
 
 
 def run_peak_rss(module: str, args: Sequence[str], preload: Sequence[str], scratch: Path, what: str) -> dict:
     """Run ``python -m module args`` in a fresh child through bench/peak_rss.py; return its measurements.
 
     Keys: ``baseline_mb`` (RSS after importing ``preload``, where the peak mark is reset), ``peak_mb`` (the peak
-    RSS from then to the end),
-    ``seconds`` (the module's own run, imports excluded) and ``wall`` (the whole child).
+    RSS from then to the end), ``seconds`` and ``cpu_seconds`` (wall and CPU time of the module's own run,
+    imports excluded) and ``wall`` (the whole child).
     """
     out = scratch / f"rss-{time.monotonic_ns()}.json"
-    wall, _ = run_child([sys.executable, PEAK_RSS, "--out", out, "--preload", ",".join(preload), "-m", module, "--",
+    wall, _, _ = run_child([sys.executable, PEAK_RSS, "--out", out, "--preload", ",".join(preload), "-m", module, "--",
                       *args], what)
     result = json.loads(out.read_text(encoding="utf-8"))
     out.unlink()

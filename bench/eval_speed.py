@@ -6,7 +6,9 @@ split, 40 steps at batch 8, lr 3e-3, validation every 10 steps, max_output_lengt
 label tasks: the longest label + EOS) and ``--rank_classification``.
 ``Trainer.train`` and ``Trainer.evaluate`` are wrapped with timers: the validation share is the time spent
 in evaluate (step 0 and every validation) over the time of train() (which also holds the training steps, the
-curve and the checkpoint write). One short untimed tune.py run warms up first.
+curve and the checkpoint write). One short untimed tune.py run warms up first. All times in this bench are
+CPU times of this one-thread process (``time.process_time``): on a shared machine they hardly move with
+other people's jobs, where wall times do.
 
 Part B: with the modules that Part A's ``auto`` runs kept (best dev step), each task's 64-example dev split of
 the large split (``k=512``) is predicted with models.seq2seq at batch ``--batch_size``: generation with
@@ -93,20 +95,20 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
     evaluate, train = tune.Trainer.evaluate, tune.Trainer.train
 
     def timed_evaluate(self, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         result = evaluate(self, *args, **kwargs)
         if inside[0]:
-            totals["valid"] += time.perf_counter() - start
+            totals["valid"] += time.process_time() - start
             totals["validations"] += 1
         return result
 
     def timed_train(self, *args, **kwargs):
         inside[0] = True
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return train(self, *args, **kwargs)
         finally:
-            totals["train"] += time.perf_counter() - start
+            totals["train"] += time.process_time() - start
             inside[0] = False
 
     flags = [x for k, v in {**BUDGET, **budget}.items() for x in (f"--{k}", str(v))]
@@ -177,9 +179,9 @@ def run_variants(model, tokenizer, modules: dict[str, dict], dev: dict[str, dict
             total = 0.0
             for t in tasks:
                 load_delta_state(model, modules[t], t)
-                start = time.perf_counter()
+                start = time.process_time()
                 results[name]["predictions"][t] = fn(t)
-                total += time.perf_counter() - start
+                total += time.process_time() - start
             if rep > 0:
                 results[name]["times"].append(total)
     return results
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             share_rows.append([name, fmt(r["train"]), fmt(r["valid"]), int(r["validations"]),
                                f"{r['valid'] / r['train'] * 100:.0f}%", f"{r['dev']:.3f}"])
             print(" | ".join(str(c) for c in share_rows[-1]), flush=True)
-        tables.append(markdown_table(["validation", "train() s", "of which validation s", "validations",
+        tables.append(markdown_table(["validation", "train() CPU s", "of which validation", "validations",
                                       "validation share", "mean best dev"], share_rows))
         if missing:
             notes.append(f"skipped Part B and the auto/rank settings: this checkout lacks {', '.join(missing)}")
@@ -247,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                             f"max_new_tokens {MAX_OUTPUT} -> auto (label tasks)"),
                     compare(results, dev, "label:generate", "label:rank",
                             "generation (auto) -> rank classification (label tasks)")]
-            tables.append(markdown_table(["comparison", "tasks", "A s", "B s", "speed-up A/B", "same predictions",
-                                          "mean score A", "mean score B"], rows))
+            tables.append(markdown_table(["comparison", "tasks", "A CPU s", "B CPU s", "speed-up A/B",
+                                          "same predictions", "mean score A", "mean score B"], rows))
     finally:
         remove_tree(scratch)
 
     n_tasks = len(tasks)
     notes = [f"Part A: {n_tasks} task(s), LoRA r=8 on the embedded default, study.py's target budget "
              f"({'10 steps, validation every 5' if a.quick else '40 steps, validation every 10'}; 16 dev examples); "
-             "train() s and validation s are sums over the tasks",
+             "train() CPU s and its validation part are sums over the tasks",
              f"Part B: the 64-example dev splits (k={LARGE_K}), batch {a.batch_size}, medians of {reps} repeat(s); "
              "the modules are Part A's auto runs; 'same predictions' is the share of identical predictions "
              "(for generation vs rank classification: the agreement rate)", *notes]

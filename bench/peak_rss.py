@@ -5,7 +5,7 @@
 ``--preload`` modules are imported first; then the kernel's peak-RSS mark is reset to the current RSS
 (``/proc/self/clear_refs``), which is the baseline, so ``peak - baseline`` is what the run itself added, with
 no transient of the imports hiding it. Where the reset is not possible the baseline is the peak so far.
-Writes JSON: baseline_mb, peak_mb, seconds, exit_code, peak_reset.
+Writes JSON: baseline_mb, peak_mb, seconds and cpu_seconds (of the run), exit_code, peak_reset.
 """
 
 from __future__ import annotations
@@ -66,17 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     reset = reset_peak()
     baseline = status_mb("VmRSS") if reset else peak_mb()
     sys.argv = [a.module, *args]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         runpy.run_module(a.module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     from utils.io import write_text_atomic
 
     write_text_atomic(a.out, json.dumps({"baseline_mb": baseline, "peak_mb": peak_mb(), "seconds": seconds,
-                                         "exit_code": code, "peak_reset": reset}))
+                                         "cpu_seconds": cpu_seconds, "exit_code": code, "peak_reset": reset}))
     return 0
 
 

@@ -9,12 +9,13 @@ Each is scored with ``Loss`` on the dev split of one bundled target (sent_review
 * N processes: one ``score`` process per source, one after the other, each starting Python and loading the
   backbone (how the original scripts ran one source at a time).
 
-Times are wall-clock times of whole child processes (start-up included). The one-process run is repeated
+Costs are CPU times (user + system) of whole child processes, start-up included (the machine is shared: CPU
+time barely moves with other people's jobs; wall time is shown beside it). The one-process run is repeated
 (median); the N single-source processes are split into as many chunks, interleaved with those repeats; one
-untimed warm-up process runs first. The per-source cost is score.py's own "s per source per target" (the
-scoring loop only); fixed cost = one-process time - N x per-source cost. The N-process side runs for every
-N at the smallest dev size and only for the smallest N at the larger dev sizes (each process costs about
-5 s of start-up, whatever the dev size).
+untimed warm-up process runs first. Growth with N: the marginal CPU cost per source between the smallest
+and the largest N, and the intercept (fixed cost); score.py's own "s per source per target" is shown too.
+The N-process side runs for every N at the smallest dev size and only for the smallest N at the larger dev
+sizes (each process costs about 4 s of start-up, whatever the dev size).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/similarity.py           # N = 10, 30; dev 16 and 64 examples
     OMP_NUM_THREADS=1 .venv/bin/python bench/similarity.py --quick   # N = 3, dev 16
@@ -52,12 +53,12 @@ METHOD, METRIC = "lora", "Loss"
 PER_SOURCE = re.compile(r"; ([0-9.]+) s per source per target")
 
 
-def score_once(root: Path, sources: list[str], k: int, out: Path) -> tuple[float, float]:
-    """(wall seconds of one score.py process, its own scoring seconds per source)."""
+def score_once(root: Path, sources: list[str], k: int, out: Path) -> tuple[float, float, float]:
+    """(wall s, CPU s) of one whole score.py process, and its own scoring (wall) seconds per source."""
     argv = [sys.executable, "-m", "get_similarity.score", "--delta", METHOD, "--metric", METRIC, "--tasks", TARGET,
             "--source_tasks", *sources, "--source_ckpt_path", str(root), "--output_dir", str(out),
             "--task_dir", str(SUITE_DIR), "--k", str(k), "--data_seed", "100", "--device", "cpu", "--quiet"]
-    wall, stdout = run_child(argv, f"score.py with {len(sources)} source(s)")
+    wall, cpu, stdout = run_child(argv, f"score.py with {len(sources)} source(s)")
     rows = (out / "result.tsv").read_text(encoding="utf-8").splitlines()[1:]
     if len(rows) != len(sources):
         raise RuntimeError(f"{out / 'result.tsv'}: expected {len(sources)} rows, found {len(rows)}")
@@ -65,7 +66,7 @@ def score_once(root: Path, sources: list[str], k: int, out: Path) -> tuple[float
     match = PER_SOURCE.search(stdout)
     if match is None:
         raise RuntimeError(f"score.py printed no per-source time: {stdout.strip()[-200:]}")
-    return wall, float(match.group(1))
+    return wall, cpu, float(match.group(1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,44 +88,55 @@ def main(argv: list[str] | None = None) -> int:
         write_sources(scratch / "sources", names, script_config(METHOD), default_config())
         score_once(scratch / "sources", names[:1], ks[0], scratch / "out")  # warm-up: file cache, .pyc files
         for k in ks:
-            fit: dict[int, tuple[float, float]] = {}
+            fit: dict[int, float] = {}
             for n in ns:
                 sources = names[:n]
                 separate_wanted = k == ks[0] or n == ns[0]
-                one, per_source, separate = [], [], 0.0
+                one: list[tuple[float, float]] = []
+                per_source: list[float] = []
+                separate = [0.0, 0.0]  # wall, CPU
                 parts = [sources[i::reps] if separate_wanted else [] for i in range(reps)]
                 for rep in range(reps):
-                    wall, each = score_once(scratch / "sources", sources, k, scratch / "out")
-                    one.append(wall)
+                    wall, cpu, each = score_once(scratch / "sources", sources, k, scratch / "out")
+                    one.append((wall, cpu))
                     per_source.append(each)
                     for s in parts[rep]:
-                        separate += score_once(scratch / "sources", [s], k, scratch / "out")[0]
-                t_one, t_src = median(one), median(per_source)
-                fit[n] = (t_one, t_src)
-                rows.append([k, n, fmt(t_one), fmt(separate) if separate_wanted else "not run",
-                             f"{separate / t_one:.1f}x" if separate_wanted else "-",
-                             fmt(separate / n) if separate_wanted else "-", f"{t_src:.3f}",
-                             fmt(t_one - n * t_src)])
+                        s_wall, s_cpu, _ = score_once(scratch / "sources", [s], k, scratch / "out")
+                        separate[0] += s_wall
+                        separate[1] += s_cpu
+                one_wall, one_cpu = median([w for w, _ in one]), median([c for _, c in one])
+                fit[n] = one_cpu
+                if separate_wanted:
+                    cells = [fmt(separate[1]), f"{separate[1] / one_cpu:.1f}x", f"{separate[0] / one_wall:.1f}x",
+                             fmt(separate[1] / n)]
+                else:
+                    cells = ["not run", "-", "-", "-"]
+                rows.append([k, n, fmt(one_cpu), *cells, f"{median(per_source):.3f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
             if len(ns) > 1:
-                (t_lo, s_lo), (t_hi, s_hi) = fit[ns[0]], fit[ns[-1]]
-                growth.append([k, f"{(t_hi - t_lo) / (ns[-1] - ns[0]):.3f}", f"{median([s_lo, s_hi]):.3f}",
-                               f"{t_hi / t_lo:.2f}x for {ns[-1] / ns[0]:.0f}x the sources"])
+                lo, hi = fit[ns[0]], fit[ns[-1]]
+                marginal = (hi - lo) / (ns[-1] - ns[0])
+                growth.append([k, f"{marginal:.3f}", fmt(lo - ns[0] * marginal),
+                               f"{hi / lo:.2f}x for {ns[-1] / ns[0]:.0f}x the sources"])
     finally:
         remove_tree(scratch)
 
-    header = ["dev examples", "N sources", "one process s", "N processes s", "ratio", "s per process",
-              "scoring s/source", "fixed s (one process)"]
+    header = ["dev examples", "N sources", "one process CPU s", "N processes CPU s", "ratio (CPU)", "ratio (wall)",
+              "CPU s per process", "scoring s/source (score.py)"]
     tables = [markdown_table(header, rows)]
     if growth:
-        tables.append(markdown_table(["dev examples", "marginal s/source (one process, from N)",
-                                      "scoring s/source (score.py)", "one-process time growth"], growth))
+        tables.append(markdown_table(["dev examples", "marginal CPU s/source (one process)",
+                                      "fixed CPU s (one process)", "one-process CPU growth"], growth))
     write_report(a.results_dir, "similarity", "Similarity scoring: one process vs one process per source",
                  command_line("bench/similarity.py", argv), tables,
                  [f"{METHOD} modules (r=8, alpha 16) on the embedded default, metric {METRIC}, target {TARGET}, CPU",
-                  f"one process: median of {reps} run(s); N processes: the sum of N runs, interleaved with those",
-                  "ratio = N processes / one process; fixed = one-process wall - N x scoring s/source (start-up, "
-                  "imports, backbone load, reading and checking checkpoints, writing result.tsv)"])
+                  f"one process: median of {reps} run(s); N processes: the sum of N runs, interleaved with those; "
+                  "CPU s = user + system time of the whole child (start-up included), the figure the ratio uses; "
+                  "the wall-time ratio is shown beside it",
+                  "scoring s/source: score.py's own wall time per source of its scoring loop (median over the "
+                  "one-process runs)",
+                  "marginal = (CPU at the largest N - CPU at the smallest N) / the difference in N; fixed = the "
+                  "intercept (start-up, imports, backbone load, data, writing result.tsv)"])
     return 0
 
 

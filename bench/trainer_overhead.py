@@ -5,14 +5,19 @@ scripts/{adapter,lora,prefix}.sh) on the same batches (models.seq2seq.training_b
 with AdamW. The hand-written loop does forward, backward, optimizer step and zero_grad, nothing else.
 
 What is timed in tune.py: ``tune.main`` runs in this process with a 1-example dev split, validation only at
-the end (``--valid_interval`` = ``--train_iters``) and ``--log_interval`` = the block size; its own logged
-examples/s of each block are read back from the run's log.txt. Each block's rate covers every step of that
-block from the end of the previous log line to this one: batch transfer, autocast context, forward, backward,
-gradient clipping, optimizer and scheduler steps, zero_grad, loss accumulation, the tqdm bar and the log
-line; the step-0 validation, the final validation and the checkpoint write fall outside every block. The
-hand loop is timed over the same blocks. The first block (allocation warm-up) is dropped from both, the
-rate of a run is the median of its remaining blocks, and runs of the two loops alternate (tune first in odd
-repeats, the hand loop first in even ones). overhead = median over repeats of (hand rate / tune rate) - 1.
+the end (``--valid_interval`` = ``--train_iters``) and ``--log_interval`` = the block size. Its log function
+(``tune.RunLog.__call__``) is wrapped to take a time stamp at the "step 0" line, right before the loop, and
+at every examples/s line: a block is everything tune.py does for those steps (batch collation and transfer,
+autocast context, forward, backward, gradient clipping, optimizer and scheduler steps, zero_grad, loss
+accumulation, the tqdm bar and its own log line); the step-0 validation, the final validation and the
+checkpoint write fall outside every block. The hand loop takes the same stamps around its blocks.
+
+Every stamp holds both CPU time (``time.process_time``) and wall time. The machine is shared: wall time of a
+block moves with other people's jobs, CPU time of a one-thread loop (``OMP_NUM_THREADS=1``) hardly does, so
+the verdict uses CPU time and the wall-time figure is shown beside it. The first block (allocation warm-up) is
+dropped, the rate of a run is the median of its remaining blocks, and runs of the two loops alternate (tune
+first in odd repeats, the hand loop first in even ones). overhead = median over repeats of (hand rate / tune
+rate) - 1.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/trainer_overhead.py            # full: default + t5-small shape
     OMP_NUM_THREADS=1 .venv/bin/python bench/trainer_overhead.py --quick    # seconds: default backbone only
@@ -27,6 +32,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,10 +88,25 @@ def kept_blocks(rates: list[float]) -> list[float]:
     return rates[1:] if len(rates) > 1 else rates
 
 
+def block_rates(marks: list[tuple[float, float]], examples: int) -> tuple[list[float], list[float]]:
+    """(CPU-time rates, wall-time rates) in examples/s between consecutive (process_time, perf_counter) stamps."""
+    cpu = [examples / (b[0] - a[0]) for a, b in zip(marks, marks[1:])]
+    wall = [examples / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    return cpu, wall
+
+
 def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, task_dir: Path,
-               out_dir: Path) -> list[float]:
-    """tune.py's own logged examples/s, one per block of ``block`` steps."""
+               out_dir: Path) -> tuple[list[float], list[float]]:
+    """Examples/s of tune.py's own loop per block of ``block`` steps: (CPU time, wall time)."""
     import tune
+
+    marks: list[tuple[float, float]] = []
+    log_line = tune.RunLog.__call__
+
+    def stamped(self, message: str) -> None:
+        log_line(self, message)
+        if message.startswith("step 0 (") or (message.startswith("step ") and message.endswith("examples/s")):
+            marks.append((time.process_time(), time.perf_counter()))
 
     argv = ["--do_train", "--tune_method", method, *size_flags(method), "--model", str(model_dir),
             "--task_dir", str(task_dir), "--tasks", TASK, "--k", str(K), "--data_seed", str(DATA_SEED),
@@ -94,19 +115,20 @@ def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
             "--learning_rate_list", str(LR), "--bsz_list", str(bsz), "--seed", str(SEED),
             "--max_input_length", str(MAX_INPUT), "--max_output_length", str(MAX_OUTPUT), "--device", "cpu",
             "--quiet", "--log_file_only"]
-    with contextlib.redirect_stderr(io.StringIO()):  # the tqdm bar still runs; it just draws nowhere
+    # The tqdm bar still runs; it just draws nowhere.
+    with mock.patch.object(tune.RunLog, "__call__", stamped), contextlib.redirect_stderr(io.StringIO()):
         code = tune.main(argv)
     if code != 0:
         raise RuntimeError(f"tune.main exited with {code}")
-    log = out_dir / TASK / f"lr_{LR:g}_bsz_{bsz}" / "log.txt"
-    rates = [float(m.group(2)) for m in LOG_RATE.finditer(log.read_text(encoding="utf-8"))]
-    if len(rates) != steps // block:
-        raise RuntimeError(f"{log}: expected {steps // block} examples/s lines, found {len(rates)}")
-    return rates
+    log = (out_dir / TASK / f"lr_{LR:g}_bsz_{bsz}" / "log.txt").read_text(encoding="utf-8")
+    if len(marks) != steps // block + 1 or len(LOG_RATE.findall(log)) != steps // block:
+        raise RuntimeError(f"{out_dir}: expected {steps // block} examples/s lines, found {len(marks) - 1}")
+    return block_rates(marks, block * bsz)
 
 
-def hand_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, task_dir: Path) -> list[float]:
-    """The minimal loop: forward, backward, AdamW step, zero_grad; examples/s per block of ``block`` steps."""
+def hand_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int,
+               task_dir: Path) -> tuple[list[float], list[float]]:
+    """The minimal loop (forward, backward, AdamW step, zero_grad): examples/s per block, (CPU time, wall time)."""
     model, tokenizer = load_backbone(model_dir, None, "cpu")
     torch.manual_seed(SEED)
     attach_delta(model, script_config(method))
@@ -116,40 +138,37 @@ def hand_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
     examples = read_split(task_dir / TASK / f"{TASK}_{K}_{DATA_SEED}_train.tsv")
     encoded = encode_examples(tokenizer, examples, MAX_INPUT, MAX_OUTPUT)
     batches = training_batches(encoded, bsz, random.Random(SEED), tokenizer.pad_token_id)
-    rates: list[float] = []
-    seen, last = 0, time.time()
+    marks = [(time.process_time(), time.perf_counter())]
     for step in range(1, steps + 1):
         batch = next(batches)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seen += batch["input_ids"].shape[0]
         if step % block == 0:
-            now = time.time()
-            rates.append(seen / (now - last))
-            seen, last = 0, now
-    return rates
+            marks.append((time.process_time(), time.perf_counter()))
+    return block_rates(marks, block * bsz)
 
 
 def measure(model_dir: Path, method: str, steps: int, block: int, bsz: int, reps: int, task_dir: Path,
             scratch: Path) -> dict[str, float]:
-    tune_runs, hand_runs, ratios = [], [], []
+    runs: dict[str, list[float]] = {"tune": [], "hand": [], "cpu": [], "wall": []}
     for rep in range(reps):
         out = scratch / f"tune-{method}-{rep}-{time.monotonic_ns()}"
-        order = ("tune", "hand") if rep % 2 == 0 else ("hand", "tune")
-        got: dict[str, float] = {}
-        for which in order:
+        got: dict[str, tuple[float, float]] = {}
+        for which in (("tune", "hand") if rep % 2 == 0 else ("hand", "tune")):
             if which == "tune":
-                got[which] = median(kept_blocks(tune_rates(model_dir, method, steps, block, bsz, task_dir, out)))
+                cpu, wall = tune_rates(model_dir, method, steps, block, bsz, task_dir, out)
             else:
-                got[which] = median(kept_blocks(hand_rates(model_dir, method, steps, block, bsz, task_dir)))
+                cpu, wall = hand_rates(model_dir, method, steps, block, bsz, task_dir)
+            got[which] = (median(kept_blocks(cpu)), median(kept_blocks(wall)))
         remove_tree(out)
-        tune_runs.append(got["tune"])
-        hand_runs.append(got["hand"])
-        ratios.append(got["hand"] / got["tune"])
-    return {"tune": median(tune_runs), "hand": median(hand_runs), "overhead": median(ratios) - 1,
-            "spread": max(ratios) - min(ratios)}
+        runs["tune"].append(got["tune"][0])
+        runs["hand"].append(got["hand"][0])
+        runs["cpu"].append(got["hand"][0] / got["tune"][0])
+        runs["wall"].append(got["hand"][1] / got["tune"][1])
+    return {"tune": median(runs["tune"]), "hand": median(runs["hand"]), "overhead": median(runs["cpu"]) - 1,
+            "wall": median(runs["wall"]) - 1, "spread": max(runs["cpu"]) - min(runs["cpu"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = {"default": a.steps_default or (20 if a.quick else 100),
              "t5-small": a.steps_small or (10 if a.quick else 30)}
     check_positive("--reps/--bsz/--steps_*", [reps, a.bsz, *steps.values()])
+    if K % a.bsz:
+        raise UserInputError(f"--bsz: {a.bsz} does not divide the {K} training examples (every batch must be full)")
     for name, n in steps.items():  # five blocks of n/5 steps each: the first is dropped
         if n % 5:
             raise UserInputError(f"--steps_{'small' if name == 't5-small' else 'default'}: {n} is not a multiple "
@@ -186,20 +207,21 @@ def main(argv: list[str] | None = None) -> int:
             for method in a.methods:
                 r = measure(model_dir, method, steps[name], blocks[name], a.bsz, reps, task_dir, scratch)
                 rows.append([name, method, steps[name], blocks[name], reps, fmt(r["tune"], 1), fmt(r["hand"], 1),
-                             f"{r['overhead'] * 100:+.1f}%", f"{r['spread'] * 100:.1f}%",
+                             f"{r['overhead'] * 100:+.1f}%", f"{r['spread'] * 100:.1f}%", f"{r['wall'] * 100:+.1f}%",
                              "yes" if r["overhead"] <= 0.10 else "no"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     finally:
         remove_tree(scratch)
 
-    header = ["backbone", "method", "steps/run", "block", "repeats", "tune.py ex/s", "hand loop ex/s",
-              "overhead", "ratio spread", "<= 10%"]
+    header = ["backbone", "method", "steps/run", "block", "repeats", "tune.py ex/CPU-s", "hand loop ex/CPU-s",
+              "overhead (CPU)", "ratio spread", "overhead (wall)", "<= 10%"]
     write_report(a.results_dir, "trainer_overhead", "tune.py training loop vs a minimal loop",
                  command_line("bench/trainer_overhead.py", argv), [markdown_table(header, rows)],
-                 [f"batch size {a.bsz}, {K} training examples of {SOURCE_TASK}, CPU; ex/s: median over repeats of "
-                  "each run's median block rate (first block dropped)",
-                  "overhead = median over repeats of (hand-loop rate / tune.py rate) - 1; negative: tune.py was "
-                  "faster in that pairing (noise); ratio spread = max - min of the per-repeat ratios",
+                 [f"batch size {a.bsz}, {K} training examples of {SOURCE_TASK}, CPU; ex/CPU-s: examples per second "
+                  "of process CPU time, median over repeats of each run's median block rate (first block dropped)",
+                  "overhead = median over repeats of (hand-loop rate / tune.py rate) - 1, in CPU time (the verdict) "
+                  "and in wall time; negative: tune.py was faster in that pairing (noise); ratio spread = max - min "
+                  "of the per-repeat CPU-time ratios",
                   "t5-small: random weights of t5-small's shape (d_model 512, d_ff 2048, 6+6 layers, 8 heads) "
                   "with the default tokenizer's 1,017-token vocabulary"])
     return 0
