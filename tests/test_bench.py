@@ -63,9 +63,10 @@ def test_trainer_overhead_quick(tmp_path: Path) -> None:
     assert all(-100 < number(x) < 1000 for x in column(table, "overhead (wall)"))
 
 
-def test_trainer_overhead_refuses_steps_off_the_block(capsys) -> None:
-    assert run_cli(trainer_overhead.main, ["--quick", "--steps_default", "7"]) == 2
+def test_trainer_overhead_refuses_steps_off_the_block(tmp_path: Path, capsys) -> None:
+    assert run_cli(trainer_overhead.main, ["--quick", "--steps_default", "7", "--results_dir", str(tmp_path)]) == 2
     assert "--steps_default: 7 is not a multiple of 5" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -138,10 +139,10 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     assert set(column(table, "peak GPU MB")) == {"-"}
 
 
-def test_gpu_bench_needs_cuda_without_dry_run(capsys) -> None:
+def test_gpu_bench_needs_cuda_without_dry_run(tmp_path: Path, capsys) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert run_cli(gpu_bench.main, ["--methods", "lora"]) == 2
+    assert run_cli(gpu_bench.main, ["--methods", "lora", "--results_dir", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
