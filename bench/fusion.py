@@ -10,9 +10,10 @@ fusion itself added (reading and checking every checkpoint, the streamed weighte
 weights.tsv and the heatmap). LoRA is fused both ways: ``delta_w`` (the default: sums B·A per pair, one
 out x in float64 matrix per pair, then SVD) and ``params`` (averages the factors).
 
-"read CPU s/module" is the CPU time to read one checkpoint with models.delta.load_delta_checkpoint, measured
-in this process right after each fusion (files in the page cache, as they are for the fusion; the CLI reads
-every source twice: once to check it, once to add it in). "CPU s/module" is the CLI's CPU time (imports
+"read CPU s/module" is the CPU time to read one checkpoint with models.delta.load_delta_checkpoint and touch
+its values once, measured in this process right after each fusion (files in the page cache, as they are for
+the fusion; the CLI reads every source twice: once to check it, once to add it in, so two reads per module
+is the I/O floor that the marginal cost per module is compared with). "CPU s/module" is the CLI's CPU time (imports
 excluded) divided by N; its wall time is shown too (CPU time hardly moves with the load of a shared machine).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fusion.py           # N = 10, 30, 100 (writes ~2.5 GB to a temp dir)
@@ -67,11 +68,16 @@ def fuse_child(root: Path, method: str, combine: str, names: list[str], out: Pat
 
 
 def read_seconds(root: Path, names: list[str]) -> float:
-    """CPU seconds per module to read the checkpoints once (the files are in the page cache)."""
+    """CPU seconds per module to read each checkpoint once and touch every value (files in the page cache).
+
+    safetensors maps the file, so loading alone reads almost nothing; the pages are read when the values are
+    first used, hence one pass (a sum) over every tensor.
+    """
     folders = [resolve_checkpoint(root / n, n) for n in names]
     start = time.process_time()
     for folder in folders:
-        load_delta_checkpoint(folder)
+        for tensor in load_delta_checkpoint(folder)[0].values():
+            tensor.sum()
     return (time.process_time() - start) / len(folders)
 
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = "default" if a.quick else "t5-base"
 
     scratch = scratch_dir("fusion")
-    rows = []
+    rows, slopes = [], []
     try:
         names = [f"src{i:03d}" for i in range(max(ns))]
         for method in a.methods:
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             file_mb = (resolve_checkpoint(root / names[0]) / WEIGHTS_FILE).stat().st_size / 2**20
             for combine in (["delta_w", "params"] if method == "lora" else ["params"]):
                 label = f"lora ({combine})" if method == "lora" else method
+                cpu_at: dict[int, float] = {}
+                read_at: dict[int, float] = {}
                 for n in ns:
                     runs, reads = [], []
                     for _ in range(reps):
@@ -109,15 +117,25 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([label, n, fmt(file_mb), fmt(cpu), f"{cpu / n:.3f}", f"{median(reads):.4f}",
                                  fmt(median([r["seconds"] for r in runs])), fmt(extra, 0), f"{extra / mb:.1f}",
                                  fmt(median([r["baseline_mb"] for r in runs]), 0)])
+                    cpu_at[n], read_at[n] = cpu, median(reads)
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
+                if len(ns) > 1:
+                    lo, hi = ns[-2], ns[-1]
+                    slope, floor = (cpu_at[hi] - cpu_at[lo]) / (hi - lo), 2 * median([read_at[lo], read_at[hi]])
+                    slopes.append([label, f"{lo} -> {hi}", f"{slope:.4f}", f"{floor:.4f}", f"{slope / floor:.1f}x",
+                                   fmt(cpu_at[hi] - hi * slope)])
             remove_tree(root)
     finally:
         remove_tree(scratch)
 
     header = ["method", "N", "MB/module (file)", "fusion CPU s", "CPU s/module", "read CPU s/module", "fusion wall s",
               "peak - baseline MB", "in modules", "baseline MB"]
+    tables = [markdown_table(header, rows)]
+    if slopes:
+        tables.append(markdown_table(["method", "N", "marginal CPU s/module", "I/O floor s/module (2 reads)",
+                                      "marginal / floor", "fixed CPU s"], slopes))
     write_report(a.results_dir, "fusion", f"Fusing N modules of a {shape_name}-shaped backbone (average, one target)",
-                 command_line("bench/fusion.py", argv), [markdown_table(header, rows)],
+                 command_line("bench/fusion.py", argv), tables,
                  [f"fusion CPU s / wall s: the CLI's run in the child, imports excluded, median of {reps}; read CPU "
                   "s/module: one load_delta_checkpoint per module, files in the page cache (the CLI reads each "
                   "source twice)",

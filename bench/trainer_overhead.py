@@ -19,6 +19,11 @@ dropped, the rate of a run is the median of its remaining blocks, and runs of th
 first in odd repeats, the hand loop first in even ones). overhead = median over repeats of (hand rate / tune
 rate) - 1.
 
+Both loops run with denormal floats flushed to zero (``torch.set_flush_denormal``; ``--keep_denormals`` turns
+that off): the two loops' parameters drift apart (tune.py decays the learning rate and clips gradients), and
+on the t5-small shape with prefix tuning the hand loop's backward pass met denormals and ran about 10% slower
+for that reason alone, which would count as a negative overhead of tune.py.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/trainer_overhead.py            # full: default + t5-small shape
     OMP_NUM_THREADS=1 .venv/bin/python bench/trainer_overhead.py --quick    # seconds: default backbone only
 """
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--reps", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
     p.add_argument("--bsz", type=int, default=8, help="training batch size (the study's target batch)")
+    p.add_argument("--keep_denormals", action="store_true",
+                   help="do not flush denormal floats to zero (see the module doc: they make speed depend on values)")
     p.add_argument("--steps_default", type=int, default=None,
                    help="steps per run on the default backbone (default 100; quick 20)")
     p.add_argument("--steps_small", type=int, default=None,
@@ -196,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "of 5 (a run is timed in five equal blocks)")
     blocks = {name: n // 5 for name, n in steps.items()}
 
+    # Both loops run with denormals flushed: on the t5-small shape with prefix tuning, the hand loop's values
+    # (constant lr, no clipping) reach denormal floats that tune.py's (decaying lr, clipping) do not, which
+    # slowed its backward pass by about 10% whatever the loop code; flushing makes the speed depend on the code.
+    torch.set_flush_denormal(not a.keep_denormals)
     scratch = scratch_dir("overhead")
     rows = []
     try:
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                   "of process CPU time, median over repeats of each run's median block rate (first block dropped)",
                   "overhead = median over repeats of (hand-loop rate / tune.py rate) - 1, in CPU time (the verdict) "
                   "and in wall time; negative: tune.py was faster in that pairing (noise); ratio spread = max - min "
-                  "of the per-repeat CPU-time ratios",
+                  "of the per-repeat CPU-time ratios; denormal floats flushed to zero in both loops"
+                  + (" (off: --keep_denormals)" if a.keep_denormals else ""),
                   "t5-small: random weights of t5-small's shape (d_model 512, d_ff 2048, 6+6 layers, 8 heads) "
                   "with the default tokenizer's 1,017-token vocabulary"])
     return 0
