@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Benchmarks (bench/README.md), one BLAS thread; each writes its table to bench/results/ (about 20 min on 2 CPU cores).
+# Benchmarks (bench/README.md), one BLAS thread; each writes its table to bench/results/ (15 min on 2 CPU cores).
 # bench/gpu.sh is not part of it: it needs a GPU machine.
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/trainer_overhead.py

@@ -137,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     write_report(a.results_dir, "fusion", f"Fusing N modules of a {shape_name}-shaped backbone (average, one target)",
                  command_line("bench/fusion.py", argv), tables,
                  [f"fusion CPU s / wall s: the CLI's run in the child, imports excluded, median of {reps}; read CPU "
-                  "s/module: one load_delta_checkpoint per module, files in the page cache (the CLI reads each "
-                  "source twice)",
+                  "s/module: one load_delta_checkpoint per module plus one pass over its values (safetensors maps "
+                  "the file; pages are read when touched), files in the page cache",
+                  "marginal = (CPU at the largest N - CPU at the next N) / their difference; the CLI reads each "
+                  "source twice (a check, then the sum), so two reads per module is the I/O floor; fixed = the "
+                  "intercept",
                   "baseline: the child's RSS after the preloaded imports; peak: its peak RSS (VmHWM, reset at the "
                   "baseline) at the end",
                   "in modules = (peak - baseline) / the module's float32 size",
