@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from unit_model.fusion import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
-from utils.io import write_text_atomic  # noqa: E402
+from utils.io import read_json_object, write_text_atomic  # noqa: E402
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -408,12 +408,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
         raise UserInputError(f"--output {root}: exists and is not a folder")
     params = root / "params.json"
     if params.is_file():
-        try:
-            earlier = json.loads(params.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserInputError(f"{params}: not valid JSON ({e})") from None
-        if not isinstance(earlier, dict):
-            raise UserInputError(f"{params}: expected a JSON object")
+        earlier = read_json_object(params)
         now = json.loads(json.dumps(vars(p)))  # as it would be written: tuples become lists
         for key, value in now.items():
             if key in earlier and key not in RESUMABLE_CHANGES and earlier[key] != value:

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dataloader.errors import UserInputError
-from utils.io import fsync_dir, fsync_file
+from utils.io import fsync_dir, fsync_file, read_json_object
 
 METHODS = ("adapter", "lora", "prefix")
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
@@ -402,12 +402,7 @@ def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], di
         raise UserInputError(f"{cfg_file}: missing (a delta checkpoint folder holds {CONFIG_FILE})")
     if not weights_file.is_file():
         raise UserInputError(f"{weights_file}: missing (a delta checkpoint folder holds {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserInputError(f"{cfg_file}: invalid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserInputError(f"{cfg_file}: expected a JSON object, found {type(meta).__name__}")
+    meta = read_json_object(cfg_file)
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:
         raise UserInputError(f"{cfg_file}: missing keys {missing}")

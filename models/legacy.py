@@ -39,7 +39,6 @@ folder does not record.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import re
@@ -61,6 +60,7 @@ from models.delta import (
     DeltaConfig,
     _library_config,
 )
+from utils.io import read_json_object
 
 # The only classes (besides tensors and plain containers, which weights_only always allows) that a legacy
 # file may ask for. argparse.Namespace is safe to rebuild: unpickling creates a bare object and fills its
@@ -502,11 +502,8 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     """Read a ``save_adapter`` folder as this project's (tensors, meta); anything it cannot map is one line."""
     path = Path(path)
     cfg_file = path / ADAPTERHUB_CONFIG
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserInputError(f"{cfg_file}: not a readable JSON file ({_first_line(e)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), (dict, str)):
+    data = read_json_object(cfg_file)
+    if not isinstance(data.get("config"), (dict, str)):
         raise UserInputError(f"{cfg_file}: expected an AdapterHub adapter config with a 'config' object")
     if data.get("model_type") not in (None, "t5"):
         raise UserInputError(f"{cfg_file}: made for a {data['model_type']!r} model; this project's backbone is T5")

@@ -231,7 +231,7 @@ def test_corrupt_or_incomplete_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="not found"):
         load_delta_checkpoint(tmp_path / "nope")
     config.write_text("{not json")
-    with pytest.raises(UserInputError, match=rf"{re.escape(str(config))}: invalid JSON"):
+    with pytest.raises(UserInputError, match=rf"{re.escape(str(config))}: not a readable JSON file"):
         load_delta_checkpoint(path)
     config.write_text('{"method": "lora"}')
     with pytest.raises(UserInputError, match=rf"{re.escape(str(config))}: missing keys.*format_version"):

@@ -7,6 +7,7 @@ reader (or a rerun after SIGKILL) never sees half a file; a crash leaves at most
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import uuid
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from dataloader.errors import UserInputError
 
 
 def temp_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -36,6 +39,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path | str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is one line naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{path}: not a readable JSON file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 @contextmanager
