@@ -24,7 +24,6 @@ repeats of the summed prediction time over tasks (module loading excluded).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import sys
 import time
@@ -66,20 +65,6 @@ BUDGET = {"k": 16, "data_seed": 100, "train_iters": 40, "learning_rate_list": 3e
           "warmup_steps": 4, "valid_interval": 10, "early_stop": 0, "log_interval": 10}  # study.py's target budget
 LARGE_K = 512
 SETTINGS = {"full": ["--max_new_tokens", str(MAX_OUTPUT)], "auto": [], "rank": ["--rank_classification"]}
-
-
-def missing_features() -> list[str]:
-    """Names of the decoding features this checkout lacks (the bench then skips what needs them)."""
-    import tune
-
-    options = {o for action in tune.build_parser()._actions for o in action.option_strings}
-    missing = [flag for flag in ("--max_new_tokens", "--rank_classification") if flag not in options]
-    if "sort_by_length" not in inspect.signature(seq2seq.generate).parameters:
-        missing.append("generate(sort_by_length=)")
-    missing += [f"models.seq2seq.{name}" for name in ("label_set", "rank_classify") if not hasattr(seq2seq, name)]
-    if not hasattr(tune, "plan_decoding"):
-        missing.append("tune.plan_decoding")
-    return missing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,16 +138,10 @@ def run_variants(model, tokenizer, modules: dict[str, dict], dev: dict[str, dict
     """Time every prediction variant, alternating them within each repeat; keep the last predictions."""
     label_tasks = [t for t in dev if dev[t]["labels"]]
     short_tasks = [t for t in label_tasks if dev[t]["decoding"].max_new_tokens < MAX_OUTPUT]
-    takes_fallback = "fallback_max_new_tokens" in inspect.signature(seq2seq.generate).parameters
 
     def gen(t: str, sort: bool, short: bool) -> list[str]:
-        d = dev[t]["decoding"]
-        kwargs: dict = {"sort_by_length": sort}
-        fallback = getattr(d, "fallback_max_new_tokens", None)
-        if short and fallback and takes_fallback:  # an earlier form of the auto rule retried unfinished rows
-            kwargs["fallback_max_new_tokens"] = fallback
-        return seq2seq.generate(model, tokenizer, dev[t]["encoded"], batch_size,
-                                d.max_new_tokens if short else MAX_OUTPUT, **kwargs)
+        budget = dev[t]["decoding"].max_new_tokens if short else MAX_OUTPUT
+        return seq2seq.generate(model, tokenizer, dev[t]["encoded"], batch_size, budget, sort_by_length=sort)
 
     variants = {
         "unsorted": (list(dev), lambda t: gen(t, False, False)),
@@ -215,42 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     reps = a.reps or (1 if a.quick else 3)
     check_positive("--batch_size/--reps", [a.batch_size, reps])
     budget = {"train_iters": 10, "valid_interval": 5, "log_interval": 5} if a.quick else {}
-    missing = missing_features()
-    if missing:
-        print(f"this checkout lacks {', '.join(missing)}: only the full-budget validation share is measured",
-              flush=True)
-    settings = SETTINGS
-    if missing:  # without the flags, tune.py's only budget is the full one (max_output_length)
-        settings = {"full": [] if "--max_new_tokens" in missing else SETTINGS["full"]}
 
     scratch = scratch_dir("eval")
-    tables, notes = [], []
+    tables = []
     try:
         timed_tune(tasks[:1], scratch / "warm-up", [], {"train_iters": 4, "valid_interval": 2, "log_interval": 2})
         share_rows = []
-        for name, extra in settings.items():
+        for name, extra in SETTINGS.items():
             r = timed_tune(tasks, scratch / name, extra, budget)
             share_rows.append([name, fmt(r["train"]), fmt(r["valid"]), int(r["validations"]),
                                f"{r['valid'] / r['train'] * 100:.0f}%", f"{r['dev']:.3f}"])
             print(" | ".join(str(c) for c in share_rows[-1]), flush=True)
         tables.append(markdown_table(["validation", "train() CPU s", "of which validation", "validations",
                                       "validation share", "mean best dev"], share_rows))
-        if missing:
-            notes.append(f"skipped Part B and the auto/rank settings: this checkout lacks {', '.join(missing)}")
-        else:
-            model, tokenizer = load_backbone(DEFAULT_MODEL_DIR, None, "cpu")
-            torch.manual_seed(42)
-            attach_delta(model, script_config(METHOD))
-            modules = {t: load_delta_checkpoint(resolve_checkpoint(scratch / "auto" / t, t))[0] for t in tasks}
-            dev = load_dev_sets(tasks, tokenizer)
-            results = run_variants(model, tokenizer, modules, dev, a.batch_size, reps)
-            rows = [compare(results, dev, "unsorted", "sorted", "file order -> sorted by length (generation)"),
-                    compare(results, dev, "label:full", "label:short",
-                            f"max_new_tokens {MAX_OUTPUT} -> auto (label tasks)"),
-                    compare(results, dev, "label:generate", "label:rank",
-                            "generation (auto) -> rank classification (label tasks)")]
-            tables.append(markdown_table(["comparison", "tasks", "A CPU s", "B CPU s", "speed-up A/B",
-                                          "same predictions", "mean score A", "mean score B"], rows))
+        model, tokenizer = load_backbone(DEFAULT_MODEL_DIR, None, "cpu")
+        torch.manual_seed(42)
+        attach_delta(model, script_config(METHOD))
+        modules = {t: load_delta_checkpoint(resolve_checkpoint(scratch / "auto" / t, t))[0] for t in tasks}
+        dev = load_dev_sets(tasks, tokenizer)
+        results = run_variants(model, tokenizer, modules, dev, a.batch_size, reps)
+        rows = [compare(results, dev, "unsorted", "sorted", "file order -> sorted by length (generation)"),
+                compare(results, dev, "label:full", "label:short",
+                        f"max_new_tokens {MAX_OUTPUT} -> auto (label tasks)"),
+                compare(results, dev, "label:generate", "label:rank",
+                        "generation (auto) -> rank classification (label tasks)")]
+        tables.append(markdown_table(["comparison", "tasks", "A CPU s", "B CPU s", "speed-up A/B",
+                                      "same predictions", "mean score A", "mean score B"], rows))
     finally:
         remove_tree(scratch)
 
@@ -260,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
              "train() CPU s and its validation part are sums over the tasks",
              f"Part B: the 64-example dev splits (k={LARGE_K}), batch {a.batch_size}, medians of {reps} repeat(s); "
              "the modules are Part A's auto runs; 'same predictions' is the share of identical predictions "
-             "(for generation vs rank classification: the agreement rate)", *notes]
+             "(for generation vs rank classification: the agreement rate)"]
     write_report(a.results_dir, "eval_speed", "Validation share and prediction speed",
                  command_line("bench/eval_speed.py", argv), tables, notes)
     return 0
