@@ -7,6 +7,11 @@ get_similarity/metrics.py. The backbone is loaded once; the delta module is atta
 comes from the first source checkpoint, and every other checkpoint must match it) and each source's
 tensors are swapped in.
 
+Memory does not grow with the number of sources: every source (and KL reference) is checked before any
+scoring from its config and its safetensors header alone (method, sizes, backbone, parameter names and
+shapes), and its tensors are read only when it is scored and dropped right after, so at most one module's
+tensors are held at a time. The price is one read of a source's file per target it is scored on.
+
 Granularity (--granularity model|block|layer, groups from models.delta.param_group):
 
 * GraNd of a group is the norm of the per-example gradient over that group's parameters alone (the full
@@ -63,7 +68,9 @@ from models.delta import (  # noqa: E402
     attach_delta,
     backbone_fingerprint,
     check_compatible,
+    check_delta_shapes,
     delta_state_dict,
+    inspect_delta_checkpoint,
     is_delta_param,
     load_delta_checkpoint,
     load_delta_state,
@@ -183,24 +190,33 @@ class SimilarityScorer:
 
 @dataclass
 class Module:
-    """A resolved checkpoint: its folder, tensors and metadata."""
+    """A resolved, checked checkpoint: its folder, metadata and parameter shapes; its tensors stay on disk."""
 
     task: str
     folder: Path
-    tensors: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
     meta: dict[str, Any]
+    flag: str
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Read the tensors now; the caller drops them once used, so that one module is held at a time."""
+        try:
+            tensors, _ = load_delta_checkpoint(self.folder)
+        except UserInputError as e:  # changed on disk since it was checked
+            raise UserInputError(f"{self.flag}: task {self.task}: {e}") from None
+        return tensors
 
 
-def load_module(root: str, task: str, flag: str) -> Module:
-    """``{root}/{task}`` resolved to a checkpoint and read; errors name the flag and the task."""
+def inspect_module(root: str, task: str, flag: str) -> Module:
+    """``{root}/{task}`` resolved to a checkpoint and checked, tensors left unread; errors name the flag and task."""
     try:
         folder = resolve_checkpoint(Path(root) / task, task=task)
-        tensors, meta = load_delta_checkpoint(folder)
+        shapes, meta = inspect_delta_checkpoint(folder)
     except UserInputError as e:
         raise UserInputError(f"{flag}: task {task}: {e}") from None
     if meta.get("task") not in (None, task):
         tqdm.write(f"warning: {folder} was tuned on task {meta['task']!r}, used here for {task!r}", file=sys.stderr)
-    return Module(task, folder, tensors, meta)
+    return Module(task, folder, shapes, meta, flag)
 
 
 def check_args(args: argparse.Namespace) -> list[Metric]:
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--source_tasks: target {lonely[0]} has no source other than itself")
     examples = load_targets(args, targets)
     needed = [s for s in source_tasks if any(s in sources for sources in plan.values())]
-    sources = {s: load_module(args.source_ckpt_path, s, "--source_ckpt_path") for s in needed}
+    sources = {s: inspect_module(args.source_ckpt_path, s, "--source_ckpt_path") for s in needed}
     first = sources[needed[0]]
     cfg = DeltaConfig.from_checkpoint_meta(first.meta)
     if cfg.method != args.delta:
@@ -291,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"])
     references: dict[str, Module] = {}
     if any(m.needs_reference for m in metrics):
-        references = {t: load_module(args.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
+        references = {t: inspect_module(args.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
         check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"])
 
     device = torch.device(pick_device(args.device))
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     init_state = delta_state_dict(model)
     for module in [*sources.values(), *references.values()]:
-        load_delta_state(model, module.tensors, str(module.folder))  # keys and shapes, before any scoring
+        check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
     if not args.overwrite:
         check_no_earlier_rows(Path(args.output_dir) / RESULT_FILE,
@@ -319,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     for t in tqdm(targets, desc="targets", disable=len(targets) == 1):
         reference = None
         if t in references:
-            reference = scorer.reference(encoded[t], references[t].tensors, str(references[t].folder))
+            reference = scorer.reference(encoded[t], references[t].tensors(), str(references[t].folder))
         for s in tqdm(plan[t], desc=f"sources -> {t}", leave=False):
             start = time.perf_counter()
-            scores = scorer.score(encoded[t], sources[s].tensors, metrics, str(sources[s].folder), reference)
+            # A temporary: the tensors are freed when score() returns, before the next source is read.
+            scores = scorer.score(encoded[t], sources[s].tensors(), metrics, str(sources[s].folder), reference)
             seconds += time.perf_counter() - start
             pairs += 1
             for m in metrics:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -250,11 +250,11 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in sorted(_delta_params(model).items())}
 
 
-def load_delta_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``tensors`` into the model's delta parameters; keys and shapes must match exactly."""
+def check_delta_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse ``shapes`` (parameter name -> shape) unless they match the model's delta parameters exactly."""
     params = _delta_params(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
+    missing = sorted(set(params) - set(shapes))
+    unexpected = sorted(set(shapes) - set(params))
     if missing or unexpected:
         parts = []
         if missing:
@@ -263,13 +263,19 @@ def load_delta_state(model: nn.Module, tensors: dict[str, torch.Tensor], source:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         raise UserInputError(f"{source}: delta weights do not fit this model: {'; '.join(parts)}")
     bad = [
-        f"{n}: checkpoint {tuple(tensors[n].shape)} vs model {tuple(p.shape)}"
+        f"{n}: checkpoint {tuple(shapes[n])} vs model {tuple(p.shape)}"
         for n, p in sorted(params.items())
-        if tuple(tensors[n].shape) != tuple(p.shape)
+        if tuple(shapes[n]) != tuple(p.shape)
     ]
     if bad:
         examples = "; ".join(bad[:3])
         raise UserInputError(f"{source}: {len(bad)} delta weights have the wrong shape, e.g. {examples}")
+
+
+def load_delta_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's delta parameters; keys and shapes must match exactly."""
+    check_delta_shapes(model, {n: tuple(t.shape) for n, t in tensors.items()}, source)
+    params = _delta_params(model)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
@@ -385,19 +391,19 @@ def save_delta_checkpoint(
     return path
 
 
-def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint folder: (tensors, meta). Every user-fixable problem is a UserInputError."""
+def _checkpoint_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: delta checkpoint folder not found")
     if not path.is_dir():
         raise UserInputError(f"{path}: expected a delta checkpoint folder, found a file")
+    return path
+
+
+def _checked_meta(path: Path) -> dict[str, Any]:
+    """The meta of a folder in this project's format (both files present), checked."""
     cfg_file = path / CONFIG_FILE
     weights_file = path / WEIGHTS_FILE
-    from models.legacy import is_adapterhub_folder, read_adapterhub_folder  # here: models.legacy imports this module
-
-    if is_adapterhub_folder(path):  # an AdapterHub save_adapter folder, renamed and checked on the fly
-        return read_adapterhub_folder(path)
     if not cfg_file.is_file():
         raise UserInputError(f"{cfg_file}: missing (a delta checkpoint folder holds {CONFIG_FILE})")
     if not weights_file.is_file():
@@ -413,13 +419,49 @@ def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     for key in ("sizes", "backbone_fingerprint"):
         if not isinstance(meta[key], dict):
             raise UserInputError(f"{cfg_file}: expected '{key}' to be an object, found {meta[key]!r}")
+    return meta
+
+
+def _invalid_weights(weights_file: Path, e: BaseException) -> UserInputError:
+    return UserInputError(f"{weights_file}: not a valid safetensors file (truncated or corrupt?): {_first_line(e)}")
+
+
+def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint folder: (tensors, meta). Every user-fixable problem is a UserInputError."""
+    path = _checkpoint_folder(path)
+    from models.legacy import is_adapterhub_folder, read_adapterhub_folder  # here: models.legacy imports this module
+
+    if is_adapterhub_folder(path):  # an AdapterHub save_adapter folder, renamed and checked on the fly
+        return read_adapterhub_folder(path)
+    meta = _checked_meta(path)
     try:
-        tensors = load_file(str(weights_file))
+        tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserInputError(
-            f"{weights_file}: not a valid safetensors file (truncated or corrupt?): {_first_line(e)}"
-        ) from None
+        raise _invalid_weights(path / WEIGHTS_FILE, e) from None
     return tensors, meta
+
+
+def inspect_delta_checkpoint(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """(parameter name -> shape, meta) of a checkpoint folder, checked as load_delta_checkpoint checks it.
+
+    Only the safetensors header is read, not the tensors (safetensors refuses a header that does not cover
+    the whole file, so a truncated file is refused here too): a caller can check many checkpoints up front
+    while holding none of them. An AdapterHub folder is converted in full (its names and sizes come from its
+    tensors) and its tensors dropped.
+    """
+    path = _checkpoint_folder(path)
+    from models.legacy import is_adapterhub_folder, read_adapterhub_folder
+
+    if is_adapterhub_folder(path):
+        tensors, meta = read_adapterhub_folder(path)
+        return {n: tuple(t.shape) for n, t in tensors.items()}, meta
+    meta = _checked_meta(path)
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _invalid_weights(path / WEIGHTS_FILE, e) from None
+    return shapes, meta
 
 
 def check_compatible(

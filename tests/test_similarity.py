@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from models.delta import (
     attach_delta,
     backbone_fingerprint,
     delta_state_dict,
+    inspect_delta_checkpoint,
     load_delta_checkpoint,
     load_delta_state,
     param_group,
@@ -433,3 +435,84 @@ def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp
     assert run_cli(score_cli.main, cli_args(tiny_backbone_dir, modules, out, tasks=two)) == 2
     assert "result.tsv:1: expected the header" in capsys.readouterr().err
     assert (out / "result.tsv").read_text() == "target\tsource\tscore\nsent_review\tsent_tweet\t1.0\n"
+
+
+# --- one module in memory at a time --------------------------------------------------------------------
+
+
+def test_one_module_held_at_a_time(tiny_backbone_dir: Path, modules: Path, tmp_path: Path, monkeypatch) -> None:
+    """Every module is checked before any is read; then each is read when scored and freed before the next read."""
+    events: list[tuple[str, str]] = []  # (what, "sources/task" or "random/task") in call order
+    reads: list[tuple[str, list[weakref.ref]]] = []  # per read: the module and weak references to its tensors
+
+    def name(folder: Path) -> str:
+        return f"{Path(folder).parent.parent.name}/{Path(folder).name}"
+
+    def live() -> list[str]:
+        return [m for m, refs in reads if any(r() is not None for r in refs)]
+
+    def counting_inspect(folder: Path):
+        events.append(("inspect", name(folder)))
+        return inspect_delta_checkpoint(folder)
+
+    def counting_load(folder: Path):
+        assert live() == [], f"{name(folder)} read while {live()} still held"
+        tensors, meta = load_delta_checkpoint(folder)
+        reads.append((name(folder), [weakref.ref(t) for t in tensors.values()]))
+        events.append(("read", name(folder)))
+        return tensors, meta
+
+    real_score, real_reference = SimilarityScorer.score, SimilarityScorer.reference
+
+    def counting_score(self, task, tensors, *args, **kwargs):
+        events.append(("score", "+".join(live())))
+        return real_score(self, task, tensors, *args, **kwargs)
+
+    def counting_reference(self, task, tensors, source):
+        events.append(("reference", "+".join(live())))
+        return real_reference(self, task, tensors, source)
+
+    monkeypatch.setattr(score_cli, "inspect_delta_checkpoint", counting_inspect)
+    monkeypatch.setattr(score_cli, "load_delta_checkpoint", counting_load)
+    monkeypatch.setattr(SimilarityScorer, "score", counting_score)
+    monkeypatch.setattr(SimilarityScorer, "reference", counting_reference)
+    out = tmp_path / "sim"
+    args = cli_args(tiny_backbone_dir, modules, out, metric="Loss KL", extra=["--granularity", "block"])
+    assert score_cli.main(args) == 0
+
+    expected = [("inspect", f"sources/{t}") for t in TASKS] + [("inspect", f"random/{t}") for t in TASKS]
+    for t in TASKS:
+        expected += [("read", f"random/{t}"), ("reference", f"random/{t}")]
+        for s in TASKS:
+            if s != t:
+                expected += [("read", f"sources/{s}"), ("score", f"sources/{s}")]
+    assert events == expected
+    assert live() == []
+    assert len(read_rows(out / "result.tsv")) == 3 * 2 * 2 * 2  # targets x sources x metrics x blocks
+
+
+def test_sources_checked_from_headers_before_any_read(tiny_backbone_dir: Path, modules: Path, tmp_path: Path,
+                                                      monkeypatch, capsys) -> None:
+    """A source whose tensor names do not fit is refused from its header alone: no tensors read, nothing written."""
+    src = tmp_path / "sources"
+    make_modules(tiny_backbone_dir, src, "lora", TASKS, seed=10)
+    tensors, meta = load_delta_checkpoint(src / "topic_news")
+    first = sorted(tensors)[0]
+    tensors["renamed." + first] = tensors.pop(first)
+    cfg = DeltaConfig.from_checkpoint_meta(meta)
+    save_delta_checkpoint(src / "topic_news", tensors, cfg, meta["backbone"], meta["backbone_fingerprint"],
+                          task="topic_news")
+    # The header gives what a full read gives.
+    shapes, header_meta = inspect_delta_checkpoint(src / "topic_news")
+    assert header_meta == meta
+    assert shapes == {n: tuple(t.shape) for n, t in tensors.items()}
+
+    def no_read(folder: Path):
+        raise AssertionError(f"{folder}: tensors read before every source was checked")
+
+    monkeypatch.setattr(score_cli, "load_delta_checkpoint", no_read)
+    out = tmp_path / "sim"
+    args = cli_args(tiny_backbone_dir, modules, out)
+    args[args.index("--source_ckpt_path") + 1] = str(src)
+    expect_refusal(args, out, capsys, str(src / "topic_news"), "1 missing keys",
+                   f"1 unexpected keys (e.g. renamed.{first})")
