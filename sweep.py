@@ -23,13 +23,12 @@ files. Exit code: 0 when every job succeeded, 1 when some failed (the summary na
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloader.errors import UserInputError, run_cli
+from dataloader.errors import run_cli
 from utils.io import write_tsv_atomic
 from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
 
@@ -54,18 +53,13 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
     A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
     (models.checkpoints.resolve_checkpoint); parallel jobs append them in the order they finish.
     """
-    from models.checkpoints import RESULT_COLUMNS, file_lock
+    from models.checkpoints import RESULT_COLUMNS, file_lock, result_rows
 
     path = output_dir / "result.tsv"
     with file_lock(output_dir / ".result.tsv.lock"):
         if not path.is_file():
             return
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t")
-            header = next(reader, None)
-            if header != RESULT_COLUMNS:
-                raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
-            rows = list(reader)
+        rows = result_rows(path)
         rank = {key: i for i, key in enumerate(keys)}
         others = [r for r in rows if tuple(r[:5]) not in rank]
         ours = sorted((r for r in rows if tuple(r[:5]) in rank), key=lambda r: rank[tuple(r[:5])])
@@ -74,38 +68,21 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
 
 def plan_tune(argv: list[str]) -> Plan:
     import tune
-    from dataloader.crossfit import load_task
-    from models.checkpoints import read_result_tsv, run_dir_name
-    from task_list import resolve_tasks_in
+    from models.checkpoints import run_dir_name
 
     args = tune.build_parser().parse_args(argv)
-    if args.apply_adapter:
-        args.tune_method = "adapter"
-    tune.check_args(args)
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.
-    task_dir, tasks = resolve_tasks_in(args.task_dir, args.tasks)
-    splits = (["train", "dev"] if args.do_train else ["dev"]) + (["test"] if args.do_predict else [])
-    for t in tasks:
-        load_task(task_dir, t, args.k, args.data_seed, splits)
-    out = Path(args.output_dir)
-    if (out / "result.tsv").is_file():
-        read_result_tsv(out / "result.tsv")
-    k, seed = str(args.k), str(args.data_seed)
+    inputs = tune.check_inputs(args)
+    out, k, seed = inputs.output_dir, str(args.k), str(args.data_seed)
     if not args.do_train:
-        jobs = [script_job(f"{t}/predict", "tune.py", [*argv, "--tasks", t]) for t in tasks]
-        keys = [(t, k, seed, "-", "-") for t in tasks]
+        jobs = [script_job(f"{t}/predict", "tune.py", [*argv, "--tasks", t]) for t in inputs.tasks]
+        keys = [(t, k, seed, "-", "-") for t in inputs.tasks]
     else:
-        runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
-        if not args.overwrite:
-            for t, lr, bsz in runs:
-                if (out / t / run_dir_name(lr, bsz)).exists():
-                    raise UserInputError(f"{out / t / run_dir_name(lr, bsz)}: run folder exists (from an earlier "
-                                         "run); pass --overwrite to replace it or choose another --output_dir")
         # The last --tasks/--learning_rate_list/--bsz_list on a command line wins: each job keeps one of each.
         jobs = [script_job(f"{t}/{run_dir_name(lr, bsz)}", "tune.py",
                            [*argv, "--tasks", t, "--learning_rate_list", repr(lr), "--bsz_list", bsz])
-                for t, lr, bsz in runs]
-        keys = [(t, k, seed, f"{lr:g}", str(bsz)) for t, lr, bsz in runs]
+                for t, lr, bsz in inputs.runs]
+        keys = [(t, k, seed, f"{lr:g}", str(bsz)) for t, lr, bsz in inputs.runs]
     return Plan(jobs, out / "logs", lambda: order_result_tsv(out, keys))
 
 

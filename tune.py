@@ -33,7 +33,13 @@ from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task, score
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device, quiet_libraries
-from models.checkpoints import CHECKPOINT_SUBDIR, resolve_checkpoint, run_dir_name, update_result_tsv
+from models.checkpoints import (
+    CHECKPOINT_SUBDIR,
+    read_result_tsv,
+    resolve_checkpoint,
+    run_dir_name,
+    update_result_tsv,
+)
 from models.delta import (
     ADAPTER_TYPES,
     METHODS,
@@ -462,50 +468,63 @@ class Trainer:
         return test_score
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass
+class SweepInputs:
+    """A command line checked against the disk: everything ``run_all`` needs, before anything is written."""
+
+    cfg: DeltaConfig
+    tasks: list[str]
+    splits: list[str]
+    raw: dict[str, dict[str, list[Example]]]
+    metrics: dict[str, str]
+    runs: list[tuple[str, float, int]]  # (task, lr, bsz) of the sweep
+    output_dir: Path
+
+
+def check_inputs(args: argparse.Namespace) -> SweepInputs:
+    """Validate flags, data and the output folder (earlier runs are refused unless --overwrite)."""
     if args.apply_adapter:
         args.tune_method = "adapter"
     cfg = check_args(args)
-    if args.quiet:
-        quiet_libraries()
-
-    # Everything that can be wrong with the input is checked before the first file is written.
     task_dir, tasks = resolve_tasks_in(args.task_dir, args.tasks)
-    splits = (["train", "dev"] if args.do_train else []) + (["test"] if args.do_predict else [])
-    if args.do_predict and not args.do_train:
-        splits = ["dev", "test"]
+    splits = (["train", "dev"] if args.do_train else ["dev"]) + (["test"] if args.do_predict else [])
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, splits) for t in tasks}
     metrics = {t: metric_for_task(t, task_dir) for t in tasks}
     output_dir = Path(args.output_dir)
     runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
-    if args.do_train and not args.overwrite:
-        existing = [output_dir / t / run_dir_name(lr, bsz) for t, lr, bsz in runs
-                    if (output_dir / t / run_dir_name(lr, bsz)).exists()]
+    if not args.overwrite:
+        # Per output, so parallel jobs of one sweep can share the folder: training writes the run folders,
+        # prediction alone writes {task}/predict.
+        if args.do_train:
+            existing, kind = [output_dir / t / run_dir_name(lr, bsz) for t, lr, bsz in runs], "run"
+        else:
+            existing, kind = [output_dir / t / "predict" for t in tasks], "prediction"
+        existing = [d for d in existing if d.exists()]
         if existing:
-            raise UserInputError(f"{existing[0]}: run folder exists (from an earlier run); pass --overwrite to "
+            raise UserInputError(f"{existing[0]}: {kind} folder exists (from an earlier run); pass --overwrite to "
                                  "replace it or choose another --output_dir")
-    if not args.do_train and not args.overwrite:  # prediction only writes {task}/predict
-        existing = [output_dir / t / "predict" for t in tasks if (output_dir / t / "predict").exists()]
-        if existing:
-            raise UserInputError(f"{existing[0]}: prediction folder exists (from an earlier run); pass --overwrite "
-                                 "to replace it or choose another --output_dir")
     if (output_dir / "result.tsv").is_file():
-        from models.checkpoints import read_result_tsv
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
+    return SweepInputs(cfg, tasks, splits, raw, metrics, runs, output_dir)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    inputs = check_inputs(args)  # everything that can be wrong is checked before the first file is written
+    if args.quiet:
+        quiet_libraries()
     ddp, device = init_distributed(args.device)
     try:
-        return run_all(args, cfg, ddp, device, tasks, splits, raw, metrics, runs, output_dir)
+        return run_all(args, inputs, ddp, device)
     finally:
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_all(args: argparse.Namespace, cfg: DeltaConfig, ddp: Distributed, device: str, tasks: list[str],
-            splits: list[str], raw: dict[str, dict[str, list[Example]]], metrics: dict[str, str],
-            runs: list[tuple[str, float, int]], output_dir: Path) -> int:
+def run_all(args: argparse.Namespace, inputs: SweepInputs, ddp: Distributed, device: str) -> int:
     """Every run of the sweep (or the predictions of a checkpoint); only rank 0 writes files and logs."""
+    cfg, tasks, splits, raw, metrics, runs, output_dir = (
+        inputs.cfg, inputs.tasks, inputs.splits, inputs.raw, inputs.metrics, inputs.runs, inputs.output_dir)
     trainer = Trainer(args, cfg, ddp, device)
     data = {}
     for t in tasks:

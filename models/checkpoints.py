@@ -46,6 +46,16 @@ def read_result_tsv(path: Path) -> list[dict[str, str]]:
     return [row for _, row in numbered]
 
 
+def result_rows(path: Path) -> list[list[str]]:
+    """The rows of a ``result.tsv`` as lists of strings, after checking its header."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header != RESULT_COLUMNS:
+            raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
+        return list(reader)
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created if needed): parallel jobs share one result file."""
@@ -63,14 +73,7 @@ def update_result_tsv(output_dir: Path, row: dict) -> None:
     path = output_dir / "result.tsv"
     key = [str(row[c]) for c in ("task", "k", "data_seed", "lr", "bsz")]
     with file_lock(output_dir / ".result.tsv.lock"):
-        rows: list[list] = []
-        if path.is_file():
-            with open(path, encoding="utf-8", newline="") as f:
-                reader = csv.reader(f, delimiter="\t")
-                header = next(reader, None)
-                if header != RESULT_COLUMNS:
-                    raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
-                rows = [r for r in reader if r[:5] != key]
+        rows = [r for r in result_rows(path) if r[:5] != key] if path.is_file() else []
         rows.append([row[c] for c in RESULT_COLUMNS])
         write_tsv_atomic(path, RESULT_COLUMNS, rows)
 
