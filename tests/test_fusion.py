@@ -201,15 +201,14 @@ def test_fuse_streams_one_source_at_a_time() -> None:
         def __del__(self):
             live[0] -= 1
 
-    def loader():
-        for seed in range(12):
-            yield Tracked(random_lora(seed))
-
+    loaders = [lambda seed=seed: Tracked(random_lora(seed)) for seed in range(12)]
     for combine in fusion.LORA_COMBINES:
         peak[0] = 0
-        fusion.fuse(loader(), [1 / 12] * 12, lora_combine=combine)
+        fusion.fuse(loaders, [1 / 12] * 12, lora_combine=combine)  # delta_w: a second pass, pair by pair
         assert peak[0] <= 2, f"{combine}: {peak[0]} source modules alive at once"
         assert live[0] == 0
+    with pytest.raises(TypeError, match="twice"):
+        fusion.fuse(iter(loaders), [1 / 12] * 12, lora_combine="delta_w")
 
 
 def test_fuse_refuses_mismatched_or_missing_sources() -> None:

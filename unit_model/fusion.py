@@ -28,7 +28,9 @@ exactly zero keeps the parameter average, because zero A and B factors would get
 Adapters and prefixes are always averaged parameter-wise.
 
 Streaming: ``fuse`` loads one source at a time and adds it into a float64 accumulator, so memory stays
-near two modules (plus one out×in matrix per LoRA pair for ``delta_w``) however many sources there are.
+near two modules however many sources there are. ``delta_w`` then takes the LoRA pairs one at a time,
+reading only that pair's factors of each source (from the safetensors file), so one out×in matrix is
+alive at a time.
 
 Outputs, in ``save_ckpt_path``: ``without_{target}/`` (a delta checkpoint per target), ``weights.tsv``
 (target, source, [group,] score, weight) and ``heatmap.png`` (targets in rows, sources in columns). All
@@ -44,12 +46,13 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dataloader.errors import UserInputError
@@ -63,6 +66,7 @@ from models.delta import (
     param_group,
     save_delta_checkpoint,
 )
+from models.delta import WEIGHTS_FILE as DELTA_WEIGHTS_FILE
 from task_list import MANUAL_CATEGORIES, resolve_tasks
 from utils.io import save_figure_atomic, write_tsv_atomic
 
@@ -229,7 +233,8 @@ class ModuleCache:
 # Fusion
 
 
-ModuleSource = Mapping[str, torch.Tensor] | str | Path | Module
+# A source: tensors in memory, a zero-argument loader of them, a checkpoint path, or a checked Module.
+ModuleSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | str | Path | Module
 
 
 def _materialise(src: ModuleSource, index: int) -> tuple[Mapping[str, torch.Tensor], str]:
@@ -238,7 +243,19 @@ def _materialise(src: ModuleSource, index: int) -> tuple[Mapping[str, torch.Tens
     if isinstance(src, str | Path):
         folder = resolve_checkpoint(src)
         return load_delta_checkpoint(folder)[0], str(folder)
+    if callable(src):
+        return src(), f"source #{index}"
     return src, f"source #{index}"
+
+
+def _read_tensors(src: ModuleSource, keys: Sequence[str], index: int) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of a source: from the safetensors file without reading the rest, where there is one."""
+    folder = src.path if isinstance(src, Module) else resolve_checkpoint(src) if isinstance(src, str | Path) else None
+    if folder is not None and (folder / DELTA_WEIGHTS_FILE).is_file():
+        with safe_open(str(folder / DELTA_WEIGHTS_FILE), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    tensors, _ = _materialise(src, index)  # in memory already, a loader, or an AdapterHub folder
+    return {k: tensors[k] for k in keys}
 
 
 def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -287,23 +304,27 @@ def fuse(
     lora_combine: str = DEFAULT_LORA_COMBINE,
     lora_scaling: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Σ_s w_s θ_s, streamed: one source is loaded at a time (dicts, checkpoint paths or Modules).
+    """Σ_s w_s θ_s, streamed: one source is loaded at a time (dicts, loaders, checkpoint paths or Modules).
 
     ``weights[s]`` is a number or, per group, a mapping ``param_group(name, granularity) -> weight``.
     Weights are used as given (callers pass softmax weights, which sum to 1). With ``lora_combine=
-    "delta_w"`` each LoRA pair becomes the rank-r SVD factors of Σ_s w_s B_s A_s (see the module doc);
-    ``info`` then holds ``lora_truncation_error`` (over the whole module) and its per-pair maximum.
+    "delta_w"`` each LoRA pair becomes the rank-r SVD factors of Σ_s w_s B_s A_s (see the module doc),
+    built in a second pass, pair by pair, that reads only that pair's factors of each source (so
+    ``sources`` must then be iterable twice); ``info`` holds ``lora_truncation_error`` (over the whole
+    module) and its per-pair maximum.
     """
     if lora_combine not in LORA_COMBINES:
         raise UserInputError(f"--lora_combine: expected one of {', '.join(LORA_COMBINES)}, found {lora_combine!r}")
     weights = list(weights)
     if not weights:
         raise UserInputError("fuse: empty source list")
+    if lora_combine == "delta_w" and iter(sources) is sources:
+        raise TypeError("fuse: lora_combine='delta_w' reads the sources twice; pass a sequence (of paths, Modules "
+                        "or loaders, to keep memory low), not a one-shot iterator")
     acc: dict[str, torch.Tensor] = {}
     ref: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     group_of: dict[str, str] = {}
-    pairs: dict[str, tuple[str, str]] = {}
-    dw_acc: dict[str, torch.Tensor] = {}
+    source_weights: list[dict[str, float]] = []
     count = 0
     for i, src in enumerate(sources):
         if i >= len(weights):
@@ -314,18 +335,12 @@ def fuse(
             ref = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
             group_of = {k: param_group(k, granularity) for k in ref}
             acc = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in ref.items()}
-            if lora_combine == "delta_w":
-                pairs = lora_pairs(ref)
         elif {k: tuple(v.shape) for k, v in tensors.items()} != {k: s for k, (s, _) in ref.items()}:
             raise UserInputError(f"{label}: tensor names or shapes differ from the first source's")
         w = _weight_by_group(weights[i], set(group_of.values()), label)
+        source_weights.append(w)
         for k, v in tensors.items():
             acc[k].add_(v.to(torch.float64), alpha=w[group_of[k]])
-        for prefix, (ka, kb) in pairs.items():
-            dw = tensors[kb].to(torch.float64) @ tensors[ka].to(torch.float64) * lora_scaling
-            if prefix not in dw_acc:
-                dw_acc[prefix] = torch.zeros_like(dw)
-            dw_acc[prefix].add_(dw, alpha=w[group_of[ka]])
         del tensors
         count += 1
     if count != len(weights):
@@ -333,11 +348,19 @@ def fuse(
 
     fused = {k: acc.pop(k).to(dtype) for k, (_, dtype) in ref.items()}
     info: dict[str, Any] = {}
+    pairs = lora_pairs(ref) if lora_combine == "delta_w" else {}
     if pairs:
         err_sq = norm_sq = 0.0
         worst = 0.0
-        for prefix, (ka, kb) in pairs.items():
-            total = dw_acc.pop(prefix)
+        for ka, kb in pairs.values():
+            # One pair at a time: its Σ w B·A (out × in) is the only dense matrix alive.
+            total = torch.zeros(ref[kb][0][0], ref[ka][0][1], dtype=torch.float64)
+            for i, src in enumerate(sources):
+                if i >= count:
+                    break
+                factors = _read_tensors(src, (ka, kb), i)
+                total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
+                             alpha=source_weights[i][group_of[ka]] * lora_scaling)
             norm = float(torch.linalg.matrix_norm(total))
             if norm == 0.0:
                 continue  # keep the parameter average: zero factors would never train
