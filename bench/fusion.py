@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                   "baseline: the child's RSS after the preloaded imports; peak: its peak RSS (VmHWM, reset at the "
                   "baseline) at the end",
                   "in modules = (peak - baseline) / the module's float32 size",
-                  "LoRA delta_w keeps one out x in float64 matrix per LoRA pair (unit_model/fusion.py), "
-                  "independent of N"])
+                  "LoRA delta_w holds one out x in float64 matrix at a time (unit_model/fusion.py); its peak RSS is "
+                  "mostly glibc's heap keeping freed SVD workspaces (see bench/README.md)"])
     return 0
 
 
