@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import csv
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +55,7 @@ from models.delta import (
 )
 from models.seq2seq import encode_examples, evaluate
 from task_list import resolve_tasks, resolve_tasks_in
-from utils.io import write_tsv_atomic
+from utils.io import read_table, write_tsv_atomic
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
@@ -87,17 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_rows(path: Path) -> list[list[str]]:
     """Rows of a dev-all table as text; a wrong header or row is a UserInputError naming the file and line."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header != COLUMNS:
-            raise UserInputError(f"{path}:1: expected columns {COLUMNS}, found {header}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(COLUMNS):
-                raise UserInputError(f"{path}:{line}: expected {len(COLUMNS)} tab-separated fields, found {len(row)}")
-            rows.append(row)
-    return rows
+    return read_table(path, COLUMNS)
 
 
 def check_no_earlier_rows(path: Path, pairs: list[tuple[str, str]], merge: bool) -> None:

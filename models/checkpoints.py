@@ -11,7 +11,7 @@ from pathlib import Path
 from dataloader.errors import UserInputError
 from models.delta import CONFIG_FILE
 from models.legacy import is_adapterhub_folder
-from utils.io import write_tsv_atomic
+from utils.io import read_table, write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -47,13 +47,8 @@ def read_result_tsv(path: Path) -> list[dict[str, str]]:
 
 
 def result_rows(path: Path) -> list[list[str]]:
-    """The rows of a ``result.tsv`` as lists of strings, after checking its header."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header != RESULT_COLUMNS:
-            raise UserInputError(f"{path}:1: expected columns {RESULT_COLUMNS}, found {header}")
-        return list(reader)
+    """The rows of a ``result.tsv`` as lists of strings, after checking its header and row lengths."""
+    return read_table(path, RESULT_COLUMNS)
 
 
 @contextmanager

@@ -41,6 +41,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_table(path: Path | str, columns: list[str]) -> list[list[str]]:
+    """Rows of a TSV whose header must be ``columns``; a wrong header or row length names the file and line."""
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header != columns:
+            raise UserInputError(f"{path}:1: expected columns {columns}, found {header}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(columns):
+                raise UserInputError(f"{path}:{line}: expected {len(columns)} tab-separated fields, found {len(row)}")
+            rows.append(row)
+    return rows
+
+
 def read_json_object(path: Path | str) -> dict[str, Any]:
     """A JSON file that must hold an object; anything else is one line naming the file."""
     path = Path(path)
