@@ -12,8 +12,9 @@ out x in float64 matrix per pair, then SVD) and ``params`` (averages the factors
 
 "read CPU s/module" is the CPU time to read one checkpoint with models.delta.load_delta_checkpoint and touch
 its values once, measured in this process right after each fusion (files in the page cache, as they are for
-the fusion; the CLI reads every source twice: once to check it, once to add it in, so two reads per module
-is the I/O floor that the marginal cost per module is compared with). "CPU s/module" is the CLI's CPU time (imports
+the fusion; the CLI checks a source from its header and reads it once to add it in, and LoRA delta_w reads
+each pair's factors again in a second pass, so one read per module (two for delta_w) is the I/O floor that
+the marginal cost per module is compared with). "CPU s/module" is the CLI's CPU time (imports
 excluded) divided by N; its wall time is shown too (CPU time hardly moves with the load of a shared machine).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fusion.py           # N = 10, 30, 100 (writes ~2.5 GB to a temp dir)
@@ -121,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
                 if len(ns) > 1:
                     lo, hi = ns[-2], ns[-1]
-                    slope, floor = (cpu_at[hi] - cpu_at[lo]) / (hi - lo), 2 * median([read_at[lo], read_at[hi]])
-                    slopes.append([label, f"{lo} -> {hi}", f"{slope:.4f}", f"{floor:.4f}", f"{slope / floor:.1f}x",
+                    reads_per_module = 2 if combine == "delta_w" else 1
+                    slope = (cpu_at[hi] - cpu_at[lo]) / (hi - lo)
+                    floor = reads_per_module * median([read_at[lo], read_at[hi]])
+                    slopes.append([label, f"{lo} -> {hi}", f"{slope:.4f}", f"{reads_per_module}: {floor:.4f}",
+                                   f"{slope / floor:.1f}x",
                                    fmt(cpu_at[hi] - hi * slope)])
             remove_tree(root)
     finally:
@@ -132,16 +136,15 @@ def main(argv: list[str] | None = None) -> int:
               "peak - baseline MB", "in modules", "baseline MB"]
     tables = [markdown_table(header, rows)]
     if slopes:
-        tables.append(markdown_table(["method", "N", "marginal CPU s/module", "I/O floor s/module (2 reads)",
+        tables.append(markdown_table(["method", "N", "marginal CPU s/module", "I/O floor s/module (reads: s)",
                                       "marginal / floor", "fixed CPU s"], slopes))
     write_report(a.results_dir, "fusion", f"Fusing N modules of a {shape_name}-shaped backbone (average, one target)",
                  command_line("bench/fusion.py", argv), tables,
                  [f"fusion CPU s / wall s: the CLI's run in the child, imports excluded, median of {reps}; read CPU "
                   "s/module: one load_delta_checkpoint per module plus one pass over its values (safetensors maps "
                   "the file; pages are read when touched), files in the page cache",
-                  "marginal = (CPU at the largest N - CPU at the next N) / their difference; the CLI reads each "
-                  "source twice (a check, then the sum), so two reads per module is the I/O floor; fixed = the "
-                  "intercept",
+                  "marginal = (CPU at the largest N - CPU at the next N) / their difference; the CLI checks each "
+                  "source's header, then reads it once (LoRA delta_w: twice), the I/O floor; fixed = the intercept",
                   "baseline: the child's RSS after the preloaded imports; peak: its peak RSS (VmHWM, reset at the "
                   "baseline) at the end",
                   "in modules = (peak - baseline) / the module's float32 size",

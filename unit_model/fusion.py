@@ -62,6 +62,7 @@ from models.delta import (
     GRANULARITIES,
     METHODS,
     DeltaConfig,
+    inspect_delta_checkpoint,
     load_delta_checkpoint,
     param_group,
     save_delta_checkpoint,
@@ -186,13 +187,14 @@ def _resolve(path: str | Path, label: str, task: str | None) -> Path:
 
 
 def open_module(path: str | Path, label: str, task: str | None = None) -> Module:
-    """Resolve (checkpoint, run or task folder) and read a checkpoint fully once, so a corrupt one fails now."""
+    """Resolve (checkpoint, run or task folder) and check its meta and safetensors header now, without
+    reading the tensors (a truncated file fails here too), as get_similarity.score checks its sources."""
     folder = _resolve(path, label, task)
     try:
-        tensors, meta = load_delta_checkpoint(folder)
+        shapes, meta = inspect_delta_checkpoint(folder)
     except UserInputError as e:
         raise UserInputError(f"{label}: {e}") from None
-    return Module(label, folder, meta, {k: tuple(v.shape) for k, v in tensors.items()})
+    return Module(label, folder, meta, shapes)
 
 
 def check_same_kind(modules: Sequence[Module], delta: str) -> None:
