@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from unit_model.fusion import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
-from utils.io import read_json_object, write_text_atomic  # noqa: E402
+from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -403,9 +403,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     if not model.exists() and _looks_like_path(p.model):
         raise UserInputError(f"--model {p.model}: folder not found")
     _device(pick_device(p.device))
-    root = Path(p.output)
-    if root.exists() and not root.is_dir():
-        raise UserInputError(f"--output {root}: exists and is not a folder")
+    root = check_output_folder(p.output, "--output")
     params = root / "params.json"
     if params.is_file():
         earlier = read_json_object(params)

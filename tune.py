@@ -54,7 +54,7 @@ from models.delta import (
 )
 from models.seq2seq import EncodedTask, collate, encode_examples, label_set, predict, to_device, training_examples
 from task_list import resolve_tasks_in
-from utils.io import staged_dir, write_text_atomic, write_tsv_atomic
+from utils.io import check_output_folder, staged_dir, write_text_atomic, write_tsv_atomic
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_TASK_DIR = SUITE_DIR
@@ -490,7 +490,7 @@ def check_inputs(args: argparse.Namespace) -> SweepInputs:
     splits = (["train", "dev"] if args.do_train else ["dev"]) + (["test"] if args.do_predict else [])
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, splits) for t in tasks}
     metrics = {t: metric_for_task(t, task_dir) for t in tasks}
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_folder(args.output_dir)
     runs = [(t, lr, bsz) for t in tasks for lr in args.learning_rate_list for bsz in args.bsz_list]
     if not args.overwrite:
         # Per output, so parallel jobs of one sweep can share the folder: training writes the run folders,

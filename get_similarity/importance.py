@@ -58,7 +58,7 @@ from models.delta import (  # noqa: E402
     load_delta_state,
 )
 from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
-from utils.io import save_figure_atomic, write_tsv_atomic  # noqa: E402
+from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"{flag}: expected a positive integer, found {value}")
     if args.max_examples is not None and args.max_examples <= 0:
         raise UserInputError(f"--max_examples: expected a positive integer, found {args.max_examples}")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--output_dir {out}: exists and is not a folder")
+    out = check_output_folder(args.output_dir)
     for name in (TSV_FILE, PLOT_FILE):
         if (out / name).is_dir():
             raise UserInputError(f"--output_dir: {out / name} is a folder, expected a file or nothing")

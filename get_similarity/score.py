@@ -78,7 +78,7 @@ from models.delta import (  # noqa: E402
 )
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
-from utils.io import write_tsv_atomic  # noqa: E402
+from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in [*sources.values(), *references.values()]:
         check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
+    check_output_folder(args.output_dir)
     if not args.overwrite:
         check_no_earlier_rows(Path(args.output_dir) / RESULT_FILE,
                               {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics

@@ -55,6 +55,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from task_list import resolve_tasks, resolve_tasks_in
+from utils.io import check_output_folder
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_folder(args.output_dir)
     settings = {"steps": args.steps, "lr": args.learning_rate, "bsz": args.bsz, "warmup_steps": args.warmup_steps,
                 "seed": args.seed, "k": args.k, "data_seed": args.data_seed}
     # With --overwrite an existing module is replaced unread (it may be the broken one being redone).

@@ -503,6 +503,9 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     cfg_file = path / ADAPTERHUB_CONFIG
     data = read_json_object(cfg_file)
+    if "peft_type" in data:  # PEFT writes the same file name; its format is told by this field, not the name
+        raise UserInputError(f"{cfg_file}: a PEFT adapter (peft_type={data['peft_type']!r}); PEFT folders are not "
+                             "supported yet (AdapterHub folders, this project's checkpoints and legacy .pt files are)")
     if not isinstance(data.get("config"), (dict, str)):
         raise UserInputError(f"{cfg_file}: expected an AdapterHub adapter config with a 'config' object")
     if data.get("model_type") not in (None, "t5"):

@@ -282,6 +282,21 @@ def _tune_predict_exists(w: World, tmp: Path):
     return argv, [str(folder), "--overwrite"]
 
 
+def _tune_output_dir_is_a_file(w: World, tmp: Path):
+    path = write(tmp / "out", "not a folder\n")
+    return tune_argv(w, tmp), ["--output_dir", str(path), "not a folder"]
+
+
+def _tune_peft_folder(w: World, tmp: Path):
+    """A PEFT LoRA folder: same config file name as AdapterHub's, told apart by its peft_type."""
+    folder = tmp / "peft"
+    write(folder / "adapter_config.json", json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                      "target_modules": ["q", "v"]}))
+    write(folder / "adapter_model.safetensors", "")
+    return tune_argv(w, tmp, "--train_checkpoint", str(folder)), [str(folder / "adapter_config.json"),
+                                                                   "PEFT adapter", "not supported yet"]
+
+
 def _tune_unknown_task_metric(w: World, tmp: Path):
     data = copy_data(w, tmp)
     metrics = write(data / "task_metrics.tsv", "task\tmetric\nalpha\tBLEU-9\n")
@@ -433,6 +448,8 @@ CASES: dict[str, Case] = {
     "tune/result-tsv-short-row": Case(tune.main, _tune_result_short_row),
     "tune/run-folder-exists": Case(tune.main, _tune_run_exists),
     "tune/predict-folder-exists": Case(tune.main, _tune_predict_exists),
+    "tune/output-dir-is-a-file": Case(tune.main, _tune_output_dir_is_a_file),
+    "tune/ckpt-peft-folder": Case(tune.main, _tune_peft_folder),
     # ---- get_similarity.score
     "score/unknown-metric": Case(score.main, _flag(score_argv, "--metric", "Loss", "Perplexity",
                                                    words=("--metric", "Perplexity"))),

@@ -41,6 +41,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_output_folder(path: Path | str, flag: str = "--output_dir") -> Path:
+    """``path`` as a folder this run may create or fill: refused in one line if it, or a folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" ({p} is a file)"
+                raise UserInputError(f"{flag} {path}: not a folder{where}; pass a folder to write into")
+            break
+    return path
+
+
 def read_table(path: Path | str, columns: list[str]) -> list[list[str]]:
     """Rows of a TSV whose header must be ``columns``; a wrong header or row length names the file and line."""
     path = Path(path)
