@@ -110,7 +110,9 @@ def test_eval_speed_quick(tmp_path: Path) -> None:
     for row in rows.values():
         assert 0.0 <= number(row[same]) <= 1.0
         assert number(row[header.index("A CPU s")]) > 0 and number(row[header.index("B CPU s")]) > 0
-    assert number(rows["file"][same]) == 1.0  # batch order changes padding, not greedy predictions
+    # Batch order changes padding and so float32 rounding; greedy predictions may flip only at near-ties (none
+    # on the machine this was written on), so nearly all agree.
+    assert number(rows["file"][same]) >= 0.9
 
 
 @pytest.mark.slow

@@ -141,7 +141,10 @@ def test_reduction_factor_exact_for_all_widths() -> None:
 
 @pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "lora"])
 def test_adapter_and_lora_start_neutral(name: str) -> None:
-    assert torch.equal(logits(with_delta(CONFIGS[name])), logits(backbone()))
+    # Two computation paths (the delta's layers add an exact zero through other kernels), so they agree to float32
+    # rounding, bitwise only on some CPUs. assert_close's float32 defaults (rtol 1.3e-6, atol 1e-5) allow a few
+    # ulps; a delta that is not neutral (LoRA with AdapterHub's "bert" init of B, say) moves them by ~0.1.
+    torch.testing.assert_close(logits(with_delta(CONFIGS[name])), logits(backbone()))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -177,10 +180,15 @@ def test_prefix_learns_and_generates_with_cache() -> None:
     before = logits(model)
     sgd_step(model)
     assert not torch.equal(logits(model), before)
-    cached = generate(model)
-    assert cached.shape == (3, 6)
-    # The prefix must also be applied consistently to the decoder's key/value cache.
-    assert torch.equal(cached, generate(model, use_cache=False))
+    assert generate(model).shape == (3, 6)
+    # The prefix must also be applied consistently to the decoder's key/value cache. Cached and uncached decoding
+    # are two computation paths, so their step scores agree to float32 rounding (assert_close's defaults), and a
+    # prefix missing from the cache would move them by far more; greedy tokens follow the scores.
+    cached = model.generate(input_ids=batch()[0], max_new_tokens=5, do_sample=False, eos_token_id=None,
+                            output_scores=True, return_dict_in_generate=True)
+    uncached = model.generate(input_ids=batch()[0], max_new_tokens=5, do_sample=False, eos_token_id=None,
+                              output_scores=True, return_dict_in_generate=True, use_cache=False)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores))
 
 
 def _saved(tmp_path: Path, cfg: DeltaConfig) -> tuple[Path, dict]:

@@ -12,7 +12,7 @@ import torch
 import tune
 from dataloader.crossfit import Example, load_task
 from dataloader.errors import run_cli
-from dataloader.metrics import metric_for_task
+from dataloader.metrics import metric_for_task, score
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, load_delta_checkpoint, load_delta_state
 from models.seq2seq import (
@@ -98,7 +98,7 @@ def test_short_budget_cuts_only_rows_that_go_on():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A LoRA module of the embedded default trained 60 steps on sent_review (16 shots): dev ACC 0.81."""
+    """A LoRA module of the embedded default trained 60 steps on sent_review (16 shots)."""
     out = tmp_path_factory.mktemp("fast_eval") / "auto"
     assert run_cli(tune.main, [*TRAIN, "--output_dir", str(out)]) == 0
     return out
@@ -129,19 +129,33 @@ def load_trained(trained: Path):
     return model, tokenizer
 
 
+def agreement(a: list[str], b: list[str]) -> float:
+    assert len(a) == len(b)
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
 def test_rank_classification_agrees_with_generation(trained):
+    """Properties, not one machine's numbers: the trained module's dev ACC after 60 steps moves with the CPU's
+    kernels (0.8125 on an AVX-512 machine, 0.75 on an AVX2 one), so no score is asserted exactly."""
     model, tokenizer = load_trained(trained)
     splits = load_task(SUITE_DIR, TASK, 16, 100, ["train", "dev"])
     labels = label_set(splits["train"] + splits["dev"], "ACC")
     assert labels == ["negative", "positive"]
     dev = encode_examples(tokenizer, splits["dev"], 256, 32)
     generated = generate(model, tokenizer, dev, 64, 32)
+    assert set(generated) <= set(labels)  # the module has learned to answer with a label
     ranked = rank_classify(model, tokenizer, dev, labels, 3)  # 3 // 2 labels: one example per batch
-    assert ranked == generated  # measured: all 16 dev examples agree (dev ACC 0.8125 both ways)
-    assert rank_classify(model, tokenizer, dev, labels, 64) == generated
-    gen_score, _ = evaluate(model, tokenizer, dev, "ACC", 64, 32)
+    assert agreement(ranked, generated) >= 0.9
+    # Batch size changes padding and so the summation order: the scores agree to float32 rounding (log-probs of a
+    # few tokens, |score| < 50, so 1e-4 absolute is far above rounding and far below a real difference).
+    torch.testing.assert_close(rank_scores(model, tokenizer, dev, labels, 3),
+                               rank_scores(model, tokenizer, dev, labels, 64), rtol=0, atol=1e-4)
+    references = [list(e.outputs) for e in dev.examples]
+    gen_score, gen_predictions = evaluate(model, tokenizer, dev, "ACC", 64, 32)
     rank_score, predictions = evaluate(model, tokenizer, dev, "ACC", 64, 32, labels=labels)
-    assert predictions == ranked and rank_score == gen_score == pytest.approx(0.8125)
+    assert gen_predictions == generated and predictions == rank_classify(model, tokenizer, dev, labels, 64)
+    assert rank_score == score("ACC", predictions, references) and gen_score == score("ACC", generated, references)
+    assert rank_score > 0.5 and gen_score > 0.5  # above a uniform guess between the two labels
 
     # The score of one example: summed log-probabilities of the label's tokens (EOS included), by hand.
     scores = rank_scores(model, tokenizer, dev, labels, 64)
@@ -168,10 +182,13 @@ def test_tune_rank_classification_flag(trained, tmp_path):
     assert "generation, max_new_tokens 32" in (out / "qa_which" / "predict" / "log.txt").read_text()
     rows = {r["task"]: r for r in read_rows(out / "result.tsv")}
     trained_row = read_rows(trained / "result.tsv")[0]
-    # measured: rank classification and generation agree on all 200 test examples
-    assert rows[TASK]["test"] == trained_row["test"]
-    assert read_rows(out / TASK / "predict" / "test_predictions.tsv") == read_rows(
-        trained / RUN / "test_predictions.tsv")
+    ranked = read_rows(out / TASK / "predict" / "test_predictions.tsv")
+    generated = read_rows(trained / RUN / "test_predictions.tsv")
+    assert [r["input"] for r in ranked] == [r["input"] for r in generated]
+    # Two decoders of one module: they agree on most of the 200 test examples (all of them on the machine this
+    # was written on), and so do their scores; which examples differ depends on the CPU's kernels.
+    assert agreement([r["prediction"] for r in ranked], [r["prediction"] for r in generated]) >= 0.9
+    assert float(rows[TASK]["test"]) == pytest.approx(float(trained_row["test"]), abs=0.1)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
