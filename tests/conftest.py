@@ -38,3 +38,35 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# The small study that test_study, test_crash_safety and test_jobs each compare an interrupted, resumed or
+# parallel run against: four tasks, two targets, LoRA r=2, a few steps per stage.
+STUDY_POOL = "sent_review sent_tweet topic_news topic_places"
+STUDY_TARGETS = "sent_review topic_news"
+
+
+def small_study_argv(out: Path, model: Path, fusions: str = "average Loss") -> list[str]:
+    return ["--output", str(out), "--model", str(model), "--task_dir", str(SUITE_DIR), "--tasks", STUDY_POOL,
+            "--targets", STUDY_TARGETS, "--deltas", "lora", "--fusions", fusions, "--source_k", "16",
+            "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
+            "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
+            "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def reference_study(tiny_backbone_dir: Path, tmp_path_factory) -> Path:
+    """``small_study_argv`` run once, uninterrupted and sequential, in this process (read-only for the tests)."""
+    import study
+    from dataloader.errors import run_cli
+
+    out = tmp_path_factory.mktemp("reference_study") / "study"
+    assert run_cli(study.main, small_study_argv(out, tiny_backbone_dir)) == 0
+    return out
+
+
+def pytest_report_header(config) -> str:
+    """Which CPU kernels PyTorch picked: results that differ across machines usually differ here."""
+    import torch
+
+    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"

@@ -21,7 +21,7 @@ import study
 import tune
 from dataloader.errors import run_cli
 from models.delta import load_delta_checkpoint
-from tests.conftest import REPO, SUITE_DIR
+from tests.conftest import REPO, small_study_argv
 
 # Runs a script as __main__ after wrapping the renames: the (SKIP+1)-th rename whose source path matches
 # the glob BLOCK_RENAME writes that path to BLOCK_MARKER and waits to be killed.
@@ -113,25 +113,14 @@ def test_tune_killed_while_saving_its_checkpoint(tiny_backbone_dir: Path, tmp_pa
     assert [p.relative_to(out) for p in visible(out)] == [p.relative_to(reference) for p in visible(reference)]
 
 
-POOL = "sent_review sent_tweet topic_news topic_places"
-TARGETS = "sent_review topic_news"
-
-
-def small_study(out: Path, model: Path) -> list[str]:
-    return ["--output", str(out), "--model", str(model), "--task_dir", str(SUITE_DIR), "--tasks", POOL,
-            "--targets", TARGETS, "--deltas", "lora", "--fusions", "average Loss", "--source_k", "16",
-            "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
-            "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
-            "--device", "cpu"]
-
-
 @pytest.mark.slow
-def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, tmp_path: Path, capsys) -> None:
+def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, reference_study: Path, tmp_path: Path,
+                                           capsys) -> None:
     """SIGKILL while tune-all saves its second module of the first target; the rerun resumes from there."""
     out = tmp_path / "killed"
     tuneall = out / "lora" / "tuneall"
-    blocked = kill_while_renaming(REPO / "study.py", small_study(out, tiny_backbone_dir), f"{tuneall}/*/.*.tmp-*",
-                                  tmp_path / "marker", skip=1)
+    blocked = kill_while_renaming(REPO / "study.py", small_study_argv(out, tiny_backbone_dir),
+                                  f"{tuneall}/*/.*.tmp-*", tmp_path / "marker", skip=1)
     target = blocked.parent.name
     assert target == "sent_review" and sorted(p.name for p in blocked.iterdir()) == ["delta.safetensors",
                                                                                        "delta_config.json"]
@@ -148,13 +137,12 @@ def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, tmp_path: Pa
     before = (tuneall / target / "sent_tweet" / "delta.safetensors").stat().st_mtime_ns
 
     capsys.readouterr()
-    assert run_cli(study.main, small_study(out, tiny_backbone_dir)) == 0, capsys.readouterr().err
+    assert run_cli(study.main, small_study_argv(out, tiny_backbone_dir)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "lora/sources: 4/4 done, 0 to run" in printed and "lora/tuneall: 0/2 done, 2 to run" in printed
     assert (tuneall / target / "sent_tweet" / "delta.safetensors").stat().st_mtime_ns == before  # resumed, kept
 
-    reference = tmp_path / "reference"
-    assert run_cli(study.main, small_study(reference, tiny_backbone_dir)) == 0
+    reference = reference_study
     names = [Path("results") / "summary.tsv", Path("results") / "transfer_pairs.tsv", Path("lora") / "devall.tsv",
              Path("lora") / "similarity" / "result.tsv", Path("lora") / "pairs.tsv"]
     names += [p.relative_to(reference) for p in visible(reference / "lora" / "tuneall") if p.name.startswith("delta")]

@@ -20,7 +20,7 @@ import tune
 from dataloader.errors import UserInputError, run_cli
 from get_similarity import dev_all, tune_all
 from models.delta import load_delta_checkpoint
-from tests.conftest import DEFAULT_MODEL_DIR, REPO, SUITE_DIR
+from tests.conftest import DEFAULT_MODEL_DIR, REPO, STUDY_POOL, STUDY_TARGETS, SUITE_DIR, small_study_argv
 from tests.test_tuneall_devall import DEV, LORA, TASKS, TRAIN, make_sources
 from utils.jobs import Job, LaunchOptions, parse_minutes, run_jobs
 
@@ -262,9 +262,11 @@ def read_tree(root: Path, names: list[str]) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, tmp_path, capsys, monkeypatch):
+def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, reference_study, tmp_path, capsys,
+                                                         monkeypatch):
     """Every dispatched stage through the real launcher; each job's entry point runs in this process, one at a
-    time (torch's RNG is per process), so the test does not pay a Python start-up per job."""
+    time (torch's RNG is per process), so the test does not pay a Python start-up per job. The sequential run is
+    the session's reference study."""
     import utils.jobs
 
     mains = {"tune.py": tune.main, "tune_all.py": tune_all.main, "dev_all.py": dev_all.main}
@@ -278,26 +280,20 @@ def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, tmp_
             return run_cli(mains[Path(argv[1]).name], argv[2:])
 
     monkeypatch.setattr(utils.jobs, "run_command", in_process)
-    small = ["--model", str(tiny_backbone_dir), "--tasks", "sent_review sent_tweet topic_news", "--targets",
-             "sent_review topic_news", "--fusions", "average Performance", "--source_iters", "4",
-             "--source_valid_interval", "2", "--target_iters", "2", "--target_valid_interval", "1",
-             "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2", "--source_k", "16"]
-    one, split = tmp_path / "one", tmp_path / "split"
-    assert run_cli(study.main, ["--output", str(one), *small]) == 0
-    assert not scripts
-    assert run_cli(study.main, ["--output", str(split), *small, "--jobs", "2"]) == 0
+    one, split = reference_study, tmp_path / "split"
+    assert run_cli(study.main, [*small_study_argv(split, tiny_backbone_dir), "--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    # sources (3 jobs), random (2), tune-all (4 pairs), dev-all (4 pairs), transfer (2 fusions x 2 targets)
-    for n in (3, 2, 4, 4, 4):
+    # sources (4 jobs), random (2), tune-all (2 targets x 3 sources), dev-all (6 pairs), transfer (2 fusions x 2)
+    for n in (4, 2, 6, 6, 4):
         assert f"jobs: {n} of {n} succeeded" in out
-    assert sorted(scripts) == sorted(["tune.py"] * 9 + ["tune_all.py"] * 4 + ["dev_all.py"] * 4)
+    assert sorted(scripts) == sorted(["tune.py"] * 10 + ["tune_all.py"] * 6 + ["dev_all.py"] * 6)
 
     files = ["lora/sources/result.tsv", "lora/random/result.tsv", "lora/devall.tsv", "lora/pairs.tsv",
-             "lora/transfer/average/result.tsv", "lora/transfer/Performance/result.tsv", "results/summary.tsv",
+             "lora/transfer/average/result.tsv", "lora/transfer/Loss/result.tsv", "results/summary.tsv",
              "results/transferability.tsv"]
     assert read_tree(split, files) == read_tree(one, files)
-    for t in ("sent_review", "topic_news"):
-        for s in ("sent_review", "sent_tweet", "topic_news"):
+    for t in STUDY_TARGETS.split():
+        for s in STUDY_POOL.split():
             if s != t:
                 same_tensors(split / "lora" / "tuneall" / t / s, one / "lora" / "tuneall" / t / s, (split, one))
     assert "--merge" in (split / "logs" / "lora-devall" / "topic_news" / "sent_tweet.log").read_text()

@@ -15,7 +15,7 @@ import pytest
 
 import study
 from dataloader.errors import run_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, small_study_argv
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd
 
 def small_study(out: Path, model: Path, deltas: str = "lora", fusions: str = FUSIONS) -> list[str]:
     return ["--output", str(out), "--model", str(model), "--tasks", POOL, "--targets", TARGETS, "--deltas", deltas,
-            "--fusions", fusions, "--source_iters", "4", "--source_valid_interval", "2", "--target_iters", "2",
+            "--fusions", fusions, "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
             "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
             "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16"]
 
@@ -95,10 +95,10 @@ def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys
     assert (finished / "results" / "summary.tsv").read_text() == summary_before
 
 
-def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, tmp_path):
+def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, reference_study, tmp_path):
     """SIGKILL during the sources stage; the rerun completes and matches an uninterrupted run."""
     out = tmp_path / "killed"
-    cheap = small_study(out, tiny_backbone_dir, fusions="average Loss")
+    cheap = small_study_argv(out, tiny_backbone_dir)
     cmd = [sys.executable, str(REPO / "study.py"), *cheap]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -111,9 +111,8 @@ def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, tmp
     for run in (out / "lora" / "sources").glob("*/lr_*"):
         assert (run / "checkpoint" / "delta.safetensors").is_file() and (run / "result.json").is_file()
     assert run_cli(study.main, cheap) == 0
-    reference = tmp_path / "reference"
-    assert run_cli(study.main, small_study(reference, tiny_backbone_dir, fusions="average Loss")) == 0
-    assert (out / "results" / "summary.tsv").read_text() == (reference / "results" / "summary.tsv").read_text()
+    summary = Path("results") / "summary.tsv"
+    assert (out / summary).read_text() == (reference_study / summary).read_text()
 
 
 def test_end_to_end_on_the_embedded_default(tmp_path):
@@ -123,7 +122,7 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
 
     out = tmp_path / "default"
     argv = ["--output", str(out), "--model", str(DEFAULT_MODEL_DIR), "--tasks", POOL, "--targets", "sent_review",
-            "--deltas", "lora", "--fusions", "manual Loss", "--source_iters", "30", "--source_valid_interval", "30",
+            "--deltas", "lora", "--fusions", "manual Loss", "--source_iters", "10", "--source_valid_interval", "10",
             "--target_iters", "4", "--target_valid_interval", "2", "--max_examples", "8", "--source_k", "64",
             "--source_data_seed", "100"]
     assert run_cli(study.main, argv) == 0
