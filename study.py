@@ -388,7 +388,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     from dataloader.crossfit import SPLITS, load_task
     from dataloader.errors import UserInputError
     from dataloader.metrics import metric_for_task
-    from models.backbone import _device, _looks_like_path, pick_device
+    from models.backbone import checked_device, looks_like_path, pick_device
     from task_list import resolve_tasks_in
 
     task_dir, _ = resolve_tasks_in(p.task_dir, task_pool)
@@ -400,9 +400,9 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     model = Path(p.model).expanduser()
     if model.exists() and not (model / "config.json").is_file():
         raise UserInputError(f"--model {p.model}: expected a model folder with config.json")
-    if not model.exists() and _looks_like_path(p.model):
+    if not model.exists() and looks_like_path(p.model):
         raise UserInputError(f"--model {p.model}: folder not found")
-    _device(pick_device(p.device))
+    checked_device(pick_device(p.device))
     root = check_output_folder(p.output, "--output")
     params = root / "params.json"
     if params.is_file():

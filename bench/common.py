@@ -128,12 +128,12 @@ def delta_shapes(config, cfg: DeltaConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the delta parameters on a backbone of ``config``; the backbone is never allocated."""
     from transformers import T5ForConditionalGeneration
 
-    from models.delta import _delta_params, attach_delta
+    from models.delta import attach_delta, delta_params
 
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
     attach_delta(model, cfg)
-    return {n: tuple(p.shape) for n, p in sorted(_delta_params(model).items())}
+    return {n: tuple(p.shape) for n, p in sorted(delta_params(model).items())}
 
 
 def write_sources(root: Path, names: Sequence[str], cfg: DeltaConfig, config, seed: int = 0,

@@ -22,7 +22,7 @@ def pick_device(name: str) -> str:
     return name
 
 
-def _looks_like_path(arg: str) -> bool:
+def looks_like_path(arg: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything path-shaped must exist locally instead."""
     if arg.startswith(("./", "../", "/", "~", ".\\")) or arg in (".", ".."):
         return True
@@ -51,7 +51,8 @@ def backbone_name(model_arg: str | Path) -> str:
     return name or text
 
 
-def _device(device: str | torch.device) -> torch.device:
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; anything else is one line naming --device."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -74,7 +75,7 @@ def load_backbone(
     missing folder, a hub id that is not cached while offline, no tokenizer files) become one-line
     UserInputErrors instead of library tracebacks.
     """
-    dev = _device(device)
+    dev = checked_device(device)
     arg = str(model)
     local = Path(arg).expanduser()
     if local.exists():
@@ -83,7 +84,7 @@ def load_backbone(
         if not (local / "config.json").is_file():
             raise UserInputError(f"--model {arg}: expected a model folder with config.json, found none")
         source: str = str(local)
-    elif _looks_like_path(arg):
+    elif looks_like_path(arg):
         raise UserInputError(f"--model {arg}: folder not found")
     else:
         source = arg
@@ -110,7 +111,7 @@ def load_backbone(
         tok_arg = str(tok_local)
     elif tok_local.exists():
         raise UserInputError(f"{flag} {tok_arg}: expected a tokenizer folder, found a file")
-    elif _looks_like_path(tok_arg):
+    elif looks_like_path(tok_arg):
         raise UserInputError(f"{flag} {tok_arg}: folder not found")
     try:
         # config= lets a bare tokenizer.json (no tokenizer_config.json) resolve to T5's tokenizer class.

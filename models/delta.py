@@ -3,7 +3,7 @@
 Every module is added under the single name ``DELTA_NAME`` so that parameter names are identical
 across tasks and runs: a checkpoint trained on one task loads into a model prepared for another.
 
-Library choices (``adapters`` 1.3.0), see ``_library_config``:
+Library choices (``adapters`` 1.3.0), see ``library_config``:
 
 * adapter: ``DoubleSeqBnConfig`` (Houlsby: after self-attention and after the FFN of every block) or
   ``SeqBnConfig`` (Pfeiffer: after the FFN only), ``init_weights="mam_adapter"`` (up-projection zero, so
@@ -166,7 +166,7 @@ def _adapter_reduction_factor(d_model: int, size: int) -> float:
     return rf
 
 
-def _library_config(cfg: DeltaConfig, d_model: int) -> Any:
+def library_config(cfg: DeltaConfig, d_model: int) -> Any:
     from adapters import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig
 
     if cfg.method == "adapter":
@@ -217,7 +217,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     level = mixin_logger.level
     mixin_logger.setLevel(logging.ERROR)
     try:
-        model.add_adapter(DELTA_NAME, config=_library_config(cfg, int(model.config.d_model)))
+        model.add_adapter(DELTA_NAME, config=library_config(cfg, int(model.config.d_model)))
         model.train_adapter(DELTA_NAME)  # freezes every other parameter and activates the module
     finally:
         mixin_logger.setLevel(level)
@@ -239,7 +239,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     return trainable
 
 
-def _delta_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def delta_params(model: nn.Module) -> dict[str, nn.Parameter]:
     # named_parameters() de-duplicates shared modules, so the prefix pool (reachable from every attention
     # layer) appears once, under its first path.
     return {n: p for n, p in model.named_parameters() if is_delta_param(n)}
@@ -247,12 +247,12 @@ def _delta_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The delta parameters as detached, contiguous CPU copies, keyed by parameter name."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in sorted(_delta_params(model).items())}
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in sorted(delta_params(model).items())}
 
 
 def check_delta_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Refuse ``shapes`` (parameter name -> shape) unless they match the model's delta parameters exactly."""
-    params = _delta_params(model)
+    params = delta_params(model)
     missing = sorted(set(params) - set(shapes))
     unexpected = sorted(set(shapes) - set(params))
     if missing or unexpected:
@@ -275,7 +275,7 @@ def check_delta_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], sou
 def load_delta_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into the model's delta parameters; keys and shapes must match exactly."""
     check_delta_shapes(model, {n: tuple(t.shape) for n, t in tensors.items()}, source)
-    params = _delta_params(model)
+    params = delta_params(model)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])

@@ -32,7 +32,7 @@ regex -> replacement rules (``key_map``).
 **AdapterHub folders** (``model.save_adapter(dir, name)``, ``adapter_config.json`` plus ``adapter.safetensors``
 or ``pytorch_adapter.bin``) load directly: ``load_delta_checkpoint`` reads them with ``read_adapterhub_folder``,
 which renames the module to ``delta`` and accepts the folder only if its configuration is one this project
-builds (``models.delta._library_config``). Their backbone fingerprint lacks the vocabulary size, which the
+builds (``models.delta.library_config``). Their backbone fingerprint lacks the vocabulary size, which the
 folder does not record.
 """
 
@@ -58,7 +58,7 @@ from models.delta import (
     FORMAT_VERSION,
     METHODS,
     DeltaConfig,
-    _library_config,
+    library_config,
 )
 from utils.io import read_json_object
 
@@ -466,7 +466,7 @@ def is_adapterhub_folder(path: str | Path) -> bool:
 
 def _hub_config_mismatch(cfg: DeltaConfig, theirs: dict[str, Any], d_model: int) -> str | None:
     """First field where the folder's library config differs from what this project builds, or None."""
-    ours = _library_config(cfg, d_model).to_dict()
+    ours = library_config(cfg, d_model).to_dict()
     ignored = set(HUB_IGNORED_FIELDS)
     if not ours.get("phm_layer") and not theirs.get("phm_layer"):
         ignored |= {k for k in set(ours) | set(theirs) if k.startswith(("phm_", "hypercomplex_"))}

@@ -26,10 +26,6 @@ SKIPPED_FOLDERS = {".venv", ".git", "tests", "runs", "outputs", "__pycache__"}
 KNOWN_VIOLATIONS = {
     "library imports a script: get_similarity.tune_all imports tune",
     "circle: models.delta -> models.legacy -> models.delta",
-    "private name: bench.common takes _delta_params from models.delta",
-    "private name: models.legacy takes _library_config from models.delta",
-    "private name: study takes _device from models.backbone",
-    "private name: study takes _looks_like_path from models.backbone",
 }
 
 
