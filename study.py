@@ -194,7 +194,7 @@ class Study:
 
 def call(main: Callable[[list[str]], int], argv: list[str]) -> None:
     """Call a CLI's main in this process (no new interpreter, no re-import of torch)."""
-    from dataloader.errors import UserInputError
+    from utils.errors import UserInputError
 
     code = main([str(a) for a in argv])
     if code:
@@ -349,7 +349,8 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     from dataloader.crossfit import load_task
     from dataloader.metrics import metric_for_task
     from models.backbone import load_backbone, pick_device
-    from models.delta import DeltaConfig, attach_delta, load_delta_checkpoint, load_delta_state
+    from models.delta import DeltaConfig, attach_delta, load_delta_state
+    from models.formats import load_delta_checkpoint
     from models.seq2seq import encode_examples, evaluate
     from utils.io import write_tsv_atomic
 
@@ -386,10 +387,10 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     another study (other parameters in its params.json) is refused rather than resumed into.
     """
     from dataloader.crossfit import SPLITS, load_task
-    from dataloader.errors import UserInputError
     from dataloader.metrics import metric_for_task
     from models.backbone import checked_device, looks_like_path, pick_device
     from task_list import resolve_tasks_in
+    from utils.errors import UserInputError
 
     task_dir, _ = resolve_tasks_in(p.task_dir, task_pool)
     for t in task_pool:
@@ -416,10 +417,10 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataloader.errors import UserInputError
     from task_list import resolve_tasks
     from unit_model.fusion import build_parser
     from unit_model.report import write_results
+    from utils.errors import UserInputError
 
     p = build_parser(PARAMS, __doc__).parse_args(argv)
     for name in ("source_iters", "target_iters", "source_bsz", "target_bsz", "source_valid_interval",
@@ -474,6 +475,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dataloader.errors import run_cli
+    from utils.errors import run_cli
 
     sys.exit(run_cli(main))

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloader.errors import run_cli
+from utils.errors import run_cli
 from utils.io import write_tsv_atomic
 from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
 

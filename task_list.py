@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataloader.errors import UserInputError
 from dataloader.synthetic import FAMILIES
+from utils.errors import UserInputError
 
 # --- the bundled synthetic suite (data/synthetic) -------------------------------------------------
 SENTIMENT_TASKS = FAMILIES["sentiment"]

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example, load_task
-from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task, score
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device, quiet_libraries
@@ -48,12 +47,13 @@ from models.delta import (
     backbone_fingerprint,
     check_compatible,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.formats import load_delta_checkpoint
 from models.seq2seq import EncodedTask, collate, encode_examples, label_set, predict, to_device, training_examples
 from task_list import resolve_tasks_in
+from utils.errors import UserInputError, run_cli
 from utils.io import check_output_folder, staged_dir, write_text_atomic, write_tsv_atomic
 
 REPO = Path(__file__).resolve().parent

@@ -50,14 +50,15 @@ from bench.common import (  # noqa: E402
     write_report,
 )
 from dataloader.crossfit import load_task  # noqa: E402
-from dataloader.errors import run_cli  # noqa: E402
 from dataloader.metrics import metric_for_task, score  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models import seq2seq  # noqa: E402
 from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
 from models.checkpoints import read_result_tsv, resolve_checkpoint  # noqa: E402
-from models.delta import attach_delta, load_delta_checkpoint, load_delta_state  # noqa: E402
+from models.delta import attach_delta, load_delta_state  # noqa: E402
+from models.formats import load_delta_checkpoint  # noqa: E402
 from task_list import resolve_tasks  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 METHOD = "lora"
 MAX_INPUT, MAX_OUTPUT = 256, 16  # study.py's max_input_length and max_output_length

@@ -50,9 +50,10 @@ from bench.common import (  # noqa: E402
     write_report,
     write_sources,
 )
-from dataloader.errors import run_cli  # noqa: E402
 from models.checkpoints import resolve_checkpoint  # noqa: E402
-from models.delta import WEIGHTS_FILE, load_delta_checkpoint  # noqa: E402
+from models.delta import WEIGHTS_FILE  # noqa: E402
+from models.formats import load_delta_checkpoint  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 TARGET = "fusiontarget"
 PRELOAD = ["torch", "unit_model.fusion", "matplotlib", "matplotlib.pyplot", "seaborn"]

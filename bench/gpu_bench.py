@@ -48,9 +48,9 @@ from bench.common import (  # noqa: E402
     write_report,
     write_sources,
 )
-from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models.backbone import DEFAULT_MODEL_DIR  # noqa: E402
+from utils.errors import UserInputError, run_cli  # noqa: E402
 
 TASK, SOURCE_TASK, K, DATA_SEED = "gpu_task", "sent_review", 512, 100
 TARGET = "sent_review"

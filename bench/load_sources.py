@@ -39,8 +39,8 @@ from bench.common import (  # noqa: E402
     write_report,
     write_sources,
 )
-from dataloader.errors import run_cli  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 TARGET = "sent_review"
 PRELOAD = ["torch", "transformers", "adapters", "get_similarity.score"]

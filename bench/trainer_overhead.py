@@ -60,11 +60,11 @@ from bench.common import (  # noqa: E402
     write_report,
 )
 from dataloader.crossfit import read_split  # noqa: E402
-from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
 from models.delta import attach_delta  # noqa: E402
 from models.seq2seq import encode_examples, training_batches  # noqa: E402
+from utils.errors import UserInputError, run_cli  # noqa: E402
 
 TASK = "overhead_task"
 SOURCE_TASK, K, DATA_SEED = "sent_review", 64, 100  # 64 training examples: batches differ from step to step

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 

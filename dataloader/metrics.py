@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError
 
 MetricFn = Callable[[list[str], list[list[str]]], float]
 

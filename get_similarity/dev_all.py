@@ -34,7 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloader.crossfit import load_task
-from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task
 from get_similarity.tune_all import (
     check_positive,
@@ -45,16 +44,11 @@ from get_similarity.tune_all import (
 )
 from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
 from models.checkpoints import file_lock
-from models.delta import (
-    METHODS,
-    attach_delta,
-    backbone_fingerprint,
-    check_compatible,
-    load_delta_checkpoint,
-    load_delta_state,
-)
+from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
+from models.formats import load_delta_checkpoint
 from models.seq2seq import encode_examples, evaluate
 from task_list import resolve_tasks, resolve_tasks_in
+from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]

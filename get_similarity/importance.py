@@ -37,7 +37,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, load_task  # noqa: E402
-from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
@@ -48,16 +47,17 @@ from models.backbone import (  # noqa: E402
     quiet_libraries,
 )
 from models.checkpoints import resolve_checkpoint  # noqa: E402
-from models.delta import (  # noqa: E402
+from models.delta import (
     DeltaConfig,
     attach_delta,
     backbone_fingerprint,
     check_compatible,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
 )
+from models.formats import load_delta_checkpoint
 from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
+from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]

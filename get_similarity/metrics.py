@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataloader.errors import UserInputError
 from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, to_device
+from utils.errors import UserInputError
 
 DIRECTIONS = ("lower", "higher")
 TokenFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]

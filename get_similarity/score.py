@@ -52,7 +52,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
-from dataloader.errors import UserInputError, run_cli  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
 from models.backbone import (  # noqa: E402
     add_backbone_and_data_args,
@@ -61,7 +60,7 @@ from models.backbone import (  # noqa: E402
     quiet_libraries,
 )
 from models.checkpoints import file_lock, resolve_checkpoint  # noqa: E402
-from models.delta import (  # noqa: E402
+from models.delta import (
     GRANULARITIES,
     METHODS,
     DeltaConfig,
@@ -70,14 +69,14 @@ from models.delta import (  # noqa: E402
     check_compatible,
     check_delta_shapes,
     delta_state_dict,
-    inspect_delta_checkpoint,
     is_delta_param,
-    load_delta_checkpoint,
     load_delta_state,
     param_group,
 )
+from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
+from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]

@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 
 import tune
 from dataloader.crossfit import load_task
-from dataloader.errors import UserInputError, run_cli
 from dataloader.metrics import metric_for_task
 from models.backbone import add_backbone_and_data_args, quiet_libraries
 from models.checkpoints import resolve_checkpoint
@@ -50,11 +49,12 @@ from models.delta import (
     DeltaConfig,
     check_compatible,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.formats import load_delta_checkpoint
 from task_list import resolve_tasks, resolve_tasks_in
+from utils.errors import UserInputError, run_cli
 from utils.io import check_output_folder
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose

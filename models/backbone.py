@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError, first_line
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
@@ -35,13 +35,6 @@ def _offline() -> bool:
         "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    """The gist of a library error, short enough for a one-line message."""
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def backbone_name(model_arg: str | Path) -> str:
     """Short name of the backbone for checkpoint metadata: folder name or hub id basename."""
     text = str(model_arg).rstrip("/\\")
@@ -57,7 +50,7 @@ def checked_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
         raise UserInputError(
-            f"--device: expected cpu, cuda or cuda:N, found {device!r} ({_first_line(e)})"
+            f"--device: expected cpu, cuda or cuda:N, found {device!r} ({first_line(e)})"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"--device: {device!r} requested but CUDA is not available on this machine")
@@ -97,7 +90,7 @@ def load_backbone(
                 f"--model {arg}: not a local folder and not in the Hugging Face cache (offline mode is on); "
                 "pass a local model folder"
             ) from None
-        raise UserInputError(f"--model {arg}: could not load a T5 model ({_first_line(e)})") from None
+        raise UserInputError(f"--model {arg}: could not load a T5 model ({first_line(e)})") from None
 
     flag = "--tokenizer" if tokenizer_path is not None else "--model"
     tok_arg = str(tokenizer_path) if tokenizer_path is not None else source
@@ -117,7 +110,7 @@ def load_backbone(
         # config= lets a bare tokenizer.json (no tokenizer_config.json) resolve to T5's tokenizer class.
         tokenizer = AutoTokenizer.from_pretrained(tok_arg, config=net.config)
     except (OSError, ValueError, TypeError, ImportError) as e:
-        raise UserInputError(f"{flag} {tok_arg}: could not load a tokenizer ({_first_line(e)})") from None
+        raise UserInputError(f"{flag} {tok_arg}: could not load a tokenizer ({first_line(e)})") from None
 
     net.to(dev)
     net.eval()

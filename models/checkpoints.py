@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dataloader.errors import UserInputError
 from models.delta import CONFIG_FILE
-from models.legacy import is_adapterhub_folder
+from models.formats import checkpoint_format
+from utils.errors import UserInputError
 from utils.io import read_table, write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
@@ -81,7 +81,7 @@ def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
     run with the best dev score in the parent's ``result.tsv`` is taken.
     """
     path = Path(path)
-    if (path / CONFIG_FILE).is_file() or is_adapterhub_folder(path):
+    if checkpoint_format(path) is not None:
         return path
     if (path / CHECKPOINT_SUBDIR / CONFIG_FILE).is_file():
         return path / CHECKPOINT_SUBDIR

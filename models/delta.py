@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from dataloader.errors import UserInputError
-from utils.io import fsync_dir, fsync_file, read_json_object
+from utils.errors import UserInputError
+from utils.io import fsync_dir, fsync_file
 
 METHODS = ("adapter", "lora", "prefix")
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
@@ -391,79 +390,6 @@ def save_delta_checkpoint(
     return path
 
 
-def _checkpoint_folder(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise UserInputError(f"{path}: delta checkpoint folder not found")
-    if not path.is_dir():
-        raise UserInputError(f"{path}: expected a delta checkpoint folder, found a file")
-    return path
-
-
-def _checked_meta(path: Path) -> dict[str, Any]:
-    """The meta of a folder in this project's format (both files present), checked."""
-    cfg_file = path / CONFIG_FILE
-    weights_file = path / WEIGHTS_FILE
-    if not cfg_file.is_file():
-        raise UserInputError(f"{cfg_file}: missing (a delta checkpoint folder holds {CONFIG_FILE})")
-    if not weights_file.is_file():
-        raise UserInputError(f"{weights_file}: missing (a delta checkpoint folder holds {WEIGHTS_FILE})")
-    meta = read_json_object(cfg_file)
-    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
-    if missing:
-        raise UserInputError(f"{cfg_file}: missing keys {missing}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise UserInputError(
-            f"{cfg_file}: format_version {meta['format_version']!r} not supported (expected {FORMAT_VERSION})"
-        )
-    for key in ("sizes", "backbone_fingerprint"):
-        if not isinstance(meta[key], dict):
-            raise UserInputError(f"{cfg_file}: expected '{key}' to be an object, found {meta[key]!r}")
-    return meta
-
-
-def _invalid_weights(weights_file: Path, e: BaseException) -> UserInputError:
-    return UserInputError(f"{weights_file}: not a valid safetensors file (truncated or corrupt?): {_first_line(e)}")
-
-
-def load_delta_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint folder: (tensors, meta). Every user-fixable problem is a UserInputError."""
-    path = _checkpoint_folder(path)
-    from models.legacy import is_adapterhub_folder, read_adapterhub_folder  # here: models.legacy imports this module
-
-    if is_adapterhub_folder(path):  # an AdapterHub save_adapter folder, renamed and checked on the fly
-        return read_adapterhub_folder(path)
-    meta = _checked_meta(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _invalid_weights(path / WEIGHTS_FILE, e) from None
-    return tensors, meta
-
-
-def inspect_delta_checkpoint(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-    """(parameter name -> shape, meta) of a checkpoint folder, checked as load_delta_checkpoint checks it.
-
-    Only the safetensors header is read, not the tensors (safetensors refuses a header that does not cover
-    the whole file, so a truncated file is refused here too): a caller can check many checkpoints up front
-    while holding none of them. An AdapterHub folder is converted in full (its names and sizes come from its
-    tensors) and its tensors dropped.
-    """
-    path = _checkpoint_folder(path)
-    from models.legacy import is_adapterhub_folder, read_adapterhub_folder
-
-    if is_adapterhub_folder(path):
-        tensors, meta = read_adapterhub_folder(path)
-        return {n: tuple(t.shape) for n, t in tensors.items()}, meta
-    meta = _checked_meta(path)
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _invalid_weights(path / WEIGHTS_FILE, e) from None
-    return shapes, meta
-
-
 def check_compatible(
     meta: dict[str, Any], cfg: DeltaConfig, fingerprint: dict[str, int], source: str
 ) -> None:
@@ -480,11 +406,6 @@ def check_compatible(
             f"checkpoint {source} was made for backbone {meta.get('backbone')!r} with {_fmt(theirs)}; "
             f"this run's backbone has {_fmt(fingerprint)}"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _fmt(d: Any) -> str:

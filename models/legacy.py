@@ -30,9 +30,9 @@ Tensors already named as in this project or in AdapterHub (``...adapters.<name>.
 regex -> replacement rules (``key_map``).
 
 **AdapterHub folders** (``model.save_adapter(dir, name)``, ``adapter_config.json`` plus ``adapter.safetensors``
-or ``pytorch_adapter.bin``) load directly: ``load_delta_checkpoint`` reads them with ``read_adapterhub_folder``,
-which renames the module to ``delta`` and accepts the folder only if its configuration is one this project
-builds (``models.delta.library_config``). Their backbone fingerprint lacks the vocabulary size, which the
+or ``pytorch_adapter.bin``) load directly: ``models.formats.load_delta_checkpoint`` reads them with
+``read_adapterhub_folder``, which renames the module to ``delta`` and accepts the folder only if its
+configuration is one this project builds (``models.delta.library_config``). Their backbone fingerprint lacks the vocabulary size, which the
 folder does not record.
 """
 
@@ -51,7 +51,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dataloader.errors import UserInputError
 from models.delta import (
     CONFIG_FILE,
     DELTA_NAME,
@@ -60,6 +59,7 @@ from models.delta import (
     DeltaConfig,
     library_config,
 )
+from utils.errors import UserInputError, first_line
 from utils.io import read_json_object
 
 # The only classes (besides tensors and plain containers, which weights_only always allows) that a legacy
@@ -117,12 +117,6 @@ class Translated:
 # Safe loading
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` with ``SAFE_GLOBALS`` allowed for this call only.
 
@@ -151,10 +145,10 @@ def safe_torch_load(path: str | Path) -> Any:
                 "code is importable, e.g. torch.save({'lora': ckpt['lora']}, 'clean.pt'), and use that"
             ) from None
         detail = next((ln.strip() for ln in str(e).splitlines()
-                       if ln.strip() and not ln.startswith("Weights only load failed")), _first_line(e))
+                       if ln.strip() and not ln.startswith("Weights only load failed")), first_line(e))
         raise UserInputError(f"{path}: not a torch checkpoint that can be loaded safely ({detail[:200]})") from None
     except Exception as e:  # noqa: BLE001 - an untrusted file can fail inside torch in many ways
-        raise UserInputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})") \
+        raise UserInputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first_line(e)})") \
             from None
 
 
@@ -520,7 +514,7 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
         try:
             theirs = AdapterConfig.load(theirs).to_dict()
         except (KeyError, ValueError, TypeError) as e:
-            raise UserInputError(f"{cfg_file}: unknown adapter config {theirs!r} ({_first_line(e)})") from None
+            raise UserInputError(f"{cfg_file}: unknown adapter config {theirs!r} ({first_line(e)})") from None
 
     weights = next((path / f for f in ADAPTERHUB_WEIGHTS if (path / f).is_file()), None)
     if weights is None:
@@ -529,7 +523,7 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
         try:
             raw = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UserInputError(f"{weights}: not a valid safetensors file ({_first_line(e)})") from None
+            raise UserInputError(f"{weights}: not a valid safetensors file ({first_line(e)})") from None
     else:
         raw = safe_torch_load(weights)
         if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -29,10 +29,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataloader.errors import run_cli  # noqa: E402
 from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries  # noqa: E402
 from models.delta import ADAPTER_TYPES, METHODS  # noqa: E402
 from models.legacy import convert_to_checkpoint  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.crossfit import load_task  # noqa: E402
-from dataloader.errors import run_cli  # noqa: E402
 from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
 from models.checkpoints import read_result_tsv  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
 
 

@@ -58,7 +58,7 @@ def small_study_argv(out: Path, model: Path, fusions: str = "average Loss") -> l
 def reference_study(tiny_backbone_dir: Path, tmp_path_factory) -> Path:
     """``small_study_argv`` run once, uninterrupted and sequential, in this process (read-only for the tests)."""
     import study
-    from dataloader.errors import run_cli
+    from utils.errors import run_cli
 
     out = tmp_path_factory.mktemp("reference_study") / "study"
     assert run_cli(study.main, small_study_argv(out, tiny_backbone_dir)) == 0

@@ -30,12 +30,12 @@ import torch
 
 import study
 import tune
-from dataloader.errors import run_cli
 from get_similarity import dev_all, importance, score, tune_all
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
 from tests.conftest import REPO, SUITE_DIR
 from unit_model import fusion, unit_model_average, unit_model_cos, unit_model_others
+from utils.errors import run_cli
 
 TASKS = ("alpha", "beta", "gamma")
 GOOD = "the cat sat\tyes\nthe dog ran\tno\na red fox\tyes\nblue sky\tno\tnope\n"

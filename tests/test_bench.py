@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench import eval_speed, fusion, gpu_bench, load_sources, similarity, trainer_overhead
-from dataloader.errors import run_cli
 from tests.conftest import REPO
+from utils.errors import run_cli
 
 BENCHES = [trainer_overhead, similarity, fusion, eval_speed, load_sources, gpu_bench]
 

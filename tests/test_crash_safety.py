@@ -19,9 +19,9 @@ import pytest
 
 import study
 import tune
-from dataloader.errors import run_cli
-from models.delta import load_delta_checkpoint
+from models.formats import load_delta_checkpoint
 from tests.conftest import REPO, small_study_argv
+from utils.errors import run_cli
 
 # Runs a script as __main__ after wrapping the renames: the (SKIP+1)-th rename whose source path matches
 # the glob BLOCK_RENAME writes that path to BLOCK_MARKER and waits to be killed.

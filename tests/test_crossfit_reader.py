@@ -15,7 +15,7 @@ from dataloader.crossfit import (
     read_split,
     split_path,
 )
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError
 
 
 def write_split(

@@ -7,8 +7,8 @@ import csv
 import pytest
 
 import tune
-from dataloader.errors import run_cli
 from tests.conftest import DEFAULT_MODEL_DIR, REAL_DATA_DIR
+from utils.errors import run_cli
 
 pytestmark = [
     pytest.mark.slow,

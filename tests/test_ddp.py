@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.delta import load_delta_checkpoint
+from models.formats import load_delta_checkpoint
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 
 TASK = "ext_animals"  # outputs of different lengths, so the token weighting of the shares matters

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from dataloader.errors import UserInputError
 from models.backbone import backbone_name, load_backbone
 from models.delta import (
     DELTA_NAME,
@@ -22,11 +21,12 @@ from models.delta import (
     backbone_fingerprint,
     check_compatible,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
     param_group,
     save_delta_checkpoint,
 )
+from models.formats import load_delta_checkpoint
+from utils.errors import UserInputError
 
 REPO = Path(__file__).resolve().parent.parent
 D, L_ENC, L_DEC, HEADS, D_KV = 32, 2, 2, 2, 16
@@ -370,7 +370,7 @@ def test_load_backbone_local_folder_and_errors(tmp_path: Path) -> None:
 def test_uncached_hub_id_offline_is_one_line_error(tmp_path: Path) -> None:
     # HF reads HF_HUB_OFFLINE at import time, so check it in a fresh interpreter with an empty cache.
     code = (
-        "from dataloader.errors import UserInputError\n"
+        "from utils.errors import UserInputError\n"
         "from models.backbone import load_backbone\n"
         "try:\n    load_backbone('nobody-here/not-a-model')\n"
         "except UserInputError as e:\n    print(e)\n    raise SystemExit(2)\n"

@@ -11,10 +11,10 @@ import torch
 
 import tune
 from dataloader.crossfit import Example, load_task
-from dataloader.errors import run_cli
 from dataloader.metrics import metric_for_task, score
 from models.backbone import load_backbone
-from models.delta import DeltaConfig, attach_delta, load_delta_checkpoint, load_delta_state
+from models.delta import DeltaConfig, attach_delta, load_delta_state
+from models.formats import load_delta_checkpoint
 from models.seq2seq import (
     MAX_LABELS,
     encode_examples,
@@ -25,6 +25,7 @@ from models.seq2seq import (
     rank_scores,
 )
 from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
+from utils.errors import run_cli
 
 TASK = "sent_review"
 RUN = Path(TASK) / "lr_0.003_bsz_8"

@@ -12,18 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataloader.errors import UserInputError, run_cli
 from models.backbone import backbone_name, load_backbone
 from models.delta import (
     DeltaConfig,
     attach_delta,
     backbone_fingerprint,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
     param_group,
     save_delta_checkpoint,
 )
+from models.formats import load_delta_checkpoint
 from unit_model import (
     fusion,
     unit_model_average,
@@ -32,6 +31,7 @@ from unit_model import (
     unit_model_others,
     unit_model_Performance,
 )
+from utils.errors import UserInputError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["sent_review", "sent_tweet", "topic_news", "topic_places"]

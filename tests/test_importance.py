@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from dataloader.crossfit import load_task
-from dataloader.errors import run_cli
 from get_similarity import importance
 from get_similarity.importance import pooled_loss, reset
 from models.backbone import load_backbone
@@ -26,6 +25,7 @@ from models.delta import (
 )
 from models.seq2seq import encode_examples, evaluate, generate
 from tests.conftest import REPO, SUITE_DIR
+from utils.errors import run_cli
 
 CONFIGS = {"lora": DeltaConfig("lora", lora_r=4, lora_alpha=8),
            "prefix": DeltaConfig("prefix", prefix_length=3, prefix_mlp=8)}

@@ -17,11 +17,11 @@ import torch
 import study
 import sweep
 import tune
-from dataloader.errors import UserInputError, run_cli
 from get_similarity import dev_all, tune_all
-from models.delta import load_delta_checkpoint
+from models.formats import load_delta_checkpoint
 from tests.conftest import DEFAULT_MODEL_DIR, REPO, STUDY_POOL, STUDY_TARGETS, SUITE_DIR, small_study_argv
 from tests.test_tuneall_devall import DEV, LORA, TASKS, TRAIN, make_sources
+from utils.errors import UserInputError, run_cli
 from utils.jobs import Job, LaunchOptions, parse_minutes, run_jobs
 
 # 2 tasks x 2 learning rates on the embedded default and the bundled suite; --save_last keeps the trained

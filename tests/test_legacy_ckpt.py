@@ -14,19 +14,13 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 import tune
-from dataloader.errors import UserInputError, run_cli
 from models.backbone import load_backbone
 from models.checkpoints import resolve_checkpoint
-from models.delta import (
-    DeltaConfig,
-    attach_delta,
-    backbone_fingerprint,
-    delta_state_dict,
-    load_delta_checkpoint,
-    load_delta_state,
-)
+from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, load_delta_state
+from models.formats import load_delta_checkpoint
 from models.legacy import read_legacy_pt
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
+from utils.errors import UserInputError, run_cli
 
 SCRIPT = REPO / "scripts" / "convert_legacy_ckpt.py"
 _spec = importlib.util.spec_from_file_location("convert_legacy_ckpt", SCRIPT)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dataloader.errors import UserInputError
 from dataloader.metrics import METRICS, TASK_METRICS, metric_for_task, normalize_answer, score
+from utils.errors import UserInputError
 
 
 def refs(*golds: str) -> list[list[str]]:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.crossfit import load_task
-from dataloader.errors import UserInputError, run_cli
 from get_similarity import score as score_cli
 from get_similarity.metrics import (
     METRICS,
@@ -36,14 +35,14 @@ from models.delta import (
     attach_delta,
     backbone_fingerprint,
     delta_state_dict,
-    inspect_delta_checkpoint,
-    load_delta_checkpoint,
     load_delta_state,
     param_group,
     save_delta_checkpoint,
 )
+from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
 from models.seq2seq import encode_examples, first_output_batches
 from tests.conftest import REPO, SUITE_DIR
+from utils.errors import UserInputError, run_cli
 
 TASKS = ["sent_review", "sent_tweet", "topic_news"]
 CONFIGS = {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import study
-from dataloader.errors import run_cli
 from tests.conftest import REPO, small_study_argv
+from utils.errors import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, ref
 
 def test_end_to_end_on_the_embedded_default(tmp_path):
     """Sources -> similarity -> fused checkpoint -> tune.py --train_checkpoint, on models/default."""
-    from models.delta import load_delta_checkpoint
+    from models.formats import load_delta_checkpoint
     from tests.conftest import DEFAULT_MODEL_DIR
 
     out = tmp_path / "default"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import tune
-from dataloader.errors import run_cli
 from models.checkpoints import RESULT_COLUMNS
-from models.delta import load_delta_checkpoint
+from models.formats import load_delta_checkpoint
 from tests.conftest import REPO, SUITE_DIR
+from utils.errors import run_cli
 
 FAST = ["--train_iters", "4", "--valid_interval", "2", "--log_interval", "2", "--warmup_steps", "1",
         "--learning_rate_list", "1e-3", "--bsz_list", "4", "--max_output_length", "4", "--quiet"]

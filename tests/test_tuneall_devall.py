@@ -13,7 +13,6 @@ import torch
 
 import tune
 from dataloader.crossfit import load_task
-from dataloader.errors import run_cli
 from get_similarity import dev_all, tune_all
 from models.backbone import load_backbone
 from models.delta import (
@@ -24,12 +23,13 @@ from models.delta import (
     backbone_fingerprint,
     check_compatible,
     delta_state_dict,
-    load_delta_checkpoint,
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.formats import load_delta_checkpoint
 from models.seq2seq import encode_examples, evaluate
 from tests.conftest import REPO
+from utils.errors import run_cli
 
 TASKS = ["alpha", "beta", "gamma"]
 LORA = DeltaConfig("lora", lora_r=2, lora_alpha=4)

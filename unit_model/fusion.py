@@ -55,20 +55,12 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from dataloader.errors import UserInputError
 from models.checkpoints import resolve_checkpoint
-from models.delta import (
-    CONFIG_FILE,
-    GRANULARITIES,
-    METHODS,
-    DeltaConfig,
-    inspect_delta_checkpoint,
-    load_delta_checkpoint,
-    param_group,
-    save_delta_checkpoint,
-)
+from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, param_group, save_delta_checkpoint
 from models.delta import WEIGHTS_FILE as DELTA_WEIGHTS_FILE
+from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
 from task_list import MANUAL_CATEGORIES, resolve_tasks
+from utils.errors import UserInputError
 from utils.io import save_figure_atomic, write_tsv_atomic
 
 LORA_COMBINES = ("params", "delta_w")

@@ -13,8 +13,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataloader.errors import run_cli  # noqa: E402
 from unit_model import fusion  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 delta = "lora"

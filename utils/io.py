@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError
 
 
 def temp_sibling(path: Path, kind: str = "tmp") -> Path:

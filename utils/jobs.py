@@ -32,7 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dataloader.errors import UserInputError
+from utils.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_MINUTES = 240  # submitit's own default (5 minutes) is too short for any training run

@@ -9,6 +9,13 @@ class UserInputError(Exception):
     """Bad input that the user can fix: a file, a line, a flag or a checkpoint."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of a library error for a one-line message: its first non-blank line, at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; a UserInputError becomes one line on stderr and exit code 2.
 
