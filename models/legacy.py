@@ -32,8 +32,8 @@ regex -> replacement rules (``key_map``).
 **AdapterHub folders** (``model.save_adapter(dir, name)``, ``adapter_config.json`` plus ``adapter.safetensors``
 or ``pytorch_adapter.bin``) load directly: ``models.formats.load_delta_checkpoint`` reads them with
 ``read_adapterhub_folder``, which renames the module to ``delta`` and accepts the folder only if its
-configuration is one this project builds (``models.delta.library_config``). Their backbone fingerprint lacks the vocabulary size, which the
-folder does not record.
+configuration is one this project builds (``models.delta.library_config``). Their backbone fingerprint lacks
+the vocabulary size, which the folder does not record.
 """
 
 from __future__ import annotations
