@@ -28,7 +28,6 @@ import io
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 if __package__ in (None, ""):
@@ -57,6 +56,7 @@ from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
 from models.checkpoints import read_result_tsv, resolve_checkpoint  # noqa: E402
 from models.delta import attach_delta, load_delta_state  # noqa: E402
 from models.formats import load_delta_checkpoint  # noqa: E402
+from models.trainer import TrainConfig, Trainer, plan_decoding  # noqa: E402
 from task_list import resolve_tasks  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -78,7 +78,7 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
 
     totals = {"train": 0.0, "valid": 0.0, "validations": 0}
     inside = [False]
-    evaluate, train = tune.Trainer.evaluate, tune.Trainer.train
+    evaluate, train = Trainer.evaluate, Trainer.train
 
     def timed_evaluate(self, *args, **kwargs):
         start = time.process_time()
@@ -102,8 +102,8 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
     argv = ["--do_train", "--tune_method", METHOD, *sizes, "--tasks", *tasks, "--output_dir", str(out),
             "--max_input_length", str(MAX_INPUT), "--max_output_length", str(MAX_OUTPUT), "--device", "cpu",
             "--quiet", "--log_file_only", *flags, *extra]
-    with (mock.patch.object(tune.Trainer, "evaluate", timed_evaluate),
-          mock.patch.object(tune.Trainer, "train", timed_train),
+    with (mock.patch.object(Trainer, "evaluate", timed_evaluate),
+          mock.patch.object(Trainer, "train", timed_train),
           contextlib.redirect_stderr(io.StringIO())):
         code = tune.main(argv)
     if code != 0:
@@ -119,10 +119,8 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
 
 def load_dev_sets(tasks: list[str], tokenizer) -> dict[str, dict]:
     """Per task: the 64-example dev split of the large split, its metric, label set and tune.py's decoding."""
-    import tune
 
-    args = SimpleNamespace(rank_classification=False, max_new_tokens="auto", num_beams=1,
-                           max_output_length=MAX_OUTPUT)
+    config = TrainConfig(max_new_tokens="auto", num_beams=1, max_output_length=MAX_OUTPUT)
     out = {}
     for t in tasks:
         raw = load_task(SUITE_DIR, t, LARGE_K, 100, ["train", "dev"])
@@ -130,7 +128,7 @@ def load_dev_sets(tasks: list[str], tokenizer) -> dict[str, dict]:
         examples = raw["train"] + raw["dev"]
         out[t] = {"encoded": seq2seq.encode_examples(tokenizer, raw["dev"], MAX_INPUT, MAX_OUTPUT),
                   "metric": metric, "labels": seq2seq.label_set(examples, metric),
-                  "decoding": tune.plan_decoding(args, tokenizer, metric, examples)}
+                  "decoding": plan_decoding(config, tokenizer, metric, examples)}
     return out
 
 

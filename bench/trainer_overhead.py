@@ -6,7 +6,7 @@ with AdamW. The hand-written loop does forward, backward, optimizer step and zer
 
 What is timed in tune.py: ``tune.main`` runs in this process with a 1-example dev split, validation only at
 the end (``--valid_interval`` = ``--train_iters``) and ``--log_interval`` = the block size. Its log function
-(``tune.RunLog.__call__``) is wrapped to take a time stamp at the "step 0" line, right before the loop, and
+(``RunLog.__call__``) is wrapped to take a time stamp at the "step 0" line, right before the loop, and
 at every examples/s line: a block is everything tune.py does for those steps (batch collation and transfer,
 autocast context, forward, backward, gradient clipping, optimizer and scheduler steps, zero_grad, loss
 accumulation, the tqdm bar and its own log line); the step-0 validation, the final validation and the
@@ -64,6 +64,7 @@ from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
 from models.delta import attach_delta  # noqa: E402
 from models.seq2seq import encode_examples, training_batches  # noqa: E402
+from models.trainer import RunLog  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 
 TASK = "overhead_task"
@@ -106,7 +107,7 @@ def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
     import tune
 
     marks: list[tuple[float, float]] = []
-    log_line = tune.RunLog.__call__
+    log_line = RunLog.__call__
 
     def stamped(self, message: str) -> None:
         log_line(self, message)
@@ -121,7 +122,7 @@ def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
             "--max_input_length", str(MAX_INPUT), "--max_output_length", str(MAX_OUTPUT), "--device", "cpu",
             "--quiet", "--log_file_only"]
     # The tqdm bar still runs; it just draws nowhere.
-    with mock.patch.object(tune.RunLog, "__call__", stamped), contextlib.redirect_stderr(io.StringIO()):
+    with mock.patch.object(RunLog, "__call__", stamped), contextlib.redirect_stderr(io.StringIO()):
         code = tune.main(argv)
     if code != 0:
         raise RuntimeError(f"tune.main exited with {code}")

@@ -10,7 +10,7 @@ is a delta checkpoint folder ``{output_dir}/{t}/{s}`` whose meta has task=t, met
 step=steps and extra={source, steps, lr, bsz, dev, warmup_steps, seed, k, data_seed, init}. The
 Euclidean fusion method measures how far each source moved; dev_all.py scores the modules.
 
-Training runs tune.py's own loop (``tune.Trainer.train`` with ``--save_last``), so a pair's module is
+Training runs tune.py's own loop (``models.trainer.Trainer.train`` with ``save_last``), so a pair's module is
 exactly what ``tune.py --train_checkpoint {source} --train_iters N --valid_interval N --early_stop 0
 --save_last`` (same lr, bsz, warm-up and seed) saves. The backbone is loaded once for all pairs; every
 source checkpoint is checked (found, one method and sizes, this backbone) before the first step.
@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-import tune
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from models.backbone import add_backbone_and_data_args, quiet_libraries
@@ -53,6 +52,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from models.trainer import RunLog, TaskData, TrainConfig, Trainer
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import check_output_folder
@@ -172,11 +172,9 @@ def read_tuned(folder: Path, target: str, source: str) -> dict[str, Any] | None:
 # Training
 
 
-def trainer_args(args: argparse.Namespace) -> argparse.Namespace:
-    """tune.py's flags for one pair: train --steps steps, validate once at the end, keep the last module."""
-    targs = tune.build_parser().parse_args([])  # tune.py's defaults for everything not set here
-    vars(targs).update(
-        do_train=True, do_predict=False, train_checkpoint=None, test_checkpoint=None,
+def pair_train_config(args: argparse.Namespace) -> TrainConfig:
+    """tune.py's run for one pair: train --steps steps, validate once at the end, keep the last module."""
+    return TrainConfig(
         model=args.model, tokenizer_path=args.tokenizer_path, device=args.device, bf16=args.bf16,
         k=args.k, data_seed=args.data_seed, seed=args.seed,
         max_input_length=args.max_input_length, max_output_length=args.max_output_length,
@@ -185,7 +183,6 @@ def trainer_args(args: argparse.Namespace) -> argparse.Namespace:
         max_grad_norm=args.max_grad_norm, valid_interval=args.steps, log_interval=args.steps,
         early_stop=0, save_last=True,
     )
-    return targs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = {(t, s): None if args.overwrite and is_tuned(output_dir / t / s) else
                 read_tuned(output_dir / t / s, t, s) for t, s in pairs}
 
-    trainer = tune.Trainer(trainer_args(args), cfg)  # loads the backbone, once
+    trainer = Trainer(pair_train_config(args), cfg)  # loads the backbone, once
     check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources)
     todo = []
     for (t, s), meta in existing.items():
@@ -231,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             if meta["extra"].get(key) != want:
                 raise UserInputError(f"{folder}: tuned with {key}={meta['extra'].get(key)!r} but this run asks "
                                      f"{key}={want!r}; pass --overwrite to redo it or choose another --output_dir")
-    data = {t: tune.TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")})
+    data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")})
             for t in dict.fromkeys(t for t, _ in todo)}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), "
           f"{len(pairs) - len(todo)} already tuned: {cfg.describe()} on {trainer.backbone} ({trainer.device}), "
           f"{args.steps} steps each; output in {output_dir}", flush=True)
-    log = tune.RunLog(output_dir / "tune_all.log", console=not args.log_file_only)
+    log = RunLog(output_dir / "tune_all.log", console=not args.log_file_only)
     start = time.time()
     try:
         for t, s in tqdm(todo, desc="pairs", disable=not todo):

@@ -23,7 +23,9 @@ from models.seq2seq import (
     label_set,
     rank_classify,
     rank_scores,
+    training_examples,
 )
+from models.trainer import TrainConfig, Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
 from utils.errors import run_cli
 
@@ -209,12 +211,12 @@ def test_cuda_training_step_does_not_sync(tmp_path):
     args = tune.build_parser().parse_args(["--do_train", "--tune_method", "lora", "--lora_r", "8", "--device", "cuda",
                                            "--bf16"])
     cfg = tune.check_args(args)
-    trainer = tune.Trainer(args, cfg)
+    trainer = Trainer(TrainConfig.from_values(args), cfg)
     examples = load_task(SUITE_DIR, TASK, 16, 100, ["train"])["train"]
     task = trainer.encode(examples)
     optimizer = torch.optim.AdamW(trainer.params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    batches = tune.training_examples(task, 8, random.Random(0))
+    batches = training_examples(task, 8, random.Random(0))
     trainer.model.train()
     trainer.step(*next(batches), optimizer, scheduler)  # first step: lazy CUDA initialisation may sync
     torch.cuda.synchronize()

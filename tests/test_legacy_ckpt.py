@@ -19,6 +19,7 @@ from models.checkpoints import resolve_checkpoint
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, load_delta_state
 from models.formats import load_delta_checkpoint
 from models.legacy import read_legacy_pt
+from models.trainer import TrainConfig, Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from utils.errors import UserInputError, run_cli
 
@@ -424,7 +425,7 @@ def save_adapterhub(model_dir: Path, config, folder: Path, use_safetensors: bool
 def trainer_logits(model_dir: Path, folder: Path, flags: list[str], tmp_path: Path) -> torch.Tensor:
     args = tune.build_parser().parse_args(["--do_predict", "--train_checkpoint", str(folder), "--model", str(model_dir),
                                            "--device", "cpu", "--output_dir", str(tmp_path / "runs"), *flags])
-    trainer = tune.Trainer(args, tune.check_args(args))
+    trainer = Trainer(TrainConfig.from_values(args), tune.check_args(args))
     assert trainer.init_source == str(folder)
     return logits(trainer.model)
 
