@@ -33,8 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
-from unit_model.fusion import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
+from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -418,11 +418,12 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from task_list import resolve_tasks
-    from unit_model.fusion import build_parser
+    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS
     from unit_model.report import write_results
     from utils.errors import UserInputError
+    from utils.params import build_parser
 
-    p = build_parser(PARAMS, __doc__).parse_args(argv)
+    p = build_parser(PARAMS, __doc__, HELP, CHOICES, LIST_PARAMS).parse_args(argv)
     for name in ("source_iters", "target_iters", "source_bsz", "target_bsz", "source_valid_interval",
                  "target_valid_interval", "max_examples"):
         if getattr(p, name) <= 0:

@@ -36,6 +36,7 @@ from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_
 from tests.conftest import REPO, SUITE_DIR
 from unit_model import fusion, unit_model_average, unit_model_cos, unit_model_others
 from utils.errors import run_cli
+from utils.params import build_parser
 
 TASKS = ("alpha", "beta", "gamma")
 GOOD = "the cat sat\tyes\nthe dog ran\tno\na red fox\tyes\nblue sky\tno\tnope\n"
@@ -400,7 +401,8 @@ def _study_missing_task(w: World, tmp: Path):
 
 
 def _study_other_params(w: World, tmp: Path):
-    params = dict(vars(fusion.build_parser(study.PARAMS, None).parse_args(study_argv(w, tmp))))
+    params = dict(vars(build_parser(study.PARAMS, None, fusion.HELP, fusion.CHOICES, fusion.LIST_PARAMS).parse_args(
+        study_argv(w, tmp))))
     params["target_iters"] = 7
     path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
     return study_argv(w, tmp), [str(path), "target_iters"]

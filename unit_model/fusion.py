@@ -60,6 +60,7 @@ from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, param
 from models.delta import WEIGHTS_FILE as DELTA_WEIGHTS_FILE
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
 from task_list import MANUAL_CATEGORIES, resolve_tasks
+from utils import params as utils_params
 from utils.errors import UserInputError
 from utils.io import save_figure_atomic, write_tsv_atomic
 
@@ -867,44 +868,6 @@ CHOICES = {"delta": METHODS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODE
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 
 
-def block_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The plain variables (str, int, float, bool, None) of a script's globals, in definition order."""
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and (v is None or isinstance(v, str | int | float | bool))}
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
-
-
-def build_parser(params: Mapping[str, Any], description: str | None) -> argparse.ArgumentParser:
-    """One ``--name`` per parameter, typed after its default; ``--help`` shows every default."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
-    p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
-    for name, default in params.items():
-        kw: dict[str, Any] = {"default": default, "help": HELP.get(name, " ")}
-        if isinstance(default, bool):
-            kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif isinstance(default, int | float):
-            kw["type"] = type(default)
-        elif name in LIST_PARAMS:
-            kw["nargs"] = "+"
-        if name in CHOICES:
-            kw["choices"] = CHOICES[name]
-        p.add_argument(f"--{name}", **kw)
-    return p
-
-
 def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None) -> argparse.Namespace:
-    args = build_parser(params, description).parse_args(argv)
-    for name in LIST_PARAMS:
-        if isinstance(getattr(args, name, None), list):
-            setattr(args, name, " ".join(getattr(args, name)))
-    return args
+    """A fusion script's parameter block parsed with the fusion flags' help and choices."""
+    return utils_params.parse_params(params, argv, description, HELP, CHOICES, LIST_PARAMS)

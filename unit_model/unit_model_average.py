@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a file (python unit_model/...py): make t
 
 from unit_model import fusion  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.params import block_params  # noqa: E402
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 delta = "lora"
@@ -28,7 +29,7 @@ tem = 1.0  # recorded only: uniform weights do not depend on it
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = fusion.block_params(globals())
+PARAMS = block_params(globals())
 
 
 def main(argv: list[str] | None = None) -> int:
