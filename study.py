@@ -233,7 +233,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                      "--early_stop", p.source_early_stop, "--log_interval", 50]
 
     def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
-        from models.checkpoints import run_dir_name
+        from models.run_folders import run_dir_name
         return out / task / run_dir_name(lr, bsz)
 
     # Parallel jobs run the same argv in their own process (sweep.script_job); shared result.tsv files are

@@ -51,9 +51,9 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
     """Put ``keys``' rows (task, k, data_seed, lr, bsz) of ``result.tsv`` last and in this order, under its lock.
 
     A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
-    (models.checkpoints.resolve_checkpoint); parallel jobs append them in the order they finish.
+    (models.run_folders.resolve_checkpoint); parallel jobs append them in the order they finish.
     """
-    from models.checkpoints import RESULT_COLUMNS, file_lock, result_rows
+    from models.run_folders import RESULT_COLUMNS, file_lock, result_rows
 
     path = output_dir / "result.tsv"
     with file_lock(output_dir / ".result.tsv.lock"):
@@ -68,7 +68,7 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
 
 def plan_tune(argv: list[str]) -> Plan:
     import tune
-    from models.checkpoints import run_dir_name
+    from models.run_folders import run_dir_name
 
     args = tune.build_parser().parse_args(argv)
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.

@@ -28,16 +28,16 @@ from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import quiet_libraries
-from models.checkpoints import (
-    read_result_tsv,
-    run_dir_name,
-    update_result_tsv,
-)
 from models.delta import (
     ADAPTER_TYPES,
     METHODS,
     DeltaConfig,
     load_delta_state,
+)
+from models.run_folders import (
+    read_result_tsv,
+    run_dir_name,
+    update_result_tsv,
 )
 from models.trainer import (
     Distributed,

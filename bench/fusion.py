@@ -50,9 +50,9 @@ from bench.common import (  # noqa: E402
     write_report,
     write_sources,
 )
-from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import WEIGHTS_FILE  # noqa: E402
 from models.formats import load_delta_checkpoint  # noqa: E402
+from models.run_folders import resolve_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 TARGET = "fusiontarget"

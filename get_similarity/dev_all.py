@@ -5,7 +5,7 @@
 For each target t in --tasks and each source s in --source_tasks (default: --tasks) with s != t:
 
 * ``dev_zero_shot``: t's dev score (generation + t's metric, ``models.seq2seq.evaluate``) of s's module as
-  it is (``{source_ckpt_path}/{s}``, any form models.checkpoints accepts);
+  it is (``{source_ckpt_path}/{s}``, any form models.run_folders accepts);
 * ``dev_after``: the same for the module tune_all.py tuned from s on t (``{tuneall_ckpt_path}/{t}/{s}``),
   or ``-`` where there is none (not tuned yet, or no --tuneall_ckpt_path).
 
@@ -43,9 +43,9 @@ from get_similarity.tune_all import (
     read_tuned,
 )
 from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
-from models.checkpoints import file_lock
 from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
 from models.formats import load_delta_checkpoint
+from models.run_folders import file_lock
 from models.seq2seq import encode_examples, evaluate
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli

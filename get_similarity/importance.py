@@ -46,7 +46,6 @@ from models.backbone import (  # noqa: E402
     pick_device,  # noqa: E402
     quiet_libraries,
 )
-from models.checkpoints import resolve_checkpoint  # noqa: E402
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -56,6 +55,7 @@ from models.delta import (
     load_delta_state,
 )
 from models.formats import load_delta_checkpoint
+from models.run_folders import resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402

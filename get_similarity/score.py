@@ -59,7 +59,6 @@ from models.backbone import (  # noqa: E402
     pick_device,  # noqa: E402
     quiet_libraries,
 )
-from models.checkpoints import file_lock, resolve_checkpoint  # noqa: E402
 from models.delta import (
     GRANULARITIES,
     METHODS,
@@ -74,6 +73,7 @@ from models.delta import (
     param_group,
 )
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
+from models.run_folders import file_lock, resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from models.backbone import add_backbone_and_data_args, quiet_libraries
-from models.checkpoints import resolve_checkpoint
 from models.delta import (
     CONFIG_FILE,
     METHODS,
@@ -52,6 +51,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from models.run_folders import resolve_checkpoint
 from models.trainer import RunLog, TaskData, TrainConfig, Trainer
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli

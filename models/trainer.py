@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from dataloader.crossfit import Example
 from dataloader.metrics import score
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device
-from models.checkpoints import CHECKPOINT_SUBDIR, resolve_checkpoint
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -34,6 +33,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
 from models.seq2seq import EncodedTask, collate, encode_examples, label_set, predict, to_device, training_examples
 from utils.io import write_tsv_atomic
 

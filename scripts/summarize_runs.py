@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
-from models.checkpoints import read_result_tsv  # noqa: E402
+from models.run_folders import read_result_tsv  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
 

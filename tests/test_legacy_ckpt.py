@@ -15,10 +15,10 @@ from transformers import T5ForConditionalGeneration
 
 import tune
 from models.backbone import load_backbone
-from models.checkpoints import resolve_checkpoint
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, load_delta_state
 from models.formats import load_delta_checkpoint
 from models.legacy import read_legacy_pt
+from models.run_folders import resolve_checkpoint
 from models.trainer import TrainConfig, Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from utils.errors import UserInputError, run_cli

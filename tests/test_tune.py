@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tune
-from models.checkpoints import RESULT_COLUMNS
 from models.formats import load_delta_checkpoint
+from models.run_folders import RESULT_COLUMNS
 from tests.conftest import REPO, SUITE_DIR
 from utils.errors import run_cli
 

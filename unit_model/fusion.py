@@ -55,10 +55,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from models.checkpoints import resolve_checkpoint
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, param_group, save_delta_checkpoint
 from models.delta import WEIGHTS_FILE as DELTA_WEIGHTS_FILE
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
+from models.run_folders import resolve_checkpoint
 from task_list import MANUAL_CATEGORIES, resolve_tasks
 from utils import params as utils_params
 from utils.errors import UserInputError

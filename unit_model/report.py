@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from models.checkpoints import read_result_tsv
+from models.run_folders import read_result_tsv
 from utils.io import atomic_file, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking

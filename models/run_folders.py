@@ -1,4 +1,5 @@
-"""Finding delta checkpoints on disk: a checkpoint folder, a tune.py run folder, or a tune.py task folder."""
+"""Run folders and result.tsv: finding a checkpoint (a checkpoint folder, a tune.py run or task folder), reading
+and updating result.tsv under a file lock, and run folder names."""
 
 from __future__ import annotations
 
