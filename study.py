@@ -350,8 +350,9 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     from dataloader.metrics import metric_for_task
     from models.backbone import load_backbone, pick_device
     from models.delta import DeltaConfig, attach_delta, load_delta_state
+    from models.evaluate import evaluate
     from models.formats import load_delta_checkpoint
-    from models.seq2seq import encode_examples, evaluate
+    from models.seq2seq import encode_examples
     from utils.io import write_tsv_atomic
 
     net, tokenizer = load_backbone(p.model, None, pick_device(p.device))

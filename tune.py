@@ -47,7 +47,6 @@ from models.trainer import (
     Trainer,
     fmt_score,
     init_distributed,
-    plan_decoding,
 )
 from task_list import resolve_tasks_in
 from utils.errors import UserInputError, run_cli
@@ -220,7 +219,7 @@ def run_all(args: argparse.Namespace, inputs: SweepInputs, ddp: Distributed, dev
     trainer = Trainer(TrainConfig.from_values(args), cfg, ddp, device)
     data = {}
     for t in tasks:
-        decoding = plan_decoding(trainer.config, trainer.tokenizer, metrics[t],
+        decoding = trainer.config.plan_decoding(trainer.tokenizer, metrics[t],
                                  [ex for s in ("train", "dev") if s in raw[t] for ex in raw[t][s]])
         data[t] = TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}, decoding)
     main_rank = ddp.is_main

@@ -56,7 +56,7 @@ from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
 from models.delta import attach_delta, load_delta_state  # noqa: E402
 from models.formats import load_delta_checkpoint  # noqa: E402
 from models.run_folders import read_result_tsv, resolve_checkpoint  # noqa: E402
-from models.trainer import TrainConfig, Trainer, plan_decoding  # noqa: E402
+from models.trainer import TrainConfig, Trainer  # noqa: E402
 from task_list import resolve_tasks  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -128,7 +128,7 @@ def load_dev_sets(tasks: list[str], tokenizer) -> dict[str, dict]:
         examples = raw["train"] + raw["dev"]
         out[t] = {"encoded": seq2seq.encode_examples(tokenizer, raw["dev"], MAX_INPUT, MAX_OUTPUT),
                   "metric": metric, "labels": seq2seq.label_set(examples, metric),
-                  "decoding": plan_decoding(config, tokenizer, metric, examples)}
+                  "decoding": config.plan_decoding(tokenizer, metric, examples)}
     return out
 
 

@@ -4,7 +4,7 @@
 
 For each target t in --tasks and each source s in --source_tasks (default: --tasks) with s != t:
 
-* ``dev_zero_shot``: t's dev score (generation + t's metric, ``models.seq2seq.evaluate``) of s's module as
+* ``dev_zero_shot``: t's dev score (generation + t's metric, ``models.evaluate.evaluate``) of s's module as
   it is (``{source_ckpt_path}/{s}``, any form models.run_folders accepts);
 * ``dev_after``: the same for the module tune_all.py tuned from s on t (``{tuneall_ckpt_path}/{t}/{s}``),
   or ``-`` where there is none (not tuned yet, or no --tuneall_ckpt_path).
@@ -44,9 +44,10 @@ from get_similarity.tune_all import (
 )
 from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
 from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
+from models.evaluate import evaluate
 from models.formats import load_delta_checkpoint
 from models.run_folders import file_lock
-from models.seq2seq import encode_examples, evaluate
+from models.seq2seq import encode_examples
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
@@ -169,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.describe()} ({device}); output {output}", flush=True)
 
     def score(target: str) -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-            result, _ = evaluate(model, tokenizer, dev[target], metrics[target], args.predict_batch_size,
-                                 args.max_output_length, args.num_beams)
+        result, _ = evaluate(model, tokenizer, dev[target], metrics[target], args.predict_batch_size,
+                             args.max_output_length, args.num_beams, bf16=args.bf16)
         return result
 
     zero_shot: dict[tuple[str, str], float] = {}

@@ -54,9 +54,10 @@ from models.delta import (
     delta_state_dict,
     load_delta_state,
 )
+from models.evaluate import evaluate  # noqa: E402
 from models.formats import load_delta_checkpoint
 from models.run_folders import resolve_checkpoint  # noqa: E402
-from models.seq2seq import EncodedTask, encode_examples, evaluate, first_output_batches, to_device  # noqa: E402
+from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 

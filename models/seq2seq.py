@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example
-from dataloader.metrics import score
 
 IGNORE_INDEX = -100
 # Metrics whose gold outputs are class names: only these tasks can have a fixed label set.
@@ -231,11 +230,3 @@ def predict(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens
     if labels:
         return rank_classify(model, tokenizer, task, labels, batch_size)
     return generate(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc=desc)
-
-
-def evaluate(model, tokenizer, task: EncodedTask, metric: str, batch_size: int, max_new_tokens: int,
-             num_beams: int = 1, desc: str | None = None,
-             labels: list[str] | None = None) -> tuple[float, list[str]]:
-    """Task score of the predictions (rank classification over ``labels`` when given, else generation)."""
-    predictions = predict(model, tokenizer, task, batch_size, max_new_tokens, num_beams, desc, labels)
-    return score(metric, predictions, [list(ex.outputs) for ex in task.examples]), predictions

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example
-from dataloader.metrics import score
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device
 from models.delta import (
     DeltaConfig,
@@ -32,9 +31,10 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.evaluate import Decoding, autocast, plan_decoding, predict_split, score_predictions
 from models.formats import load_delta_checkpoint
 from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
-from models.seq2seq import EncodedTask, collate, encode_examples, label_set, predict, to_device, training_examples
+from models.seq2seq import EncodedTask, collate, encode_examples, to_device, training_examples
 from utils.io import write_tsv_atomic
 
 
@@ -72,6 +72,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_last: bool = False
 
+    def plan_decoding(self, tokenizer, metric: str, examples: list[Example]) -> Decoding:
+        """How a task with these train and dev ``examples`` is predicted under this config."""
+        return plan_decoding(tokenizer, metric, examples, self.max_output_length, self.max_new_tokens,
+                             self.num_beams, self.rank_classification)
+
     @classmethod
     def from_values(cls, values: Any) -> TrainConfig:
         """The fields of this config taken from any object with those attributes (e.g. parsed flags)."""
@@ -96,44 +101,6 @@ class RunLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
-
-
-@dataclass
-class Decoding:
-    """How a task is predicted at validation and test (see ``plan_decoding``)."""
-
-    max_new_tokens: int
-    rank_labels: list[str] | None = None  # rank classification over these labels instead of generation
-    label_budget: bool = False  # max_new_tokens is the longest label + EOS
-
-    def describe(self) -> str:
-        if self.rank_labels:
-            shown = ", ".join(self.rank_labels[:5]) + (", ..." if len(self.rank_labels) > 5 else "")
-            return f"rank classification over {len(self.rank_labels)} labels ({shown})"
-        if self.label_budget:
-            return f"generation, max_new_tokens {self.max_new_tokens} (label task: the longest label + EOS)"
-        return f"generation, max_new_tokens {self.max_new_tokens}"
-
-
-def plan_decoding(config: TrainConfig, tokenizer, metric: str, examples: list[Example]) -> Decoding:
-    """Budget and method of prediction for one task, from its label set (train and dev examples).
-
-    A label task generates at most its longest label + EOS: a row that produces a label (in the label's
-    own tokenisation) ends within that budget and keeps its prediction; a row that would go on is cut,
-    and it was not going to be a label (see models.seq2seq.generate). Beam search keeps the full budget,
-    since its choice among beams can depend on the maximum length.
-    """
-    labels = label_set(examples, metric)
-    if config.rank_classification and labels:
-        return Decoding(config.max_output_length, rank_labels=labels)
-    if config.max_new_tokens != "auto":
-        return Decoding(config.max_new_tokens)
-    if not labels or config.num_beams > 1:
-        return Decoding(config.max_output_length)
-    longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels) + 1  # + EOS
-    if longest >= config.max_output_length:
-        return Decoding(config.max_output_length)
-    return Decoding(longest, label_budget=True)
 
 
 @dataclass
@@ -219,7 +186,6 @@ class Trainer:
         self.test_state = None
         if args.test_checkpoint:
             self.test_state, _ = self.load_checkpoint(args.test_checkpoint)
-        self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -234,9 +200,6 @@ class Trainer:
     def encode(self, examples: list[Example]) -> EncodedTask:
         return encode_examples(self.tokenizer, examples, self.config.max_input_length, self.config.max_output_length)
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)
-
     def decoding(self, task: TaskData) -> Decoding:
         return task.decoding or Decoding(self.config.max_output_length)
 
@@ -246,16 +209,15 @@ class Trainer:
         a, d, world = self.config, self.decoding(task), self.ddp.world
         encoded = task.splits[split]
         mine = encoded if world == 1 else encoded.subset(range(self.ddp.rank, len(encoded.inputs), world))
-        with self.autocast():
-            predictions = predict(self.model, self.tokenizer, mine, a.predict_batch_size, d.max_new_tokens,
-                                  a.num_beams, desc=desc if self.ddp.is_main else None, labels=d.rank_labels)
+        predictions = predict_split(self.model, self.tokenizer, mine, d, a.predict_batch_size, a.num_beams,
+                                    a.bf16, desc=desc if self.ddp.is_main else None)
         if world > 1:
             shares: list[list[str] | None] = [None] * world
             dist.all_gather_object(shares, predictions)
             predictions = [""] * len(encoded.inputs)
             for rank, share in enumerate(shares):
                 predictions[rank::world] = share
-        return score(task.metric, predictions, [list(ex.outputs) for ex in encoded.examples]), predictions
+        return score_predictions(task.metric, predictions, encoded), predictions
 
     def backward_share(self, inputs: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
         """Backward on this rank's contiguous share of the global batch, then sum the gradients over ranks.
@@ -269,7 +231,7 @@ class Trainer:
         if hi > lo:
             batch = to_device(collate(inputs[lo:hi], labels[lo:hi], self.tokenizer.pad_token_id), self.device)
             weight = sum(len(y) for y in labels[lo:hi]) / sum(len(y) for y in labels)  # host ints: no sync
-            with self.autocast():
+            with autocast(self.model, self.config.bf16):
                 loss = self.model(**batch).loss * weight
             loss.backward()
         else:  # a batch smaller than the world leaves this rank without examples: it adds zero gradients
@@ -294,7 +256,7 @@ class Trainer:
         a = self.config
         if self.ddp.world == 1:
             batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
-            with self.autocast():
+            with autocast(self.model, self.config.bf16):
                 loss = self.model(**batch).loss
             loss.backward()
         else:

@@ -14,11 +14,11 @@ from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task, score
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, load_delta_state
+from models.evaluate import evaluate
 from models.formats import load_delta_checkpoint
 from models.seq2seq import (
     MAX_LABELS,
     encode_examples,
-    evaluate,
     generate,
     label_set,
     rank_classify,

@@ -23,7 +23,8 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
-from models.seq2seq import encode_examples, evaluate, generate
+from models.evaluate import evaluate
+from models.seq2seq import encode_examples, generate
 from tests.conftest import REPO, SUITE_DIR
 from utils.errors import run_cli
 

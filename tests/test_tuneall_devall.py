@@ -26,8 +26,9 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.evaluate import evaluate
 from models.formats import load_delta_checkpoint
-from models.seq2seq import encode_examples, evaluate
+from models.seq2seq import encode_examples
 from tests.conftest import REPO
 from utils.errors import run_cli
 

@@ -1,0 +1,84 @@
+"""The one evaluator: a split's predictions (generation or rank classification) and the task's metric.
+
+The trainer's validation and test, dev-all, the study's single-source scores and importance all score through
+``evaluate`` (the trainer, which shards a split across processes, through ``predict_split`` and
+``score_predictions``), so decoding and the autocast policy are the same everywhere: bf16 autocast only when
+asked for and only on CUDA; on the CPU everything runs in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dataloader.crossfit import Example
+from dataloader.metrics import score
+from models.seq2seq import EncodedTask, label_set, predict
+
+
+@dataclass
+class Decoding:
+    """How a task is predicted at validation and test (see ``plan_decoding``)."""
+
+    max_new_tokens: int
+    rank_labels: list[str] | None = None  # rank classification over these labels instead of generation
+    label_budget: bool = False  # max_new_tokens is the longest label + EOS
+
+    def describe(self) -> str:
+        if self.rank_labels:
+            shown = ", ".join(self.rank_labels[:5]) + (", ..." if len(self.rank_labels) > 5 else "")
+            return f"rank classification over {len(self.rank_labels)} labels ({shown})"
+        if self.label_budget:
+            return f"generation, max_new_tokens {self.max_new_tokens} (label task: the longest label + EOS)"
+        return f"generation, max_new_tokens {self.max_new_tokens}"
+
+
+def plan_decoding(tokenizer, metric: str, examples: list[Example], max_output_length: int,
+                  max_new_tokens: int | str = "auto", num_beams: int = 1,
+                  rank_classification: bool = False) -> Decoding:
+    """Budget and method of prediction for one task, from its label set (train and dev examples).
+
+    A label task generates at most its longest label + EOS: a row that produces a label (in the label's
+    own tokenisation) ends within that budget and keeps its prediction; a row that would go on is cut,
+    and it was not going to be a label (see models.seq2seq.generate). Beam search keeps the full budget,
+    since its choice among beams can depend on the maximum length.
+    """
+    labels = label_set(examples, metric)
+    if rank_classification and labels:
+        return Decoding(max_output_length, rank_labels=labels)
+    if max_new_tokens != "auto":
+        return Decoding(int(max_new_tokens))
+    if not labels or num_beams > 1:
+        return Decoding(max_output_length)
+    longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels) + 1  # + EOS
+    if longest >= max_output_length:
+        return Decoding(max_output_length)
+    return Decoding(longest, label_budget=True)
+
+
+def autocast(model: torch.nn.Module, bf16: bool) -> torch.autocast:
+    """The one autocast policy: bf16 when asked for and the model is on CUDA, else none."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and on_cuda)
+
+
+def predict_split(model, tokenizer, task: EncodedTask, decoding: Decoding, batch_size: int, num_beams: int = 1,
+                  bf16: bool = False, desc: str | None = None) -> list[str]:
+    with autocast(model, bf16):
+        return predict(model, tokenizer, task, batch_size, decoding.max_new_tokens, num_beams, desc=desc,
+                       labels=decoding.rank_labels)
+
+
+def score_predictions(metric: str, predictions: list[str], task: EncodedTask) -> float:
+    return score(metric, predictions, [list(ex.outputs) for ex in task.examples])
+
+
+def evaluate(model, tokenizer, task: EncodedTask, metric: str, batch_size: int, max_new_tokens: int,
+             num_beams: int = 1, desc: str | None = None, labels: list[str] | None = None,
+             bf16: bool = False) -> tuple[float, list[str]]:
+    """Task score of the predictions (rank classification over ``labels`` when given, else generation with at
+    most ``max_new_tokens`` tokens) and the predictions."""
+    predictions = predict_split(model, tokenizer, task, Decoding(max_new_tokens, rank_labels=labels), batch_size,
+                                num_beams, bf16, desc)
+    return score_predictions(metric, predictions, task), predictions
