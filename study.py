@@ -33,8 +33,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
+from models.sizes import METHOD_SIZES  # noqa: E402
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
+
+_SIZES = METHOD_SIZES["default"]
 
 # ---- parameters (each one can be overridden on the command line as --name value) -------------------
 output = "runs/study"
@@ -65,12 +68,12 @@ target_warmup = 4
 target_early_stop = 0  # 0: the whole budget, best dev validation kept
 max_input_length = 256
 max_output_length = 16
-# method sizes for the embedded default (the paper's: adapter 12, lora 10/16, prefix 120/24)
-adapter_size = 12
-lora_r = 8
-lora_alpha = 16
-prefix_length = 32
-prefix_mlp = 64
+# method sizes for the embedded default, from models/sizes.py (its "paper" profile has the paper's)
+adapter_size = _SIZES["adapter"]["adapter_size"]
+lora_r = _SIZES["lora"]["lora_r"]
+lora_alpha = _SIZES["lora"]["lora_alpha"]
+prefix_length = _SIZES["prefix"]["prefix_length"]
+prefix_mlp = _SIZES["prefix"]["prefix_mlp"]
 prefix_iters_scale = 4  # prefix tuning learns slower: its source and target budgets are this many times longer
 # fusion
 tem = 1.0

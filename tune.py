@@ -58,6 +58,7 @@ DEFAULT_TASK_DIR = SUITE_DIR
 
 def build_parser() -> argparse.ArgumentParser:
     D = TrainConfig()  # the trainer's defaults are the flags' defaults
+    S = DeltaConfig("adapter")  # and the paper's method sizes (models/sizes.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("runs and sweeps")
     run.add_argument("--do_train", action="store_true", help="train a delta module on each task")
@@ -84,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     delta = p.add_argument_group("delta module")
     delta.add_argument("--tune_method", default="adapter", help=f"one of {', '.join(METHODS)}")
     delta.add_argument("--apply_adapter", action="store_true", help="same as --tune_method adapter")
-    delta.add_argument("--adapter_type", default="houlsby", help=f"one of {', '.join(ADAPTER_TYPES)}")
-    delta.add_argument("--adapter_size", type=int, default=12, help="bottleneck width of the adapter")
-    delta.add_argument("--lora_r", type=int, default=10)
-    delta.add_argument("--lora_alpha", type=int, default=16)
-    delta.add_argument("--prefix_length", type=int, default=120)
-    delta.add_argument("--prefix_mlp", type=int, default=24, help="hidden size of the prefix's reparametrisation MLP")
+    delta.add_argument("--adapter_type", default=S.adapter_type, help=f"one of {', '.join(ADAPTER_TYPES)}")
+    delta.add_argument("--adapter_size", type=int, default=S.adapter_size, help="bottleneck width of the adapter")
+    delta.add_argument("--lora_r", type=int, default=S.lora_r)
+    delta.add_argument("--lora_alpha", type=int, default=S.lora_alpha)
+    delta.add_argument("--prefix_length", type=int, default=S.prefix_length)
+    delta.add_argument("--prefix_mlp", type=int, default=S.prefix_mlp,
+                       help="hidden size of the prefix's reparametrisation MLP")
     delta.add_argument("--quiet", action="store_true", help="silence data-processing and library warnings")
 
     paths = p.add_argument_group("paths")

@@ -39,10 +39,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from models.sizes import METHOD_SIZES
 from utils.errors import UserInputError
 from utils.io import fsync_dir, fsync_file
 
 METHODS = ("adapter", "lora", "prefix")
+PAPER_SIZES = METHOD_SIZES["paper"]
 ADAPTER_TYPES = ("houlsby", "pfeiffer")
 GRANULARITIES = ("model", "block", "layer")
 DELTA_NAME = "delta"
@@ -78,12 +80,13 @@ class DeltaConfig:
     """Which delta module to attach and its sizes (one field set per method)."""
 
     method: str
-    adapter_type: str = "houlsby"
-    adapter_size: int = 12
-    lora_r: int = 10
-    lora_alpha: int = 16
-    prefix_length: int = 120
-    prefix_mlp: int = 24
+    # The defaults are the paper's sizes (models/sizes.py), as tune.py's flags are.
+    adapter_type: str = str(PAPER_SIZES["adapter"]["adapter_type"])
+    adapter_size: int = int(PAPER_SIZES["adapter"]["adapter_size"])
+    lora_r: int = int(PAPER_SIZES["lora"]["lora_r"])
+    lora_alpha: int = int(PAPER_SIZES["lora"]["lora_alpha"])
+    prefix_length: int = int(PAPER_SIZES["prefix"]["prefix_length"])
+    prefix_mlp: int = int(PAPER_SIZES["prefix"]["prefix_mlp"])
 
     def validate(self) -> DeltaConfig:
         """Raise UserInputError for an unknown method/adapter type or a non-positive size; return self."""
