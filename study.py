@@ -216,7 +216,18 @@ def iters_of(p, delta: str, iters: int) -> int:
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
     import tune
     from get_similarity import dev_all, score, tune_all
-    from unit_model import fusion
+    from unit_model import (
+        fusion,
+        unit_model_average,
+        unit_model_cos,
+        unit_model_Euclidean,
+        unit_model_others,
+        unit_model_Performance,
+    )
+
+    fusion_mains = {"average": unit_model_average.main, "cos": unit_model_cos.main,
+                    "Euclidean": unit_model_Euclidean.main, "Performance": unit_model_Performance.main,
+                    "others": unit_model_others.main}
 
     p, root = study.p, study.root / delta
     quiet = ["--quiet"] if p.quiet else []
@@ -315,8 +326,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             script, args = "Performance", [*args, "--tuneall_ckpt_path", tuneall, "--devall_tsv", devall]
         else:
             script, args = "others", [*args, "--result_tsv", similarity / "result.tsv", "--metric", method]
-        module = __import__(f"unit_model.unit_model_{script}", fromlist=["main"])
-        call(module.main, args)
+        call(fusion_mains[script], args)
 
     study.stage(6, f"{delta}/fusion", fusion_list,
                 lambda m: [fused / m / fusion.fused_dir_name(t) for t in target_list], fuse)
