@@ -230,9 +230,7 @@ def check_args(args: argparse.Namespace) -> list[Metric]:
     if needs_ref and not args.random_tuned_ckpt_path:
         raise UserInputError(f"--random_tuned_ckpt_path is required for {', '.join(needs_ref)} (the module tuned "
                              "from random init on each target gives the reference distribution)")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--output_dir {out}: exists and is not a folder")
+    out = check_output_folder(args.output_dir)
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
     read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
@@ -319,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     for module in [*sources.values(), *references.values()]:
         check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
-    check_output_folder(args.output_dir)
     if not args.overwrite:
         check_no_earlier_rows(Path(args.output_dir) / RESULT_FILE,
                               {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics

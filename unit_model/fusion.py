@@ -62,7 +62,7 @@ from models.run_folders import resolve_checkpoint
 from task_list import MANUAL_CATEGORIES, resolve_tasks
 from utils import params as utils_params
 from utils.errors import UserInputError
-from utils.io import save_figure_atomic, write_tsv_atomic
+from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic
 
 LORA_COMBINES = ("params", "delta_w")
 DEFAULT_LORA_COMBINE = "delta_w"
@@ -688,8 +688,7 @@ PLANNERS = {
 def _check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
     """Refuse to replace what this run would write (its targets' folders, the table, the plot) unless
     ``overwrite``; other targets' folders in ``save`` (parallel jobs of one sweep) are left alone."""
-    if save.exists() and not save.is_dir():
-        raise UserInputError(f"--save_ckpt_path {save}: exists and is not a folder")
+    check_output_folder(save, "--save_ckpt_path")
     for plan in plans:
         dest = save / fused_dir_name(plan.target)
         if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / CONFIG_FILE).is_file())):
