@@ -57,15 +57,14 @@ def plan_decoding(tokenizer, metric: str, examples: list[Example], max_output_le
     return Decoding(longest, label_budget=True)
 
 
-def autocast(model: torch.nn.Module, bf16: bool) -> torch.autocast:
-    """The one autocast policy: bf16 when asked for and the model is on CUDA, else none."""
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and on_cuda)
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """The one autocast policy: bf16 when asked for and ``device`` is CUDA, else none."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 def predict_split(model, tokenizer, task: EncodedTask, decoding: Decoding, batch_size: int, num_beams: int = 1,
                   bf16: bool = False, desc: str | None = None) -> list[str]:
-    with autocast(model, bf16):
+    with autocast(next(model.parameters()).device, bf16):
         return predict(model, tokenizer, task, batch_size, decoding.max_new_tokens, num_beams, desc=desc,
                        labels=decoding.rank_labels)
 

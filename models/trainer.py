@@ -231,7 +231,7 @@ class Trainer:
         if hi > lo:
             batch = to_device(collate(inputs[lo:hi], labels[lo:hi], self.tokenizer.pad_token_id), self.device)
             weight = sum(len(y) for y in labels[lo:hi]) / sum(len(y) for y in labels)  # host ints: no sync
-            with autocast(self.model, self.config.bf16):
+            with autocast(self.device, self.config.bf16):
                 loss = self.model(**batch).loss * weight
             loss.backward()
         else:  # a batch smaller than the world leaves this rank without examples: it adds zero gradients
@@ -256,7 +256,7 @@ class Trainer:
         a = self.config
         if self.ddp.world == 1:
             batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
-            with autocast(self.model, self.config.bf16):
+            with autocast(self.device, self.config.bf16):
                 loss = self.model(**batch).loss
             loss.backward()
         else:
