@@ -37,7 +37,7 @@ def project_modules(root: Path) -> dict[str, Path]:
     modules = {}
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if SKIPPED_FOLDERS & set(rel.parts[:-1]) or rel.parts[0] in SKIPPED_FOLDERS:
+        if SKIPPED_FOLDERS & set(rel.parts[:-1]):
             continue
         modules[module_name(root, path)] = path
     return modules
@@ -56,10 +56,9 @@ def is_library(module: str) -> bool:
 
 def resolve(module: str, level: int, target: str | None, known: dict[str, Path]) -> str | None:
     """The project module an import statement names (``None`` for a third-party one)."""
-    if level:
-        base = module.split(".")[: -level] if not known[module].name == "__init__.py" else module.split(".")
-        if level > 1 and known[module].name == "__init__.py":
-            base = base[: -(level - 1)]
+    if level:  # relative: from the importing module's package, one level up per extra dot
+        package = module.split(".") if known[module].name == "__init__.py" else module.split(".")[:-1]
+        base = package[: len(package) - (level - 1)]
         target = ".".join([*base, target] if target else base)
     return target if target in known else None
 
@@ -173,6 +172,9 @@ def write(root: Path, files: dict[str, str]) -> Path:
     ({"models/__init__.py": "", "models/a.py": "from models.b import g\n", "models/b.py": "from . import c\n",
       "models/c.py": "import models.a\n"},
      {"circle: models.a -> models.b -> models.c -> models.a"}),
+    ({"models/__init__.py": "", "models/formats/__init__.py": "from ..a import f\n",
+      "models/formats/n.py": "from .. import a\n", "models/a.py": "from models.formats import n\n"},
+     {"circle: models.a -> models.formats.n -> models.a"}),
     ({"models/__init__.py": "", "models/a.py": "from models.b import _hidden, shown\n",
       "models/b.py": "", "study.py": "import models.b as mb\nx = mb._other\ny = mb.__name__\n"},
      {"private name: models.a takes _hidden from models.b", "private name: study takes _other from models.b"}),
