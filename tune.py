@@ -1,4 +1,4 @@
-"""Tune a delta module (bottleneck adapter, LoRA or prefix) of a frozen T5 on few-shot tasks.
+"""Tune a delta module (bottleneck adapter, LoRA, prefix or (IA)³) of a frozen T5 on few-shot tasks.
 
 For each task and each (learning rate, batch size) of the sweep: train only the delta parameters
 with AdamW and linear warmup/decay, validate by generation + the task's metric every
@@ -28,17 +28,13 @@ from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
 from dataloader.synthetic import SUITE_DIR
 from models.backbone import quiet_libraries
-from models.delta import (
-    ADAPTER_TYPES,
-    METHODS,
-    DeltaConfig,
-    load_delta_state,
-)
+from models.delta import METHODS, DeltaConfig, add_size_flags, load_delta_state
 from models.run_folders import (
     read_result_tsv,
     run_dir_name,
     update_result_tsv,
 )
+from models.sizes import METHOD_SIZES
 from models.trainer import (
     Distributed,
     RunLog,
@@ -58,7 +54,6 @@ DEFAULT_TASK_DIR = SUITE_DIR
 
 def build_parser() -> argparse.ArgumentParser:
     D = TrainConfig()  # the trainer's defaults are the flags' defaults
-    S = DeltaConfig("adapter")  # and the paper's method sizes (models/sizes.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("runs and sweeps")
     run.add_argument("--do_train", action="store_true", help="train a delta module on each task")
@@ -85,13 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     delta = p.add_argument_group("delta module")
     delta.add_argument("--tune_method", default="adapter", help=f"one of {', '.join(METHODS)}")
     delta.add_argument("--apply_adapter", action="store_true", help="same as --tune_method adapter")
-    delta.add_argument("--adapter_type", default=S.adapter_type, help=f"one of {', '.join(ADAPTER_TYPES)}")
-    delta.add_argument("--adapter_size", type=int, default=S.adapter_size, help="bottleneck width of the adapter")
-    delta.add_argument("--lora_r", type=int, default=S.lora_r)
-    delta.add_argument("--lora_alpha", type=int, default=S.lora_alpha)
-    delta.add_argument("--prefix_length", type=int, default=S.prefix_length)
-    delta.add_argument("--prefix_mlp", type=int, default=S.prefix_mlp,
-                       help="hidden size of the prefix's reparametrisation MLP")
+    add_size_flags(delta, METHOD_SIZES["paper"])  # the paper's sizes, as DeltaConfig's defaults
     delta.add_argument("--quiet", action="store_true", help="silence data-processing and library warnings")
 
     paths = p.add_argument_group("paths")
@@ -157,8 +146,7 @@ def check_args(args: argparse.Namespace) -> DeltaConfig:
         raise UserInputError("--learning_rate_list/--bsz_list: a value is listed twice")
     if args.do_predict and not args.do_train and not (args.test_checkpoint or args.train_checkpoint):
         raise UserInputError("--do_predict without --do_train needs --test_checkpoint (or --train_checkpoint)")
-    return DeltaConfig(args.tune_method, args.adapter_type, args.adapter_size, args.lora_r, args.lora_alpha,
-                       args.prefix_length, args.prefix_mlp).validate()
+    return DeltaConfig.from_flags(args.tune_method, vars(args))
 
 
 @dataclass

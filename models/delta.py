@@ -1,25 +1,9 @@
-"""Delta modules (bottleneck adapter, LoRA, prefix tuning) on a frozen T5, and their checkpoints.
+"""Delta modules on a frozen T5, and their checkpoints.
 
 Every module is added under the single name ``DELTA_NAME`` so that parameter names are identical
 across tasks and runs: a checkpoint trained on one task loads into a model prepared for another.
-
-Library choices (``adapters`` 1.3.0), see ``library_config``:
-
-* adapter: ``DoubleSeqBnConfig`` (Houlsby: after self-attention and after the FFN of every block) or
-  ``SeqBnConfig`` (Pfeiffer: after the FFN only), ``init_weights="mam_adapter"`` (up-projection zero, so
-  the module starts as the identity). The library sizes the bottleneck as
-  ``int(d_model // reduction_factor)``; ``d_model / size`` in floating point does not always round back
-  to ``size`` (5 // (5 / 3) == 2.0), so we pass ``d_model / (size + 0.5)``, whose floor is ``size``
-  with half a unit of margin, and check the built widths.
-* LoRA: ``LoRAConfig(r, alpha)`` on the ``q`` and ``v`` projections. For T5 the library's
-  ``selfattn_lora`` location covers both self-attention and the decoder's cross-attention
-  (``EncDecAttention``); we keep that library behaviour rather than patching modules out.
-  ``lora_B`` starts at zero, so the module starts neutral.
-* prefix: ``PrefixTuningConfig(prefix_length, bottleneck_size=prefix_mlp, flat=False)`` with prefixes
-  for encoder self-attention, decoder self-attention and decoder cross-attention. Each prefix is an
-  embedding of ``prefix_length`` rows fed through a two-layer MLP (width ``prefix_mlp``) that emits the
-  keys and values of all layers at once; the MLP weights are ordinary trainable parameters (they are
-  what we save). The prefix is not neutral at start.
+What differs between methods (library config, sizes, groups, neutral state, task vector) lives in
+``models/methods/``, one file per method; this module only asks that registry.
 """
 
 from __future__ import annotations
@@ -31,7 +15,6 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +22,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from models.methods import DELTA_NAME, GRANULARITIES, METHODS, REGISTRY, DeltaMethod, get_method, param_group
+from models.methods.adapter import ADAPTER_TYPES
 from models.sizes import METHOD_SIZES
 from utils.errors import UserInputError
 from utils.io import fsync_dir, fsync_file
 
-METHODS = ("adapter", "lora", "prefix")
+__all__ = ["ADAPTER_TYPES", "CONFIG_FILE", "DELTA_NAME", "GRANULARITIES", "METHODS", "SIZE_FLAGS", "WEIGHTS_FILE",
+    "DeltaConfig", "add_size_flags", "attach_delta", "backbone_fingerprint", "check_compatible",
+    "check_delta_shapes", "count_params", "delta_params", "delta_state_dict", "describe", "is_delta_param",
+    "library_config", "load_delta_state", "param_group", "save_delta_checkpoint"]
+
 PAPER_SIZES = METHOD_SIZES["paper"]
-ADAPTER_TYPES = ("houlsby", "pfeiffer")
-GRANULARITIES = ("model", "block", "layer")
-DELTA_NAME = "delta"
+SIZE_FLAGS = tuple(f.name for m in REGISTRY.values() for f in m.size_fields)  # every method's size names
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
@@ -63,72 +50,79 @@ REQUIRED_META_KEYS = (
     "step",
 )
 
-# Sub-module names under which `adapters` stores the weights of a named module, per method.
-_DELTA_NAME_RE = re.compile(rf"\.(?:adapters|loras|prefix_tunings)\.{DELTA_NAME}\.")
-_PREFIX_RE = re.compile(rf"\.prefix_tunings\.{DELTA_NAME}\.(\w+?)\.")
-_BLOCK_RE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.")
-# Which stack each prefix of the shared pool feeds, and its layer-granularity group (see `param_group`).
-_PREFIX_GROUPS = {
-    "encoder_prefix": ("encoder", "encoder.prefix"),
-    "self_prefix": ("decoder", "decoder.self_prefix"),
-    "cross_prefix": ("decoder", "decoder.cross_prefix"),
-}
+# Sub-module names under which `adapters` stores the weights of the named module, over every method.
+_DELTA_NAME_RE = re.compile(
+    rf"\.(?:{'|'.join(sorted({re.escape(m.storage) for m in REGISTRY.values()}))})\.{DELTA_NAME}\.")
 
 
-@dataclass
 class DeltaConfig:
-    """Which delta module to attach and its sizes (one field set per method)."""
+    """Which delta module to attach and its sizes: ``DeltaConfig("lora", lora_r=4, lora_alpha=8)``.
 
-    method: str
-    # The defaults are the paper's sizes (models/sizes.py), as tune.py's flags are.
-    adapter_type: str = str(PAPER_SIZES["adapter"]["adapter_type"])
-    adapter_size: int = int(PAPER_SIZES["adapter"]["adapter_size"])
-    lora_r: int = int(PAPER_SIZES["lora"]["lora_r"])
-    lora_alpha: int = int(PAPER_SIZES["lora"]["lora_alpha"])
-    prefix_length: int = int(PAPER_SIZES["prefix"]["prefix_length"])
-    prefix_mlp: int = int(PAPER_SIZES["prefix"]["prefix_mlp"])
+    A size left out takes the paper's value (models/sizes.py), as tune.py's flags do. Sizes read as
+    attributes (``cfg.lora_r``); ``sizes()`` gives exactly the method's fields, which two compatible
+    checkpoints share.
+    """
+
+    def __init__(self, method: str, **sizes: Any) -> None:
+        self.method = method
+        self.values: dict[str, Any] = {**PAPER_SIZES.get(method, {}), **sizes}
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} of method {self.__dict__.get('method')!r} has no {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeltaConfig) and (self.method, self.values) == (other.method, other.values)
+
+    __hash__ = None  # mutable, like a dataclass
+
+    def __repr__(self) -> str:
+        return f"DeltaConfig({self.method!r}, {', '.join(f'{k}={v!r}' for k, v in self.values.items())})"
+
+    @property
+    def spec(self) -> DeltaMethod:
+        """The registered method (models/methods/)."""
+        return get_method(self.method)
+
+    @classmethod
+    def from_flags(cls, method: str, flags: dict[str, Any]) -> DeltaConfig:
+        """The config of ``method`` with its sizes taken from ``flags`` (e.g. ``vars(args)``); others ignored."""
+        spec = get_method(method, "--tune_method")
+        return cls(method, **{f.name: flags[f.name] for f in spec.size_fields if f.name in flags}).validate()
 
     def validate(self) -> DeltaConfig:
-        """Raise UserInputError for an unknown method/adapter type or a non-positive size; return self."""
-        if self.method not in METHODS:
-            raise UserInputError(f"--method: expected one of {', '.join(METHODS)}, found {self.method!r}")
-        if self.adapter_type not in ADAPTER_TYPES:
-            raise UserInputError(
-                f"--adapter_type: expected one of {', '.join(ADAPTER_TYPES)}, found {self.adapter_type!r}"
-            )
-        for name in ("adapter_size", "lora_r", "lora_alpha", "prefix_length", "prefix_mlp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserInputError(f"--{name}: expected a positive integer, found {value!r}")
+        """Raise UserInputError for an unknown method, an unknown size or a bad value; return self."""
+        spec = self.spec
+        known = {f.name for f in spec.size_fields}
+        unknown = sorted(set(self.values) - known)
+        if unknown:
+            raise UserInputError(f"delta config: unknown keys {unknown} for method {self.method}; expected some of "
+                                 f"{sorted(known)}")
+        for field in spec.size_fields:
+            if field.name not in self.values:
+                raise UserInputError(f"delta config: method {self.method} needs --{field.name}")
+            field.check(self.values[field.name])
         return self
 
     def sizes(self) -> dict[str, Any]:
         """The fields that shape this method's module; two checkpoints are compatible iff these match."""
-        if self.method == "adapter":
-            return {"adapter_type": self.adapter_type, "adapter_size": self.adapter_size}
-        if self.method == "lora":
-            return {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}
-        if self.method == "prefix":
-            return {"prefix_length": self.prefix_length, "prefix_mlp": self.prefix_mlp}
-        raise UserInputError(f"--method: expected one of {', '.join(METHODS)}, found {self.method!r}")
+        return {f.name: self.values[f.name] for f in self.validate().spec.size_fields}
 
     def describe(self) -> str:
         """One-line summary for messages, e.g. ``method=lora lora_r=10 lora_alpha=16``."""
-        return _describe(self.method, self.sizes())
+        return describe(self.method, self.sizes())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"method": self.method, **self.values}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
         """Build and validate; unknown keys are refused so that typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserInputError(f"delta config: unknown keys {unknown}; expected some of {sorted(known)}")
         if "method" not in data:
             raise UserInputError("delta config: missing key 'method'")
-        return cls(**data).validate()
+        return cls(data["method"], **{k: v for k, v in data.items() if k != "method"}).validate()
 
     @classmethod
     def from_checkpoint_meta(cls, meta: dict[str, Any]) -> DeltaConfig:
@@ -139,7 +133,22 @@ class DeltaConfig:
         return cls.from_dict({"method": meta.get("method"), **sizes})
 
 
-def _describe(method: Any, sizes: Any) -> str:
+def add_size_flags(group: Any, defaults: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Add ``--<size>`` for every size of every registered method to an argparse group; return their names.
+
+    ``defaults`` maps method -> size -> value (a profile of models/sizes.py); None leaves every flag at None,
+    for commands that read the sizes from a file and only check the flags given.
+    """
+    for spec in REGISTRY.values():
+        for f in spec.size_fields:
+            default = None if defaults is None else defaults[spec.name][f.name]
+            extra = {"choices": f.choices} if f.choices else {}
+            group.add_argument(f"--{f.name}", type=f.kind, default=default, help=f"{spec.name}: {f.help}", **extra)
+    return list(SIZE_FLAGS)
+
+
+def describe(method: Any, sizes: Any) -> str:
+    """``method=lora lora_r=10 lora_alpha=16`` (or the raw sizes when they are not a mapping)."""
     if isinstance(sizes, dict):
         return " ".join([f"method={method}"] + [f"{k}={v}" for k, v in sizes.items()])
     return f"method={method} sizes={sizes!r}"
@@ -160,38 +169,9 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _adapter_reduction_factor(d_model: int, size: int) -> float:
-    """Reduction factor for which the library's ``int(d_model // rf)`` is exactly ``size``."""
-    rf = d_model / (size + 0.5)
-    if int(d_model // rf) != size:  # cannot happen for realistic sizes; guards the reasoning above
-        raise ValueError(f"no reduction factor gives bottleneck {size} for d_model={d_model}")
-    return rf
-
-
 def library_config(cfg: DeltaConfig, d_model: int) -> Any:
-    from adapters import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig
-
-    if cfg.method == "adapter":
-        cls = DoubleSeqBnConfig if cfg.adapter_type == "houlsby" else SeqBnConfig
-        return cls(
-            reduction_factor=_adapter_reduction_factor(d_model, cfg.adapter_size), init_weights="mam_adapter"
-        )
-    if cfg.method == "lora":
-        return LoRAConfig(
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            selfattn_lora=True,
-            intermediate_lora=False,
-            output_lora=False,
-            attn_matrices=["q", "v"],
-        )
-    return PrefixTuningConfig(
-        prefix_length=cfg.prefix_length,
-        bottleneck_size=cfg.prefix_mlp,
-        flat=False,
-        encoder_prefix=True,
-        cross_prefix=True,
-    )
+    """The AdapterHub configuration of ``cfg`` (its method's, from its sizes)."""
+    return cfg.spec.library_config(cfg.sizes(), d_model)
 
 
 def is_delta_param(name: str) -> bool:
@@ -225,11 +205,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
         mixin_logger.setLevel(level)
     model.train(was_training)
 
-    if cfg.method == "adapter":
-        suffix = f".{DELTA_NAME}.adapter_down.0"
-        widths = {m.out_features for n, m in model.named_modules() if n.endswith(suffix)}
-        if widths != {cfg.adapter_size}:
-            raise RuntimeError(f"adapter widths {sorted(widths)} != --adapter_size {cfg.adapter_size}")
+    cfg.spec.check_built(model, cfg.sizes())
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     delta = sorted(n for n, _ in model.named_parameters() if is_delta_param(n))
     if not trainable or trainable != delta:
@@ -281,37 +257,6 @@ def load_delta_state(model: nn.Module, tensors: dict[str, torch.Tensor], source:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-
-
-# --------------------------------------------------------------------------------------------------
-# Parameter groups
-
-
-def param_group(name: str, granularity: str) -> str:
-    """Group of a delta parameter at ``model``, ``block`` (encoder/decoder) or ``layer`` granularity.
-
-    Bottleneck and LoRA weights live inside ``{encoder,decoder}.block.<i>`` and group per layer as
-    ``encoder.3`` / ``decoder.0``. Prefix-tuning weights live in one pool shared by all layers (their
-    name is the first path that reaches it, ``encoder.block.0...prefix_tunings.delta.<kind>...``, which
-    says nothing about the layer). Each prefix's MLP emits the keys/values of all layers of one stack at
-    once, so it cannot be split per layer: its block is the stack it feeds (``encoder_prefix`` ->
-    encoder; ``self_prefix``/``cross_prefix`` -> decoder) and its layer group is the prefix itself
-    (``encoder.prefix``, ``decoder.self_prefix``, ``decoder.cross_prefix``).
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {', '.join(GRANULARITIES)}, found {granularity!r}")
-    if granularity == "model":
-        return "model"
-    prefix = _PREFIX_RE.search(name)
-    if prefix is not None:
-        if prefix.group(1) not in _PREFIX_GROUPS:
-            raise ValueError(f"unknown prefix kind {prefix.group(1)!r} in parameter {name!r}")
-        block, layer = _PREFIX_GROUPS[prefix.group(1)]
-        return block if granularity == "block" else layer
-    m = _BLOCK_RE.search(name)
-    if m is None:
-        raise ValueError(f"parameter {name!r} is not inside an encoder/decoder block")
-    return m.group(1) if granularity == "block" else f"{m.group(1)}.{int(m.group(2))}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +342,7 @@ def check_compatible(
     meta: dict[str, Any], cfg: DeltaConfig, fingerprint: dict[str, int], source: str
 ) -> None:
     """Refuse a checkpoint whose method, sizes or backbone differ from this run's."""
-    made = _describe(meta.get("method"), meta.get("sizes"))
+    made = describe(meta.get("method"), meta.get("sizes"))
     if meta.get("method") != cfg.method or meta.get("sizes") != cfg.sizes():
         raise UserInputError(f"checkpoint {source} was made with {made}; this run uses {cfg.describe()}")
     theirs = meta.get("backbone_fingerprint")

@@ -56,9 +56,11 @@ from models.delta import (
     DELTA_NAME,
     FORMAT_VERSION,
     METHODS,
+    REGISTRY,
     DeltaConfig,
     library_config,
 )
+from models.methods import method_of
 from utils.errors import UserInputError, first_line
 from utils.io import read_json_object
 
@@ -75,17 +77,13 @@ NOT_DELTA_SECTIONS = {"model": "a whole fine-tuned model", "prompt": "a prompt-t
                       "fastfood": "an intrinsic-dimension model"}
 # Flags of the original trainer (and of tune.py) that size each method; prefix_num / prefix_r were older names.
 ARG_ALIASES = {"prefix_num": "prefix_length", "prefix_r": "prefix_mlp"}
-SIZE_FIELDS = {"adapter": ("adapter_type", "adapter_size"), "lora": ("lora_r", "lora_alpha"),
-               "prefix": ("prefix_length", "prefix_mlp")}
 # Library config fields that do not change what a trained module computes (initialisation, training-time
 # dropout, storage dtype). reduction_factor is checked through the weight shapes instead: the library floors
 # d_model / factor, so different factors give the same width.
 HUB_IGNORED_FIELDS = {"reduction_factor", "init_weights", "init_weights_seed", "dropout", "stochastic_depth", "dtype"}
 
-_HUB_NAME_RE = re.compile(r"\.(adapters|loras|prefix_tunings)\.([^.]+)\.")
-_HUB_KIND = {"adapters": "adapter", "loras": "lora", "prefix_tunings": "prefix"}
-# Where T5's named_parameters() lists the shared prefix pool: the first path that reaches it (see delta.py).
-_PREFIX_HOME = "encoder.block.0.layer.0.SelfAttention.prefix_tuning.pool.prefix_tunings"
+_STORAGES = "|".join(sorted({re.escape(m.storage) for m in REGISTRY.values()}))
+_HUB_NAME_RE = re.compile(rf"\.({_STORAGES})\.([^.]+)\.")
 _ORIG_ADAPTER_RE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.adapter\.adapter_([AB])(\.weight)?$")
 _ORIG_LORA_RE = re.compile(
     r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(SelfAttention|EncDecAttention)\.([qv])\.lora_([AB])$")
@@ -256,32 +254,30 @@ def apply_key_map(tensors: dict[str, torch.Tensor], rules: list[tuple[re.Pattern
 
 def _hub_renamed(tensors: dict[str, torch.Tensor], source: str) -> Translated:
     """This project's or AdapterHub's names under any module name -> the ``delta`` module's names."""
-    kinds = {_HUB_KIND[m.group(1)] for m in map(_HUB_NAME_RE.search, tensors) if m}
     names = sorted({m.group(2) for m in map(_HUB_NAME_RE.search, tensors) if m})
-    if len(kinds) != 1:
-        raise UserInputError(f"{source}: holds parameters of several delta methods ({', '.join(sorted(kinds))}); "
-                             "this project loads one")
     if len(names) != 1:
         raise UserInputError(f"{source}: holds several modules ({', '.join(names)}); this project loads one")
-    method, name = kinds.pop(), names[0]
+    name = names[0]
     out: dict[str, torch.Tensor] = {}
-    if method != "prefix":
-        for k, v in tensors.items():
-            m = _HUB_NAME_RE.search(k)
-            out[f"{k[:m.start()]}.{m.group(1)}.{DELTA_NAME}.{k[m.end():]}"] = v
-        return Translated(method, out, "project")
-    # The prefix pool is shared by every attention layer, so a full state dict lists each tensor under many
-    # paths; keep one under the name this project uses, after checking the aliases agree.
-    marker = f"prefix_tunings.{name}."
+    for k, v in tensors.items():
+        m = _HUB_NAME_RE.search(k)
+        out[f"{k[:m.start()]}.{m.group(1)}.{DELTA_NAME}.{k[m.end():]}"] = v
+    spec = method_of(out, source)
+    if spec.pool_home is None:
+        return Translated(spec.name, out, "project")
+    # A pool shared by every layer is listed under many paths in a full state dict; keep one under the name
+    # this project uses, after checking the aliases agree.
+    out = {}
+    marker = f"{spec.storage}.{name}."
     for k, v in tensors.items():
         suffix = k.split(marker, 1)[1]
-        canonical = f"{_PREFIX_HOME}.{DELTA_NAME}.{suffix}"
+        canonical = f"{spec.pool_home}.{DELTA_NAME}.{suffix}"
         if canonical in out:
             if out[canonical].shape != v.shape or not torch.equal(out[canonical], v):
-                raise UserInputError(f"{source}: two copies of prefix parameter {suffix!r} differ")
+                raise UserInputError(f"{source}: two copies of {spec.name} parameter {suffix!r} differ")
             continue
         out[canonical] = v
-    return Translated(method, out, "project")
+    return Translated(spec.name, out, "project")
 
 
 def _original_lora(tensors: dict[str, torch.Tensor], d_model: int, source: str) -> dict[str, torch.Tensor]:
@@ -389,24 +385,9 @@ def translate_names(tensors: dict[str, torch.Tensor], d_model: int, source: str,
 # Sizes
 
 
-def _one_size(tensors: dict[str, torch.Tensor], suffix: str, dim: int, what: str, source: str) -> int:
-    sizes = {int(v.shape[dim]) for k, v in tensors.items() if k.endswith(suffix) and v.dim() > dim}
-    if len(sizes) != 1:
-        found = f"several ({sorted(sizes)})" if sizes else "none"
-        raise UserInputError(f"{source}: expected one {what} across its *{suffix} tensors, found {found}")
-    return sizes.pop()
-
-
 def sizes_from_tensors(method: str, tensors: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     """The sizes that the tensor shapes determine (LoRA's alpha is not among them)."""
-    if method == "adapter":
-        houlsby = any(re.search(rf"\.layer\.0\.adapters\.{DELTA_NAME}\.", k) for k in tensors)
-        return {"adapter_type": "houlsby" if houlsby else "pfeiffer",
-                "adapter_size": _one_size(tensors, ".adapter_down.0.weight", 0, "adapter size", source)}
-    if method == "lora":
-        return {"lora_r": _one_size(tensors, ".lora_A", 0, "LoRA rank", source)}
-    return {"prefix_length": _one_size(tensors, ".wte.weight", 0, "prefix length", source),
-            "prefix_mlp": _one_size(tensors, ".control_trans.0.weight", 0, "prefix MLP size", source)}
+    return REGISTRY[method].sizes_from_shapes({k: tuple(v.shape) for k, v in tensors.items()}, source)
 
 
 def resolve_config(method: str, inferred: dict[str, Any], given: dict[str, Any], recorded: dict[str, Any],
@@ -425,7 +406,7 @@ def resolve_config(method: str, inferred: dict[str, Any], given: dict[str, Any],
         raise UserInputError(f"{source}: its saved args say tune_method {saved['tune_method']} but it holds a "
                              f"{method} module")
     sizes = dict(inferred)
-    for name in SIZE_FIELDS[method]:
+    for name in (f.name for f in REGISTRY[method].size_fields):
         flag = given.get(name)
         if name in inferred:
             if flag is not None and flag != inferred[name]:
@@ -478,18 +459,8 @@ def _hub_config_mismatch(cfg: DeltaConfig, theirs: dict[str, Any], d_model: int)
 
 def _hub_fingerprint(method: str, tensors: dict[str, torch.Tensor], d_model: int) -> dict[str, int]:
     """What the folder tells about its backbone: d_model and the layer counts (not the vocabulary)."""
-    fp = {"d_model": d_model}
-    if method == "prefix":
-        for kind, key in (("encoder_prefix", "num_layers"), ("self_prefix", "num_decoder_layers")):
-            w = tensors.get(f"{_PREFIX_HOME}.{DELTA_NAME}.{kind}.control_trans.2.weight")
-            if w is not None:
-                fp[key] = int(w.shape[0]) // (2 * d_model)
-        return fp
-    for stack, key in (("encoder", "num_layers"), ("decoder", "num_decoder_layers")):
-        blocks = [int(m.group(2)) for m in map(_BLOCK_RE.match, tensors) if m and m.group(1) == stack]
-        if blocks:
-            fp[key] = max(blocks) + 1
-    return fp
+    return {"d_model": d_model, **REGISTRY[method].layer_counts({k: tuple(v.shape) for k, v in tensors.items()},
+                                                                  d_model)}
 
 
 def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -538,13 +509,13 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     translated = _hub_renamed(raw, str(weights))
     method = translated.method
     architecture = theirs.get("architecture")
-    expected = {"adapter": (None, "bottleneck"), "lora": ("lora",), "prefix": ("prefix_tuning",)}[method]
-    if architecture not in expected:
+    spec = REGISTRY[method]
+    if architecture not in spec.hub_architectures:
         raise UserInputError(f"{cfg_file}: architecture {architecture!r} does not match its {method} weights")
     sizes = sizes_from_tensors(method, translated.tensors, str(weights))
     if method == "adapter" and not theirs.get("mh_adapter") and sizes["adapter_type"] == "houlsby":
         raise UserInputError(f"{cfg_file}: mh_adapter is off but the weights have adapters after self-attention")
-    extra_sizes = {"lora": {"lora_alpha": theirs.get("alpha")}}.get(method, {})
+    extra_sizes = {f.name: theirs.get(f.hub_key) for f in spec.size_fields if f.hub_key}
     cfg = resolve_config(method, sizes, {}, extra_sizes, str(cfg_file))
     mismatch = _hub_config_mismatch(cfg, theirs, hidden)
     if mismatch:

@@ -3,7 +3,6 @@ and updating result.tsv under a file lock, and run folder names."""
 
 from __future__ import annotations
 
-import csv
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from pathlib import Path
 from models.delta import CONFIG_FILE
 from models.formats import checkpoint_format
 from utils.errors import UserInputError
-from utils.io import read_table, write_tsv_atomic
+from utils.io import read_table, read_tsv, write_tsv_atomic
 
 RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "dev", "test", "best_step"]
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -25,18 +24,8 @@ def run_dir_name(lr: float, bsz: int) -> str:
 def read_result_tsv(path: Path) -> list[dict[str, str]]:
     """Rows of a tune.py ``result.tsv``; missing columns, a cut-off row or a non-numeric lr, bsz or dev
     score are a UserInputError naming the file and line (checkpoint lookup does arithmetic on them)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserInputError(f"{path}:1: missing columns {missing}; expected {RESULT_COLUMNS}")
-            numbered = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError:
-        raise UserInputError(f"{path}: expected UTF-8 text") from None
+    numbered = read_tsv(path, RESULT_COLUMNS)
     for lineno, row in numbered:
-        if None in row.values() or None in row:
-            raise UserInputError(f"{path}:{lineno}: expected {len(reader.fieldnames)} tab-separated fields")
         for column, kind in (("lr", float), ("bsz", int), ("dev", float)):
             if row[column] != "-":
                 try:

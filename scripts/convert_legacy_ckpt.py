@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries  # noqa: E402
-from models.delta import ADAPTER_TYPES, METHODS  # noqa: E402
+from models.delta import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
 from models.legacy import convert_to_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -44,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = p.add_argument_group("method and sizes (default: read from the file; given ones must agree)")
     sizes.add_argument("--tune_method", choices=METHODS, default=None,
                        help="also picks the module of a file that holds several")
-    sizes.add_argument("--adapter_type", choices=ADAPTER_TYPES, default=None)
-    sizes.add_argument("--adapter_size", type=int, default=None)
-    sizes.add_argument("--lora_r", type=int, default=None)
-    sizes.add_argument("--lora_alpha", type=int, default=None, help="needed when the file has no saved args")
-    sizes.add_argument("--prefix_length", type=int, default=None)
-    sizes.add_argument("--prefix_mlp", type=int, default=None)
+    add_size_flags(sizes)  # LoRA's --lora_alpha is needed when the file has no saved args
     p.add_argument("--key_map", nargs=2, action="append", metavar=("REGEX", "REPLACEMENT"), default=None,
                    help="rename tensors before recognising them (repeatable, applied in order)")
     p.add_argument("--drop_cross_adapters", action="store_true",
@@ -64,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
         quiet_libraries()
-    given = {k: getattr(args, k) for k in ("tune_method", "adapter_type", "adapter_size", "lora_r", "lora_alpha",
-                                           "prefix_length", "prefix_mlp")}
+    given = {k: getattr(args, k) for k in ("tune_method", *SIZE_FLAGS)}
     done = convert_to_checkpoint(args.source, args.output, model=args.model, tokenizer_path=args.tokenizer_path,
                                  given=given, key_map=args.key_map, drop_cross_adapters=args.drop_cross_adapters,
                                  task=args.task, overwrite=args.overwrite)

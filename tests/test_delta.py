@@ -16,7 +16,6 @@ from models.backbone import backbone_name, load_backbone
 from models.delta import (
     DELTA_NAME,
     DeltaConfig,
-    _adapter_reduction_factor,
     attach_delta,
     backbone_fingerprint,
     check_compatible,
@@ -26,6 +25,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from models.methods.adapter import reduction_factor
 from utils.errors import UserInputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_reduction_factor_exact_for_all_widths() -> None:
     # d_model / size alone fails e.g. for 5 // (5 / 3) == 2.0; the half-unit margin must always hit.
     for d in range(1, 1025, 7):
         for size in range(1, 2 * d + 1):
-            assert int(d // _adapter_reduction_factor(d, size)) == size
+            assert int(d // reduction_factor(d, size)) == size
 
 
 @pytest.mark.parametrize("name", ["houlsby", "pfeiffer", "lora"])

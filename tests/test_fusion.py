@@ -24,12 +24,14 @@ from models.delta import (
 )
 from models.formats import load_delta_checkpoint
 from unit_model import (
-    fusion,
+    merging,
+    sources,
     unit_model_average,
     unit_model_cos,
     unit_model_Euclidean,
     unit_model_others,
     unit_model_Performance,
+    weightings,
 )
 from utils.errors import UserInputError, run_cli
 
@@ -47,38 +49,38 @@ LORA = DeltaConfig("lora", lora_r=4, lora_alpha=8)
 
 def test_softmax_direction_and_exact_formula() -> None:
     scores = {"a": 1.0, "b": 3.0, "c": 2.0}
-    low = fusion.softmax_weights(scores, "lower", 2.0)
+    low = weightings.softmax_weights(scores, "lower", 2.0)
     z = math.exp(-0.5) + math.exp(-1.5) + math.exp(-1.0)
     assert low == pytest.approx({"a": math.exp(-0.5) / z, "b": math.exp(-1.5) / z, "c": math.exp(-1.0) / z})
     assert max(low, key=low.get) == "a"  # lower score = more similar
-    high = fusion.softmax_weights(scores, "higher", 2.0)
+    high = weightings.softmax_weights(scores, "higher", 2.0)
     assert max(high, key=high.get) == "b"
     assert high["a"] == pytest.approx(low["b"])  # negating the scores mirrors the weights
     assert math.fsum(low.values()) == pytest.approx(1.0) and math.fsum(high.values()) == pytest.approx(1.0)
 
 
 def test_softmax_large_temperature_is_uniform_and_huge_scores_do_not_overflow() -> None:
-    w = fusion.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
+    w = weightings.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
     assert w == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
-    w = fusion.softmax_weights({"a": 1e6, "b": 1e6 - 1}, "higher", 1.0)
+    w = weightings.softmax_weights({"a": 1e6, "b": 1e6 - 1}, "higher", 1.0)
     assert w["a"] == pytest.approx(1 / (1 + math.exp(-1)))
 
 
 @pytest.mark.parametrize("tem", [0.0, -1.0, float("nan"), float("inf")])
 def test_softmax_refuses_bad_temperature(tem: float) -> None:
     with pytest.raises(UserInputError, match="--tem"):
-        fusion.softmax_weights({"a": 1.0}, "lower", tem)
+        weightings.softmax_weights({"a": 1.0}, "lower", tem)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_softmax_refuses_non_finite_score_naming_the_pair(bad: float) -> None:
     with pytest.raises(UserInputError, match=r"target=t1, source=s2"):
-        fusion.softmax_weights({"s1": 1.0, "s2": bad}, "higher", 1.0, target="t1")
+        weightings.softmax_weights({"s1": 1.0, "s2": bad}, "higher", 1.0, target="t1")
 
 
 def test_group_softmax_gives_each_group_its_own_weights() -> None:
     scores = {"a": {"encoder.0": 0.0, "decoder.0": 1.0}, "b": {"encoder.0": 1.0, "decoder.0": 0.0}}
-    w = fusion.group_softmax_weights(scores, "higher", 1.0, "t")
+    w = weightings.group_softmax_weights(scores, "higher", 1.0, "t")
     e = math.exp(1) / (1 + math.exp(1))
     assert w["a"] == pytest.approx({"encoder.0": 1 - e, "decoder.0": e})
     assert w["b"] == pytest.approx({"encoder.0": e, "decoder.0": 1 - e})
@@ -86,22 +88,22 @@ def test_group_softmax_gives_each_group_its_own_weights() -> None:
 
 def test_leave_one_out_and_categories_never_include_the_target() -> None:
     for t in TASKS:
-        assert t not in fusion.leave_one_out(t, TASKS)
-        assert fusion.leave_one_out(t, TASKS) == [s for s in TASKS if s != t]
-        assert fusion.category_sources(t, TASKS) == [FRIEND[t]]
-    assert fusion.category_sources("sent_review", TASKS, "topic") == ["topic_news", "topic_places"]
+        assert t not in sources.leave_one_out(t, TASKS)
+        assert sources.leave_one_out(t, TASKS) == [s for s in TASKS if s != t]
+        assert sources.category_sources(t, TASKS) == [FRIEND[t]]
+    assert sources.category_sources("sent_review", TASKS, "topic") == ["topic_news", "topic_places"]
     with pytest.raises(UserInputError, match="no source"):
-        fusion.leave_one_out("sent_review", ["sent_review"])
+        sources.leave_one_out("sent_review", ["sent_review"])
     with pytest.raises(UserInputError, match="category"):
-        fusion.category_sources("sent_review", ["sent_review", "topic_news"])
+        sources.category_sources("sent_review", ["sent_review", "topic_news"])
 
 
 def test_metric_directions() -> None:
-    assert fusion.metric_direction("LogitsCos") == "higher"
+    assert weightings.metric_direction("LogitsCos") == "higher"
     for name in ("Loss", "KL", "EL2N", "GraNd"):
-        assert fusion.metric_direction(name) == "lower"
+        assert weightings.metric_direction(name) == "lower"
     with pytest.raises(UserInputError, match="--metric"):
-        fusion.metric_direction("NoSuchMetric")
+        weightings.metric_direction("NoSuchMetric")
 
 
 def test_cosine_and_distance_by_group_hand_computed() -> None:
@@ -112,12 +114,12 @@ def test_cosine_and_distance_by_group_hand_computed() -> None:
     b = {enc + "lora_A": torch.tensor([[1.0, 0.0]]), enc + "lora_B": torch.tensor([[0.0], [1.0]]),
          dec + "lora_A": torch.tensor([[0.0, 0.0]])}
     # flat: a=(1,0,2,0,3,4), b=(1,0,0,1,0,0): dot 1, |a|=sqrt(30), |b|=sqrt(2)
-    assert fusion.cosine_by_group(a, b, "model", "flat") == pytest.approx({"model": 1 / math.sqrt(60)})
+    assert weightings.cosine_by_group(a, b, "model", "flat") == pytest.approx({"model": 1 / math.sqrt(60)})
     # per tensor: cos 1, 0 and 0 (zero vector) -> mean 1/3
-    assert fusion.cosine_by_group(a, b, "model", "per_tensor") == pytest.approx({"model": 1 / 3})
-    assert fusion.cosine_by_group(a, b, "layer", "flat") == pytest.approx({"encoder.0": 1 / math.sqrt(10),
+    assert weightings.cosine_by_group(a, b, "model", "per_tensor") == pytest.approx({"model": 1 / 3})
+    assert weightings.cosine_by_group(a, b, "layer", "flat") == pytest.approx({"encoder.0": 1 / math.sqrt(10),
                                                                            "decoder.1": 0.0})
-    assert fusion.distance_by_group(a, b, "block") == pytest.approx({"encoder": math.sqrt(5), "decoder": 5.0})
+    assert weightings.distance_by_group(a, b, "block") == pytest.approx({"encoder": math.sqrt(5), "decoder": 5.0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def test_fuse_is_the_exact_weighted_sum() -> None:
     s1 = {ka: torch.tensor([[1.0, 2.0]]), kb: torch.tensor([[4.0], [8.0]])}
     s2 = {ka: torch.tensor([[3.0, -2.0]]), kb: torch.tensor([[0.0], [16.0]])}
     s3 = {ka: torch.tensor([[-1.0, 6.0]]), kb: torch.tensor([[4.0], [4.0]])}
-    fused, info = fusion.fuse([s1, s2, s3], [0.5, 0.25, 0.25], lora_combine="params")
+    fused, info = merging.fuse([s1, s2, s3], [0.5, 0.25, 0.25], lora_combine="params")
     assert torch.equal(fused[ka], torch.tensor([[1.0, 2.0]]))  # 0.5+0.75-0.25, 1-0.5+1.5
     assert torch.equal(fused[kb], torch.tensor([[3.0], [9.0]]))  # 2+0+1, 4+4+1
     assert fused[ka].dtype == torch.float32 and info == {}
@@ -145,11 +147,11 @@ def test_fuse_per_layer_weights_average_each_layer_with_its_own_weights() -> Non
     s1 = {ea: torch.ones(1, 2), eb: torch.ones(2, 1), da: torch.ones(1, 2), db: torch.ones(2, 1)}
     s2 = {k: torch.zeros_like(v) for k, v in s1.items()}
     w = [{"encoder.0": 0.75, "decoder.1": 0.125}, {"encoder.0": 0.25, "decoder.1": 0.875}]
-    fused, _ = fusion.fuse([s1, s2], w, granularity="layer", lora_combine="params")
+    fused, _ = merging.fuse([s1, s2], w, granularity="layer", lora_combine="params")
     assert torch.equal(fused[ea], torch.full((1, 2), 0.75)) and torch.equal(fused[eb], torch.full((2, 1), 0.75))
     assert torch.equal(fused[da], torch.full((1, 2), 0.125)) and torch.equal(fused[db], torch.full((2, 1), 0.125))
     with pytest.raises(UserInputError, match="decoder.1"):
-        fusion.fuse([s1, s2], [{"encoder.0": 1.0}, {"encoder.0": 0.0}], granularity="layer")
+        merging.fuse([s1, s2], [{"encoder.0": 1.0}, {"encoder.0": 0.0}], granularity="layer")
 
 
 def random_lora(seed: int, r: int = 3, d_out: int = 6, d_in: int = 5, shared_a: torch.Tensor | None = None):
@@ -165,7 +167,7 @@ def test_delta_w_is_the_best_rank_r_approximation_of_the_weighted_sum() -> None:
     total = sum(wi * (s[kb].double() @ s[ka].double()) * scaling for wi, s in zip(w, sources))
     u, sv, vh = torch.linalg.svd(total)
     best = u[:, :3] @ torch.diag(sv[:3]) @ vh[:3]  # Eckart-Young: the best rank-3 approximation
-    fused, info = fusion.fuse(sources, w, lora_combine="delta_w", lora_scaling=scaling)
+    fused, info = merging.fuse(sources, w, lora_combine="delta_w", lora_scaling=scaling)
     assert fused[ka].shape == (3, 5) and fused[kb].shape == (6, 3)
     product = fused[kb].double() @ fused[ka].double() * scaling
     torch.testing.assert_close(product, best, rtol=1e-5, atol=1e-5)
@@ -175,7 +177,7 @@ def test_delta_w_is_the_best_rank_r_approximation_of_the_weighted_sum() -> None:
     # singular values split symmetrically: both factors carry sqrt(S / scaling)
     torch.testing.assert_close(torch.linalg.norm(fused[kb].double(), dim=0),
                                torch.linalg.norm(fused[ka].double(), dim=1), rtol=1e-5, atol=1e-6)
-    params, _ = fusion.fuse(sources, w, lora_combine="params")
+    params, _ = merging.fuse(sources, w, lora_combine="params")
     assert not torch.allclose(params[kb].double() @ params[ka].double() * scaling, best, atol=1e-2)
 
 
@@ -184,7 +186,7 @@ def test_delta_w_is_exact_when_the_sum_has_rank_at_most_r() -> None:
     shared = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
     sources, w = [random_lora(s, shared_a=shared) for s in range(4)], [0.1, 0.2, 0.3, 0.4]
     total = sum(wi * (s[kb].double() @ s[ka].double()) for wi, s in zip(w, sources))  # (Σ w B) A: rank <= 3
-    fused, info = fusion.fuse(sources, w, lora_combine="delta_w", lora_scaling=2.0)
+    fused, info = merging.fuse(sources, w, lora_combine="delta_w", lora_scaling=2.0)
     torch.testing.assert_close(fused[kb].double() @ fused[ka].double() * 2.0, total * 2.0, rtol=1e-5, atol=1e-5)
     assert info["lora_truncation_error"] < 1e-6
 
@@ -202,20 +204,20 @@ def test_fuse_streams_one_source_at_a_time() -> None:
             live[0] -= 1
 
     loaders = [lambda seed=seed: Tracked(random_lora(seed)) for seed in range(12)]
-    for combine in fusion.LORA_COMBINES:
+    for combine in merging.LORA_COMBINES:
         peak[0] = 0
-        fusion.fuse(loaders, [1 / 12] * 12, lora_combine=combine)  # delta_w: a second pass, pair by pair
+        merging.fuse(loaders, [1 / 12] * 12, lora_combine=combine)  # delta_w: a second pass, pair by pair
         assert peak[0] <= 2, f"{combine}: {peak[0]} source modules alive at once"
         assert live[0] == 0
     with pytest.raises(TypeError, match="twice"):
-        fusion.fuse(iter(loaders), [1 / 12] * 12, lora_combine="delta_w")
+        merging.fuse(iter(loaders), [1 / 12] * 12, lora_combine="delta_w")
 
 
 def test_fuse_refuses_mismatched_or_missing_sources() -> None:
     with pytest.raises(UserInputError, match="shapes differ"):
-        fusion.fuse([random_lora(0), random_lora(1, r=2)], [0.5, 0.5])
+        merging.fuse([random_lora(0), random_lora(1, r=2)], [0.5, 0.5])
     with pytest.raises(UserInputError, match="empty"):
-        fusion.fuse([], [])
+        merging.fuse([], [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,21 +252,21 @@ def world(tmp_path: Path, tiny_backbone_dir: Path, lora_model) -> dict:
         # the target's few-shot module points the way of its friend
         save(tmp_path / "random_tuned" / t, perturbed(theta[FRIEND[t]], 100 + TASKS.index(t), 0.01),
              tiny_backbone_dir, lora_model, task=t)
-        for j, s in enumerate(fusion.leave_one_out(t, TASKS)):
+        for j, s in enumerate(sources.leave_one_out(t, TASKS)):
             # the friend hardly moves when tuned on the target
             moved = perturbed(theta[s], 200 + 10 * TASKS.index(t) + j, 0.01 if s == FRIEND[t] else 0.3)
             save(tmp_path / "tuneall" / t / s, moved, tiny_backbone_dir, lora_model, task=t)
     with open(tmp_path / "devall.tsv", "w") as f:
         f.write("target\tsource\tdev_zero_shot\tdev_after\n")
         for t in TASKS:
-            for s in fusion.leave_one_out(t, TASKS):
+            for s in sources.leave_one_out(t, TASKS):
                 f.write(f"{t}\t{s}\t0.2\t{0.9 if s == FRIEND[t] else 0.4}\n")
             f.write(f"{t}\t{t}\t0.2\t-\n")  # no tuned module of a task on itself: never read
     groups = sorted({param_group(k, "layer") for k in base})
     with open(tmp_path / "similarity.tsv", "w") as f:
         f.write("target\tsource\tmetric\tgroup\tscore\n")
         for t in TASKS:
-            for s in fusion.leave_one_out(t, TASKS):
+            for s in sources.leave_one_out(t, TASKS):
                 near = s == FRIEND[t]
                 f.write(f"{t}\t{s}\tLoss\tmodel\t{0.5 if near else 2.0}\n")
                 f.write(f"{t}\t{s}\tLogitsCos\tmodel\t{0.9 if near else 0.1}\n")
@@ -380,8 +382,8 @@ def test_cos_gives_the_friend_the_largest_weight(world: dict, granularity: str) 
     if granularity == "model":  # the weight is the softmax of the stored cosines
         t = TASKS[0]
         target, _ = load_delta_checkpoint(root / "random_tuned" / t)
-        cos = {s: fusion.cosine_by_group(target, world["theta"][s])["model"] for s in TASKS if s != t}
-        assert weights_of(rows, t) == pytest.approx(fusion.softmax_weights(cos, "higher", 0.1), rel=1e-6)
+        cos = {s: weightings.cosine_by_group(target, world["theta"][s])["model"] for s in TASKS if s != t}
+        assert weights_of(rows, t) == pytest.approx(weightings.softmax_weights(cos, "higher", 0.1), rel=1e-6)
 
 
 def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> None:

@@ -55,6 +55,8 @@ def test_bash_sweeps_read_the_table(method: str) -> None:
     assert {k: flags[k] for k in sizes("default", method)} == {k: str(v) for k, v in sizes("default", method).items()}
     paper = dry_run_flags(f"{method}.sh", PAPER="1")
     assert {k: paper[k] for k in sizes("paper", method)} == {k: str(v) for k, v in sizes("paper", method).items()}
+    if not sizes("default", method):
+        return  # (IA)³ has no sizes to override
     first = next(iter(sizes("default", method)))
     override = "pfeiffer" if first == "adapter_type" else "3"
     assert dry_run_flags(f"{method}.sh", **{first.upper(): override})[first] == override  # the environment wins

@@ -16,7 +16,6 @@ from its own family (manual category).
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 from collections import defaultdict
@@ -26,14 +25,13 @@ import numpy as np
 from scipy.stats import rankdata
 
 from models.run_folders import read_result_tsv
-from utils.io import atomic_file, save_figure_atomic, write_text_atomic, write_tsv_atomic
+from utils.io import atomic_file, read_tsv, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
 
 
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
+    return [row for _, row in read_tsv(path, columns)]
 
 
 def test_scores(run_root: Path) -> dict[str, float]:
@@ -48,13 +46,13 @@ def test_scores(run_root: Path) -> dict[str, float]:
 
 def curve(run_root: Path, task: str) -> list[tuple[int, float]]:
     runs = sorted((run_root / task).glob("lr_*_bsz_*/curve.tsv"))
-    return [(int(r["step"]), float(r["dev"])) for r in read_tsv(runs[0])] if runs else []
+    return [(int(r["step"]), float(r["dev"])) for r in read_rows(runs[0], ["step", "dev"])] if runs else []
 
 
 def fusion_weights(path: Path) -> dict[str, dict[str, float]]:
     """target -> source -> weight (the mean over groups when weights are per group)."""
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in read_tsv(path):
+    for row in read_rows(path, ["target", "source", "weight"]):
         sums[row["target"]][row["source"]].append(float(row["weight"]))
     return {t: {s: float(np.mean(w)) for s, w in by_source.items()} for t, by_source in sums.items()}
 
@@ -158,7 +156,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         pairs_path = base / "pairs.tsv"
         if pairs_path.is_file():
             single = defaultdict(dict)
-            for row in read_tsv(pairs_path):
+            for row in read_rows(pairs_path, ["target", "source", "test"]):
                 single[row["target"]][row["source"]] = float(row["test"])
                 pair_rows.append([delta, row["target"], row["source"], row["test"],
                                   f"{float(row['test']) - random[row['target']]:+.4f}"])

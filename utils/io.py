@@ -53,20 +53,36 @@ def check_output_folder(path: Path | str, flag: str = "--output_dir") -> Path:
     return path
 
 
-def read_table(path: Path | str, columns: list[str]) -> list[list[str]]:
-    """Rows of a TSV whose header must be ``columns``; a wrong header or row length names the file and line."""
+def read_tsv(path: Path | str, columns: list[str], *, exact: bool = False) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 TSV whose header holds ``columns`` (exactly them, with ``exact``).
+
+    The one checked reader: a missing column, a row of the wrong length or bytes that are not UTF-8 are a
+    UserInputError naming the file and line.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header != columns:
-            raise UserInputError(f"{path}:1: expected columns {columns}, found {header}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(columns):
-                raise UserInputError(f"{path}:{line}: expected {len(columns)} tab-separated fields, found {len(row)}")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None) or []
+            if exact and header != columns:
+                raise UserInputError(f"{path}:1: expected columns {columns}, found {header}")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise UserInputError(f"{path}:1: missing columns {missing}; expected {columns}")
+            rows = []
+            for row in reader:
+                if len(row) != len(header):
+                    raise UserInputError(f"{path}:{reader.line_num}: expected {len(header)} tab-separated fields, "
+                                         f"found {len(row)}")
+                rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: expected UTF-8 text") from None
     return rows
+
+
+def read_table(path: Path | str, columns: list[str]) -> list[list[str]]:
+    """Rows of a TSV whose header must be ``columns``, as lists in that order (for rewriting it)."""
+    return [[row[c] for c in columns] for _, row in read_tsv(path, columns, exact=True)]
 
 
 def read_json_object(path: Path | str) -> dict[str, Any]:

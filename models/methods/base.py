@@ -1,0 +1,143 @@
+"""What every delta method declares, and the pieces that several methods share.
+
+A method is one small subclass of ``DeltaMethod`` in its own file, registered by name in
+``models/methods/__init__.py``. Everything that differs between methods lives on it: its AdapterHub
+configuration, its sizes (declared here, read back from tensor shapes), its parameter groups, its neutral
+state and its task vector (what fusion and weight-space scores operate on). The rest of the project asks
+the registry and never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import UserInputError
+
+DELTA_NAME = "delta"  # every module is added under this one name, so names match across tasks and runs
+GRANULARITIES = ("model", "block", "layer")
+BLOCK_RE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.")
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class SizeField:
+    """One size of a method: a positive integer, or one of ``choices`` when they are given."""
+
+    name: str
+    help: str
+    choices: tuple[str, ...] = ()
+    # False for a size the tensors cannot tell (LoRA's alpha): it must come from a flag or saved args.
+    in_shapes: bool = True
+    hub_key: str | None = None  # where an AdapterHub config records a size the tensors cannot tell
+
+    @property
+    def kind(self) -> type:
+        return str if self.choices else int
+
+    def check(self, value: Any) -> None:
+        if self.choices:
+            if value not in self.choices:
+                raise UserInputError(f"--{self.name}: expected one of {', '.join(self.choices)}, found {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserInputError(f"--{self.name}: expected a positive integer, found {value!r}")
+
+
+class DeltaMethod:
+    """A delta method behind the registry. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    summary: str = ""  # one line for help texts
+    size_fields: tuple[SizeField, ...] = ()
+    storage: str = ""  # the sub-module under which AdapterHub keeps its weights: adapters, loras, prefix_tunings
+    hub_architectures: tuple[Any, ...] = ()  # values of an AdapterHub config's 'architecture' field
+    # A method whose weights sit in one pool reachable from every layer: the first path that reaches it, where
+    # T5's named_parameters() lists it (a full state dict lists it under many paths).
+    pool_home: str | None = None
+
+    # -- building ------------------------------------------------------------------------------------
+    def library_config(self, sizes: Mapping[str, Any], d_model: int) -> Any:
+        """The AdapterHub configuration that builds this method with ``sizes``."""
+        raise NotImplementedError
+
+    def check_built(self, model: nn.Module, sizes: Mapping[str, Any]) -> None:
+        """Raise RuntimeError when the library built something other than ``sizes`` asked for."""
+
+    # -- reading back --------------------------------------------------------------------------------
+    def owns(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to this method's ``delta`` module."""
+        return f".{self.storage}.{DELTA_NAME}." in name
+
+    def holds(self, names: Any) -> bool:
+        """Whether a module with exactly these parameter names is one of this method's."""
+        names = list(names)
+        return bool(names) and all(self.owns(n) for n in names)
+
+    def sizes_from_shapes(self, shapes: Shapes, source: str) -> dict[str, Any]:
+        """The sizes that tensor names and shapes determine (those with ``in_shapes``)."""
+        return {}
+
+    def layer_counts(self, shapes: Shapes, d_model: int) -> dict[str, int]:
+        """The backbone's layer counts that the tensors reveal (part of a backbone fingerprint)."""
+        counts = {}
+        for stack, key in (("encoder", "num_layers"), ("decoder", "num_decoder_layers")):
+            blocks = [int(m.group(2)) for m in map(BLOCK_RE.match, shapes) if m and m.group(1) == stack]
+            if blocks:
+                counts[key] = max(blocks) + 1
+        return counts
+
+    def param_group(self, name: str, granularity: str) -> str:
+        """Group of a parameter at ``block`` (encoder/decoder) or ``layer`` (``encoder.3``) granularity."""
+        return block_group(name, granularity)
+
+    # -- states ---------------------------------------------------------------------------------------
+    def neutral_state(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A state with the same names and shapes under which the module computes the identity, or None
+        when the method has none (a prefix always adds attention positions)."""
+        return None
+
+    def factor_pairs(self, names: Any) -> dict[str, tuple[str, str]]:
+        """Low-rank factor pairs, pair name -> (A key, B key); empty for a method without factors."""
+        return {}
+
+    def scaling(self, sizes: Mapping[str, Any]) -> float:
+        """The constant by which B·A is multiplied in the forward pass (factored methods only)."""
+        return 1.0
+
+    def task_vector(self, tensors: Mapping[str, torch.Tensor], sizes: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """What the module does, independent of how its parameters express it. For factored methods each
+        pair becomes its update ΔW = B·A·scaling (under the pair's name); other tensors stay as they are."""
+        pairs = self.factor_pairs(tensors)
+        paired = {k for pair in pairs.values() for k in pair}
+        out = {k: v for k, v in tensors.items() if k not in paired}
+        scale = self.scaling(sizes)
+        for name, (a, b) in pairs.items():
+            out[name] = tensors[b].double() @ tensors[a].double() * scale
+        return out
+
+
+def block_group(name: str, granularity: str) -> str:
+    """``model``, the stack (``encoder``/``decoder``) or the layer (``encoder.3``) of a parameter in a block."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {', '.join(GRANULARITIES)}, found {granularity!r}")
+    if granularity == "model":
+        return "model"
+    m = BLOCK_RE.search(name)
+    if m is None:
+        raise ValueError(f"parameter {name!r} is not inside an encoder/decoder block")
+    return m.group(1) if granularity == "block" else f"{m.group(1)}.{int(m.group(2))}"
+
+
+def one_size(shapes: Shapes, suffix: str, dim: int, what: str, source: str) -> int:
+    """The one value of dimension ``dim`` across the tensors whose names end with ``suffix``."""
+    sizes = {int(s[dim]) for k, s in shapes.items() if k.endswith(suffix) and len(s) > dim}
+    if len(sizes) != 1:
+        found = f"several ({sorted(sizes)})" if sizes else "none"
+        raise UserInputError(f"{source}: expected one {what} across its *{suffix} tensors, found {found}")
+    return sizes.pop()

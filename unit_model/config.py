@@ -1,0 +1,41 @@
+"""The typed configuration of one fusion run: what the five unit_model_*.py scripts and study.py pass in."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class FusionConfig:
+    """Every parameter a weighting, a merge or the outputs may read; a script sets the ones it has.
+
+    ``target_list`` is filled by the driver (unit_model/fusion.py) from ``targets`` and ``tasks``.
+    """
+
+    delta: str = "lora"
+    tasks: str | list[str] = "ALL_TASKS"
+    targets: str | list[str] | None = None
+    TASK_LIST: str = "all"
+    manual: bool = False
+    source_ckpt_path: str = ""
+    random_tuned_ckpt_path: str = ""
+    tuneall_ckpt_path: str = ""
+    devall_tsv: str = ""
+    result_tsv: str = ""
+    metric: str | None = None
+    save_ckpt_path: str = ""
+    tem: float = 1.0
+    lora_combine: str = "delta_w"
+    merge: str = "linear"
+    cos_mode: str = "flat"
+    granularity: str = "model"
+    average_untuned: bool = False
+    overwrite: bool = False
+    target_list: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> FusionConfig:
+        """The fields that ``args`` has (a script's parameter block); the others keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

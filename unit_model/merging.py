@@ -1,0 +1,131 @@
+"""The fusion driver: Σ-style merges of source modules, streamed so memory stays near two modules.
+
+``fuse`` reads one source at a time. A linear merge adds each into a float64 accumulator; another merge
+operator takes one tensor at a time with every source's copy of it. Methods with low-rank factors (LoRA)
+are merged in task-vector space by default (``lora_combine="delta_w"``): each pair's ΔW = B·A·scaling is
+merged, pair by pair (one out×in matrix per source alive at a time), and factored back to rank r by
+truncated SVD, the best rank-r approximation (Eckart-Young). Its cost, the truncation error
+‖Σ - B'A'‖_F / ‖Σ‖_F, is returned in ``info``. ``params`` merges the factors themselves, as the original
+code did; it is close to ``delta_w`` only when all sources started from the same A and moved little. A pair
+whose merged ΔW is exactly zero keeps the parameter merge, because zero factors would get zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from models.methods import DeltaMethod, method_of, param_group
+from models.methods.lora import lora_factor
+from unit_model.merges import DEFAULT_MERGE, MergeOperator, get_merge
+from unit_model.sources import ModuleSource, materialise, read_tensors
+from utils.errors import UserInputError
+
+LORA_COMBINES = ("params", "delta_w")
+DEFAULT_LORA_COMBINE = "delta_w"
+
+
+def weight_by_group(weight: float | Mapping[str, float], groups: set[str], label: str) -> dict[str, float]:
+    """A source's weight per parameter group (a single number applies to every group)."""
+    by_group = {g: weight for g in groups} if isinstance(weight, int | float) else dict(weight)
+    missing = sorted(groups - set(by_group))
+    if missing:
+        raise UserInputError(f"{label}: no weight for parameter group(s) {', '.join(missing)}")
+    for g, w in by_group.items():
+        if not isinstance(w, int | float) or not math.isfinite(w):
+            raise UserInputError(f"{label}: weight of group {g} is {w!r}; expected a finite number")
+    return {g: float(by_group[g]) for g in groups}
+
+
+def fuse(
+    sources: Iterable[ModuleSource],
+    weights: Sequence[float | Mapping[str, float]],
+    *,
+    granularity: str = "model",
+    lora_combine: str = DEFAULT_LORA_COMBINE,
+    lora_scaling: float = 1.0,
+    merge: str | MergeOperator = DEFAULT_MERGE,
+    method: DeltaMethod | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Merge the sources (dicts, loaders, checkpoint paths or Modules) with ``weights``, streamed.
+
+    ``weights[s]`` is a number or, per group, a mapping ``param_group(name, granularity) -> weight``; they are
+    used as given (callers pass softmax weights, which sum to 1). ``method`` is told by the tensor names when
+    not given. Factor pairs (``lora_combine="delta_w"``) are built in a second pass that reads only that
+    pair's factors of each source, so ``sources`` must then be iterable twice; ``info`` holds
+    ``lora_truncation_error`` (over the whole module) and its per-pair maximum.
+    """
+    if lora_combine not in LORA_COMBINES:
+        raise UserInputError(f"--lora_combine: expected one of {', '.join(LORA_COMBINES)}, found {lora_combine!r}")
+    op = get_merge(merge) if isinstance(merge, str) else merge
+    weights = list(weights)
+    if not weights:
+        raise UserInputError("fuse: empty source list")
+    if (lora_combine == "delta_w" or not op.linear) and iter(sources) is sources:
+        raise TypeError("fuse: this merge reads the sources twice; pass a sequence (of paths, Modules or "
+                        "loaders, to keep memory low), not a one-shot iterator")
+    acc: dict[str, torch.Tensor] = {}
+    ref: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    group_of: dict[str, str] = {}
+    source_weights: list[dict[str, float]] = []
+    for i, src in enumerate(sources):
+        if i >= len(weights):
+            raise ValueError(f"fuse: more sources than the {len(weights)} weights")
+        tensors, label = materialise(src, i)
+        del src  # hold no second reference: the accumulator plus this source is all that stays alive
+        if i == 0:
+            ref = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+            group_of = {k: param_group(k, granularity) for k in ref}
+            if op.linear:
+                acc = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in ref.items()}
+        elif {k: tuple(v.shape) for k, v in tensors.items()} != {k: s for k, (s, _) in ref.items()}:
+            raise UserInputError(f"{label}: tensor names or shapes differ from the first source's")
+        w = weight_by_group(weights[i], set(group_of.values()), label)
+        source_weights.append(w)
+        if op.linear:
+            for k, v in tensors.items():
+                acc[k].add_(v.to(torch.float64), alpha=w[group_of[k]])
+        del tensors
+    count = len(source_weights)
+    if count != len(weights):
+        raise ValueError(f"fuse: {count} sources for {len(weights)} weights")
+    pairs: dict[str, tuple[str, str]] = {}
+    if lora_combine == "delta_w":
+        pairs = (method or method_of(ref, "fuse")).factor_pairs(ref)
+
+    def gather(keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        return [read_tensors(src, keys, i) for i, src in zip(range(count), sources, strict=False)]
+
+    def combine(vectors: Sequence[torch.Tensor], key: str) -> torch.Tensor:
+        return op.combine(vectors, [w[group_of[key]] for w in source_weights])
+
+    if op.linear:
+        fused = {k: acc.pop(k).to(dtype) for k, (_, dtype) in ref.items()}
+    else:
+        fused = {k: combine([t[k] for t in gather([k])], k).to(dtype) for k, (_, dtype) in ref.items()}
+    info: dict[str, Any] = {}
+    if not pairs:
+        return fused, info
+    err_sq = norm_sq = worst = 0.0
+    for ka, kb in pairs.values():
+        # One pair at a time: its merged ΔW (out × in) is the only dense matrix kept.
+        if op.linear:
+            total = torch.zeros(ref[kb][0][0], ref[ka][0][1], dtype=torch.float64)
+            for i, factors in enumerate(gather((ka, kb))):
+                total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
+                             alpha=source_weights[i][group_of[ka]] * lora_scaling)
+        else:
+            total = combine([f[kb].double() @ f[ka].double() * lora_scaling for f in gather((ka, kb))], ka)
+        norm = float(torch.linalg.matrix_norm(total))
+        if norm == 0.0:
+            continue  # keep the parameter merge: zero factors would never train
+        b, a = lora_factor(total, ref[ka][0][0], lora_scaling)
+        err = float(torch.linalg.matrix_norm(total - b @ a * lora_scaling))
+        fused[ka], fused[kb] = a.to(ref[ka][1]), b.to(ref[kb][1])
+        err_sq, norm_sq, worst = err_sq + err**2, norm_sq + norm**2, max(worst, err / norm)
+    info["lora_truncation_error"] = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
+    info["lora_truncation_error_max"] = worst
+    return fused, info

@@ -1,0 +1,147 @@
+"""What every weighting shares: the plan it returns, softmax weights, and the helpers of the planners.
+
+A weighting turns a target and its sources into a ``Plan``: the source modules to merge and each one's
+weight per parameter group, w_s = softmax_s(sign * score_s / T), sign +1 when a higher score means "more
+similar". Weightings are registered by name in ``unit_model/weightings/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from models.methods import param_group
+from unit_model.config import FusionConfig
+from unit_model.sources import Module, ModuleCache, leave_one_out
+from utils.errors import UserInputError
+from utils.io import read_tsv
+
+DIRECTIONS = ("lower", "higher")
+
+
+def check_temperature(temperature: float) -> float:
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
+        raise UserInputError(f"--tem: expected a positive finite temperature, found {temperature!r}")
+    return float(temperature)
+
+
+def softmax_weights(
+    scores: Mapping[str, float], direction: str, temperature: float, target: str = "?"
+) -> dict[str, float]:
+    """w_s = softmax(sign * score_s / T) over the sources (sign +1 for 'higher', -1 for 'lower')."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: expected one of {DIRECTIONS}, found {direction!r}")
+    temperature = check_temperature(temperature)
+    if not scores:
+        raise UserInputError(f"target {target!r}: no source to weight")
+    for source, s in scores.items():
+        if not isinstance(s, int | float) or not math.isfinite(s):
+            raise UserInputError(f"score of (target={target}, source={source}) is {s!r}; expected a finite number")
+    sign = 1.0 if direction == "higher" else -1.0
+    logits = {s: sign * float(v) / temperature for s, v in scores.items()}
+    top = max(logits.values())  # subtract the max: exp never overflows
+    exp = {s: math.exp(v - top) for s, v in logits.items()}
+    total = math.fsum(exp.values())
+    return {s: e / total for s, e in exp.items()}
+
+
+def group_softmax_weights(
+    scores: Mapping[str, Mapping[str, float]], direction: str, temperature: float, target: str = "?"
+) -> dict[str, dict[str, float]]:
+    """Per-group softmax: scores[source][group] -> weights[source][group]; every source needs every group."""
+    groups = list(next(iter(scores.values()))) if scores else []
+    for source, by_group in scores.items():
+        if sorted(by_group) != sorted(groups):
+            raise UserInputError(f"target {target!r}: source {source!r} is scored on groups {sorted(by_group)}, "
+                                 f"others on {sorted(groups)}")
+    weights: dict[str, dict[str, float]] = {s: {} for s in scores}
+    for g in groups:
+        per_group = softmax_weights({s: scores[s][g] for s in scores}, direction, temperature, target)
+        for s, w in per_group.items():
+            weights[s][g] = w
+    return weights
+
+
+@dataclass
+class Plan:
+    target: str
+    sources: list[str]
+    modules: list[Module]  # averaged, aligned with sources
+    weights: dict[str, dict[str, float]]  # source -> group -> weight
+    scores: dict[str, dict[str, float]] | None = None  # source -> group -> score; None for a uniform average
+
+
+@dataclass
+class Weighting:
+    """A weighting's answer: one plan per target, and the similarity metric behind the scores, if any."""
+
+    plans: list[Plan]
+    metric: str | None = None
+    direction: str | None = None
+
+
+def require(config: FusionConfig, flag: str) -> str:
+    value = getattr(config, flag)
+    if not value:
+        raise UserInputError(f"--{flag}: required by this fusion method")
+    return value
+
+
+def source_modules(cache: ModuleCache, root: str, target: str, sources: list[str]) -> list[Module]:
+    return [cache.open(Path(root) / s, f"source {s!r} (for target {target!r})", s) for s in sources]
+
+
+def groups_of(keys: Iterable[str], granularity: str) -> dict[str, list[str]]:
+    """Group -> sorted tensor names."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        groups.setdefault(param_group(k, granularity), []).append(k)
+    return groups
+
+
+def plans_from_module_scores(
+    config: FusionConfig, tasks: list[str], cache: ModuleCache, score_fn: Callable[[Plan, int], dict[str, float]],
+    direction: str, desc: str,
+) -> list[Plan]:
+    """Plans whose scores come from module weights: ``score_fn(plan, i) -> group -> score`` of source i.
+
+    ``score_fn.prepare(plans)``, when it has one, opens the other modules the scores need first."""
+    plans = []
+    for t in config.target_list:
+        sources = leave_one_out(t, tasks)
+        modules = source_modules(cache, config.source_ckpt_path, t, sources)
+        plans.append(Plan(t, sources, modules, {}, {}))
+    prepare = getattr(score_fn, "prepare", None)
+    if prepare is not None:
+        prepare(plans)  # open and check the other modules the scores need, before any tensor is read
+    cache.check(config.delta)
+    pairs = [(p, i) for p in plans for i in range(len(p.sources))]
+    for plan, i in tqdm(pairs, desc=desc, leave=False, disable=len(pairs) < 20):
+        plan.scores[plan.sources[i]] = score_fn(plan, i)
+    for plan in plans:
+        plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target)
+    return plans
+
+
+def read_score_table(path: Path, columns: list[str], flag: str) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a score table; a missing file is named with the flag that asked for it."""
+    if not path.is_file():
+        raise UserInputError(f"{flag} {path}: file not found")
+    return read_tsv(path, columns)
+
+
+def finite_number(text: str, path: Path, line: int, column: str) -> float:
+    """A finite number: a NaN or infinite score would turn every weight of its softmax into NaN."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{path}:{line}: {column}: expected a number, found {text!r}") from None
+    if not math.isfinite(value):
+        raise UserInputError(f"{path}:{line}: {column}: expected a finite number, found {text!r}")
+    return value
+
+
