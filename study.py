@@ -64,7 +64,6 @@ target_iters = 40
 target_lr = 3e-3
 target_bsz = 8
 target_valid_interval = 10
-target_warmup = 4
 target_early_stop = 0  # 0: the whole budget, best dev validation kept
 max_input_length = 256
 max_output_length = 16
@@ -74,7 +73,10 @@ lora_r = _SIZES["lora"]["lora_r"]
 lora_alpha = _SIZES["lora"]["lora_alpha"]
 prefix_length = _SIZES["prefix"]["prefix_length"]
 prefix_mlp = _SIZES["prefix"]["prefix_mlp"]
+# Per-method budget scales ({method}_iters_scale, {method}_lr_scale; 1 when a method has none): the same
+# scale applies to the sources and to every target arm, so the arms of one method stay on equal footing.
 prefix_iters_scale = 4  # prefix tuning learns slower: its source and target budgets are this many times longer
+ia3_lr_scale = 10  # (IA)³ rescales activations from 1: at 3e-3 it barely moves in 200 steps (0.62 vs 0.98)
 # fusion
 tem = 1.0
 cos_tem = 0.05  # cosines live in [-1, 1]: a small temperature keeps them from giving uniform weights
@@ -205,31 +207,29 @@ def call(main: Callable[[list[str]], int], argv: list[str]) -> None:
 
 
 def size_args(p, delta: str) -> list:
-    return {"adapter": ["--adapter_size", p.adapter_size], "lora": ["--lora_r", p.lora_r, "--lora_alpha", p.lora_alpha],
-            "prefix": ["--prefix_length", p.prefix_length, "--prefix_mlp", p.prefix_mlp]}[delta]
+    """The method's size flags, from the study's parameters (or the table's default for one it has none of)."""
+    from models.methods import get_method
+
+    return [a for f in get_method(delta).size_fields
+            for a in (f"--{f.name}", getattr(p, f.name, _SIZES[delta][f.name]))]
 
 
 def iters_of(p, delta: str, iters: int) -> int:
-    return iters * p.prefix_iters_scale if delta == "prefix" else iters
+    return iters * getattr(p, f"{delta}_iters_scale", 1)
+
+
+def lr_of(p, delta: str, lr: float) -> float:
+    return lr * getattr(p, f"{delta}_lr_scale", 1)
 
 
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
     import tune
     from get_similarity import dev_all, score, tune_all
-    from unit_model import (
-        fusion,
-        unit_model_average,
-        unit_model_cos,
-        unit_model_Euclidean,
-        unit_model_others,
-        unit_model_Performance,
-    )
-
-    fusion_mains = {"average": unit_model_average.main, "cos": unit_model_cos.main,
-                    "Euclidean": unit_model_Euclidean.main, "Performance": unit_model_Performance.main,
-                    "others": unit_model_others.main}
+    from unit_model.fusion import FusionConfig, run_fusion
+    from unit_model.sources import fused_dir_name
 
     p, root = study.p, study.root / delta
+    source_lr, target_lr = lr_of(p, delta, p.source_lr), lr_of(p, delta, p.target_lr)
     quiet = ["--quiet"] if p.quiet else []
     common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet,
               "--max_input_length", p.max_input_length, "--max_output_length", p.max_output_length]
@@ -237,13 +237,13 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                    "--log_file_only", "--predict_batch_size", 100]
     target_iters = iters_of(p, delta, p.target_iters)
     target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", target_iters,
-                     "--learning_rate_list", p.target_lr, "--bsz_list", p.target_bsz,
-                     "--warmup_steps", p.target_warmup, "--valid_interval", p.target_valid_interval,
+                     "--learning_rate_list", target_lr, "--bsz_list", p.target_bsz,
+                     "--valid_interval", p.target_valid_interval,
                      "--early_stop", p.target_early_stop, "--log_interval", p.target_valid_interval]
     source_iters = iters_of(p, delta, p.source_iters)
     source_budget = ["--k", p.source_k, "--data_seed", p.source_data_seed, "--train_iters", source_iters,
-                     "--learning_rate_list", p.source_lr, "--bsz_list", p.source_bsz,
-                     "--warmup_steps", source_iters // 10, "--valid_interval", p.source_valid_interval,
+                     "--learning_rate_list", source_lr, "--bsz_list", p.source_bsz,
+                     "--valid_interval", p.source_valid_interval,
                      "--early_stop", p.source_early_stop, "--log_interval", 50]
 
     def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
@@ -262,24 +262,24 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     def source_argv(t: str) -> list:
         return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", src, *source_budget]
 
-    study.stage(1, f"{delta}/sources", task_pool, lambda t: [run_dir(src, t, p.source_lr, p.source_bsz)],
+    study.stage(1, f"{delta}/sources", task_pool, lambda t: [run_dir(src, t, source_lr, p.source_bsz)],
                 lambda t: call(tune.main, source_argv(t)), jobs=lambda t: [script_job(t, "tune.py", source_argv(t))],
-                finish=in_order(src, p.source_k, p.source_data_seed, p.source_lr, p.source_bsz))
+                finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
     rnd = root / "random"
 
     def random_argv(t: str) -> list:
         return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", rnd, *target_budget]
 
     study.stage(2, f"{delta}/random", target_list,
-                lambda t: [run_dir(rnd, t, p.target_lr, p.target_bsz)],
+                lambda t: [run_dir(rnd, t, target_lr, p.target_bsz)],
                 lambda t: call(tune.main, random_argv(t)), jobs=lambda t: [script_job(t, "tune.py", random_argv(t))],
-                finish=in_order(rnd, p.target_k, p.target_data_seed, p.target_lr, p.target_bsz))
+                finish=in_order(rnd, p.target_k, p.target_data_seed, target_lr, p.target_bsz))
     tuneall = root / "tuneall"
 
     def tuneall_argv(t: str, sources: list[str]) -> list:
         return [*common, "--tasks", t, "--source_tasks", *sources, "--source_ckpt_path", src,
-                "--output_dir", tuneall, "--steps", target_iters, "--learning_rate", p.target_lr,
-                "--bsz", p.target_bsz, "--warmup_steps", p.target_warmup, "--seed", p.seed, "--k", p.target_k,
+                "--output_dir", tuneall, "--steps", target_iters, "--learning_rate", target_lr,
+                "--bsz", p.target_bsz, "--seed", p.seed, "--k", p.target_k,
                 "--data_seed", p.target_data_seed, "--log_file_only"]
 
     study.stage(3, f"{delta}/tuneall", target_list,
@@ -313,38 +313,36 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     fusion_list = words(p.fusions)
 
     def fuse(method: str) -> None:
-        args = ["--delta", delta, "--tasks", *task_pool, "--targets", *target_list, "--source_ckpt_path", src,
-                "--save_ckpt_path", fused / method, "--tem", p.cos_tem if method == "cos" else p.tem,
-                "--lora_combine", p.lora_combine, "--overwrite"]
-        if method in ("average", "manual"):
-            script, args = "average", [*args, "--TASK_LIST", "all" if method == "average" else "manual"]
-        elif method == "cos":
-            script, args = "cos", [*args, "--random_tuned_ckpt_path", rnd]
-        elif method == "Euclidean":
-            script, args = "Euclidean", [*args, "--tuneall_ckpt_path", tuneall]
-        elif method == "Performance":
-            script, args = "Performance", [*args, "--tuneall_ckpt_path", tuneall, "--devall_tsv", devall]
-        else:
-            script, args = "others", [*args, "--result_tsv", similarity / "result.tsv", "--metric", method]
-        call(fusion_mains[script], args)
+        # The study's fusion names -> a weighting of unit_model/weightings/ and the inputs it reads.
+        weighting, inputs = {
+            "average": ("average", {"TASK_LIST": "all"}),
+            "manual": ("average", {"TASK_LIST": "manual"}),
+            "cos": ("cos", {"random_tuned_ckpt_path": str(rnd)}),
+            "Euclidean": ("Euclidean", {"tuneall_ckpt_path": str(tuneall)}),
+            "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
+        }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
+        config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
+                              save_ckpt_path=str(fused / method), tem=p.cos_tem if method == "cos" else p.tem,
+                              lora_combine=p.lora_combine, overwrite=True, **inputs)
+        run_fusion(weighting, config)
 
     study.stage(6, f"{delta}/fusion", fusion_list,
-                lambda m: [fused / m / fusion.fused_dir_name(t) for t in target_list], fuse)
+                lambda m: [fused / m / fused_dir_name(t) for t in target_list], fuse)
     transfer = root / "transfer"
     steps = [f"{m}.{t}" for m in fusion_list for t in target_list]
 
     def transfer_argv(mt: str) -> list:
         m, t = mt.split(".")
         return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", transfer / m,
-                *target_budget, "--train_checkpoint", fused / m / fusion.fused_dir_name(t)]
+                *target_budget, "--train_checkpoint", fused / m / fused_dir_name(t)]
 
     def transfer_in_order(done: list[str]) -> None:
         for m in dict.fromkeys(mt.split(".")[0] for mt in done):
-            in_order(transfer / m, p.target_k, p.target_data_seed, p.target_lr, p.target_bsz)(
+            in_order(transfer / m, p.target_k, p.target_data_seed, target_lr, p.target_bsz)(
                 [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
 
     study.stage(7, f"{delta}/transfer", steps,
-                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], p.target_lr,
+                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], target_lr,
                                     p.target_bsz)],
                 lambda mt: call(tune.main, transfer_argv(mt)),
                 jobs=lambda mt: [script_job(mt.replace(".", "/"), "tune.py", transfer_argv(mt))],

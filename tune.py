@@ -41,6 +41,7 @@ from models.trainer import (
     TaskData,
     TrainConfig,
     Trainer,
+    default_warmup,
     fmt_score,
     init_distributed,
 )
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learning rates to sweep (each is a run)")
     run.add_argument("--bsz_list", type=int, nargs="+", default=[8], metavar="BSZ", help="batch sizes to sweep")
     run.add_argument("--train_iters", type=int, default=D.train_iters, help="training steps per run")
-    run.add_argument("--warmup_steps", type=int, default=D.warmup_steps, help="linear warm-up steps")
+    run.add_argument("--warmup_steps", type=int, default=None,
+                     help="linear warm-up steps (default: a tenth of --train_iters)")
     run.add_argument("--valid_interval", type=int, default=D.valid_interval, help="validate every N steps")
     run.add_argument("--log_interval", type=int, default=D.log_interval,
                      help="log loss, lr and examples/s every N steps")
@@ -138,6 +140,8 @@ def check_args(args: argparse.Namespace) -> DeltaConfig:
                                  f"{args.max_new_tokens!r}") from None
         if args.max_new_tokens <= 0:
             raise UserInputError(f"--max_new_tokens: expected auto or a positive integer, found {args.max_new_tokens}")
+    if args.warmup_steps is None:
+        args.warmup_steps = default_warmup(args.train_iters)
     for flag, v in {"--warmup_steps": args.warmup_steps, "--early_stop": args.early_stop}.items():
         if v < 0:
             raise UserInputError(f"{flag}: expected zero or more, found {v}")

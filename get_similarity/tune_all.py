@@ -52,7 +52,7 @@ from models.delta import (
 )
 from models.formats import load_delta_checkpoint
 from models.run_folders import resolve_checkpoint
-from models.trainer import RunLog, TaskData, TrainConfig, Trainer
+from models.trainer import RunLog, TaskData, TrainConfig, Trainer, default_warmup
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import check_output_folder
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="training steps per (target, source) pair")
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--bsz", type=int, default=8, help="training batch size")
-    p.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps (then linear decay to 0)")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="linear warm-up steps, then linear decay to 0 (default: a tenth of --steps)")
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42, help="seed of batching and dropout (same for every pair)")
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--k": args.k, "--max_input_length": args.max_input_length,
                     "--max_output_length": args.max_output_length, "--predict_batch_size": args.predict_batch_size,
                     "--num_beams": args.num_beams})
+    if args.warmup_steps is None:
+        args.warmup_steps = default_warmup(args.steps)
     for flag, v in {"--warmup_steps": args.warmup_steps, "--weight_decay": args.weight_decay,
                     "--max_grad_norm": args.max_grad_norm}.items():
         if not math.isfinite(v) or v < 0:

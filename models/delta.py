@@ -74,7 +74,10 @@ class DeltaConfig:
         raise AttributeError(f"{type(self).__name__} of method {self.__dict__.get('method')!r} has no {name!r}")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, DeltaConfig) and (self.method, self.values) == (other.method, other.values)
+        if not isinstance(other, DeltaConfig) or self.method != other.method:
+            return False
+        own = [f.name for f in REGISTRY[self.method].size_fields] if self.method in REGISTRY else list(self.values)
+        return all(self.values.get(k) == other.values.get(k) for k in own)
 
     __hash__ = None  # mutable, like a dataclass
 
@@ -95,11 +98,10 @@ class DeltaConfig:
     def validate(self) -> DeltaConfig:
         """Raise UserInputError for an unknown method, an unknown size or a bad value; return self."""
         spec = self.spec
-        known = {f.name for f in spec.size_fields}
-        unknown = sorted(set(self.values) - known)
+        # Any method's size is accepted (a command line carries them all); only this method's are used.
+        unknown = sorted(set(self.values) - set(SIZE_FLAGS))
         if unknown:
-            raise UserInputError(f"delta config: unknown keys {unknown} for method {self.method}; expected some of "
-                                 f"{sorted(known)}")
+            raise UserInputError(f"delta config: unknown keys {unknown}; expected some of {sorted(SIZE_FLAGS)}")
         for field in spec.size_fields:
             if field.name not in self.values:
                 raise UserInputError(f"delta config: method {self.method} needs --{field.name}")
@@ -115,7 +117,7 @@ class DeltaConfig:
         return describe(self.method, self.sizes())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **self.values}
+        return {"method": self.method, **self.sizes()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:

@@ -38,6 +38,12 @@ from models.seq2seq import EncodedTask, collate, encode_examples, to_device, tra
 from utils.io import write_tsv_atomic
 
 
+def default_warmup(train_iters: int) -> int:
+    """Warm-up steps when none is given: the first tenth of training. tune.py, tune-all, the bash sweeps and
+    the study all use this one rule, so their defaults cannot drift apart."""
+    return train_iters // 10
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs besides the delta method and the data; the defaults are tune.py's."""
@@ -64,7 +70,7 @@ class TrainConfig:
     rank_classification: bool = False
     # optimisation and selection
     train_iters: int = 1000
-    warmup_steps: int = 200
+    warmup_steps: int | None = None  # None: a tenth of train_iters (default_warmup)
     valid_interval: int = 100
     log_interval: int = 20
     early_stop: int = 10
@@ -275,7 +281,7 @@ class Trainer:
         torch.manual_seed(a.seed)
         rng = random.Random(a.seed)
         optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=a.weight_decay)
-        warmup = min(a.warmup_steps, a.train_iters)
+        warmup = min(default_warmup(a.train_iters) if a.warmup_steps is None else a.warmup_steps, a.train_iters)
 
         def lr_factor(step: int) -> float:  # linear warm-up to lr, then linear decay to 0 at train_iters
             if step < warmup:

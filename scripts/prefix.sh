@@ -6,7 +6,6 @@ source "$(dirname "$0")/sizes.sh" prefix  # sizes from models/sizes.py (PAPER=1:
 # Prefix tuning learns slower than LoRA or adapters: with 200 steps it stays at the majority label on
 # the entailment tasks; 800 steps reach 0.90-0.98 there.
 : "${TRAIN_ITERS:=800}"
-: "${WARMUP_STEPS:=40}"
 : "${VALID_INTERVAL:=100}"
-export LRS TRAIN_ITERS WARMUP_STEPS VALID_INTERVAL EXTRA_ARGS="--prefix_length $PREFIX_LENGTH --prefix_mlp $PREFIX_MLP ${EXTRA_ARGS:-}"
+export LRS TRAIN_ITERS VALID_INTERVAL EXTRA_ARGS="--prefix_length $PREFIX_LENGTH --prefix_mlp $PREFIX_MLP ${EXTRA_ARGS:-}"
 exec bash "$(dirname "$0")/tune.sh" "$@"

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 : "${LRS:=3e-3}"
 : "${BSZS:=16}"
 : "${TRAIN_ITERS:=200}"
-: "${WARMUP_STEPS:=20}"
+: "${WARMUP_STEPS:=}"  # empty: a tenth of TRAIN_ITERS (the rule of tune.py and the study)
 : "${VALID_INTERVAL:=50}"
 : "${EARLY_STOP:=3}"
 : "${SEED:=42}"
@@ -32,8 +32,9 @@ args=(--do_train --do_predict --quiet --overwrite
       --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED"
       --output_dir "$OUTPUT_DIR" --device "$DEVICE" --seed "$SEED"
       --learning_rate_list $LRS --bsz_list $BSZS --train_iters "$TRAIN_ITERS"
-      --warmup_steps "$WARMUP_STEPS" --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP"
+      --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP"
       --predict_batch_size 100 --max_output_length 16 $EXTRA_ARGS "$@")
+[[ -n "$WARMUP_STEPS" ]] && args+=(--warmup_steps "$WARMUP_STEPS")
 # JOBS=N or SLURM=1: one process per (task, lr, bsz) through sweep.py (see scripts/jobs.sh).
 source scripts/jobs.sh
 if (( ${#LAUNCH[@]} )); then

@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 : "${STEPS:=200}"
 : "${LR:=5e-4}"
 : "${BSZ:=8}"
-: "${WARMUP_STEPS:=20}"
+: "${WARMUP_STEPS:=}"  # empty: a tenth of STEPS (the rule of tune.py and the study)
 : "${SEED:=42}"
 : "${MAX_OUTPUT_LENGTH:=16}"                      # as scripts/tune.sh: the suite's answers are short
 : "${PREDICT_BATCH_SIZE:=100}"
@@ -42,9 +42,10 @@ cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED"
      --source_ckpt_path "$SOURCE_CKPT_PATH" --output_dir "$OUTPUT_DIR"
-     --steps "$STEPS" --learning_rate "$LR" --bsz "$BSZ" --warmup_steps "$WARMUP_STEPS" --seed "$SEED"
+     --steps "$STEPS" --learning_rate "$LR" --bsz "$BSZ" --seed "$SEED"
      --max_output_length "$MAX_OUTPUT_LENGTH" --predict_batch_size "$PREDICT_BATCH_SIZE" --device "$DEVICE"
      $EXTRA_ARGS "$@")
+[[ -n "$WARMUP_STEPS" ]] && cmd+=(--warmup_steps "$WARMUP_STEPS")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"
     echo
