@@ -49,6 +49,7 @@ CONFIGS = {
     "adapter": DeltaConfig("adapter", adapter_size=4),
     "lora": DeltaConfig("lora", lora_r=4, lora_alpha=8),
     "prefix": DeltaConfig("prefix", prefix_length=3, prefix_mlp=8),
+    "ia3": DeltaConfig("ia3"),
 }
 INIT_SEED = 42  # score.py's default --init_seed
 
@@ -163,7 +164,7 @@ def dev_task(tokenizer, task: str = "sent_review", n: int = 4):
     return encode_examples(tokenizer, examples, 256, 32)
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "prefix", "ia3"])
 def test_grand_matches_manual_per_example_autograd(tiny_backbone_dir: Path, method: str) -> None:
     model, tokenizer = tiny_with_delta(tiny_backbone_dir, method)
     load_delta_state(model, perturbed(model, 1), "noise")

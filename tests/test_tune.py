@@ -48,7 +48,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-@pytest.mark.parametrize("method", ["adapter", "lora", "prefix"])
+@pytest.mark.parametrize("method", ["adapter", "lora", "prefix", "ia3"])
 def test_train_predict_writes_run_folders_and_rows(method, tiny_backbone_dir, task_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run(["--do_train", "--do_predict", "--tune_method", method, "--model", str(tiny_backbone_dir),

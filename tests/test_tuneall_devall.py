@@ -150,7 +150,7 @@ def test_rerun_skips_existing_pairs_and_overwrite_redoes_them(tiny_backbone_dir,
     assert stamps() == redone
 
 
-@pytest.mark.parametrize("method", ["adapter", "lora", "prefix"])
+@pytest.mark.parametrize("method", ["adapter", "lora", "prefix", "ia3"])
 def test_tune_all_equals_tune_py_from_the_source(method, tiny_backbone_dir, task_dir, tmp_path, capsys):
     cfg = DeltaConfig(method, adapter_size=4, lora_r=2, lora_alpha=4, prefix_length=3, prefix_mlp=8)
     srcs = make_sources(tmp_path / "sources", tiny_backbone_dir, cfg, ["alpha", "beta"])
