@@ -64,6 +64,7 @@ target_iters = 40
 target_lr = 3e-3
 target_bsz = 8
 target_valid_interval = 10
+target_warmup = "auto"  # warm-up steps of every target arm; auto: a tenth of the steps (the trainer's rule)
 target_early_stop = 0  # 0: the whole budget, best dev validation kept
 max_input_length = 256
 max_output_length = 16
@@ -230,6 +231,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     p, root = study.p, study.root / delta
     source_lr, target_lr = lr_of(p, delta, p.source_lr), lr_of(p, delta, p.target_lr)
+    warmup_args = [] if p.target_warmup == "auto" else ["--warmup_steps", p.target_warmup]
     quiet = ["--quiet"] if p.quiet else []
     common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet,
               "--max_input_length", p.max_input_length, "--max_output_length", p.max_output_length]
@@ -238,7 +240,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     target_iters = iters_of(p, delta, p.target_iters)
     target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", target_iters,
                      "--learning_rate_list", target_lr, "--bsz_list", p.target_bsz,
-                     "--valid_interval", p.target_valid_interval,
+                     *warmup_args, "--valid_interval", p.target_valid_interval,
                      "--early_stop", p.target_early_stop, "--log_interval", p.target_valid_interval]
     source_iters = iters_of(p, delta, p.source_iters)
     source_budget = ["--k", p.source_k, "--data_seed", p.source_data_seed, "--train_iters", source_iters,
@@ -279,7 +281,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     def tuneall_argv(t: str, sources: list[str]) -> list:
         return [*common, "--tasks", t, "--source_tasks", *sources, "--source_ckpt_path", src,
                 "--output_dir", tuneall, "--steps", target_iters, "--learning_rate", target_lr,
-                "--bsz", p.target_bsz, "--seed", p.seed, "--k", p.target_k,
+                "--bsz", p.target_bsz, *warmup_args, "--seed", p.seed, "--k", p.target_k,
                 "--data_seed", p.target_data_seed, "--log_file_only"]
 
     study.stage(3, f"{delta}/tuneall", target_list,
@@ -440,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                  "target_valid_interval", "max_examples"):
         if getattr(p, name) <= 0:
             raise UserInputError(f"--{name}: expected a positive integer, found {getattr(p, name)}")
+    if p.target_warmup != "auto" and not (p.target_warmup.isdigit()):
+        raise UserInputError(f"--target_warmup: expected auto or a number of steps, found {p.target_warmup!r}")
     for name in ("tem", "cos_tem", "source_lr", "target_lr"):
         value = getattr(p, name)
         if not math.isfinite(value) or value <= 0:
