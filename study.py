@@ -198,21 +198,11 @@ class Study:
             raise JobsFailed(report)
 
 
-def call(main: Callable[[list[str]], int], argv: list[str]) -> None:
-    """Call a CLI's main in this process (no new interpreter, no re-import of torch)."""
-    from utils.errors import UserInputError
-
-    code = main([str(a) for a in argv])
-    if code:
-        raise UserInputError(f"{main.__module__} exited with code {code}: {' '.join(map(str, argv))}")
-
-
-def size_args(p, delta: str) -> list:
-    """The method's size flags, from the study's parameters (or the table's default for one it has none of)."""
+def sizes_of(p, delta: str) -> dict:
+    """The method's sizes, from the study's parameters (or the table's default for one it has none of)."""
     from models.methods import get_method
 
-    return [a for f in get_method(delta).size_fields
-            for a in (f"--{f.name}", getattr(p, f.name, _SIZES[delta][f.name]))]
+    return {f.name: getattr(p, f.name, _SIZES[delta][f.name]) for f in get_method(delta).size_fields}
 
 
 def iters_of(p, delta: str, iters: int) -> int:
@@ -224,93 +214,92 @@ def lr_of(p, delta: str, lr: float) -> float:
 
 
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
-    import tune
-    from get_similarity import dev_all, score, tune_all
+    from get_similarity.dev_all import DevAllConfig, keep_pairs, run_dev_all
+    from get_similarity.score import SimilarityConfig, run_similarity
+    from get_similarity.tune_all import TuneAllConfig, run_tune_all
+    from models.delta import DeltaConfig
+    from models.run_folders import run_dir_name
+    from models.tuning import TuneConfig, run_sweep
     from unit_model.fusion import FusionConfig, run_fusion
     from unit_model.sources import fused_dir_name
 
     p, root = study.p, study.root / delta
     source_lr, target_lr = lr_of(p, delta, p.source_lr), lr_of(p, delta, p.target_lr)
-    warmup_args = [] if p.target_warmup == "auto" else ["--warmup_steps", p.target_warmup]
-    quiet = ["--quiet"] if p.quiet else []
-    common = ["--model", p.model, "--task_dir", p.task_dir, "--device", p.device, *quiet,
-              "--max_input_length", p.max_input_length, "--max_output_length", p.max_output_length]
-    tune_common = [*common, "--tune_method", delta, *size_args(p, delta), "--seed", p.seed, "--overwrite",
-                   "--log_file_only", "--predict_batch_size", 100]
-    target_iters = iters_of(p, delta, p.target_iters)
-    target_budget = ["--k", p.target_k, "--data_seed", p.target_data_seed, "--train_iters", target_iters,
-                     "--learning_rate_list", target_lr, "--bsz_list", p.target_bsz,
-                     *warmup_args, "--valid_interval", p.target_valid_interval,
-                     "--early_stop", p.target_early_stop, "--log_interval", p.target_valid_interval]
-    source_iters = iters_of(p, delta, p.source_iters)
-    source_budget = ["--k", p.source_k, "--data_seed", p.source_data_seed, "--train_iters", source_iters,
-                     "--learning_rate_list", source_lr, "--bsz_list", p.source_bsz,
-                     "--valid_interval", p.source_valid_interval,
-                     "--early_stop", p.source_early_stop, "--log_interval", 50]
+    warmup = None if p.target_warmup == "auto" else int(p.target_warmup)  # None: the trainer's rule
+    backbone = dict(model=p.model, task_dir=p.task_dir, device=p.device, quiet=p.quiet,
+                    max_input_length=p.max_input_length, max_output_length=p.max_output_length)
+    target_data = dict(k=p.target_k, data_seed=p.target_data_seed)
+    target_iters, source_iters = iters_of(p, delta, p.target_iters), iters_of(p, delta, p.source_iters)
+    sweep = dict(**backbone, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
+                 do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100)
+    target_budget = dict(**target_data, train_iters=target_iters, learning_rate_list=[target_lr],
+                         bsz_list=[p.target_bsz], warmup_steps=warmup, valid_interval=p.target_valid_interval,
+                         early_stop=p.target_early_stop, log_interval=p.target_valid_interval)
+    source_budget = dict(k=p.source_k, data_seed=p.source_data_seed, train_iters=source_iters,
+                         learning_rate_list=[source_lr], bsz_list=[p.source_bsz],
+                         valid_interval=p.source_valid_interval, early_stop=p.source_early_stop, log_interval=50)
 
     def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
-        from models.run_folders import run_dir_name
         return out / task / run_dir_name(lr, bsz)
 
-    # Parallel jobs run the same argv in their own process (sweep.script_job); shared result.tsv files are
-    # then put in the order these steps would have written them (sweep.order_result_tsv).
+    # Parallel jobs run the same configuration as a command line in their own process (sweep.script_job);
+    # shared result.tsv files are then put in the order these steps would have written them.
     from sweep import order_result_tsv, script_job
 
     def in_order(out: Path, k: int, data_seed: int, lr: float, bsz: int) -> Callable[[list[str]], None]:
         return lambda tasks: order_result_tsv(out, [(t, str(k), str(data_seed), f"{lr:g}", str(bsz)) for t in tasks])
 
+    def tune_stage(index: int, name: str, steps: list[str], out: Callable[[str], Path],
+                   config: Callable[[str], TuneConfig], finish: Callable[[list[str]], None]) -> None:
+        """A stage of tune.py sweeps, one task each: called here, or run as tune.py jobs."""
+        lr, bsz = config(steps[0]).learning_rate_list[0], config(steps[0]).bsz_list[0]
+        study.stage(index, f"{delta}/{name}", steps,
+                    lambda step: [run_dir(out(step), config(step).tasks[0], lr, bsz)],
+                    lambda step: run_sweep(config(step)),
+                    jobs=lambda step: [script_job(step.replace(".", "/"), "tune.py", config(step).to_argv())],
+                    finish=finish)
+
     src = root / "sources"
-
-    def source_argv(t: str) -> list:
-        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", src, *source_budget]
-
-    study.stage(1, f"{delta}/sources", task_pool, lambda t: [run_dir(src, t, source_lr, p.source_bsz)],
-                lambda t: call(tune.main, source_argv(t)), jobs=lambda t: [script_job(t, "tune.py", source_argv(t))],
-                finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
+    tune_stage(1, "sources", task_pool, lambda _: src,
+               lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
+               finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
     rnd = root / "random"
-
-    def random_argv(t: str) -> list:
-        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", rnd, *target_budget]
-
-    study.stage(2, f"{delta}/random", target_list,
-                lambda t: [run_dir(rnd, t, target_lr, p.target_bsz)],
-                lambda t: call(tune.main, random_argv(t)), jobs=lambda t: [script_job(t, "tune.py", random_argv(t))],
-                finish=in_order(rnd, p.target_k, p.target_data_seed, target_lr, p.target_bsz))
+    tune_stage(2, "random", target_list, lambda _: rnd,
+               lambda t: TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(rnd)),
+               finish=in_order(rnd, p.target_k, p.target_data_seed, target_lr, p.target_bsz))
     tuneall = root / "tuneall"
 
-    def tuneall_argv(t: str, sources: list[str]) -> list:
-        return [*common, "--tasks", t, "--source_tasks", *sources, "--source_ckpt_path", src,
-                "--output_dir", tuneall, "--steps", target_iters, "--learning_rate", target_lr,
-                "--bsz", p.target_bsz, *warmup_args, "--seed", p.seed, "--k", p.target_k,
-                "--data_seed", p.target_data_seed, "--log_file_only"]
+    def tuneall_config(t: str, sources: list[str]) -> TuneAllConfig:
+        return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources, source_ckpt_path=str(src),
+                             output_dir=str(tuneall), steps=target_iters, learning_rate=target_lr,
+                             bsz=p.target_bsz, warmup_steps=warmup, seed=p.seed, log_file_only=True)
 
     study.stage(3, f"{delta}/tuneall", target_list,
                 lambda t: [tuneall / t / s for s in task_pool if s != t],
-                lambda t: call(tune_all.main, tuneall_argv(t, task_pool)),
-                jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py", tuneall_argv(t, [s]))
+                lambda t: run_tune_all(tuneall_config(t, task_pool)),
+                jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py", tuneall_config(t, [s]).to_argv())
                                 for s in task_pool if s != t])
     devall = root / "devall.tsv"
     devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
 
-    def devall_argv(targets: list[str], sources: list[str]) -> list:
-        return [*common, "--tasks", *targets, "--source_tasks", *sources, "--source_ckpt_path", src,
-                "--tuneall_ckpt_path", tuneall, "--output", devall, "--overwrite", "--k", p.target_k, "--data_seed",
-                p.target_data_seed, "--predict_batch_size", 100]
+    def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
+        return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
+                            source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
+                            overwrite=True, merge=merge, predict_batch_size=100)
 
     study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
-                lambda _: call(dev_all.main, devall_argv(target_list, task_pool)),
-                jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py", [*devall_argv([t], [s]), "--merge"])
-                                for t, s in devall_pairs],
-                finish=lambda _: dev_all.keep_pairs(devall, devall_pairs))
+                lambda _: run_dev_all(devall_config(target_list, task_pool)),
+                jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
+                                           devall_config([t], [s], merge=True).to_argv()) for t, s in devall_pairs],
+                finish=lambda _: keep_pairs(devall, devall_pairs))
     similarity = root / "similarity"
     # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
     study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
-                lambda _: call(score.main, [*common, "--overwrite", "--delta", delta, "--metric", *SIMILARITY_METRICS,
-                                            "--tasks", *target_list, "--source_tasks", *task_pool,
-                                            "--source_ckpt_path", src, "--random_tuned_ckpt_path", rnd,
-                                            "--output_dir", similarity, "--k", p.target_k, "--data_seed",
-                                            p.target_data_seed, "--max_examples", p.max_examples,
-                                            "--init_seed", p.seed]))
+                lambda _: run_similarity(SimilarityConfig(
+                    **backbone, **target_data, overwrite=True, delta=delta, metric=list(SIMILARITY_METRICS),
+                    tasks=target_list, source_tasks=task_pool, source_ckpt_path=str(src),
+                    random_tuned_ckpt_path=str(rnd), output_dir=str(similarity), max_examples=p.max_examples,
+                    init_seed=p.seed)))
     fused = root / "fused"
     fusion_list = words(p.fusions)
 
@@ -331,24 +320,19 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     study.stage(6, f"{delta}/fusion", fusion_list,
                 lambda m: [fused / m / fused_dir_name(t) for t in target_list], fuse)
     transfer = root / "transfer"
-    steps = [f"{m}.{t}" for m in fusion_list for t in target_list]
-
-    def transfer_argv(mt: str) -> list:
-        m, t = mt.split(".")
-        return ["--do_train", "--do_predict", *tune_common, "--tasks", t, "--output_dir", transfer / m,
-                *target_budget, "--train_checkpoint", fused / m / fused_dir_name(t)]
 
     def transfer_in_order(done: list[str]) -> None:
         for m in dict.fromkeys(mt.split(".")[0] for mt in done):
             in_order(transfer / m, p.target_k, p.target_data_seed, target_lr, p.target_bsz)(
                 [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
 
-    study.stage(7, f"{delta}/transfer", steps,
-                lambda mt: [run_dir(transfer / mt.split(".")[0], mt.split(".")[1], target_lr,
-                                    p.target_bsz)],
-                lambda mt: call(tune.main, transfer_argv(mt)),
-                jobs=lambda mt: [script_job(mt.replace(".", "/"), "tune.py", transfer_argv(mt))],
-                finish=transfer_in_order)
+    def transfer_config(mt: str) -> TuneConfig:
+        m, t = mt.split(".")
+        return TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(transfer / m),
+                          train_checkpoint=str(fused / m / fused_dir_name(t)))
+
+    tune_stage(7, "transfer", [f"{m}.{t}" for m in fusion_list for t in target_list],
+               lambda mt: transfer / mt.split(".")[0], transfer_config, finish=transfer_in_order)
     pairs = root / "pairs.tsv"
     study.stage(8, f"{delta}/pairs", ["all"], lambda _: [pairs],
                 lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, pairs))

@@ -69,12 +69,13 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
 def plan_tune(argv: list[str]) -> Plan:
     import tune
     from models.run_folders import run_dir_name
+    from models.tuning import check_inputs
 
-    args = tune.build_parser().parse_args(argv)
+    config = tune.config_from_args(tune.build_parser().parse_args(argv))
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.
-    inputs = tune.check_inputs(args)
-    out, k, seed = inputs.output_dir, str(args.k), str(args.data_seed)
-    if not args.do_train:
+    inputs = check_inputs(config)
+    out, k, seed = inputs.output_dir, str(config.k), str(config.data_seed)
+    if not config.do_train:
         jobs = [script_job(f"{t}/predict", "tune.py", [*argv, "--tasks", t]) for t in inputs.tasks]
         keys = [(t, k, seed, "-", "-") for t in inputs.tasks]
     else:

@@ -1,24 +1,26 @@
 """Named task lists. Every script that takes ``--tasks`` (or ``TASKS=``) accepts these names or task names.
 
 The bundled synthetic suite comes with one list per family; its families are also its manual
-categories (what the "manual division" fusion method averages within). Real CrossFit lists are
-given for the paper's setting on a GPU box.
+categories (what the "manual division" fusion method averages within). They are written out here, as
+plain lists a user edits, and tests/test_synthetic_suite.py checks them against the generator's own
+families (dataloader/synthetic.py). Real CrossFit lists are given for the paper's setting on a GPU box.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dataloader.synthetic import FAMILIES
 from utils.errors import UserInputError
 
-# --- the bundled synthetic suite (data/synthetic) -------------------------------------------------
-SENTIMENT_TASKS = FAMILIES["sentiment"]
-TOPIC_TASKS = FAMILIES["topic"]
-LOOKUP_TASKS = FAMILIES["lookup"]
-ENTAIL_TASKS = FAMILIES["entail"]
-EXTRACT_TASKS = FAMILIES["extract"]
-ALL_TASKS = SENTIMENT_TASKS + TOPIC_TASKS + LOOKUP_TASKS + ENTAIL_TASKS + EXTRACT_TASKS
+# --- the bundled synthetic suite (data/synthetic), one list per family --------------------------------
+SENTIMENT_TASKS = ["sent_review", "sent_tweet", "sent_satisfied", "sent_stars"]
+TOPIC_TASKS = ["topic_news", "topic_numbered", "topic_places", "topic_truefalse"]
+LOOKUP_TASKS = ["qa_which", "qa_short", "qa_records", "qa_story"]
+ENTAIL_TASKS = ["nli_support", "nli_truefalse", "nli_entail", "nli_consistent"]
+EXTRACT_TASKS = ["ext_animals", "ext_colours", "ext_food", "ext_names"]
+FAMILIES: dict[str, list[str]] = {"sentiment": SENTIMENT_TASKS, "topic": TOPIC_TASKS, "lookup": LOOKUP_TASKS,
+                                  "entail": ENTAIL_TASKS, "extract": EXTRACT_TASKS}
+ALL_TASKS = [task for tasks in FAMILIES.values() for task in tasks]
 # One task per family: the small default of the tuning scripts.
 SAMPLE_TASKS = [tasks[0] for tasks in FAMILIES.values()]
 

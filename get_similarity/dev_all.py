@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +43,7 @@ from get_similarity.tune_all import (
     load_sources,
     read_tuned,
 )
-from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
+from models.backbone import BackboneDataConfig, add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
 from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
 from models.evaluate import evaluate
 from models.formats import load_delta_checkpoint
@@ -51,24 +52,46 @@ from models.seq2seq import encode_examples
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
+from utils.params import config_from, field_defaults, flags_of
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
 
+@dataclass(kw_only=True)
+class DevAllConfig(BackboneDataConfig):
+    """One dev-all run: the dev score of every source module on every target, zero-shot and after tune-all."""
+
+    source_ckpt_path: str
+    output: str
+    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
+    source_tasks: list[str] | None = None
+    tuneall_ckpt_path: str | None = None
+    tune_method: str | None = None
+    predict_batch_size: int = 64
+    num_beams: int = 1
+    bf16: bool = False
+    overwrite: bool = False
+    merge: bool = False
+
+    def to_argv(self) -> list[str]:
+        """dev_all.py flags that give this config back."""
+        return flags_of(vars(self), DevAllConfig(source_ckpt_path="", output=""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["SAMPLE_TASKS"], help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+", default=None,
+    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+",
                    help="sources (default: --tasks); a target is never scored with its own module")
     p.add_argument("--source_ckpt_path", required=True,
                    help="folder holding one source module per task: {source_ckpt_path}/{source}")
-    p.add_argument("--tuneall_ckpt_path", default=None,
+    p.add_argument("--tuneall_ckpt_path",
                    help="tune_all.py's --output_dir: tuned modules at {tuneall_ckpt_path}/{target}/{source}")
     p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
-    p.add_argument("--tune_method", default=None,
+    p.add_argument("--tune_method",
                    help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (with --merge: the rows of this run's pairs)")
@@ -76,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace this run's rows in an existing --output and keep its other rows (under a file "
                         "lock): parallel jobs that each score some pairs share one table")
     add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(DevAllConfig))
     return p
 
 
@@ -125,53 +149,58 @@ def fmt(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_positive({"--k": args.k, "--max_input_length": args.max_input_length,
-                    "--max_output_length": args.max_output_length, "--predict_batch_size": args.predict_batch_size,
-                    "--num_beams": args.num_beams})
-    if args.tune_method is not None and args.tune_method not in METHODS:
-        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {args.tune_method!r}")
-    if args.quiet:
+    run_dev_all(config_from(DevAllConfig, build_parser().parse_args(argv)))
+    return 0
+
+
+def run_dev_all(config: DevAllConfig) -> None:
+    """Score every pair and write the table; everything that can be wrong is checked before the first generation."""
+    check_positive({"--k": config.k, "--max_input_length": config.max_input_length,
+                    "--max_output_length": config.max_output_length, "--predict_batch_size": config.predict_batch_size,
+                    "--num_beams": config.num_beams})
+    if config.tune_method is not None and config.tune_method not in METHODS:
+        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
+    if config.quiet:
         quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first generation.
-    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
-    source_names = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else targets
+    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
+    source_names = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
-    output = Path(args.output)
+    output = Path(config.output)
     if output.is_dir():
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
-    if args.merge and output.is_file():
+    if config.merge and output.is_file():
         read_rows(output)  # refuse a table it cannot merge into before scoring anything
-    if not args.overwrite:
-        check_no_earlier_rows(output, pairs, args.merge)
-    raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["dev"])["dev"] for t in targets}
+    if not config.overwrite:
+        check_no_earlier_rows(output, pairs, config.merge)
+    raw = {t: load_task(task_dir, t, config.k, config.data_seed, ["dev"])["dev"] for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
-    cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
+    cfg, sources = load_sources(config.source_ckpt_path, source_names, config.tune_method)
     tuned: dict[tuple[str, str], Path] = {}  # pairs with a tuned module, and its folder
     metas: dict[tuple[str, str], dict | None] = {}
-    if args.tuneall_ckpt_path is not None:
-        root = Path(args.tuneall_ckpt_path)
+    if config.tuneall_ckpt_path is not None:
+        root = Path(config.tuneall_ckpt_path)
         if not root.is_dir():
             raise UserInputError(f"--tuneall_ckpt_path {root}: folder does not exist")
         metas = {(t, s): read_tuned(root / t / s, t, s) for t, s in pairs}
         tuned = {pair: root / pair[0] / pair[1] for pair, meta in metas.items() if meta is not None}
 
-    device = torch.device(pick_device(args.device))
-    model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
+    device = torch.device(pick_device(config.device))
+    model, tokenizer = load_backbone(config.model, config.tokenizer_path, device)
     fingerprint = backbone_fingerprint(model)
     attach_delta(model, cfg)
     model.to(device)
     check_sources_fit(model, cfg, fingerprint, sources)
     for (t, s), folder in tuned.items():
         check_compatible(metas[(t, s)], cfg, fingerprint, str(folder))
-    dev = {t: encode_examples(tokenizer, raw[t], args.max_input_length, args.max_output_length) for t in targets}
+    dev = {t: encode_examples(tokenizer, raw[t], config.max_input_length, config.max_output_length) for t in targets}
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
           f"{cfg.describe()} ({device}); output {output}", flush=True)
 
     def score(target: str) -> float:
-        result, _ = evaluate(model, tokenizer, dev[target], metrics[target], args.predict_batch_size,
-                             args.max_output_length, args.num_beams, bf16=args.bf16)
+        result, _ = evaluate(model, tokenizer, dev[target], metrics[target], config.predict_batch_size,
+                             config.max_output_length, config.num_beams, bf16=config.bf16)
         return result
 
     zero_shot: dict[tuple[str, str], float] = {}
@@ -192,12 +221,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [[t, s, fmt(zero_shot[(t, s)]), fmt(after.get((t, s)))] for t, s in pairs]
     output.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge:
+    if config.merge:
         merge_rows(output, rows)
     else:
         write_tsv_atomic(output, COLUMNS, rows)
     print(f"wrote {len(rows)} row(s) to {output}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

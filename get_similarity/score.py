@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script (python get_similarity/score.py
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -54,6 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
 from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
 from models.backbone import (  # noqa: E402
+    BackboneDataConfig,
     add_backbone_and_data_args,
     load_backbone,
     pick_device,  # noqa: E402
@@ -78,9 +79,29 @@ from models.seq2seq import EncodedTask, encode_examples, first_output_batches, t
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
+from utils.params import config_from, field_defaults  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
+
+
+@dataclass(kw_only=True)
+class SimilarityConfig(BackboneDataConfig):
+    """One scoring run: ``metric`` of every source module on every target's ``split``, leave-one-out."""
+
+    delta: str
+    metric: list[str]
+    source_ckpt_path: str
+    tasks: list[str] = field(default_factory=lambda: ["ALL_TASKS"])
+    source_tasks: list[str] | None = None
+    random_tuned_ckpt_path: str | None = None
+    split: str = "dev"
+    max_examples: int | None = None
+    batch_size: int = 32
+    granularity: str = "model"
+    init_seed: int = 42
+    output_dir: str = "runs/similarity"
+    overwrite: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,24 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
     p.add_argument("--metric", nargs="+", required=True,
                    help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
-    p.add_argument("--tasks", nargs="+", default=["ALL_TASKS"], help="target tasks or named lists (task_list.py)")
-    p.add_argument("--source_tasks", nargs="+", default=None,
+    p.add_argument("--tasks", nargs="+", help="target tasks or named lists (task_list.py)")
+    p.add_argument("--source_tasks", nargs="+",
                    help="source tasks (default: --tasks); a target is never its own source")
     p.add_argument("--source_ckpt_path", required=True,
                    help="folder holding one checkpoint (or tune.py task folder) per source task: PATH/{task}")
-    p.add_argument("--random_tuned_ckpt_path", default=None,
+    p.add_argument("--random_tuned_ckpt_path",
                    help="KL only: PATH/{target} holds the module tuned from random init on the target")
-    p.add_argument("--split", default="dev", choices=SPLITS, help="the target split to score on (D_t)")
-    p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
-    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass")
-    p.add_argument("--granularity", default="model", choices=GRANULARITIES,
+    p.add_argument("--split", choices=SPLITS, help="the target split to score on (D_t)")
+    p.add_argument("--max_examples", type=int, help="use only the first N examples of the split")
+    p.add_argument("--batch_size", type=int, help="examples per forward pass")
+    p.add_argument("--granularity", choices=GRANULARITIES,
                    help="score the whole module (model), per stack (block) or per layer")
-    p.add_argument("--init_seed", type=int, default=42,
+    p.add_argument("--init_seed", type=int,
                    help="seed of the initial delta state that groups outside the scored one are reset to")
-    p.add_argument("--output_dir", default="runs/similarity", help="result.tsv is written (or updated) here")
+    p.add_argument("--output_dir", help="result.tsv is written (or updated) here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
     add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(SimilarityConfig))
     return p
 
 
@@ -218,19 +240,20 @@ def inspect_module(root: str, task: str, flag: str) -> Module:
     return Module(task, folder, shapes, meta, flag)
 
 
-def check_args(args: argparse.Namespace) -> list[Metric]:
-    metrics = resolve_metrics(args.metric)
-    for flag, value in {"--k": args.k, "--batch_size": args.batch_size, "--max_input_length": args.max_input_length,
-                        "--max_output_length": args.max_output_length}.items():
+def check_args(config: SimilarityConfig) -> list[Metric]:
+    metrics = resolve_metrics(config.metric)
+    for flag, value in {"--k": config.k, "--batch_size": config.batch_size,
+                        "--max_input_length": config.max_input_length,
+                        "--max_output_length": config.max_output_length}.items():
         if value <= 0:
             raise UserInputError(f"{flag}: expected a positive integer, found {value}")
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise UserInputError(f"--max_examples: expected a positive integer, found {args.max_examples}")
+    if config.max_examples is not None and config.max_examples <= 0:
+        raise UserInputError(f"--max_examples: expected a positive integer, found {config.max_examples}")
     needs_ref = [m.name for m in metrics if m.needs_reference]
-    if needs_ref and not args.random_tuned_ckpt_path:
+    if needs_ref and not config.random_tuned_ckpt_path:
         raise UserInputError(f"--random_tuned_ckpt_path is required for {', '.join(needs_ref)} (the module tuned "
                              "from random init on each target gives the reference distribution)")
-    out = check_output_folder(args.output_dir)
+    out = check_output_folder(config.output_dir)
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
     read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
@@ -268,11 +291,11 @@ def merge_rows(old: list[list[str]], new: list[list]) -> list[list]:
     return [row for row in old if tuple(row[:4]) not in keys] + new
 
 
-def load_targets(args: argparse.Namespace, targets: list[str]) -> dict[str, list[Example]]:
+def load_targets(config: SimilarityConfig, targets: list[str]) -> dict[str, list[Example]]:
     data = {}
     for t in targets:
-        examples = load_task(args.task_dir, t, args.k, args.data_seed, [args.split])[args.split]
-        data[t] = examples[: args.max_examples] if args.max_examples else examples
+        examples = load_task(config.task_dir, t, config.k, config.data_seed, [config.split])[config.split]
+        data[t] = examples[: config.max_examples] if config.max_examples else examples
     return data
 
 
@@ -282,49 +305,54 @@ def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.quiet:
+    run_similarity(config_from(SimilarityConfig, build_parser().parse_args(argv)))
+    return 0
+
+
+def run_similarity(config: SimilarityConfig) -> None:
+    """Score every (target, source) pair and merge the rows into result.tsv; inputs checked before any scoring."""
+    if config.quiet:
         quiet_libraries()
-    metrics = check_args(args)
+    metrics = check_args(config)
 
     # Everything that can be wrong with the input is checked before any scoring and any writing.
-    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
-    source_tasks = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else list(targets)
+    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
+    source_tasks = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else list(targets)
     plan = {t: [s for s in source_tasks if s != t] for t in targets}  # leave-one-out
     lonely = [t for t, sources in plan.items() if not sources]
     if lonely:
         raise UserInputError(f"--source_tasks: target {lonely[0]} has no source other than itself")
-    examples = load_targets(args, targets)
+    examples = load_targets(config, targets)
     needed = [s for s in source_tasks if any(s in sources for sources in plan.values())]
-    sources = {s: inspect_module(args.source_ckpt_path, s, "--source_ckpt_path") for s in needed}
+    sources = {s: inspect_module(config.source_ckpt_path, s, "--source_ckpt_path") for s in needed}
     first = sources[needed[0]]
     cfg = DeltaConfig.from_checkpoint_meta(first.meta)
-    if cfg.method != args.delta:
-        raise UserInputError(f"--delta {args.delta}: checkpoint {first.folder} holds a {cfg.method} module")
+    if cfg.method != config.delta:
+        raise UserInputError(f"--delta {config.delta}: checkpoint {first.folder} holds a {cfg.method} module")
     check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"])
     references: dict[str, Module] = {}
     if any(m.needs_reference for m in metrics):
-        references = {t: inspect_module(args.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
+        references = {t: inspect_module(config.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
         check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"])
 
-    device = torch.device(pick_device(args.device))
-    model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
+    device = torch.device(pick_device(config.device))
+    model, tokenizer = load_backbone(config.model, config.tokenizer_path, device)
     check_compatible(first.meta, cfg, backbone_fingerprint(model), str(first.folder))
-    torch.manual_seed(args.init_seed)
+    torch.manual_seed(config.init_seed)
     attach_delta(model, cfg)
     model.to(device)
     init_state = delta_state_dict(model)
     for module in [*sources.values(), *references.values()]:
         check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
-    scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, args.granularity, args.batch_size)
-    if not args.overwrite:
-        check_no_earlier_rows(Path(args.output_dir) / RESULT_FILE,
+    scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, config.granularity, config.batch_size)
+    if not config.overwrite:
+        check_no_earlier_rows(Path(config.output_dir) / RESULT_FILE,
                               {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics
                                for g in scorer.groups})
-    encoded = {t: encode_examples(tokenizer, ex, args.max_input_length, args.max_output_length)
+    encoded = {t: encode_examples(tokenizer, ex, config.max_input_length, config.max_output_length)
                for t, ex in examples.items()}
     print(f"{len(targets)} target(s) x {len(needed)} source(s), metrics {', '.join(m.name for m in metrics)}, "
-          f"{cfg.describe()}, granularity {args.granularity} ({len(scorer.groups)} group(s)), device {device}",
+          f"{cfg.describe()}, granularity {config.granularity} ({len(scorer.groups)} group(s)), device {device}",
           flush=True)
 
     rows: list[list] = []
@@ -342,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in metrics:
                 rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
 
-    out = Path(args.output_dir)
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / f".{RESULT_FILE}.lock"):  # parallel jobs writing other targets into one file
         merged = merge_rows(read_result(out / RESULT_FILE), rows)
@@ -350,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
     kept = len(merged) - len(rows)
     print(f"{len(rows)} rows -> {out / RESULT_FILE}{f' ({kept} earlier rows kept)' if kept else ''}; "
           f"{seconds / pairs:.3f} s per source per target", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/tune_all.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
-from models.backbone import add_backbone_and_data_args, quiet_libraries
+from models.backbone import BackboneDataConfig, add_backbone_and_data_args, quiet_libraries
 from models.delta import (
     CONFIG_FILE,
     METHODS,
@@ -56,36 +57,65 @@ from models.trainer import RunLog, TaskData, TrainConfig, Trainer, default_warmu
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import check_output_folder
+from utils.params import config_from, field_defaults, flags_of
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
 SETTINGS = ("steps", "lr", "bsz", "warmup_steps", "seed", "k", "data_seed")
 
 
+@dataclass(kw_only=True)
+class TuneAllConfig(BackboneDataConfig):
+    """One tune-all run: every (target, source) pair of ``tasks`` x ``source_tasks``, leave-one-out."""
+
+    source_ckpt_path: str
+    output_dir: str
+    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
+    source_tasks: list[str] | None = None
+    tune_method: str | None = None
+    steps: int = 200
+    learning_rate: float = 5e-4
+    bsz: int = 8
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    overwrite: bool = False
+    predict_batch_size: int = 64
+    num_beams: int = 1
+    bf16: bool = False
+    log_file_only: bool = False
+
+    def to_argv(self) -> list[str]:
+        """tune_all.py flags that give this config back."""
+        return flags_of(vars(self), TuneAllConfig(source_ckpt_path="", output_dir=""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["SAMPLE_TASKS"], help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+", default=None,
+    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+",
                    help="sources (default: --tasks); a target is never tuned from itself")
     p.add_argument("--source_ckpt_path", required=True,
                    help="folder holding one source module per task: {source_ckpt_path}/{source}")
     p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
-    p.add_argument("--tune_method", default=None,
+    p.add_argument("--tune_method",
                    help=f"expected method of the sources ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--steps", type=int, default=200, help="training steps per (target, source) pair")
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--bsz", type=int, default=8, help="training batch size")
-    p.add_argument("--warmup_steps", type=int, default=None,
+    p.add_argument("--steps", type=int, help="training steps per (target, source) pair")
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--bsz", type=int, help="training batch size")
+    p.add_argument("--warmup_steps", type=int,
                    help="linear warm-up steps, then linear decay to 0 (default: a tenth of --steps)")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42, help="seed of batching and dropout (same for every pair)")
+    p.add_argument("--weight_decay", type=float)
+    p.add_argument("--max_grad_norm", type=float)
+    p.add_argument("--seed", type=int, help="seed of batching and dropout (same for every pair)")
     p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
-    p.add_argument("--predict_batch_size", type=int, default=64, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
     add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(TuneAllConfig))
     return p
 
 
@@ -173,52 +203,57 @@ def read_tuned(folder: Path, target: str, source: str) -> dict[str, Any] | None:
 # Training
 
 
-def pair_train_config(args: argparse.Namespace) -> TrainConfig:
+def pair_train_config(config: TuneAllConfig) -> TrainConfig:
     """tune.py's run for one pair: train --steps steps, validate once at the end, keep the last module."""
     return TrainConfig(
-        model=args.model, tokenizer_path=args.tokenizer_path, device=args.device, bf16=args.bf16,
-        k=args.k, data_seed=args.data_seed, seed=args.seed,
-        max_input_length=args.max_input_length, max_output_length=args.max_output_length,
-        predict_batch_size=args.predict_batch_size, num_beams=args.num_beams,
-        train_iters=args.steps, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, valid_interval=args.steps, log_interval=args.steps,
+        model=config.model, tokenizer_path=config.tokenizer_path, device=config.device, bf16=config.bf16,
+        k=config.k, data_seed=config.data_seed, seed=config.seed,
+        max_input_length=config.max_input_length, max_output_length=config.max_output_length,
+        predict_batch_size=config.predict_batch_size, num_beams=config.num_beams,
+        train_iters=config.steps, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, valid_interval=config.steps, log_interval=config.steps,
         early_stop=0, save_last=True,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_positive({"--steps": args.steps, "--learning_rate": args.learning_rate, "--bsz": args.bsz,
-                    "--k": args.k, "--max_input_length": args.max_input_length,
-                    "--max_output_length": args.max_output_length, "--predict_batch_size": args.predict_batch_size,
-                    "--num_beams": args.num_beams})
-    if args.warmup_steps is None:
-        args.warmup_steps = default_warmup(args.steps)
-    for flag, v in {"--warmup_steps": args.warmup_steps, "--weight_decay": args.weight_decay,
-                    "--max_grad_norm": args.max_grad_norm}.items():
+    run_tune_all(config_from(TuneAllConfig, build_parser().parse_args(argv)))
+    return 0
+
+
+def run_tune_all(config: TuneAllConfig) -> None:
+    """Tune every pair not tuned yet; everything that can be wrong is checked before the first step."""
+    check_positive({"--steps": config.steps, "--learning_rate": config.learning_rate, "--bsz": config.bsz,
+                    "--k": config.k, "--max_input_length": config.max_input_length,
+                    "--max_output_length": config.max_output_length, "--predict_batch_size": config.predict_batch_size,
+                    "--num_beams": config.num_beams})
+    if config.warmup_steps is None:  # the trainer's rule, made explicit: the modules record it
+        config = dataclasses.replace(config, warmup_steps=default_warmup(config.steps))
+    for flag, v in {"--warmup_steps": config.warmup_steps, "--weight_decay": config.weight_decay,
+                    "--max_grad_norm": config.max_grad_norm}.items():
         if not math.isfinite(v) or v < 0:
             raise UserInputError(f"{flag}: expected zero or more, found {v:g}")
-    if args.tune_method is not None and args.tune_method not in METHODS:
-        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {args.tune_method!r}")
-    if args.quiet:
+    if config.tune_method is not None and config.tune_method not in METHODS:
+        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
+    if config.quiet:
         quiet_libraries()
 
     # Everything that can be wrong with the input is checked before the first file is written.
-    task_dir, targets = resolve_tasks_in(args.task_dir, args.tasks)
+    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
     # Sources need a module, not data: any name goes, a missing module is reported below.
-    source_names = resolve_tasks(args.source_tasks, flag="--source_tasks") if args.source_tasks else targets
+    source_names = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
-    raw = {t: load_task(task_dir, t, args.k, args.data_seed, ["train", "dev"]) for t in targets}
+    raw = {t: load_task(task_dir, t, config.k, config.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
-    cfg, sources = load_sources(args.source_ckpt_path, source_names, args.tune_method)
-    output_dir = check_output_folder(args.output_dir)
-    settings = {"steps": args.steps, "lr": args.learning_rate, "bsz": args.bsz, "warmup_steps": args.warmup_steps,
-                "seed": args.seed, "k": args.k, "data_seed": args.data_seed}
+    cfg, sources = load_sources(config.source_ckpt_path, source_names, config.tune_method)
+    output_dir = check_output_folder(config.output_dir)
+    settings = {"steps": config.steps, "lr": config.learning_rate, "bsz": config.bsz,
+                "warmup_steps": config.warmup_steps, "seed": config.seed, "k": config.k, "data_seed": config.data_seed}
     # With --overwrite an existing module is replaced unread (it may be the broken one being redone).
-    existing = {(t, s): None if args.overwrite and is_tuned(output_dir / t / s) else
+    existing = {(t, s): None if config.overwrite and is_tuned(output_dir / t / s) else
                 read_tuned(output_dir / t / s, t, s) for t, s in pairs}
 
-    trainer = Trainer(pair_train_config(args), cfg)  # loads the backbone, once
+    trainer = Trainer(pair_train_config(config), cfg)  # loads the backbone, once
     check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources)
     todo = []
     for (t, s), meta in existing.items():
@@ -237,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), "
           f"{len(pairs) - len(todo)} already tuned: {cfg.describe()} on {trainer.backbone} ({trainer.device}), "
-          f"{args.steps} steps each; output in {output_dir}", flush=True)
-    log = RunLog(output_dir / "tune_all.log", console=not args.log_file_only)
+          f"{config.steps} steps each; output in {output_dir}", flush=True)
+    log = RunLog(output_dir / "tune_all.log", console=not config.log_file_only)
     start = time.time()
     try:
         for t, s in tqdm(todo, desc="pairs", disable=not todo):
@@ -247,19 +282,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"target {t} <- source {s}: {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev examples")
             # tune.py's own files for the run (curve, its checkpoint) are not kept: the module is saved below.
             with tempfile.TemporaryDirectory(prefix="tune_all-") as scratch:
-                result = trainer.train(data[t], args.learning_rate, args.bsz, log, Path(scratch))
+                result = trainer.train(data[t], config.learning_rate, config.bsz, log, Path(scratch))
             tensors = delta_state_dict(trainer.model)  # with save_last the model holds the last step's module
             save_delta_checkpoint(output_dir / t / s, tensors, cfg, trainer.backbone, trainer.fingerprint, task=t,
                                   metric=metrics[t], score=result.dev, step=result.best_step,
                                   extra={"source": s, **settings, "dev": result.dev, "init": str(sources[s].folder)})
-            log(f"target {t} <- source {s}: dev {metrics[t]} {result.dev:.4f} after {args.steps} steps "
+            log(f"target {t} <- source {s}: dev {metrics[t]} {result.dev:.4f} after {config.steps} steps "
                 f"({time.time() - pair_start:.1f}s)")
     finally:
         log.close()
     if todo:
         elapsed = time.time() - start
         print(f"tuned {len(todo)} pair(s) in {elapsed:.1f}s ({elapsed / len(todo):.2f}s per pair)", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -131,16 +132,37 @@ def quiet_libraries() -> None:
     logging.getLogger("adapters").setLevel(logging.ERROR)
 
 
-def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
-    """The flags every script that loads the backbone and reads few-shot files shares, with one set of defaults."""
+def default_task_dir() -> str:
+    """The bundled synthetic suite (imported late: loading a backbone needs no data module)."""
     from dataloader.synthetic import SUITE_DIR
 
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="T5 folder or hub id (default: embedded)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
-    p.add_argument("--task_dir", default=str(SUITE_DIR), help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=16, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=100, help="data seed: picks the few-shot files")
-    p.add_argument("--max_input_length", type=int, default=256)
-    p.add_argument("--max_output_length", type=int, default=32, help="also the generation length")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    return str(SUITE_DIR)
+
+
+@dataclass(kw_only=True)
+class BackboneDataConfig:
+    """The settings every entry point that loads the backbone and reads few-shot files shares."""
+
+    model: str = str(DEFAULT_MODEL_DIR)
+    tokenizer_path: str | None = None
+    task_dir: str = field(default_factory=default_task_dir)
+    k: int = 16
+    data_seed: int = 100
+    max_input_length: int = 256
+    max_output_length: int = 32
+    device: str = "auto"
+    quiet: bool = False
+
+
+def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``BackboneDataConfig``, with its defaults."""
+    D = BackboneDataConfig()
+    p.add_argument("--model", default=D.model, help="T5 folder or hub id (default: embedded)")
+    p.add_argument("--tokenizer_path", default=D.tokenizer_path, help="tokenizer folder or hub id (default: --model)")
+    p.add_argument("--task_dir", default=D.task_dir, help="CrossFit-layout data folder")
+    p.add_argument("--k", type=int, default=D.k, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
+    p.add_argument("--data_seed", type=int, default=D.data_seed, help="data seed: picks the few-shot files")
+    p.add_argument("--max_input_length", type=int, default=D.max_input_length)
+    p.add_argument("--max_output_length", type=int, default=D.max_output_length, help="also the generation length")
+    p.add_argument("--device", default=D.device, help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")

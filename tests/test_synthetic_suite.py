@@ -29,6 +29,7 @@ def test_families_tasks_and_metrics():
     assert metrics <= set(METRICS)
     assert task_list.ALL_TASKS == [spec.name for spec in SUITE]
     assert set(task_list.MANUAL_CATEGORIES) == set(task_list.ALL_TASKS)
+    assert task_list.FAMILIES == FAMILIES  # the lists users edit agree with the generator's families
 
 
 def test_splits_sizes_and_test_inputs_never_seen_in_training():

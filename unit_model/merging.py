@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from models.methods import DeltaMethod, method_of, param_group
+from models.methods.base import pair_update
 from models.methods.lora import lora_factor
 from unit_model.merges import DEFAULT_MERGE, MergeOperator, get_merge
 from unit_model.sources import ModuleSource, materialise, read_tensors
@@ -118,12 +119,12 @@ def fuse(
                 total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
                              alpha=source_weights[i][group_of[ka]] * lora_scaling)
         else:
-            total = combine([f[kb].double() @ f[ka].double() * lora_scaling for f in gather((ka, kb))], ka)
+            total = combine([pair_update(f[ka], f[kb], lora_scaling) for f in gather((ka, kb))], ka)
         norm = float(torch.linalg.matrix_norm(total))
         if norm == 0.0:
             continue  # keep the parameter merge: zero factors would never train
         b, a = lora_factor(total, ref[ka][0][0], lora_scaling)
-        err = float(torch.linalg.matrix_norm(total - b @ a * lora_scaling))
+        err = float(torch.linalg.matrix_norm(total - pair_update(a, b, lora_scaling)))
         fused[ka], fused[kb] = a.to(ref[ka][1]), b.to(ref[kb][1])
         err_sq, norm_sq, worst = err_sq + err**2, norm_sq + norm**2, max(worst, err / norm)
     info["lora_truncation_error"] = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0

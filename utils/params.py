@@ -61,3 +61,43 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))
     return args
+
+
+def flags_of(values: Mapping[str, Any], defaults: Any = None) -> list[str]:
+    """``--name value`` flags for a config's ``values`` (the inverse of argparse with dests named after fields).
+
+    None is left out, True is a bare ``--name`` (store_true), False is left out, a list gives its items after
+    one flag. A value equal to the attribute of the same name on ``defaults`` is left out too, so the
+    command line a job runs shows only what differs from the entry point's defaults.
+    """
+    argv: list[str] = []
+    for name, value in values.items():
+        if value is None or value is False or (defaults is not None and getattr(defaults, name, object()) == value):
+            continue
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, list | tuple):
+            argv += [f"--{name}", *(repr(v) if isinstance(v, float) else str(v) for v in value)]
+        else:
+            argv += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's field defaults (factories called), for ``parser.set_defaults``: one set of defaults."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def config_from(cls: type, values: Any) -> Any:
+    """A dataclass built from the attributes of the same names on ``values`` (e.g. parsed flags)."""
+    from dataclasses import fields
+
+    return cls(**{f.name: getattr(values, f.name) for f in fields(cls)})

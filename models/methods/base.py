@@ -118,8 +118,13 @@ class DeltaMethod:
         out = {k: v for k, v in tensors.items() if k not in paired}
         scale = self.scaling(sizes)
         for name, (a, b) in pairs.items():
-            out[name] = tensors[b].double() @ tensors[a].double() * scale
+            out[name] = pair_update(tensors[a], tensors[b], scale)
         return out
+
+
+def pair_update(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One factor pair's update ΔW = B·A·scaling, in float64."""
+    return b.double() @ a.double() * scaling
 
 
 def block_group(name: str, granularity: str) -> str:
