@@ -78,11 +78,16 @@ prefix_mlp = _SIZES["prefix"]["prefix_mlp"]
 # scale applies to the sources and to every target arm, so the arms of one method stay on equal footing.
 prefix_iters_scale = 4  # prefix tuning learns slower: its source and target budgets are this many times longer
 ia3_lr_scale = 10  # (IA)³ rescales activations from 1: at 3e-3 it barely moves in 200 steps (0.62 vs 0.98)
-# fusion
+# fusion: every method's scores are standardised per target (zscore) before softmax(./tem), so one
+# temperature means the same for all; weight_norm none is the original's raw scores, for which it used
+# T = 0.1 for the similarity metrics and Euclidean and 0.001 for Performance and cos (cos_tem applies then)
 tem = 1.0
-cos_tem = 0.05  # cosines live in [-1, 1]: a small temperature keeps them from giving uniform weights
+weight_norm = "zscore"  # zscore | rank | none
+cos_tem = 0.05  # weight_norm none only: cosines live in [-1, 1], where T = 1 would give uniform weights
 lora_combine = "delta_w"
 max_examples = 64  # dev examples scored by each similarity metric
+transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them
+bf16 = False  # bf16 autocast on GPU in every stage that runs the backbone
 device = "auto"
 quiet = True
 # scale-out (sweep.py's launcher): stages 1, 2, 3, 4 and 7 as one process per job
@@ -213,6 +218,18 @@ def lr_of(p, delta: str, lr: float) -> float:
     return lr * getattr(p, f"{delta}_lr_scale", 1)
 
 
+def needed_stages(fusions: list[str], transferability: bool) -> dict[str, bool]:
+    """Which optional stages the requested fusions and reports read; the others are skipped.
+
+    Tune-all and dev-all serve Euclidean, Performance and the transferability report; the pairs stage only
+    that report; the similarity stage only the similarity-metric fusions. Sources, random init (the baseline,
+    and KL's and cos's reference), fusion and transfer always run.
+    """
+    tuneall = transferability or any(f in ("Euclidean", "Performance") for f in fusions)
+    return {"tuneall": tuneall, "devall": tuneall, "pairs": transferability,
+            "similarity": any(f in SIMILARITY_METRICS for f in fusions)}
+
+
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
     from get_similarity.dev_all import DevAllConfig, keep_pairs, run_dev_all
     from get_similarity.score import SimilarityConfig, run_similarity
@@ -224,13 +241,20 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     from unit_model.sources import fused_dir_name
 
     p, root = study.p, study.root / delta
+    fusion_list = words(p.fusions)
+    needed = needed_stages(fusion_list, p.transferability)
+
+    def skip(index: int, name: str) -> None:
+        say(f"[{index}/8] {delta}/{name}: skipped (no requested fusion or report reads it)")
+
     source_lr, target_lr = lr_of(p, delta, p.source_lr), lr_of(p, delta, p.target_lr)
     warmup = None if p.target_warmup == "auto" else int(p.target_warmup)  # None: the trainer's rule
     backbone = dict(model=p.model, task_dir=p.task_dir, device=p.device, quiet=p.quiet,
                     max_input_length=p.max_input_length, max_output_length=p.max_output_length)
+    sweep_bf16 = dict(bf16=p.bf16)
     target_data = dict(k=p.target_k, data_seed=p.target_data_seed)
     target_iters, source_iters = iters_of(p, delta, p.target_iters), iters_of(p, delta, p.source_iters)
-    sweep = dict(**backbone, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
+    sweep = dict(**backbone, **sweep_bf16, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
                  do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100)
     target_budget = dict(**target_data, train_iters=target_iters, learning_rate_list=[target_lr],
                          bsz_list=[p.target_bsz], warmup_steps=warmup, valid_interval=p.target_valid_interval,
@@ -270,38 +294,52 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     tuneall = root / "tuneall"
 
     def tuneall_config(t: str, sources: list[str]) -> TuneAllConfig:
-        return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources, source_ckpt_path=str(src),
-                             output_dir=str(tuneall), steps=target_iters, learning_rate=target_lr,
-                             bsz=p.target_bsz, warmup_steps=warmup, seed=p.seed, log_file_only=True)
+        return TuneAllConfig(**backbone, **sweep_bf16, **target_data, tasks=[t], source_tasks=sources,
+                             source_ckpt_path=str(src), output_dir=str(tuneall), steps=target_iters,
+                             learning_rate=target_lr, bsz=p.target_bsz, warmup_steps=warmup,
+                             seed=p.seed, log_file_only=True)
 
-    study.stage(3, f"{delta}/tuneall", target_list,
-                lambda t: [tuneall / t / s for s in task_pool if s != t],
-                lambda t: run_tune_all(tuneall_config(t, task_pool)),
-                jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py", tuneall_config(t, [s]).to_argv())
-                                for s in task_pool if s != t])
+    def tuneall_stage() -> None:
+        study.stage(3, f"{delta}/tuneall", target_list,
+                    lambda t: [tuneall / t / s for s in task_pool if s != t],
+                    lambda t: run_tune_all(tuneall_config(t, task_pool)),
+                    jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py",
+                                               tuneall_config(t, [s]).to_argv()) for s in task_pool if s != t])
+
     devall = root / "devall.tsv"
     devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
 
     def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
-        return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
+        return DevAllConfig(**backbone, **sweep_bf16, **target_data, tasks=targets, source_tasks=sources,
                             source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
                             overwrite=True, merge=merge, predict_batch_size=100)
 
-    study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
-                lambda _: run_dev_all(devall_config(target_list, task_pool)),
-                jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
-                                           devall_config([t], [s], merge=True).to_argv()) for t, s in devall_pairs],
-                finish=lambda _: keep_pairs(devall, devall_pairs))
+    def devall_stage() -> None:
+        study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
+                    lambda _: run_dev_all(devall_config(target_list, task_pool)),
+                    jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
+                                               devall_config([t], [s], merge=True).to_argv())
+                                    for t, s in devall_pairs],
+                    finish=lambda _: keep_pairs(devall, devall_pairs))
+
     similarity = root / "similarity"
-    # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
-    study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
-                lambda _: run_similarity(SimilarityConfig(
-                    **backbone, **target_data, overwrite=True, delta=delta, metric=list(SIMILARITY_METRICS),
-                    tasks=target_list, source_tasks=task_pool, source_ckpt_path=str(src),
-                    random_tuned_ckpt_path=str(rnd), output_dir=str(similarity), max_examples=p.max_examples,
-                    init_seed=p.seed)))
+
+    def similarity_stage() -> None:
+        # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
+        config = SimilarityConfig(**backbone, **sweep_bf16, **target_data, overwrite=True, delta=delta,
+                                  metric=list(SIMILARITY_METRICS), tasks=target_list, source_tasks=task_pool,
+                                  source_ckpt_path=str(src), random_tuned_ckpt_path=str(rnd),
+                                  output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed)
+        study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
+                    lambda _: run_similarity(config))
+
+    for index, name, run in ((3, "tuneall", tuneall_stage), (4, "devall", devall_stage),
+                             (5, "similarity", similarity_stage)):
+        if needed[name]:
+            run()
+        else:
+            skip(index, name)
     fused = root / "fused"
-    fusion_list = words(p.fusions)
 
     def fuse(method: str) -> None:
         # The study's fusion names -> a weighting of unit_model/weightings/ and the inputs it reads.
@@ -313,7 +351,9 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
         }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
         config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
-                              save_ckpt_path=str(fused / method), tem=p.cos_tem if method == "cos" else p.tem,
+                              task_dir=p.task_dir,
+                              save_ckpt_path=str(fused / method), weight_norm=p.weight_norm,
+                              tem=p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem,
                               lora_combine=p.lora_combine, overwrite=True, **inputs)
         run_fusion(weighting, config)
 
@@ -334,6 +374,9 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     tune_stage(7, "transfer", [f"{m}.{t}" for m in fusion_list for t in target_list],
                lambda mt: transfer / mt.split(".")[0], transfer_config, finish=transfer_in_order)
     pairs = root / "pairs.tsv"
+    if not needed["pairs"]:
+        skip(8, "pairs")
+        return
     study.stage(8, f"{delta}/pairs", ["all"], lambda _: [pairs],
                 lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, pairs))
 
@@ -367,7 +410,8 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
         if t not in encoded:
             test = load_task(p.task_dir, t, p.target_k, p.target_data_seed, ("test",))["test"]
             encoded[t] = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
-        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, p.max_output_length)
+        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, p.max_output_length,
+                            bf16=p.bf16)
         rows.append([t, s, repr(score)])
     write_tsv_atomic(out, ["target", "source", "test"], rows)
 
@@ -396,6 +440,17 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
         metric_for_task(t, task_dir)
     for t in target_list:
         load_task(task_dir, t, p.target_k, p.target_data_seed, SPLITS)
+    if "manual" in words(p.fusions):  # 'manual division' needs a category with another task for every target
+        from task_list import task_categories
+        from unit_model.sources import category_sources
+
+        categories = task_categories(p.task_dir)
+        for t in target_list:
+            try:
+                category_sources(t, task_pool, categories)
+            except UserInputError as e:
+                raise UserInputError(f"--fusions manual: {e}; give the task folder a task_categories.tsv "
+                                     "(columns task, category) or drop manual from --fusions") from None
     model = Path(p.model).expanduser()
     if model.exists() and not (model / "config.json").is_file():
         raise UserInputError(f"--model {p.model}: expected a model folder with config.json")
@@ -415,7 +470,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from task_list import resolve_tasks
+    from task_list import resolve_tasks, task_categories
     from unit_model.fusion import CHOICES, HELP, LIST_PARAMS
     from unit_model.report import write_results
     from utils.errors import UserInputError
@@ -470,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     results = study.root / "results"
-    write_results(study.root, delta_list, target_list, task_pool, words(p.fusions), results)
+    write_results(study.root, delta_list, target_list, task_pool, words(p.fusions), results,
+                  task_categories(p.task_dir))
     print(f"study finished in {time.time() - start:.0f}s; summary: {results / 'summary.md'}", flush=True)
     return 0
 

@@ -73,7 +73,8 @@ from models.delta import (
     load_delta_state,
     param_group,
 )
-from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
+from models.evaluate import autocast  # noqa: E402
+from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
 from models.run_folders import file_lock, resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
@@ -102,6 +103,7 @@ class SimilarityConfig(BackboneDataConfig):
     init_seed: int = 42
     output_dir: str = "runs/similarity"
     overwrite: bool = False
+    bf16: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", help="result.tsv is written (or updated) here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (forward and backward passes)")
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(SimilarityConfig))
     return p
@@ -358,17 +361,18 @@ def run_similarity(config: SimilarityConfig) -> None:
     rows: list[list] = []
     pairs, seconds = 0, 0.0
     for t in tqdm(targets, desc="targets", disable=len(targets) == 1):
-        reference = None
-        if t in references:
-            reference = scorer.reference(encoded[t], references[t].tensors(), str(references[t].folder))
-        for s in tqdm(plan[t], desc=f"sources -> {t}", leave=False):
-            start = time.perf_counter()
-            # A temporary: the tensors are freed when score() returns, before the next source is read.
-            scores = scorer.score(encoded[t], sources[s].tensors(), metrics, str(sources[s].folder), reference)
-            seconds += time.perf_counter() - start
-            pairs += 1
-            for m in metrics:
-                rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
+        with autocast(device, config.bf16):  # the one autocast policy (models.evaluate): CUDA only
+            reference = None
+            if t in references:
+                reference = scorer.reference(encoded[t], references[t].tensors(), str(references[t].folder))
+            for s in tqdm(plan[t], desc=f"sources -> {t}", leave=False):
+                start = time.perf_counter()
+                # A temporary: the tensors are freed when score() returns, before the next source is read.
+                scores = scorer.score(encoded[t], sources[s].tensors(), metrics, str(sources[s].folder), reference)
+                seconds += time.perf_counter() - start
+                pairs += 1
+                for m in metrics:
+                    rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

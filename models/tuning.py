@@ -85,6 +85,9 @@ def check_config(config: TuneConfig) -> None:
     if (len(set(config.learning_rate_list)) != len(config.learning_rate_list)
             or len(set(config.bsz_list)) != len(config.bsz_list)):
         raise UserInputError("--learning_rate_list/--bsz_list: a value is listed twice")
+    if config.do_train and config.test_checkpoint:
+        raise UserInputError("--test_checkpoint with --do_train is ambiguous: predict with the module just trained "
+                             "(drop --test_checkpoint) or with the given one (drop --do_train)")
     if config.do_predict and not config.do_train and not (config.test_checkpoint or config.train_checkpoint):
         raise UserInputError("--do_predict without --do_train needs --test_checkpoint (or --train_checkpoint)")
 

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUTPUT:=runs/demo}"
-export OUTPUT
+: "${TRANSFERABILITY:=true}"  # the demo also reports how well each weighting predicts single-source transfer
+export OUTPUT TRANSFERABILITY
 start=$(date +%s)
 bash scripts/pipeline.sh
 echo "demo finished in $(( $(date +%s) - start ))s"

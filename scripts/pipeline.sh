@@ -2,7 +2,8 @@
 # The transfer study in one command (study.py): sources -> similarities -> fused initialisations -> results.
 # Every study.py parameter can be set from the environment under its upper-case name, e.g.
 #   DELTAS="adapter lora prefix" TARGETS=ALL_TASKS OUTPUT=runs/study-full bash scripts/pipeline.sh
-# Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_ITERS, TARGET_K, MAX_EXAMPLES.
+# Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_ITERS, TARGET_K, MAX_EXAMPLES;
+# TRANSFERABILITY=1 adds the single-source pairs stage and its report (tune-all and dev-all with it).
 # Scale-out: JOBS=N runs the sources, random, tune-all, dev-all and transfer stages as N processes at once;
 # SLURM=1 submits each of them as one Slurm job array and waits for it, with SLURM_PARTITION, SLURM_TIME,
 # SLURM_GPUS, SLURM_CPUS, SLURM_MEM (GB), SLURM_ARRAY_PARALLELISM and SLURM_LOG_DIR (read only with SLURM=1:
@@ -16,7 +17,7 @@ for name in OUTPUT MODEL TASK_DIR TASKS TARGETS DELTAS FUSIONS SEED \
             TARGET_K TARGET_DATA_SEED TARGET_ITERS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
             TARGET_EARLY_STOP MAX_INPUT_LENGTH MAX_OUTPUT_LENGTH \
             ADAPTER_SIZE LORA_R LORA_ALPHA PREFIX_LENGTH PREFIX_MLP PREFIX_ITERS_SCALE \
-            TEM COS_TEM LORA_COMBINE MAX_EXAMPLES DEVICE JOBS; do
+            IA3_LR_SCALE TEM WEIGHT_NORM COS_TEM LORA_COMBINE MAX_EXAMPLES TRANSFERABILITY DEVICE BF16 JOBS; do
     if [ -n "${!name:-}" ]; then
         args+=("--${name,,}" "${!name}")
     fi

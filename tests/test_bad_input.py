@@ -441,6 +441,8 @@ CASES: dict[str, Case] = {
     "tune/train-iters-zero": Case(tune.main, _flag(tune_argv, "--train_iters", "0", words=("--train_iters",))),
     "tune/train-iters-not-a-number": Case(tune.main, _flag(tune_argv, "--train_iters", "ten",
                                                            words=("--train_iters", "'ten'"))),
+    "tune/test-checkpoint-with-do-train": Case(tune.main, lambda w, t: (
+        tune_argv(w, t, "--test_checkpoint", str(w.src / "alpha")), ["--test_checkpoint", "--do_train", "ambiguous"])),
     # ---- tune.py: checkpoints and outputs
     "tune/ckpt-truncated": Case(tune.main, _tune_truncated),
     "tune/ckpt-other-backbone": Case(tune.main, _tune_ckpt("other_backbone", "backbone", "num_layers=1")),

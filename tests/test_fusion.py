@@ -23,6 +23,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from task_list import MANUAL_CATEGORIES
 from unit_model import (
     merging,
     sources,
@@ -59,6 +60,35 @@ def test_softmax_direction_and_exact_formula() -> None:
     assert math.fsum(low.values()) == pytest.approx(1.0) and math.fsum(high.values()) == pytest.approx(1.0)
 
 
+def test_zscore_and_rank_norms_by_hand() -> None:
+    """Losses 1, 2, 6 (lower = more similar): signed -1, -2, -6, mean -3, population std sqrt(14/3)."""
+    scores = {"a": 1.0, "b": 2.0, "c": 6.0}
+    std = math.sqrt(((2**2) + 1**2 + 3**2) / 3)
+    z = weightings.comparable_scores({s: -v for s, v in scores.items()}, "zscore")
+    assert z == pytest.approx({"a": 2 / std, "b": 1 / std, "c": -3 / std})
+    w = weightings.softmax_weights(scores, "lower", 0.5, norm="zscore")
+    e = {s: math.exp(v / 0.5) for s, v in z.items()}
+    assert w == pytest.approx({s: v / sum(e.values()) for s, v in e.items()})
+    # rank: ranks 3, 2, 1 of the signed scores, z-scored: sqrt(3/2), 0, -sqrt(3/2) (outliers do not matter)
+    assert weightings.comparable_scores({"a": -1.0, "b": -2.0, "c": -600.0}, "rank") == pytest.approx(
+        {"a": math.sqrt(1.5), "b": 0.0, "c": -math.sqrt(1.5)})
+    # a metric on another scale gives the same weights under zscore: one temperature for every method
+    assert weightings.softmax_weights({s: 1000 * v + 7 for s, v in scores.items()}, "lower", 0.5,
+                                      norm="zscore") == pytest.approx(w)
+    assert weightings.softmax_weights(scores, "lower", 0.5, norm="none") == weightings.softmax_weights(
+        scores, "lower", 0.5)
+    tie = weightings.softmax_weights({"a": 3.0, "b": 3.0}, "higher", 1.0, norm="zscore")
+    assert tie == {"a": 0.5, "b": 0.5}
+    with pytest.raises(UserInputError, match="--weight_norm"):
+        weightings.softmax_weights(scores, "lower", 1.0, norm="softmax")
+
+
+def test_effective_sources_is_exp_entropy() -> None:
+    assert weightings.effective_sources([0.25] * 4) == pytest.approx(4.0)
+    assert weightings.effective_sources([1.0, 0.0, 0.0]) == 1.0
+    assert weightings.effective_sources([0.5, 0.5 * 0.5, 0.25]) == pytest.approx(math.exp(1.5 * math.log(2)))
+
+
 def test_softmax_large_temperature_is_uniform_and_huge_scores_do_not_overflow() -> None:
     w = weightings.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
     assert w == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
@@ -90,12 +120,14 @@ def test_leave_one_out_and_categories_never_include_the_target() -> None:
     for t in TASKS:
         assert t not in sources.leave_one_out(t, TASKS)
         assert sources.leave_one_out(t, TASKS) == [s for s in TASKS if s != t]
-        assert sources.category_sources(t, TASKS) == [FRIEND[t]]
-    assert sources.category_sources("sent_review", TASKS, "topic") == ["topic_news", "topic_places"]
+        assert sources.category_sources(t, TASKS, MANUAL_CATEGORIES) == [FRIEND[t]]
+    assert sources.category_sources("sent_review", TASKS, MANUAL_CATEGORIES, "topic") == ["topic_news", "topic_places"]
     with pytest.raises(UserInputError, match="no source"):
         sources.leave_one_out("sent_review", ["sent_review"])
     with pytest.raises(UserInputError, match="category"):
-        sources.category_sources("sent_review", ["sent_review", "topic_news"])
+        sources.category_sources("sent_review", ["sent_review", "topic_news"], MANUAL_CATEGORIES)
+    with pytest.raises(UserInputError, match="no manual category"):
+        sources.category_sources("boolq_like", ["boolq_like", "topic_news"], MANUAL_CATEGORIES)
 
 
 def test_metric_directions() -> None:
@@ -379,11 +411,14 @@ def test_cos_gives_the_friend_the_largest_weight(world: dict, granularity: str) 
         for g in ([None] if granularity == "model" else world["groups"]):
             w = weights_of(rows, t, g)
             assert max(w, key=w.get) == FRIEND[t]
-    if granularity == "model":  # the weight is the softmax of the stored cosines
+    if granularity == "model":  # the weight is the softmax of the stored cosines' z-scores (the default norm)
         t = TASKS[0]
         target, _ = load_delta_checkpoint(root / "random_tuned" / t)
         cos = {s: weightings.cosine_by_group(target, world["theta"][s])["model"] for s in TASKS if s != t}
-        assert weights_of(rows, t) == pytest.approx(weightings.softmax_weights(cos, "higher", 0.1), rel=1e-6)
+        mean = sum(cos.values()) / 3
+        std = math.sqrt(sum((c - mean) ** 2 for c in cos.values()) / 3)
+        z = {s: math.exp((c - mean) / std / 0.1) for s, c in cos.items()}
+        assert weights_of(rows, t) == pytest.approx({s: v / sum(z.values()) for s, v in z.items()}, rel=1e-6)
 
 
 def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> None:
@@ -400,22 +435,24 @@ def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> Non
         assert all("/sources/" in p for p in meta["extra"]["source_checkpoints"])
 
 
-def test_performance_averages_tuned_sources_by_default(world: dict) -> None:
+def test_performance_averages_the_original_sources_unless_asked(world: dict) -> None:
+    """By default Performance averages the original sources (its arm sees the target only in its own tuning);
+    --average_tuned is the original code's choice. --weight_norm none: the original's raw-gain softmax."""
     root = world["root"]
     base = common(root, "perf", "--tuneall_ckpt_path", str(root / "tuneall"), "--devall_tsv",
-                  str(root / "devall.tsv"), "--tem", "0.1", "--lora_combine", "params")
+                  str(root / "devall.tsv"), "--tem", "0.1", "--lora_combine", "params", "--weight_norm", "none")
     assert run(unit_model_Performance, base) == 0
     rows = check_outputs(root / "perf")
     t = "topic_news"
     w = weights_of(rows, t)
     e = math.exp(0.5 / 0.1)  # gains 0.7 (friend) and 0.2: softmax of (0.7, 0.2, 0.2) / 0.1
     assert w == pytest.approx({"topic_places": e / (e + 2), "sent_review": 1 / (e + 2), "sent_tweet": 1 / (e + 2)})
-    tuned = {s: load_delta_checkpoint(root / "tuneall" / t / s)[0] for s in w}
-    assert_tensors_equal(load_delta_checkpoint(root / "perf" / f"without_{t}")[0], expected_fusion(tuned, w))
-
-    assert run(unit_model_Performance, [*base, "--save_ckpt_path", str(root / "perf_u"), "--average_untuned"]) == 0
-    assert_tensors_equal(load_delta_checkpoint(root / "perf_u" / f"without_{t}")[0],
+    assert_tensors_equal(load_delta_checkpoint(root / "perf" / f"without_{t}")[0],
                          expected_fusion(world["theta"], w))
+
+    assert run(unit_model_Performance, [*base, "--save_ckpt_path", str(root / "perf_t"), "--average_tuned"]) == 0
+    tuned = {s: load_delta_checkpoint(root / "tuneall" / t / s)[0] for s in w}
+    assert_tensors_equal(load_delta_checkpoint(root / "perf_t" / f"without_{t}")[0], expected_fusion(tuned, w))
 
 
 @pytest.mark.parametrize("metric", ["Loss", "LogitsCos"])
@@ -439,10 +476,12 @@ def test_others_per_layer_weights_and_averaging(world: dict) -> None:
                   "--granularity", "layer", "--lora_combine", "params")
     assert run(unit_model_others, argv) == 0
     rows = check_outputs(root / "oth_l")
-    assert list(rows[0]) == ["target", "source", "group", "score", "weight"]
+    assert list(rows[0]) == ["target", "source", "group", "score", "weight", "effective_sources"]
     t = "sent_review"
     tensors, meta = load_delta_checkpoint(root / "oth_l" / f"without_{t}")
-    e = math.exp(1.5)  # scores 0.5 vs 2.0 at T=1, direction lower
+    # scores 0.5 vs 2.0, 2.0 (direction lower) z-scored: mean 1.5, std sqrt(0.5), so the odd one out is
+    # 1.5 / sqrt(0.5) above the other two at T=1
+    e = math.exp(1.5 / math.sqrt(0.5))
     for g in world["groups"]:
         w = weights_of(rows, t, g)
         if g.startswith("encoder"):

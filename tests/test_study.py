@@ -28,7 +28,8 @@ def small_study(out: Path, model: Path, deltas: str = "lora", fusions: str = FUS
     return ["--output", str(out), "--model", str(model), "--tasks", POOL, "--targets", TARGETS, "--deltas", deltas,
             "--fusions", fusions, "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
             "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
-            "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16"]
+            "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16",
+            "--transferability", "true"]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -133,3 +134,50 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
     assert "initialisation from" in log and "fused" in log and curve[0]["step"] == "0"
     summary = rows(out / "results" / "summary.tsv")
     assert [r["target"] for r in summary] == ["sent_review", "mean", "gain_over_random", "rank"]
+
+
+def crossfit_copy(root: Path, names: dict[str, str]) -> Path:
+    """Suite tasks copied under new names (no built-in category knows them), CrossFit layout."""
+    from dataloader.synthetic import SUITE_DIR
+
+    for old, new in names.items():
+        (root / new).mkdir(parents=True)
+        for f in (SUITE_DIR / old).glob(f"{old}_16_*"):
+            (root / new / f.name.replace(old, new, 1)).write_bytes(f.read_bytes())
+    return root
+
+
+CROSSFIT_NAMES = {"sent_review": "cf_a", "sent_tweet": "cf_b", "topic_news": "cf_c"}
+
+
+def test_manual_without_categories_is_refused_before_anything_is_written(tiny_backbone_dir, tmp_path, capsys):
+    data = crossfit_copy(tmp_path / "data", CROSSFIT_NAMES)
+    out = tmp_path / "study"
+    argv = ["--output", str(out), "--model", str(tiny_backbone_dir), "--task_dir", str(data), "--tasks",
+            "cf_a cf_b cf_c", "--targets", "cf_a", "--fusions", "average manual", "--source_k", "16"]
+    assert run_cli(study.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fusions manual:") and "'cf_a' has no manual category" in err
+    assert "task_categories.tsv" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_backbone_dir, tmp_path, capsys):
+    """A task_categories.tsv gives 'manual' its categories; without Euclidean, Performance, a similarity metric
+    or transferability, the tune-all, dev-all, similarity and pairs stages run nothing and leave no files."""
+    data = crossfit_copy(tmp_path / "data", CROSSFIT_NAMES)
+    (data / "task_categories.tsv").write_text("task\tcategory\ncf_a\tsentiment\ncf_b\tsentiment\ncf_c\ttopic\n")
+    out = tmp_path / "study"
+    argv = ["--output", str(out), "--model", str(tiny_backbone_dir), "--task_dir", str(data), "--tasks",
+            "cf_a cf_b cf_c", "--targets", "cf_a", "--fusions", "average manual", "--source_k", "16",
+            "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
+            "--target_valid_interval", "1", "--lora_r", "2", "--device", "cpu"]
+    assert run_cli(study.main, argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("tuneall", "devall", "similarity", "pairs"):
+        assert f"lora/{name}: skipped" in printed
+    lora = out / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == ["fused", "random", "sources", "transfer"]
+    assert not [m for m in (out / ".steps").iterdir() if any(k in m.name for k in ("tuneall", "devall", "pairs"))]
+    weights = rows(lora / "fused" / "manual" / "weights.tsv")
+    assert {r["source"] for r in weights} == {"cf_b"}  # cf_a's own category, from the file

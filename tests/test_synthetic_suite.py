@@ -5,11 +5,14 @@ from __future__ import annotations
 import filecmp
 from collections import Counter
 
+import pytest
+
 import task_list
 from dataloader.crossfit import list_tasks, load_task
 from dataloader.metrics import METRICS, metric_for_task
 from dataloader.synthetic import FAMILIES, SUITE, write_suite
 from tests.conftest import SUITE_DIR
+from utils.errors import UserInputError
 
 
 def test_committed_suite_equals_a_fresh_generation(tmp_path):
@@ -28,7 +31,8 @@ def test_families_tasks_and_metrics():
     assert {"ACC", "Classification-F1", "EM"} <= metrics and metrics & {"Rouge-L", "Pearson-Correlation"}
     assert metrics <= set(METRICS)
     assert task_list.ALL_TASKS == [spec.name for spec in SUITE]
-    assert set(task_list.MANUAL_CATEGORIES) == set(task_list.ALL_TASKS)
+    assert {t: task_list.MANUAL_CATEGORIES[t] for t in task_list.ALL_TASKS} == {
+        spec.name: spec.family for spec in SUITE}
     assert task_list.FAMILIES == FAMILIES  # the lists users edit agree with the generator's families
 
 
@@ -62,3 +66,15 @@ def test_label_words_are_shared_within_and_across_families():
     assert "true" in by_family["topic"] and "true" in by_family["entail"]
     sentiment_label_sets = [spec.labels for spec in SUITE if spec.family == "sentiment"]
     assert len(set(sentiment_label_sets)) < len(sentiment_label_sets)  # positive/negative twice
+
+
+def test_paper_lists_and_categories_from_the_task_folder(tmp_path):
+    assert len(task_list.PAPER_QA_TASKS) == 32 == len(set(task_list.PAPER_QA_TASKS))
+    assert task_list.MANUAL_CATEGORIES["boolq"] == "binary"
+    assert task_list.task_categories(tmp_path) == task_list.MANUAL_CATEGORIES  # no file: the built-in ones
+    (tmp_path / "task_categories.tsv").write_text("task\tcategory\nmy_task\tqa\nboolq\tyes_no\n")
+    categories = task_list.task_categories(tmp_path)
+    assert categories["my_task"] == "qa" and categories["boolq"] == "yes_no"  # the file wins
+    (tmp_path / "task_categories.tsv").write_text("task\tcategory\nmy_task\tqa\nmy_task\tother\n")
+    with pytest.raises(UserInputError, match=r"task_categories.tsv:3: task 'my_task' is listed again"):
+        task_list.task_categories(tmp_path)

@@ -18,6 +18,7 @@ class FusionConfig:
     targets: str | list[str] | None = None
     TASK_LIST: str = "all"
     manual: bool = False
+    task_dir: str = ""  # its task_categories.tsv, if any, adds to task_list.MANUAL_CATEGORIES
     source_ckpt_path: str = ""
     random_tuned_ckpt_path: str = ""
     tuneall_ckpt_path: str = ""
@@ -26,11 +27,12 @@ class FusionConfig:
     metric: str | None = None
     save_ckpt_path: str = ""
     tem: float = 1.0
+    weight_norm: str = "zscore"  # zscore | rank | none (the original's raw scores): see unit_model/weightings/base.py
     lora_combine: str = "delta_w"
     merge: str = "linear"
     cos_mode: str = "flat"
     granularity: str = "model"
-    average_untuned: bool = False
+    average_tuned: bool = False  # Performance: average the sources tuned on the target (the original's)
     overwrite: bool = False
     target_list: list[str] = field(default_factory=list)
 

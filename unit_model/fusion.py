@@ -60,7 +60,16 @@ from unit_model.config import FusionConfig
 from unit_model.merges import MERGES
 from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, fuse
 from unit_model.sources import ModuleCache, fused_dir_name
-from unit_model.weightings import COS_MODES, WEIGHTINGS, Plan, Weighting, check_temperature
+from unit_model.weightings import (
+    COS_MODES,
+    DEFAULT_WEIGHT_NORM,  # noqa: F401 (the scripts' parameter blocks read it from here)
+    WEIGHT_NORMS,
+    WEIGHTINGS,
+    Plan,
+    Weighting,
+    check_temperature,
+    effective_sources,
+)
 from utils import params as utils_params
 from utils.errors import UserInputError
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic
@@ -80,7 +89,8 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     check_temperature(config.tem)
     for flag, value, known in (("lora_combine", config.lora_combine, LORA_COMBINES),
                                ("granularity", config.granularity, GRANULARITIES),
-                               ("cos_mode", config.cos_mode, COS_MODES), ("merge", config.merge, tuple(MERGES))):
+                               ("cos_mode", config.cos_mode, COS_MODES), ("merge", config.merge, tuple(MERGES)),
+                               ("weight_norm", config.weight_norm, WEIGHT_NORMS)):
         if value not in known:
             raise UserInputError(f"--{flag}: expected one of {', '.join(known)}, found {value!r}")
     for flag in ("source_ckpt_path", "save_ckpt_path"):
@@ -125,16 +135,23 @@ def _plain(d: dict[str, float]) -> float | dict[str, float]:
     return d["model"] if set(d) == {"model"} else dict(d)
 
 
+def plan_effective_sources(plan: Plan) -> dict[str, float]:
+    """Group -> exp(entropy) of the plan's weights in that group: how many sources it effectively averages."""
+    groups = next(iter(plan.weights.values())).keys()
+    return {g: effective_sources(plan.weights[s][g] for s in plan.sources) for g in groups}
+
+
 def weight_rows(plans: list[Plan]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of weights.tsv."""
+    """Header and rows of weights.tsv: each row also carries its target's (and group's) effective sources."""
     granular = _granular(plans)
-    header = ["target", "source", "group", "score", "weight"] if granular else ["target", "source", "score", "weight"]
+    header = ["target", "source", *(["group"] if granular else []), "score", "weight", "effective_sources"]
     rows = []
     for p in plans:
+        effective = plan_effective_sources(p)
         for s in p.sources:
             for g, w in p.weights[s].items():
                 score = "-" if p.scores is None else repr(float(p.scores[s][g]))  # repr: exact round trip
-                rows.append([p.target, s, *([g] if granular else []), score, repr(float(w))])
+                rows.append([p.target, s, *([g] if granular else []), score, repr(float(w)), f"{effective[g]:.4f}"])
     return header, rows
 
 
@@ -211,6 +228,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                 "fusion": method,
                 "merge": config.merge,
                 "temperature": config.tem,
+                "weight_norm": config.weight_norm,
+                "effective_sources": _plain(plan_effective_sources(plan)),
                 "granularity": granularity,
                 "sources": plan.sources,
                 "weights": {s: _plain(plan.weights[s]) for s in plan.sources},
@@ -233,7 +252,9 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
         header, rows = weight_rows(plans)
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
         name = weighting.metric or method  # "others": name the similarity metric
-        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={config.tem:g})")
+        effective = _mean({p.target: _mean(plan_effective_sources(p)) for p in plans})
+        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={config.tem:g}, "
+                                                     f"{config.weight_norm}; {effective:.1f} effective sources)")
         _commit(staging, save)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -286,11 +307,12 @@ HELP = {
     "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
-    "average_untuned": "average the original sources instead of the ones tuned on the target",
+    "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
+    "weight_norm": "scores before the softmax: zscore (per target), rank (z-score of ranks) or none (as they are)",
     "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
 }
-CHOICES = {"delta": METHODS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES, "granularity": GRANULARITIES,
-           "merge": tuple(MERGES)}
+CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
+           "granularity": GRANULARITIES, "merge": tuple(MERGES)}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 
 

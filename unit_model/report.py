@@ -57,6 +57,15 @@ def fusion_weights(path: Path) -> dict[str, dict[str, float]]:
     return {t: {s: float(np.mean(w)) for s, w in by_source.items()} for t, by_source in sums.items()}
 
 
+def mean_effective_sources(path: Path) -> float:
+    """Mean over targets (and groups) of a fusion's effective number of sources, exp(entropy of its weights)."""
+    if not path.is_file():
+        return float("nan")
+    per_target = {(row["target"], row.get("group", "")): float(row["effective_sources"])
+                  for row in read_rows(path, ["target", "effective_sources"])}
+    return float(np.mean(list(per_target.values())))
+
+
 def spearman(x: list[float], y: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -77,8 +86,17 @@ def ndcg_at(scores: dict[str, float], relevance: dict[str, float], k: int = 3) -
 
 
 def family_precision(weights: dict[str, float], target: str, categories: dict[str, str], k: int = 3) -> float:
-    top = sorted(weights, key=lambda s: (-weights[s], s))[:k]
-    return sum(categories.get(s) == categories.get(target) for s in top) / len(top)
+    """Share of the k most weighted sources in the target's category, over those that have a category.
+
+    Unknown is not a match: a target without a category, or top sources none of which has one, give NaN
+    (shown as "-"), never the 1.0 that comparing two missing categories would give.
+    """
+    if target not in categories:
+        return float("nan")
+    top = [s for s in sorted(weights, key=lambda s: (-weights[s], s))[:k] if s in categories]
+    if not top:
+        return float("nan")
+    return sum(categories[s] == categories[target] for s in top) / len(top)
 
 
 def fmt(x: float) -> str:
@@ -91,7 +109,8 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list[str], methods: list[str],
-                  out: Path) -> None:
+                  out: Path, categories: dict[str, str] | None = None) -> None:
+    """The study's tables and figures; ``categories`` (default: task_list's) give family precision."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +118,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
 
     from task_list import MANUAL_CATEGORIES
 
+    categories = MANUAL_CATEGORIES if categories is None else categories
     out.mkdir(parents=True, exist_ok=True)
     (out / "heatmaps").mkdir(exist_ok=True)
     summary_rows, md, gains, transfer_rows, pair_rows = [], [], {}, [], []
@@ -122,7 +142,9 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         md += [f"| {t} | " + " | ".join(f"{x:.3f}" for x in table[t]) + " |" for t in targets]
         md += ["| **mean** | " + " | ".join(f"**{x:.3f}**" for x in means) + " |",
                "| gain over random | " + " | ".join(f"{x:+.3f}" for x in gain) + " |",
-               "| rank | " + " | ".join(str(r) for r in rank) + " |", ""]
+               "| rank | " + " | ".join(str(r) for r in rank) + " |",
+               "| effective sources | - | " + " | ".join(
+                   fmt(mean_effective_sources(base / "fused" / m / "weights.tsv")) for m in methods) + " |", ""]
 
         for m in methods:
             heatmap = base / "fused" / m / "heatmap.png"
@@ -170,7 +192,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                     w = {s: weights[t][s] for s in sources}
                     rho = spearman([w[s] for s in sources], [single[t][s] for s in sources])
                     nd = ndcg_at(w, single[t])
-                    prec = family_precision(w, t, MANUAL_CATEGORIES)
+                    prec = family_precision(w, t, categories)
                     per.append((rho, nd, prec))
                     transfer_rows.append([delta, m, t, fmt(rho), fmt(nd), fmt(prec)])
                 means_m = [float(np.nanmean([v[i] for v in per])) if not all(math.isnan(v[i]) for v in per)

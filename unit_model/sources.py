@@ -18,7 +18,6 @@ from safetensors import safe_open
 from models.delta import WEIGHTS_FILE
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
 from models.run_folders import resolve_checkpoint
-from task_list import MANUAL_CATEGORIES
 from utils.errors import UserInputError
 
 
@@ -34,13 +33,15 @@ def leave_one_out(target: str, tasks: Sequence[str]) -> list[str]:
     return sources
 
 
-def category_sources(target: str, tasks: Sequence[str], category: str | None = None) -> list[str]:
+def category_sources(target: str, tasks: Sequence[str], categories: Mapping[str, str],
+                     category: str | None = None) -> list[str]:
     """'Manual division': tasks of ``category`` (default: the target's own) in ``tasks``, minus the target."""
     if category is None:
-        if target not in MANUAL_CATEGORIES:
-            raise UserInputError(f"--tasks: target {target!r} has no manual category in task_list.MANUAL_CATEGORIES")
-        category = MANUAL_CATEGORIES[target]
-    sources = [t for t in tasks if t != target and MANUAL_CATEGORIES.get(t) == category]
+        if target not in categories:
+            raise UserInputError(f"--tasks: target {target!r} has no manual category (task_list.MANUAL_CATEGORIES "
+                                 "or the task folder's task_categories.tsv)")
+        category = categories[target]
+    sources = [t for t in tasks if t != target and categories.get(t) == category]
     if not sources:
         raise UserInputError(f"--TASK_LIST: no task of category {category!r} in --tasks besides the target {target!r}")
     return sources

@@ -25,6 +25,7 @@ source_ckpt_path = "runs/sources/lora"
 tuneall_ckpt_path = "runs/tuneall/lora"
 save_ckpt_path = "runs/fused/lora/Euclidean"
 tem = 1.0
+weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run

@@ -1,7 +1,9 @@
 """Fusion weighted by each source's dev gain from tuning on the target.
 
-w_s ∝ softmax((dev_after - dev_zero_shot) / T) from the dev-all table (--devall_tsv). Averages the sources
-tuned on the target ({tuneall_ckpt_path}/{t}/{s}) by default, the original ones with --average_untuned.
+w_s ∝ softmax(norm(dev_after - dev_zero_shot) / T) from the dev-all table (--devall_tsv). Averages the
+original source modules, so a transfer from it sees the target's data only in its own tuning; with
+--average_tuned, the sources tuned on the target ({tuneall_ckpt_path}/{t}/{s}), as the original code did:
+that arm then has had the target budget twice.
 
     python unit_model/unit_model_Performance.py --delta lora --tasks ALL_TASKS --tem 0.1
 """
@@ -23,9 +25,10 @@ targets = None  # None: every task of `tasks`
 source_ckpt_path = "runs/sources/lora"
 tuneall_ckpt_path = "runs/tuneall/lora"
 devall_tsv = "runs/tuneall/lora/dev_all.tsv"  # written by get_similarity/dev_all.py
-average_untuned = False
+average_tuned = False  # True: the original's choice (twice the target budget)
 save_ckpt_path = "runs/fused/lora/Performance"
 tem = 1.0
+weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original's raw gains)
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ source_ckpt_path = "runs/sources/lora"
 random_tuned_ckpt_path = "runs/random/lora"
 save_ckpt_path = "runs/fused/lora/cos"
 tem = 1.0
+weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
 cos_mode = "flat"
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE

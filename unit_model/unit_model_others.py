@@ -28,6 +28,7 @@ metric = None  # None: the only metric of result_tsv
 granularity = "model"
 save_ckpt_path = "runs/fused/lora/others"
 tem = 1.0
+weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------

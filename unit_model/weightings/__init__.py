@@ -13,12 +13,16 @@ from unit_model.config import FusionConfig
 from unit_model.sources import ModuleCache
 from unit_model.weightings.average import plan_average
 from unit_model.weightings.base import (
-                                  DIRECTIONS,
-                                  Plan,
-                                  Weighting,
-                                  check_temperature,
-                                  group_softmax_weights,
-                                  softmax_weights,
+    DEFAULT_WEIGHT_NORM,
+    DIRECTIONS,
+    WEIGHT_NORMS,
+    Plan,
+    Weighting,
+    check_temperature,
+    comparable_scores,
+    effective_sources,
+    group_softmax_weights,
+    softmax_weights,
 )
 from unit_model.weightings.cos import COS_MODES, cosine_by_group, plan_cos
 from unit_model.weightings.euclidean import distance_by_group, plan_euclidean
@@ -29,6 +33,7 @@ Planner = Callable[[FusionConfig, list[str], ModuleCache], Weighting]
 WEIGHTINGS: dict[str, Planner] = {"average": plan_average, "cos": plan_cos, "Euclidean": plan_euclidean,
                                   "Performance": plan_performance, "others": plan_others}
 
-__all__ = ["COS_MODES", "DIRECTIONS", "WEIGHTINGS", "Plan", "Planner", "Weighting", "check_temperature",
+__all__ = ["COS_MODES", "DEFAULT_WEIGHT_NORM", "DIRECTIONS", "WEIGHTINGS", "WEIGHT_NORMS", "Plan", "Planner",
+           "Weighting", "check_temperature", "comparable_scores", "effective_sources",
            "cosine_by_group", "distance_by_group", "group_softmax_weights", "metric_direction", "read_devall_tsv",
            "read_similarity_tsv", "softmax_weights"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from task_list import MANUAL_CATEGORIES
+from task_list import task_categories
 from unit_model.config import FusionConfig
 from unit_model.sources import ModuleCache, category_sources, leave_one_out
 from unit_model.weightings.base import Plan, Weighting, source_modules
@@ -11,7 +11,8 @@ from utils.errors import UserInputError
 
 def plan_average(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:
     """Uniform weights over 'all' (leave-one-out), the target's own category ('manual') or a named category."""
-    categories = sorted(set(MANUAL_CATEGORIES.values()))
+    known = task_categories(config.task_dir)
+    categories = sorted(set(known.values()))
     mode = "manual" if config.manual else config.TASK_LIST
     if config.manual and config.TASK_LIST not in ("all", "manual"):
         raise UserInputError(f"--manual conflicts with --TASK_LIST {config.TASK_LIST}")
@@ -23,7 +24,7 @@ def plan_average(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> 
         if mode == "all":
             sources = leave_one_out(t, tasks)
         else:
-            sources = category_sources(t, tasks, None if mode == "manual" else mode)
+            sources = category_sources(t, tasks, known, None if mode == "manual" else mode)
         weights = {s: {"model": 1.0 / len(sources)} for s in sources}
         plans.append(Plan(t, sources, source_modules(cache, config.source_ckpt_path, t, sources), weights))
     return Weighting(plans)

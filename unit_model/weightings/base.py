@@ -1,8 +1,16 @@
 """What every weighting shares: the plan it returns, softmax weights, and the helpers of the planners.
 
 A weighting turns a target and its sources into a ``Plan``: the source modules to merge and each one's
-weight per parameter group, w_s = softmax_s(sign * score_s / T), sign +1 when a higher score means "more
-similar". Weightings are registered by name in ``unit_model/weightings/__init__.py``.
+weight per parameter group, w_s = softmax_s(norm(sign * score)_s / T), sign +1 when a higher score means
+"more similar". ``norm`` makes one temperature mean the same for every metric, whatever its scale:
+
+* ``zscore`` (the default): (x_s - mean) / std over the target's sources (population std; all 0 when the
+  sources tie), so T is in units of the sources' spread;
+* ``rank``: the z-score of the sources' ranks (ties share their mean rank), blind to outliers;
+* ``none``: the signed scores as they are, the original code's setting (with its per-method temperatures:
+  0.1 for the similarity metrics and Euclidean, 0.001 for Performance and cosine).
+
+Weightings are registered by name in ``unit_model/weightings/__init__.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from utils.errors import UserInputError
 from utils.io import read_tsv
 
 DIRECTIONS = ("lower", "higher")
+WEIGHT_NORMS = ("zscore", "rank", "none")
+DEFAULT_WEIGHT_NORM = "zscore"
 
 
 def check_temperature(temperature: float) -> float:
@@ -29,10 +39,28 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def comparable_scores(signed: Mapping[str, float], norm: str) -> dict[str, float]:
+    """Sign-corrected scores (higher = more similar) on a scale that is the same for every metric."""
+    if norm not in WEIGHT_NORMS:
+        raise UserInputError(f"--weight_norm: expected one of {', '.join(WEIGHT_NORMS)}, found {norm!r}")
+    if norm == "none":
+        return dict(signed)
+    values = dict(signed)
+    if norm == "rank":
+        from scipy.stats import rankdata
+
+        values = dict(zip(values, (float(r) for r in rankdata(list(values.values()))), strict=True))
+    mean = math.fsum(values.values()) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values.values()) / len(values))
+    if std == 0.0 or not math.isfinite(std):
+        return {s: 0.0 for s in values}  # every source alike: uniform weights
+    return {s: (v - mean) / std for s, v in values.items()}
+
+
 def softmax_weights(
-    scores: Mapping[str, float], direction: str, temperature: float, target: str = "?"
+    scores: Mapping[str, float], direction: str, temperature: float, target: str = "?", norm: str = "none"
 ) -> dict[str, float]:
-    """w_s = softmax(sign * score_s / T) over the sources (sign +1 for 'higher', -1 for 'lower')."""
+    """w_s = softmax(norm(sign * score)_s / T) over the sources (sign +1 for 'higher', -1 for 'lower')."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, found {direction!r}")
     temperature = check_temperature(temperature)
@@ -42,15 +70,22 @@ def softmax_weights(
         if not isinstance(s, int | float) or not math.isfinite(s):
             raise UserInputError(f"score of (target={target}, source={source}) is {s!r}; expected a finite number")
     sign = 1.0 if direction == "higher" else -1.0
-    logits = {s: sign * float(v) / temperature for s, v in scores.items()}
+    comparable = comparable_scores({s: sign * float(v) for s, v in scores.items()}, norm)
+    logits = {s: v / temperature for s, v in comparable.items()}
     top = max(logits.values())  # subtract the max: exp never overflows
     exp = {s: math.exp(v - top) for s, v in logits.items()}
     total = math.fsum(exp.values())
     return {s: e / total for s, e in exp.items()}
 
 
+def effective_sources(weights: Iterable[float]) -> float:
+    """exp(entropy) of a weight vector: n for uniform weights over n sources, 1 for one-hot."""
+    return math.exp(-math.fsum(w * math.log(w) for w in weights if w > 0))
+
+
 def group_softmax_weights(
-    scores: Mapping[str, Mapping[str, float]], direction: str, temperature: float, target: str = "?"
+    scores: Mapping[str, Mapping[str, float]], direction: str, temperature: float, target: str = "?",
+    norm: str = "none",
 ) -> dict[str, dict[str, float]]:
     """Per-group softmax: scores[source][group] -> weights[source][group]; every source needs every group."""
     groups = list(next(iter(scores.values()))) if scores else []
@@ -60,7 +95,7 @@ def group_softmax_weights(
                                  f"others on {sorted(groups)}")
     weights: dict[str, dict[str, float]] = {s: {} for s in scores}
     for g in groups:
-        per_group = softmax_weights({s: scores[s][g] for s in scores}, direction, temperature, target)
+        per_group = softmax_weights({s: scores[s][g] for s in scores}, direction, temperature, target, norm)
         for s, w in per_group.items():
             weights[s][g] = w
     return weights
@@ -123,7 +158,7 @@ def plans_from_module_scores(
     for plan, i in tqdm(pairs, desc=desc, leave=False, disable=len(pairs) < 20):
         plan.scores[plan.sources[i]] = score_fn(plan, i)
     for plan in plans:
-        plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target)
+        plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target, config.weight_norm)
     return plans
 
 

@@ -34,7 +34,7 @@ def read_devall_tsv(path: str | Path) -> dict[tuple[str, str], float | None]:
 
 
 def plan_performance(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:
-    """w ∝ softmax((dev_after - dev_zero_shot)/T); averages the tuned sources unless --average_untuned."""
+    """w ∝ softmax(norm(dev_after - dev_zero_shot)/T) over the original sources (--average_tuned: the tuned ones)."""
     path = Path(require(config, "devall_tsv"))
     gains = read_devall_tsv(path)
     plans = []
@@ -48,12 +48,13 @@ def plan_performance(config: FusionConfig, tasks: list[str], cache: ModuleCache)
                 raise UserInputError(f"{path}: (target={t}, source={s}) has no dev_after ('-'): the source was "
                                      "not tuned on the target")
             scores[s] = {"model": gains[t, s]}
-        if config.average_untuned:
-            modules = source_modules(cache, config.source_ckpt_path, t, sources)
-        else:
+        if config.average_tuned:  # the original's choice: this arm then sees the target's data twice
             root = Path(require(config, "tuneall_ckpt_path"))
             modules = [cache.open(root / t / s, f"source {s!r} tuned on {t!r}", s) for s in sources]
-        plans.append(Plan(t, sources, modules, group_softmax_weights(scores, "higher", config.tem, t), scores))
+        else:
+            modules = source_modules(cache, config.source_ckpt_path, t, sources)
+        weights = group_softmax_weights(scores, "higher", config.tem, t, config.weight_norm)
+        plans.append(Plan(t, sources, modules, weights, scores))
     return Weighting(plans)
 
 

@@ -80,7 +80,8 @@ def plan_others(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> W
                 raise UserInputError(f"{path}: no {metric} score for (target={plan.target}, source={s}, "
                                      f"group={missing[0]}) at --granularity {config.granularity}")
             plan.scores[s] = {g: table[plan.target, s, g] for g in groups}
-        plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target)
+        plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target,
+                                              config.weight_norm)
     return Weighting(plans, metric, direction)
 
 

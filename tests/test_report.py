@@ -1,0 +1,24 @@
+"""The study's report: transferability figures on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+from unit_model.report import family_precision, fmt, ndcg_at
+
+
+def test_family_precision_counts_only_tasks_with_a_category() -> None:
+    weights = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}
+    categories = {"t": "x", "a": "x", "b": "y", "d": "x"}
+    assert family_precision(weights, "t", categories) == 0.5  # top 3 = a, b, c; c has none: 1 of {a, b}
+    assert family_precision(weights, "t", categories, k=4) == 2 / 3
+    assert math.isnan(family_precision(weights, "unknown", categories))  # never None == None
+    assert math.isnan(family_precision({"c": 1.0}, "t", categories))
+    assert fmt(family_precision(weights, "unknown", categories)) == "-"
+
+
+def test_ndcg_at_3_by_hand() -> None:
+    relevance = {"a": 1.0, "b": 0.5, "c": 0.0}
+    assert ndcg_at({"a": 3, "b": 2, "c": 1}, relevance) == 1.0
+    reversed_dcg = 0.0 + 0.5 / math.log2(3) + 1.0 / math.log2(4)
+    assert math.isclose(ndcg_at({"a": 1, "b": 2, "c": 3}, relevance), reversed_dcg / (1.0 + 0.5 / math.log2(3)))
