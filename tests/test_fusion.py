@@ -411,14 +411,31 @@ def test_cos_gives_the_friend_the_largest_weight(world: dict, granularity: str) 
         for g in ([None] if granularity == "model" else world["groups"]):
             w = weights_of(rows, t, g)
             assert max(w, key=w.get) == FRIEND[t]
-    if granularity == "model":  # the weight is the softmax of the stored cosines' z-scores (the default norm)
+    if granularity == "model":
+        # By default the weight is the softmax of the z-scored cosines of task vectors: ΔW = B·A·alpha/r
+        # per LoRA pair, not the raw factors; --score_space params compares the factors (the original's).
         t = TASKS[0]
-        target, _ = load_delta_checkpoint(root / "random_tuned" / t)
-        cos = {s: weightings.cosine_by_group(target, world["theta"][s])["model"] for s in TASKS if s != t}
-        mean = sum(cos.values()) / 3
-        std = math.sqrt(sum((c - mean) ** 2 for c in cos.values()) / 3)
-        z = {s: math.exp((c - mean) / std / 0.1) for s, c in cos.items()}
-        assert weights_of(rows, t) == pytest.approx({s: v / sum(z.values()) for s, v in z.items()}, rel=1e-6)
+
+        def expected(vectors) -> dict[str, float]:
+            cos = {s: weightings.cosine_by_group(vectors(root / "random_tuned" / t), vectors(root / "sources" / s))
+                   ["model"] for s in TASKS if s != t}
+            mean = sum(cos.values()) / 3
+            std = math.sqrt(sum((c - mean) ** 2 for c in cos.values()) / 3)
+            z = {s: math.exp((c - mean) / std / 0.1) for s, c in cos.items()}
+            return {s: v / sum(z.values()) for s, v in z.items()}
+
+        def task_vector(folder: Path) -> dict[str, torch.Tensor]:
+            tensors, meta = load_delta_checkpoint(folder)
+            cfg = DeltaConfig.from_checkpoint_meta(meta)
+            vector = cfg.spec.task_vector(tensors, cfg.sizes())
+            assert not [k for k in vector if "lora_A" in k]  # one ΔW per pair, under the pair's name
+            return vector
+
+        assert weights_of(rows, t) == pytest.approx(expected(task_vector), rel=1e-6)
+        assert run(unit_model_cos, [*argv, "--save_ckpt_path", str(root / "cos_p"), "--score_space", "params"]) == 0
+        raw = weights_of(check_outputs(root / "cos_p"), t)
+        assert raw == pytest.approx(expected(lambda folder: load_delta_checkpoint(folder)[0]), rel=1e-6)
+        assert raw != pytest.approx(weights_of(rows, t), rel=1e-3)
 
 
 def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> None:

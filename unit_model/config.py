@@ -31,6 +31,7 @@ class FusionConfig:
     lora_combine: str = "delta_w"
     merge: str = "linear"
     cos_mode: str = "flat"
+    score_space: str = "task_vector"  # cos, Euclidean: task_vector (LoRA's ΔW) or params (raw factors)
     granularity: str = "model"
     average_tuned: bool = False  # Performance: average the sources tuned on the target (the original's)
     overwrite: bool = False

@@ -63,6 +63,7 @@ from unit_model.sources import ModuleCache, fused_dir_name
 from unit_model.weightings import (
     COS_MODES,
     DEFAULT_WEIGHT_NORM,  # noqa: F401 (the scripts' parameter blocks read it from here)
+    SCORE_SPACES,
     WEIGHT_NORMS,
     WEIGHTINGS,
     Plan,
@@ -90,7 +91,8 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     for flag, value, known in (("lora_combine", config.lora_combine, LORA_COMBINES),
                                ("granularity", config.granularity, GRANULARITIES),
                                ("cos_mode", config.cos_mode, COS_MODES), ("merge", config.merge, tuple(MERGES)),
-                               ("weight_norm", config.weight_norm, WEIGHT_NORMS)):
+                               ("weight_norm", config.weight_norm, WEIGHT_NORMS),
+                               ("score_space", config.score_space, SCORE_SPACES)):
         if value not in known:
             raise UserInputError(f"--{flag}: expected one of {', '.join(known)}, found {value!r}")
     for flag in ("source_ckpt_path", "save_ckpt_path"):
@@ -308,10 +310,12 @@ HELP = {
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
+    "score_space": "cos, Euclidean: compare task vectors (LoRA: ΔW = B·A·alpha/r) or the raw parameters",
     "weight_norm": "scores before the softmax: zscore (per target), rank (z-score of ranks) or none (as they are)",
     "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
 }
-CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
+CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
+           "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
            "granularity": GRANULARITIES, "merge": tuple(MERGES)}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 

@@ -59,6 +59,13 @@ class Module:
     def load(self) -> dict[str, torch.Tensor]:
         return load_delta_checkpoint(self.path)[0]
 
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        """What the module does: its method's task vector (LoRA: ΔW = B·A·alpha/r per pair; else its parameters)."""
+        from models.delta import DeltaConfig
+
+        cfg = DeltaConfig.from_checkpoint_meta(self.meta)
+        return cfg.spec.task_vector(self.load(), cfg.sizes())
+
 
 def resolve_module(path: str | Path, label: str, task: str | None) -> Path:
     try:

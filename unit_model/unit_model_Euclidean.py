@@ -26,6 +26,7 @@ tuneall_ckpt_path = "runs/tuneall/lora"
 save_ckpt_path = "runs/fused/lora/Euclidean"
 tem = 1.0
 weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
+score_space = "task_vector"  # task_vector (LoRA: ΔW per pair) | params (raw factors, the original)
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run

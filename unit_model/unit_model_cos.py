@@ -26,6 +26,7 @@ random_tuned_ckpt_path = "runs/random/lora"
 save_ckpt_path = "runs/fused/lora/cos"
 tem = 1.0
 weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
+score_space = "task_vector"  # task_vector (LoRA: ΔW per pair) | params (raw factors, the original)
 cos_mode = "flat"
 granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE

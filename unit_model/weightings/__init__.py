@@ -15,6 +15,7 @@ from unit_model.weightings.average import plan_average
 from unit_model.weightings.base import (
     DEFAULT_WEIGHT_NORM,
     DIRECTIONS,
+    SCORE_SPACES,
     WEIGHT_NORMS,
     Plan,
     Weighting,
@@ -33,7 +34,7 @@ Planner = Callable[[FusionConfig, list[str], ModuleCache], Weighting]
 WEIGHTINGS: dict[str, Planner] = {"average": plan_average, "cos": plan_cos, "Euclidean": plan_euclidean,
                                   "Performance": plan_performance, "others": plan_others}
 
-__all__ = ["COS_MODES", "DEFAULT_WEIGHT_NORM", "DIRECTIONS", "WEIGHTINGS", "WEIGHT_NORMS", "Plan", "Planner",
-           "Weighting", "check_temperature", "comparable_scores", "effective_sources",
+__all__ = ["COS_MODES", "DEFAULT_WEIGHT_NORM", "DIRECTIONS", "SCORE_SPACES", "WEIGHTINGS", "WEIGHT_NORMS", "Plan",
+           "Planner", "Weighting", "check_temperature", "comparable_scores", "effective_sources",
            "cosine_by_group", "distance_by_group", "group_softmax_weights", "metric_direction", "read_devall_tsv",
            "read_similarity_tsv", "softmax_weights"]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from models.methods import param_group
@@ -31,6 +32,16 @@ from utils.io import read_tsv
 DIRECTIONS = ("lower", "higher")
 WEIGHT_NORMS = ("zscore", "rank", "none")
 DEFAULT_WEIGHT_NORM = "zscore"
+# What cos and Euclidean compare: each module's task vector (LoRA's ΔW per pair, which training determines;
+# its factors are only determined up to B·M, M⁻¹·A, and every module starts from the same seeded A), or
+# the stored parameters as they are (the original's choice).
+SCORE_SPACES = ("task_vector", "params")
+
+
+def score_vectors(module: Module, space: str) -> dict[str, torch.Tensor]:
+    if space not in SCORE_SPACES:
+        raise UserInputError(f"--score_space: expected one of {', '.join(SCORE_SPACES)}, found {space!r}")
+    return module.task_vector() if space == "task_vector" else module.load()
 
 
 def check_temperature(temperature: float) -> float:

@@ -10,7 +10,14 @@ import torch
 
 from unit_model.config import FusionConfig
 from unit_model.sources import Module, ModuleCache
-from unit_model.weightings.base import Plan, Weighting, groups_of, plans_from_module_scores, require
+from unit_model.weightings.base import (
+    Plan,
+    Weighting,
+    groups_of,
+    plans_from_module_scores,
+    require,
+    score_vectors,
+)
 from utils.errors import UserInputError
 
 COS_MODES = ("flat", "per_tensor")
@@ -58,8 +65,9 @@ class CosScores:
     def __call__(self, plan: Plan, i: int) -> dict[str, float]:
         if self.loaded is None or self.loaded[0] != plan.target:
             self.loaded = None  # drop the previous target first: two modules at most
-            self.loaded = (plan.target, self.targets[plan.target].load())
-        return cosine_by_group(self.loaded[1], plan.modules[i].load(), self.config.granularity, self.config.cos_mode)
+            self.loaded = (plan.target, score_vectors(self.targets[plan.target], self.config.score_space))
+        return cosine_by_group(self.loaded[1], score_vectors(plan.modules[i], self.config.score_space),
+                               self.config.granularity, self.config.cos_mode)
 
 
 def plan_cos(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:

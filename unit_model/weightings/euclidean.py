@@ -10,7 +10,14 @@ import torch
 
 from unit_model.config import FusionConfig
 from unit_model.sources import Module, ModuleCache
-from unit_model.weightings.base import Plan, Weighting, groups_of, plans_from_module_scores, require
+from unit_model.weightings.base import (
+    Plan,
+    Weighting,
+    groups_of,
+    plans_from_module_scores,
+    require,
+    score_vectors,
+)
 
 
 def distance_by_group(
@@ -38,8 +45,9 @@ class DistanceScores:
                                                           f"source {s!r} tuned on {p.target!r}", s)
 
     def __call__(self, plan: Plan, i: int) -> dict[str, float]:
-        tuned = self.tuned[plan.target, plan.sources[i]].load()
-        return distance_by_group(plan.modules[i].load(), tuned, self.config.granularity)
+        space = self.config.score_space
+        tuned = score_vectors(self.tuned[plan.target, plan.sources[i]], space)
+        return distance_by_group(score_vectors(plan.modules[i], space), tuned, self.config.granularity)
 
 
 def plan_euclidean(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:
