@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from get_similarity.tune_all import (
+    PairsConfig,
     check_positive,
     check_sources_fit,
     leave_one_out,
     load_sources,
     read_tuned,
 )
-from models.backbone import BackboneDataConfig, add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
+from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
 from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
 from models.evaluate import evaluate
 from models.formats import load_delta_checkpoint
@@ -52,30 +53,18 @@ from models.seq2seq import encode_examples
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
-from utils.params import config_from, field_defaults, flags_of
+from utils.params import config_from, field_defaults
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
 
 @dataclass(kw_only=True)
-class DevAllConfig(BackboneDataConfig):
+class DevAllConfig(PairsConfig):
     """One dev-all run: the dev score of every source module on every target, zero-shot and after tune-all."""
 
-    source_ckpt_path: str
     output: str
-    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
-    source_tasks: list[str] | None = None
     tuneall_ckpt_path: str | None = None
-    tune_method: str | None = None
-    predict_batch_size: int = 64
-    num_beams: int = 1
-    bf16: bool = False
-    overwrite: bool = False
     merge: bool = False
-
-    def to_argv(self) -> list[str]:
-        """dev_all.py flags that give this config back."""
-        return flags_of(vars(self), DevAllConfig(source_ckpt_path="", output=""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,14 +65,29 @@ SETTINGS = ("steps", "lr", "bsz", "warmup_steps", "seed", "k", "data_seed")
 
 
 @dataclass(kw_only=True)
-class TuneAllConfig(BackboneDataConfig):
-    """One tune-all run: every (target, source) pair of ``tasks`` x ``source_tasks``, leave-one-out."""
+class PairsConfig(BackboneDataConfig):
+    """What tune-all and dev-all share: the (target, source) pairs of ``tasks`` x ``source_tasks``
+    (leave-one-out), the source modules, and how the dev split is predicted."""
 
     source_ckpt_path: str
-    output_dir: str
     tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
     source_tasks: list[str] | None = None
-    tune_method: str | None = None
+    tune_method: str | None = None  # expected method of the sources; None: whatever they are
+    predict_batch_size: int = 64
+    num_beams: int = 1
+    bf16: bool = False
+    overwrite: bool = False
+
+    def to_argv(self) -> list[str]:
+        """The entry point's flags that give this config back (those left at their default are left out)."""
+        return flags_of(vars(self), field_defaults(type(self)))
+
+
+@dataclass(kw_only=True)
+class TuneAllConfig(PairsConfig):
+    """One tune-all run: every pair tuned from its source for ``steps`` steps, the last module kept."""
+
+    output_dir: str
     steps: int = 200
     learning_rate: float = 5e-4
     bsz: int = 8
@@ -80,15 +95,7 @@ class TuneAllConfig(BackboneDataConfig):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
-    overwrite: bool = False
-    predict_batch_size: int = 64
-    num_beams: int = 1
-    bf16: bool = False
     log_file_only: bool = False
-
-    def to_argv(self) -> list[str]:
-        """tune_all.py flags that give this config back."""
-        return flags_of(vars(self), TuneAllConfig(source_ckpt_path="", output_dir=""))
 
 
 def build_parser() -> argparse.ArgumentParser:

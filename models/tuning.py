@@ -27,7 +27,7 @@ from models.trainer import Distributed, RunLog, TaskData, TrainConfig, Trainer, 
 from task_list import resolve_tasks_in
 from utils.errors import UserInputError
 from utils.io import check_output_folder, staged_dir, write_text_atomic
-from utils.params import flags_of
+from utils.params import field_defaults, flags_of
 
 
 @dataclass(kw_only=True)
@@ -54,7 +54,7 @@ class TuneConfig(TrainConfig):
     def to_argv(self) -> list[str]:
         """tune.py flags that give this config back (flags left at their default are left out)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "delta"}
-        return [*flags_of(values, TuneConfig(delta=self.delta)), "--tune_method", self.delta.method,
+        return [*flags_of(values, field_defaults(TuneConfig)), "--tune_method", self.delta.method,
                 *flags_of(self.delta.sizes())]
 
 

@@ -63,16 +63,16 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
     return args
 
 
-def flags_of(values: Mapping[str, Any], defaults: Any = None) -> list[str]:
+def flags_of(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
     """``--name value`` flags for a config's ``values`` (the inverse of argparse with dests named after fields).
 
     None is left out, True is a bare ``--name`` (store_true), False is left out, a list gives its items after
-    one flag. A value equal to the attribute of the same name on ``defaults`` is left out too, so the
-    command line a job runs shows only what differs from the entry point's defaults.
+    one flag. A value equal to its entry in ``defaults`` is left out too, so the command line a job runs
+    shows only what differs from the entry point's defaults (a field without a default is always written).
     """
     argv: list[str] = []
     for name, value in values.items():
-        if value is None or value is False or (defaults is not None and getattr(defaults, name, object()) == value):
+        if value is None or value is False or (defaults is not None and name in defaults and defaults[name] == value):
             continue
         if value is True:
             argv.append(f"--{name}")
