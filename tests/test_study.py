@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.stats import bootstrap, wilcoxon
 
 import study
 from tests.conftest import REPO, small_study_argv
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
+SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
 FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
 
 
@@ -55,7 +58,7 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
     summary = rows(results / "summary.tsv")
     for delta in ("lora", "adapter"):
         mine = {r["target"]: r for r in summary if r["delta"] == delta}
-        assert set(mine) == {*TARGETS.split(), "mean", "gain_over_random", "rank"}
+        assert set(mine) == {*TARGETS.split(), *SUMMARY_ROWS}
         random = {r["task"]: float(r["test"]) for r in rows(finished / delta / "random" / "result.tsv")}
         for m in methods:
             fused = {r["task"]: float(r["test"]) for r in rows(finished / delta / "transfer" / m / "result.tsv")}
@@ -65,6 +68,20 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
             assert float(mine["mean"][m]) == pytest.approx(mean, abs=1e-4)
             gain = mean - sum(random.values()) / len(random)
             assert float(mine["gain_over_random"][m]) == pytest.approx(gain, abs=2e-4)
+            # the paired figures, recomputed with scipy from the transfer and random rows themselves
+            diffs = np.array([fused[t] - random[t] for t in TARGETS.split()])
+            wins, losses = int((diffs > 1e-9).sum()), int((diffs < -1e-9).sum())
+            assert mine["wins_ties_losses"][m] == f"{wins}/{len(diffs) - wins - losses}/{losses}"
+            if np.ptp(diffs) > 1e-9:
+                ci = bootstrap((diffs,), np.mean, n_resamples=10_000, method="BCa",
+                               random_state=np.random.default_rng(0)).confidence_interval
+                if np.isfinite(ci.low):
+                    assert float(mine["gain_ci_low"][m]) == pytest.approx(ci.low, abs=2e-4)
+                    assert float(mine["gain_ci_high"][m]) == pytest.approx(ci.high, abs=2e-4)
+            if wins + losses:
+                assert float(mine["wilcoxon_p"][m]) == pytest.approx(wilcoxon(diffs).pvalue, abs=1e-4)
+            else:
+                assert mine["wilcoxon_p"][m] == "-"
         columns = ["random", *methods]
         for a in columns:  # a better mean never has a worse rank; equal means share a rank
             for b in columns:
@@ -133,7 +150,7 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
     log = (out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8" / "log.txt").read_text()
     assert "initialisation from" in log and "fused" in log and curve[0]["step"] == "0"
     summary = rows(out / "results" / "summary.tsv")
-    assert [r["target"] for r in summary] == ["sent_review", "mean", "gain_over_random", "rank"]
+    assert [r["target"] for r in summary] == ["sent_review", *SUMMARY_ROWS]
 
 
 def crossfit_copy(root: Path, names: dict[str, str]) -> Path:

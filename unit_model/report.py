@@ -25,6 +25,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from models.run_folders import read_result_tsv
+from unit_model.comparison import PairedComparison, paired_comparison
 from utils.io import atomic_file, read_tsv, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
@@ -99,8 +100,16 @@ def family_precision(weights: dict[str, float], target: str, categories: dict[st
     return sum(categories[s] == categories[target] for s in top) / len(top)
 
 
-def fmt(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def signed(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:+.{digits}f}"
+
+
+def wtl(c: PairedComparison) -> str:
+    return f"{c.wins}/{c.ties}/{c.losses}"
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -122,6 +131,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
     out.mkdir(parents=True, exist_ok=True)
     (out / "heatmaps").mkdir(exist_ok=True)
     summary_rows, md, gains, transfer_rows, pair_rows = [], [], {}, [], []
+    comparisons: dict[str, dict[str, PairedComparison]] = {}
     for delta in deltas:
         base = root / delta
         random = test_scores(base / "random")
@@ -132,17 +142,29 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         gain = means - means[0]
         rank = rankdata(-np.round(means, 6), method="min").astype(int)  # ties share the better rank
         gains[delta] = dict(zip(methods, gain[1:]))
+        # each method against random init on the same targets: bootstrap CI, wins/ties/losses, Wilcoxon
+        paired = {m: paired_comparison([fused[m][t] for t in targets], [random[t] for t in targets])
+                  for m in methods}
+        comparisons[delta] = paired
         for t in targets:
             summary_rows.append([delta, t, *[f"{x:.4f}" for x in table[t]]])
         summary_rows.append([delta, "mean", *[f"{x:.4f}" for x in means]])
         summary_rows.append([delta, "gain_over_random", *[f"{x:+.4f}" for x in gain]])
         summary_rows.append([delta, "rank", *[str(r) for r in rank]])
+        summary_rows.append([delta, "gain_ci_low", "-", *[signed(paired[m].ci_low) for m in methods]])
+        summary_rows.append([delta, "gain_ci_high", "-", *[signed(paired[m].ci_high) for m in methods]])
+        summary_rows.append([delta, "wins_ties_losses", "-", *[wtl(paired[m]) for m in methods]])
+        summary_rows.append([delta, "wilcoxon_p", "-", *[fmt(paired[m].wilcoxon_p, 4) for m in methods]])
         md += [f"### {delta}: test score by initialisation", "",
                "| target | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         md += [f"| {t} | " + " | ".join(f"{x:.3f}" for x in table[t]) + " |" for t in targets]
         md += ["| **mean** | " + " | ".join(f"**{x:.3f}**" for x in means) + " |",
                "| gain over random | " + " | ".join(f"{x:+.3f}" for x in gain) + " |",
                "| rank | " + " | ".join(str(r) for r in rank) + " |",
+               "| 95% CI of the gain | - | " + " | ".join(
+                   f"[{signed(paired[m].ci_low, 3)}, {signed(paired[m].ci_high, 3)}]" for m in methods) + " |",
+               "| wins / ties / losses | - | " + " | ".join(wtl(paired[m]) for m in methods) + " |",
+               "| Wilcoxon p | - | " + " | ".join(fmt(paired[m].wilcoxon_p) for m in methods) + " |",
                "| effective sources | - | " + " | ".join(
                    fmt(mean_effective_sources(base / "fused" / m / "weights.tsv")) for m in methods) + " |", ""]
 
@@ -211,16 +233,20 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         md.append("")
     write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
 
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(methods) * len(deltas), 3))
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(methods) * len(deltas), 4))
     width = 0.8 / max(1, len(deltas))
     for i, delta in enumerate(deltas):
         xs = np.arange(len(methods)) + i * width
-        ax.bar(xs, [gains[delta][m] for m in methods], width, label=delta)
+        means_d = [gains[delta][m] for m in methods]
+        # error bars: the 95% bootstrap CI of each gain (none where it is unknown)
+        err = np.array([[g - c.ci_low, c.ci_high - g] if c.ci_low is not None else [0.0, 0.0]
+                        for g, c in zip(means_d, (comparisons[delta][m] for m in methods))]).T
+        ax.bar(xs, means_d, width, yerr=err if len(methods) else None, capsize=3, label=delta)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(methods)) + width * (len(deltas) - 1) / 2)
     ax.set_xticklabels(methods, rotation=45, ha="right")
-    ax.set_ylabel("mean test gain over random init")
+    ax.set_ylabel("test gain over random init\n(mean, 95% CI)")
     ax.legend()
     fig.tight_layout()
-    save_figure_atomic(fig, out / "gain_by_method.png", dpi=110)
+    save_figure_atomic(fig, out / "gain_by_method.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
