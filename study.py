@@ -249,12 +249,12 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     source_lr, target_lr = lr_of(p, delta, p.source_lr), lr_of(p, delta, p.target_lr)
     warmup = None if p.target_warmup == "auto" else int(p.target_warmup)  # None: the trainer's rule
-    backbone = dict(model=p.model, task_dir=p.task_dir, device=p.device, quiet=p.quiet,
+    # every stage's config has these fields (bf16 included: the device flags reach every stage)
+    backbone = dict(model=p.model, task_dir=p.task_dir, device=p.device, quiet=p.quiet, bf16=p.bf16,
                     max_input_length=p.max_input_length, max_output_length=p.max_output_length)
-    sweep_bf16 = dict(bf16=p.bf16)
     target_data = dict(k=p.target_k, data_seed=p.target_data_seed)
     target_iters, source_iters = iters_of(p, delta, p.target_iters), iters_of(p, delta, p.source_iters)
-    sweep = dict(**backbone, **sweep_bf16, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
+    sweep = dict(**backbone, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
                  do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100)
     target_budget = dict(**target_data, train_iters=target_iters, learning_rate_list=[target_lr],
                          bsz_list=[p.target_bsz], warmup_steps=warmup, valid_interval=p.target_valid_interval,
@@ -263,9 +263,6 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                          learning_rate_list=[source_lr], bsz_list=[p.source_bsz],
                          valid_interval=p.source_valid_interval, early_stop=p.source_early_stop, log_interval=50)
 
-    def run_dir(out: Path, task: str, lr: float, bsz: int) -> Path:
-        return out / task / run_dir_name(lr, bsz)
-
     # Parallel jobs run the same configuration as a command line in their own process (sweep.script_job);
     # shared result.tsv files are then put in the order these steps would have written them.
     from sweep import order_result_tsv, script_job
@@ -273,28 +270,31 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     def in_order(out: Path, k: int, data_seed: int, lr: float, bsz: int) -> Callable[[list[str]], None]:
         return lambda tasks: order_result_tsv(out, [(t, str(k), str(data_seed), f"{lr:g}", str(bsz)) for t in tasks])
 
-    def tune_stage(index: int, name: str, steps: list[str], out: Callable[[str], Path],
-                   config: Callable[[str], TuneConfig], finish: Callable[[list[str]], None]) -> None:
+    def run_dir(config: TuneConfig) -> Path:  # the one run folder of a one-task, one-(lr, bsz) sweep
+        return Path(config.output_dir) / config.tasks[0] / run_dir_name(config.learning_rate_list[0],
+                                                                          config.bsz_list[0])
+
+    def tune_stage(index: int, name: str, steps: list[str], config: Callable[[str], TuneConfig],
+                   finish: Callable[[list[str]], None]) -> None:
         """A stage of tune.py sweeps, one task each: called here, or run as tune.py jobs."""
-        lr, bsz = config(steps[0]).learning_rate_list[0], config(steps[0]).bsz_list[0]
         study.stage(index, f"{delta}/{name}", steps,
-                    lambda step: [run_dir(out(step), config(step).tasks[0], lr, bsz)],
+                    lambda step: [run_dir(config(step))],
                     lambda step: run_sweep(config(step)),
                     jobs=lambda step: [script_job(step.replace(".", "/"), "tune.py", config(step).to_argv())],
                     finish=finish)
 
     src = root / "sources"
-    tune_stage(1, "sources", task_pool, lambda _: src,
+    tune_stage(1, "sources", task_pool,
                lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
                finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
     rnd = root / "random"
-    tune_stage(2, "random", target_list, lambda _: rnd,
+    tune_stage(2, "random", target_list,
                lambda t: TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(rnd)),
                finish=in_order(rnd, p.target_k, p.target_data_seed, target_lr, p.target_bsz))
     tuneall = root / "tuneall"
 
     def tuneall_config(t: str, sources: list[str]) -> TuneAllConfig:
-        return TuneAllConfig(**backbone, **sweep_bf16, **target_data, tasks=[t], source_tasks=sources,
+        return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources,
                              source_ckpt_path=str(src), output_dir=str(tuneall), steps=target_iters,
                              learning_rate=target_lr, bsz=p.target_bsz, warmup_steps=warmup,
                              seed=p.seed, log_file_only=True)
@@ -310,7 +310,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
 
     def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
-        return DevAllConfig(**backbone, **sweep_bf16, **target_data, tasks=targets, source_tasks=sources,
+        return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
                             source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
                             overwrite=True, merge=merge, predict_batch_size=100)
 
@@ -326,7 +326,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     def similarity_stage() -> None:
         # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
-        config = SimilarityConfig(**backbone, **sweep_bf16, **target_data, overwrite=True, delta=delta,
+        config = SimilarityConfig(**backbone, **target_data, overwrite=True, delta=delta,
                                   metric=list(SIMILARITY_METRICS), tasks=target_list, source_tasks=task_pool,
                                   source_ckpt_path=str(src), random_tuned_ckpt_path=str(rnd),
                                   output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed)
@@ -371,8 +371,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         return TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(transfer / m),
                           train_checkpoint=str(fused / m / fused_dir_name(t)))
 
-    tune_stage(7, "transfer", [f"{m}.{t}" for m in fusion_list for t in target_list],
-               lambda mt: transfer / mt.split(".")[0], transfer_config, finish=transfer_in_order)
+    tune_stage(7, "transfer", [f"{m}.{t}" for m in fusion_list for t in target_list], transfer_config,
+               finish=transfer_in_order)
     pairs = root / "pairs.tsv"
     if not needed["pairs"]:
         skip(8, "pairs")
@@ -444,7 +444,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
         from task_list import task_categories
         from unit_model.sources import category_sources
 
-        categories = task_categories(p.task_dir)
+        categories = task_categories(task_dir)
         for t in target_list:
             try:
                 category_sources(t, task_pool, categories)

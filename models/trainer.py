@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from models.formats import load_delta_checkpoint
 from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
 from models.seq2seq import EncodedTask, collate, encode_examples, to_device, training_examples
 from utils.io import write_tsv_atomic
+from utils.params import config_from
 
 
 def default_warmup(train_iters: int) -> int:
@@ -86,7 +87,7 @@ class TrainConfig:
     @classmethod
     def from_values(cls, values: Any) -> TrainConfig:
         """The fields of this config taken from any object with those attributes (e.g. parsed flags)."""
-        return cls(**{f.name: getattr(values, f.name) for f in fields(cls)})
+        return config_from(cls, values)
 
 
 class RunLog:

@@ -27,7 +27,7 @@ from models.trainer import Distributed, RunLog, TaskData, TrainConfig, Trainer, 
 from task_list import resolve_tasks_in
 from utils.errors import UserInputError
 from utils.io import check_output_folder, staged_dir, write_text_atomic
-from utils.params import field_defaults, flags_of
+from utils.params import config_from, field_defaults, flags_of
 
 
 @dataclass(kw_only=True)
@@ -49,7 +49,7 @@ class TuneConfig(TrainConfig):
     quiet: bool = False
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+        return config_from(TrainConfig, self)
 
     def to_argv(self) -> list[str]:
         """tune.py flags that give this config back (flags left at their default are left out)."""

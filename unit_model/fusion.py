@@ -143,17 +143,18 @@ def plan_effective_sources(plan: Plan) -> dict[str, float]:
     return {g: effective_sources(plan.weights[s][g] for s in plan.sources) for g in groups}
 
 
-def weight_rows(plans: list[Plan]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of weights.tsv: each row also carries its target's (and group's) effective sources."""
+def weight_rows(plans: list[Plan], effective: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of weights.tsv: each row also carries its target's (and group's) effective sources
+    (``effective[target][group]``, from ``plan_effective_sources``)."""
     granular = _granular(plans)
     header = ["target", "source", *(["group"] if granular else []), "score", "weight", "effective_sources"]
     rows = []
     for p in plans:
-        effective = plan_effective_sources(p)
         for s in p.sources:
             for g, w in p.weights[s].items():
                 score = "-" if p.scores is None else repr(float(p.scores[s][g]))  # repr: exact round trip
-                rows.append([p.target, s, *([g] if granular else []), score, repr(float(w)), f"{effective[g]:.4f}"])
+                rows.append([p.target, s, *([g] if granular else []), score, repr(float(w)),
+                             f"{effective[p.target][g]:.4f}"])
     return header, rows
 
 
@@ -211,6 +212,7 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
     The caller has checked the destination (``check_destination``) before computing the weights.
     """
     plans = weighting.plans
+    effective = {p.target: plan_effective_sources(p) for p in plans}
     save = Path(os.path.abspath(config.save_ckpt_path))
     ref = plans[0].modules[0].meta
     cfg = DeltaConfig.from_checkpoint_meta(ref)
@@ -231,7 +233,7 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                 "merge": config.merge,
                 "temperature": config.tem,
                 "weight_norm": config.weight_norm,
-                "effective_sources": _plain(plan_effective_sources(plan)),
+                "effective_sources": _plain(effective[plan.target]),
                 "granularity": granularity,
                 "sources": plan.sources,
                 "weights": {s: _plain(plan.weights[s]) for s in plan.sources},
@@ -251,12 +253,12 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                 note = f", LoRA truncation error {info['lora_truncation_error']:.4f}"
             tqdm.write(f"{plan.target}: {len(plan.sources)} sources, largest weight {best} "
                        f"({_mean(plan.weights[best]):.3f}){note}")
-        header, rows = weight_rows(plans)
+        header, rows = weight_rows(plans, effective)
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
         name = weighting.metric or method  # "others": name the similarity metric
-        effective = _mean({p.target: _mean(plan_effective_sources(p)) for p in plans})
+        mean_effective = _mean({t: _mean(by_group) for t, by_group in effective.items()})
         write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={config.tem:g}, "
-                                                     f"{config.weight_norm}; {effective:.1f} effective sources)")
+                                                     f"{config.weight_norm}; {mean_effective:.1f} effective sources)")
         _commit(staging, save)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
