@@ -272,7 +272,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
     def run_dir(config: TuneConfig) -> Path:  # the one run folder of a one-task, one-(lr, bsz) sweep
         return Path(config.output_dir) / config.tasks[0] / run_dir_name(config.learning_rate_list[0],
-                                                                          config.bsz_list[0])
+                                                                          config.bsz_list[0], config.data_seed)
 
     def tune_stage(index: int, name: str, steps: list[str], config: Callable[[str], TuneConfig],
                    finish: Callable[[list[str]], None]) -> None:

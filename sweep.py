@@ -53,7 +53,7 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
     A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
     (models.run_folders.resolve_checkpoint); parallel jobs append them in the order they finish.
     """
-    from models.run_folders import RESULT_COLUMNS, file_lock, result_rows
+    from models.run_folders import RESULT_COLUMNS, file_lock, result_key, result_rows
 
     path = output_dir / "result.tsv"
     with file_lock(output_dir / ".result.tsv.lock"):
@@ -61,8 +61,8 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
             return
         rows = result_rows(path)
         rank = {key: i for i, key in enumerate(keys)}
-        others = [r for r in rows if tuple(r[:5]) not in rank]
-        ours = sorted((r for r in rows if tuple(r[:5]) in rank), key=lambda r: rank[tuple(r[:5])])
+        others = [r for r in rows if result_key(r) not in rank]
+        ours = sorted((r for r in rows if result_key(r) in rank), key=lambda r: rank[result_key(r)])
         write_tsv_atomic(path, RESULT_COLUMNS, others + ours)
 
 
@@ -80,7 +80,7 @@ def plan_tune(argv: list[str]) -> Plan:
         keys = [(t, k, seed, "-", "-") for t in inputs.tasks]
     else:
         # The last --tasks/--learning_rate_list/--bsz_list on a command line wins: each job keeps one of each.
-        jobs = [script_job(f"{t}/{run_dir_name(lr, bsz)}", "tune.py",
+        jobs = [script_job(f"{t}/{run_dir_name(lr, bsz, config.data_seed)}", "tune.py",
                            [*argv, "--tasks", t, "--learning_rate_list", repr(lr), "--bsz_list", bsz])
                 for t, lr, bsz in inputs.runs]
         keys = [(t, k, seed, f"{lr:g}", str(bsz)) for t, lr, bsz in inputs.runs]

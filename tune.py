@@ -5,7 +5,7 @@ with AdamW and linear warmup/decay, validate by generation + the task's metric e
 ``--valid_interval`` steps, keep the best module, stop after ``--early_stop`` validations without
 gain, then predict on test with the best module (or with ``--test_checkpoint``).
 
-Writes ``{output_dir}/{task}/lr_{lr}_bsz_{bsz}/`` (log.txt, curve.tsv, checkpoint/, predictions)
+Writes ``{output_dir}/{task}/lr_{lr}_bsz_{bsz}_seed_{data_seed}/`` (log.txt, curve.tsv, checkpoint/, predictions)
 and one ``{output_dir}/result.tsv`` with a row per run. A run folder appears only once complete.
 
     python tune.py --do_train --do_predict --tune_method lora --tasks SAMPLE_TASKS --output_dir runs/lora

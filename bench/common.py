@@ -138,7 +138,7 @@ def delta_shapes(config, cfg: DeltaConfig) -> dict[str, tuple[int, ...]]:
 
 def write_sources(root: Path, names: Sequence[str], cfg: DeltaConfig, config, seed: int = 0,
                   backbone: str = "default", lr: float = 3e-3, bsz: int = 16) -> list[Path]:
-    """Random delta modules laid out like a tune.py output: ``root/{name}/lr_*_bsz_*/checkpoint`` + result.tsv.
+    """Random delta modules laid out like a tune.py output: ``root/{name}/lr_*_bsz_*_seed_*/checkpoint`` + result.tsv.
 
     Values are N(0, 0.02) everywhere (LoRA's B included, so no module is neutral); score.py and the fusion
     scripts resolve each ``root/{name}`` task folder to its run through ``root/result.tsv``.
@@ -149,10 +149,10 @@ def write_sources(root: Path, names: Sequence[str], cfg: DeltaConfig, config, se
     paths, rows = [], []
     for i, name in enumerate(names):
         tensors = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes.items()}
-        run = root / name / run_dir_name(lr, bsz)
+        run = root / name / run_dir_name(lr, bsz, 100)
         paths.append(save_delta_checkpoint(run / CHECKPOINT_SUBDIR, tensors, cfg, backbone, fingerprint, task=name,
                                            metric="ACC", score=0.5 + 0.001 * i, step=100))
-        rows.append([name, 16, 100, f"{lr:g}", bsz, f"{0.5 + 0.001 * i:.4f}", "-", 100])
+        rows.append([name, 16, 100, f"{lr:g}", bsz, 42, cfg.method, f"{0.5 + 0.001 * i:.4f}", "-", 100])
     write_tsv_atomic(root / "result.tsv", RESULT_COLUMNS, rows)
     return paths
 

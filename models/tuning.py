@@ -118,7 +118,7 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
         # Per output, so parallel jobs of one sweep can share the folder: training writes the run folders,
         # prediction alone writes {task}/predict.
         if config.do_train:
-            existing, kind = [output_dir / t / run_dir_name(lr, bsz) for t, lr, bsz in runs], "run"
+            existing, kind = [output_dir / t / run_dir_name(lr, bsz, config.data_seed) for t, lr, bsz in runs], "run"
         else:
             existing, kind = [output_dir / t / "predict" for t in tasks], "prediction"
         existing = [d for d in existing if d.exists()]
@@ -182,12 +182,12 @@ def run_checked(inputs: SweepInputs, ddp: Distributed, device: str) -> None:
                 log.close()
             if main_rank:
                 update_result_tsv(output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed, "lr": "-",
-                                               "bsz": "-", "dev": fmt_score(dev), "test": fmt_score(test),
-                                               "best_step": "-"})
+                                               "bsz": "-", "seed": "-", "method": cfg.method, "dev": fmt_score(dev),
+                                               "test": fmt_score(test), "best_step": "-"})
         return
 
     for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1 or not main_rank):
-        with staged(output_dir / t / run_dir_name(lr, bsz)) as tmp:
+        with staged(output_dir / t / run_dir_name(lr, bsz, config.data_seed)) as tmp:
             log = run_log(tmp)
             try:
                 log(f"task {t} ({data[t].metric}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
@@ -201,7 +201,8 @@ def run_checked(inputs: SweepInputs, ddp: Distributed, device: str) -> None:
                      "best_step": result.best_step}))
         if main_rank:
             update_result_tsv(output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed,
-                                           "lr": f"{lr:g}", "bsz": bsz, "dev": fmt_score(result.dev),
+                                           "lr": f"{lr:g}", "bsz": bsz, "seed": config.seed, "method": cfg.method,
+                                           "dev": fmt_score(result.dev),
                                            "test": fmt_score(result.test), "best_step": result.best_step})
         say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
             f"(best step {result.best_step})", flush=True)

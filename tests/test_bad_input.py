@@ -257,7 +257,7 @@ def _tune_truncated(w: World, tmp: Path):
 
 def _tune_result_missing_columns(w: World, tmp: Path):
     result = write(tmp / "out" / "result.tsv", "task\tlr\tdev\nalpha\t0.001\t0.5\n")
-    return tune_argv(w, tmp), [f"{result}:1", "missing columns"]
+    return tune_argv(w, tmp), [f"{result}:1", "expected columns"]
 
 
 def _tune_result_short_row(w: World, tmp: Path):
@@ -270,7 +270,7 @@ def _tune_result_short_row(w: World, tmp: Path):
 
 
 def _tune_run_exists(w: World, tmp: Path):
-    run = tmp / "out" / "alpha" / "lr_0.001_bsz_4"
+    run = tmp / "out" / "alpha" / "lr_0.001_bsz_4_seed_100"
     write(run / "log.txt", "an earlier run\n")
     return tune_argv(w, tmp), [str(run), "--overwrite"]
 
@@ -590,7 +590,7 @@ def test_crlf_split_trains_exactly_like_lf(world: World, tmp_path: Path, capsys)
         argv = tune_argv(world, tmp_path / data.name, data=data)
         assert run_cli(tune.main, argv) == 0, capsys.readouterr().err
         outs.append(tmp_path / data.name / "out")
-    run = Path("alpha") / "lr_0.001_bsz_4"
+    run = Path("alpha") / "lr_0.001_bsz_4_seed_100"
     for name in ("result.tsv", run / "curve.tsv", run / "test_predictions.tsv",
                  run / "checkpoint" / "delta.safetensors"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

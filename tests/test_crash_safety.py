@@ -97,7 +97,7 @@ def test_tune_killed_while_saving_its_checkpoint(tiny_backbone_dir: Path, tmp_pa
     out = tmp_path / "killed"
     blocked = kill_while_renaming(REPO / "tune.py", argv(out), "*/.checkpoint.tmp-*", tmp_path / "marker")
     # It was killed with the checkpoint complete in its temporary folder, before the rename.
-    assert blocked.parent.parent == out / "alpha" and blocked.parent.name.startswith(".lr_0.01_bsz_2.tmp-")
+    assert blocked.parent.parent == out / "alpha" and blocked.parent.name.startswith(".lr_0.01_bsz_2_seed_100.tmp-")
     assert sorted(p.name for p in blocked.iterdir()) == ["delta.safetensors", "delta_config.json"]
     # Nothing is visible under a final name: no run folder, no result.tsv, only the (empty) task folder.
     assert visible(out) == [out / "alpha"]
@@ -105,7 +105,7 @@ def test_tune_killed_while_saving_its_checkpoint(tiny_backbone_dir: Path, tmp_pa
     assert run_cli(tune.main, argv(out)) == 0, capsys.readouterr().err  # the rerun is not refused
     reference = tmp_path / "reference"
     assert run_cli(tune.main, argv(reference)) == 0
-    run = Path("alpha") / "lr_0.01_bsz_2"
+    run = Path("alpha") / "lr_0.01_bsz_2_seed_100"
     names = ["result.tsv", run / "curve.tsv", run / "result.json", run / "test_predictions.tsv",
              run / "checkpoint" / "delta.safetensors", run / "checkpoint" / "delta_config.json"]
     for name in names:

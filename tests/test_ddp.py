@@ -28,7 +28,7 @@ BSZ = 5  # 16 train examples: batches of 5, 5, 5, 1; shares of 2 and 3, and one 
 ARGS = ["--do_train", "--do_predict", "--tune_method", "lora", "--lora_r", "4", "--tasks", TASK,
         "--train_iters", "10", "--valid_interval", "5", "--log_interval", "1", "--warmup_steps", "2",
         "--learning_rate_list", "3e-3", "--bsz_list", str(BSZ), "--save_last", "--quiet", "--log_file_only"]
-RUN = Path(TASK) / f"lr_0.003_bsz_{BSZ}"
+RUN = Path(TASK) / f"lr_0.003_bsz_{BSZ}_seed_100"
 
 
 def free_port() -> int:

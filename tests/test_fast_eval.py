@@ -30,7 +30,7 @@ from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
 from utils.errors import run_cli
 
 TASK = "sent_review"
-RUN = Path(TASK) / "lr_0.003_bsz_8"
+RUN = Path(TASK) / "lr_0.003_bsz_8_seed_100"
 TRAIN = ["--do_train", "--do_predict", "--tune_method", "lora", "--lora_r", "8", "--tasks", TASK,
          "--train_iters", "60", "--valid_interval", "20", "--log_interval", "20", "--warmup_steps", "5",
          "--learning_rate_list", "3e-3", "--bsz_list", "8", "--quiet", "--log_file_only"]

@@ -557,7 +557,7 @@ def test_fused_checkpoint_trains_in_tune_py(world: dict, tiny_backbone_dir: Path
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (tmp_path / "out" / "tiny" / "lr_0.0005_bsz_2" / "log.txt").read_text()
+    text = (tmp_path / "out" / "tiny" / "lr_0.0005_bsz_2_seed_1" / "log.txt").read_text()
     assert "without_sent_review" in text  # initialised from the fused checkpoint
 
 

@@ -31,7 +31,7 @@ SWEEP = ["--do_train", "--do_predict", "--quiet", "--tune_method", "lora", "--lo
          "--learning_rate_list", "1e-3", "3e-2", "--bsz_list", "4", "--train_iters", "4", "--warmup_steps", "1",
          "--valid_interval", "2", "--log_interval", "2", "--max_output_length", "6", "--predict_batch_size", "100",
          "--save_last"]
-RUNS = [(t, lr) for t in ("sent_review", "topic_news") for lr in ("lr_0.001_bsz_4", "lr_0.03_bsz_4")]
+RUNS = [(t, lr) for t in ("sent_review", "topic_news") for lr in ("lr_0.001_bsz_4_seed_100", "lr_0.03_bsz_4_seed_100")]
 
 
 @pytest.fixture()
@@ -152,7 +152,7 @@ def test_no_wait_prints_the_array_id_and_returns(tmp_path, capsys):
 
 def test_tune_plan_has_one_job_per_task_lr_bsz(tmp_path):
     plan = sweep.plan_tune([*SWEEP, "--bsz_list", "4", "8", "--output_dir", str(tmp_path / "out")])
-    assert [j.name for j in plan.jobs] == [f"{t}/lr_{lr}_bsz_{b}" for t in ("sent_review", "topic_news")
+    assert [j.name for j in plan.jobs] == [f"{t}/lr_{lr}_bsz_{b}_seed_100" for t in ("sent_review", "topic_news")
                                            for lr in ("0.001", "0.03") for b in (4, 8)]
     parsed = [tune.build_parser().parse_args(j.argv[2:]) for j in plan.jobs]
     assert all(j.argv[:2] == [sys.executable, str(REPO / "tune.py")] for j in plan.jobs)
@@ -180,10 +180,10 @@ def test_bad_input_exits_2_before_any_job_starts(argv, message, tmp_path, capsys
 
 def test_existing_run_folder_is_refused_up_front(tmp_path, capsys):
     out = tmp_path / "out"
-    (out / "sent_review" / "lr_0.03_bsz_4").mkdir(parents=True)
+    (out / "sent_review" / "lr_0.03_bsz_4_seed_100").mkdir(parents=True)
     assert run_cli(sweep.main, ["--jobs", "2", "tune", *SWEEP, "--output_dir", str(out)]) == 2
-    assert "lr_0.03_bsz_4: run folder exists" in capsys.readouterr().err
-    assert sorted(p.name for p in out.rglob("*")) == ["lr_0.03_bsz_4", "sent_review"]
+    assert "lr_0.03_bsz_4_seed_100: run folder exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == ["lr_0.03_bsz_4_seed_100", "sent_review"]
 
 
 def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
@@ -192,22 +192,32 @@ def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
             "--train_iters", "1", "--train_checkpoint", str(tmp_path / "missing"), "--output_dir", str(out)]
     assert run_cli(sweep.main, ["--jobs", "2", "tune", *argv]) == 1
     summary = capsys.readouterr().out
-    log = out / "logs" / "sent_review" / "lr_0.0005_bsz_8.log"
+    log = out / "logs" / "sent_review" / "lr_0.0005_bsz_8_seed_100.log"
     assert "jobs: 0 of 1 succeeded" in summary
-    assert (f"FAILED sent_review/lr_0.0005_bsz_8: exit code 2 (error: {tmp_path / 'missing'}: checkpoint not found"
+    assert (f"FAILED sent_review/lr_0.0005_bsz_8_seed_100: exit code 2 (error: {tmp_path / 'missing'}: checkpoint not found"
             in summary and summary.rstrip().endswith(f"log {log}"))
     assert "checkpoint not found" in log.read_text()
     assert not (out / "result.tsv").exists()
 
 
 def test_order_result_tsv_puts_the_sweep_rows_last_in_sweep_order(tmp_path):
-    header = "task\tk\tdata_seed\tlr\tbsz\tdev\ttest\tbest_step\n"
-    b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t0.5\t0.5\t2\n", "old\t16\t100\t0.001\t8\t1.0\t1.0\t4\n",
-                      "a\t16\t100\t0.003\t8\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t0.3\t0.3\t2\n")
+    header = "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\tdev\ttest\tbest_step\n"
+    b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t42\tlora\t0.5\t0.5\t2\n", "old\t16\t100\t0.001\t8\t42\tlora\t1.0\t1.0\t4\n",
+                      "a\t16\t100\t0.003\t8\t42\tlora\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t42\tlora\t0.3\t0.3\t2\n")
     (tmp_path / "result.tsv").write_text(header + b + old + a3 + a1)  # as parallel jobs may leave it
     sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8"), ("a", "16", "100", "0.003", "8"),
                                       ("b", "16", "100", "0.001", "8")])
     assert (tmp_path / "result.tsv").read_text() == header + old + a1 + a3 + b
+
+
+def test_a_legacy_result_tsv_is_rewritten_with_unknown_seed_and_method(tmp_path):
+    """A result.tsv from before the seed and method columns reads, and its rows say "-" for them."""
+    (tmp_path / "result.tsv").write_text("task\tk\tdata_seed\tlr\tbsz\tdev\ttest\tbest_step\n"
+                                         "b\t16\t100\t0.001\t8\t0.5\t0.5\t2\na\t16\t100\t0.001\t8\t0.3\t0.3\t2\n")
+    sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8")])
+    assert (tmp_path / "result.tsv").read_text() == (
+        "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\tdev\ttest\tbest_step\n"
+        "b\t16\t100\t0.001\t8\t-\t-\t0.5\t0.5\t2\na\t16\t100\t0.001\t8\t-\t-\t0.3\t0.3\t2\n")
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1), ("2-00:00:00", 2880),

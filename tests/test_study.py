@@ -146,8 +146,8 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
     assert run_cli(study.main, argv) == 0
     fused, meta = load_delta_checkpoint(out / "lora" / "fused" / "Loss" / "without_sent_review")
     assert meta["task"] == "sent_review" and "sent_review" not in meta["extra"]["sources"]
-    curve = rows(out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8" / "curve.tsv")
-    log = (out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8" / "log.txt").read_text()
+    curve = rows(out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100" / "curve.tsv")
+    log = (out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100" / "log.txt").read_text()
     assert "initialisation from" in log and "fused" in log and curve[0]["step"] == "0"
     summary = rows(out / "results" / "summary.tsv")
     assert [r["target"] for r in summary] == ["sent_review", *SUMMARY_ROWS]

@@ -169,7 +169,7 @@ def test_tune_all_equals_tune_py_from_the_source(method, tiny_backbone_dir, task
                                 "--learning_rate_list", "1e-2", "--bsz_list", "2", "--warmup_steps", "1",
                                 "--max_output_length", "4", "--quiet"], capsys)
     assert code == 0, err
-    theirs, their_meta = load_delta_checkpoint(runs / "alpha" / "lr_0.01_bsz_2" / "checkpoint")
+    theirs, their_meta = load_delta_checkpoint(runs / "alpha" / "lr_0.01_bsz_2_seed_100" / "checkpoint")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert meta["score"] == their_meta["score"] and their_meta["step"] == 3
