@@ -203,7 +203,8 @@ def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
 def test_order_result_tsv_puts_the_sweep_rows_last_in_sweep_order(tmp_path):
     header = "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\tdev\ttest\tbest_step\n"
     b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t42\tlora\t0.5\t0.5\t2\n",
-                      "old\t16\t100\t0.001\t8\t42\tlora\t1.0\t1.0\t4\n", "a\t16\t100\t0.003\t8\t42\tlora\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t42\tlora\t0.3\t0.3\t2\n")
+                      "old\t16\t100\t0.001\t8\t42\tlora\t1.0\t1.0\t4\n",
+                      "a\t16\t100\t0.003\t8\t42\tlora\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t42\tlora\t0.3\t0.3\t2\n")
     (tmp_path / "result.tsv").write_text(header + b + old + a3 + a1)  # as parallel jobs may leave it
     sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8"), ("a", "16", "100", "0.003", "8"),
                                       ("b", "16", "100", "0.001", "8")])
