@@ -17,6 +17,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from models.backbone import add_allow_other_backbone_arg
 from models.delta import METHODS, DeltaConfig, add_size_flags
 from models.sizes import METHOD_SIZES
 from models.tuning import TuneConfig, check_config, run_sweep
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--train_checkpoint", default=None,
                        help="initialise the delta module from this checkpoint (a fused one too)")
     paths.add_argument("--test_checkpoint", default=None, help="predict with this checkpoint")
+    add_allow_other_backbone_arg(paths)
 
     data = p.add_argument_group("data and decoding")
     data.add_argument("--tasks", nargs="+", default=D.tasks, help="task names or named lists (task_list.py)")

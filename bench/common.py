@@ -119,7 +119,8 @@ def save_random_backbone(folder: Path, shape: str, seed: int = 0, device: str = 
 
 
 def fingerprint_of(config) -> dict[str, int]:
-    """models.delta.backbone_fingerprint without building the model."""
+    """models.delta.backbone_fingerprint without building the model (so without the weights hash:
+    checks compare only what a checkpoint records)."""
     return {"d_model": int(config.d_model), "num_layers": int(config.num_layers),
             "num_decoder_layers": int(config.num_decoder_layers), "vocab_size": int(config.vocab_size)}
 

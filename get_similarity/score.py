@@ -302,9 +302,10 @@ def load_targets(config: SimilarityConfig, targets: list[str]) -> dict[str, list
     return data
 
 
-def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str, int]) -> None:
+def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str, int | str],
+                  allow_other_weights: bool = False) -> None:
     for m in modules:
-        check_compatible(m.meta, cfg, fingerprint, str(m.folder))
+        check_compatible(m.meta, cfg, fingerprint, str(m.folder), allow_other_weights=allow_other_weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,15 +333,17 @@ def run_similarity(config: SimilarityConfig) -> None:
     cfg = DeltaConfig.from_checkpoint_meta(first.meta)
     if cfg.method != config.delta:
         raise UserInputError(f"--delta {config.delta}: checkpoint {first.folder} holds a {cfg.method} module")
-    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"])
+    allow = config.allow_other_backbone
+    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"], allow)
     references: dict[str, Module] = {}
     if any(m.needs_reference for m in metrics):
         references = {t: inspect_module(config.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
-        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"])
+        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"], allow)
 
     device = torch.device(pick_device(config.device))
     model, tokenizer = load_backbone(config.model, config.tokenizer_path, device)
-    check_compatible(first.meta, cfg, backbone_fingerprint(model), str(first.folder))
+    check_compatible(first.meta, cfg, backbone_fingerprint(model), str(first.folder), allow_other_weights=allow,
+                     backbone=config.model)
     torch.manual_seed(config.init_seed)
     attach_delta(model, cfg)
     model.to(device)

@@ -176,11 +176,11 @@ def load_sources(root: str | Path, names: list[str], method: str | None) -> tupl
     return cfg, sources
 
 
-def check_sources_fit(model: torch.nn.Module, cfg: DeltaConfig, fingerprint: dict[str, int],
-                      sources: dict[str, Source]) -> None:
+def check_sources_fit(model: torch.nn.Module, cfg: DeltaConfig, fingerprint: dict[str, int | str],
+                      sources: dict[str, Source], allow_other_weights: bool = False) -> None:
     """Refuse a source made for another backbone, or whose weights do not fit (keys, shapes)."""
     for src in sources.values():
-        check_compatible(src.meta, cfg, fingerprint, str(src.folder))
+        check_compatible(src.meta, cfg, fingerprint, str(src.folder), allow_other_weights=allow_other_weights)
         load_delta_state(model, src.tensors, str(src.folder))
 
 
@@ -219,7 +219,7 @@ def pair_train_config(config: TuneAllConfig) -> TrainConfig:
         predict_batch_size=config.predict_batch_size, num_beams=config.num_beams,
         train_iters=config.steps, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, valid_interval=config.steps, log_interval=config.steps,
-        early_stop=0, save_last=True,
+        early_stop=0, save_last=True, allow_other_backbone=config.allow_other_backbone,
     )
 
 
@@ -261,14 +261,14 @@ def run_tune_all(config: TuneAllConfig) -> None:
                 read_tuned(output_dir / t / s, t, s) for t, s in pairs}
 
     trainer = Trainer(pair_train_config(config), cfg)  # loads the backbone, once
-    check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources)
+    check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources, config.allow_other_backbone)
     todo = []
     for (t, s), meta in existing.items():
         if meta is None:
             todo.append((t, s))
             continue
         folder = output_dir / t / s
-        check_compatible(meta, cfg, trainer.fingerprint, str(folder))
+        check_compatible(meta, cfg, trainer.fingerprint, str(folder), allow_other_weights=config.allow_other_backbone)
         for key, want in settings.items():
             if meta["extra"].get(key) != want:
                 raise UserInputError(f"{folder}: tuned with {key}={meta['extra'].get(key)!r} but this run asks "

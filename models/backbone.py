@@ -152,6 +152,7 @@ class BackboneDataConfig:
     max_output_length: int = 32
     device: str = "auto"
     quiet: bool = False
+    allow_other_backbone: bool = False  # accept modules made on a same-shaped backbone with other weights
 
 
 def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
@@ -166,3 +167,9 @@ def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_output_length", type=int, default=D.max_output_length, help="also the generation length")
     p.add_argument("--device", default=D.device, help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")
+    add_allow_other_backbone_arg(p)
+
+
+def add_allow_other_backbone_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow_other_backbone", action="store_true",
+                   help="use modules made on a backbone of the same shape but other weights (refused otherwise)")

@@ -8,6 +8,7 @@ What differs between methods (library config, sizes, groups, neutral state, task
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -160,15 +161,36 @@ def describe(method: Any, sizes: Any) -> str:
 # Attaching the module
 
 
-def backbone_fingerprint(model: nn.Module) -> dict[str, int]:
-    """Architecture numbers that a delta checkpoint depends on (catches a renamed, different backbone)."""
+def backbone_fingerprint(model: nn.Module) -> dict[str, int | str]:
+    """What a delta checkpoint depends on: the architecture's numbers and a hash of the weights' content.
+
+    The hash tells apart backbones of one shape (t5-v1_1-base, t5-base-lm-adapt and flan-t5-base modules
+    would otherwise pass for one another). It is taken over each frozen tensor's name, shape and 64 values
+    at evenly spaced positions, rounded to bfloat16, so it costs microseconds and a bf16 copy of the same
+    weights hashes the same.
+    """
     c = model.config
     return {
         "d_model": int(c.d_model),
         "num_layers": int(c.num_layers),
         "num_decoder_layers": int(c.num_decoder_layers),
         "vocab_size": int(c.vocab_size),
+        "weights": weights_hash(model),
     }
+
+
+def weights_hash(model: nn.Module, samples: int = 64) -> str:
+    """``sha256:`` + 16 hex digits of a sample of the backbone's own (non-delta) parameters."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if is_delta_param(name):
+            continue
+        flat = param.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        values = flat[positions].to(torch.bfloat16).float().cpu().numpy()
+        digest.update(f"{name}:{tuple(param.shape)}:".encode())
+        digest.update(values.tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def library_config(cfg: DeltaConfig, d_model: int) -> Any:
@@ -341,20 +363,35 @@ def save_delta_checkpoint(
 
 
 def check_compatible(
-    meta: dict[str, Any], cfg: DeltaConfig, fingerprint: dict[str, int], source: str
+    meta: dict[str, Any], cfg: DeltaConfig, fingerprint: dict[str, int | str], source: str,
+    *, allow_other_weights: bool = False, backbone: str | None = None,
 ) -> None:
-    """Refuse a checkpoint whose method, sizes or backbone differ from this run's."""
+    """Refuse a checkpoint whose method, sizes or backbone differ from this run's.
+
+    A backbone of the same shape with other weights is refused too, unless ``allow_other_weights``
+    (the ``--allow_other_backbone`` flag): using a module on another backbone on purpose is an experiment,
+    doing it by accident gives numbers that look fine and mean nothing.
+    """
     made = describe(meta.get("method"), meta.get("sizes"))
     if meta.get("method") != cfg.method or meta.get("sizes") != cfg.sizes():
         raise UserInputError(f"checkpoint {source} was made with {made}; this run uses {cfg.describe()}")
     theirs = meta.get("backbone_fingerprint")
-    # A module converted from another format may record only part of it (an AdapterHub folder has no
-    # vocabulary size): compare the numbers it records.
-    mine = {k: fingerprint.get(k) for k in theirs} if isinstance(theirs, dict) and theirs else fingerprint
-    if theirs != mine:
+    if not isinstance(theirs, dict) or not theirs:
+        theirs = {}
+    # A module converted from another format, or written before the weights hash existed, records only
+    # part of the fingerprint: compare the entries it records.
+    shape = {k: v for k, v in theirs.items() if k != "weights"}
+    if shape != {k: fingerprint.get(k) for k in shape} or not theirs:
         raise UserInputError(
             f"checkpoint {source} was made for backbone {meta.get('backbone')!r} with {_fmt(theirs)}; "
             f"this run's backbone has {_fmt(fingerprint)}"
+        )
+    if "weights" in theirs and theirs["weights"] != fingerprint.get("weights") and not allow_other_weights:
+        mine = f"{backbone!r} " if backbone else ""
+        raise UserInputError(
+            f"checkpoint {source} was made for backbone {meta.get('backbone')!r} (weights {theirs['weights']}); "
+            f"this run's backbone {mine}has the same shape but other weights ({fingerprint.get('weights')}); "
+            "pass --allow_other_backbone to use it on purpose"
         )
 
 

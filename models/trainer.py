@@ -54,6 +54,7 @@ class TrainConfig:
     tokenizer_path: str | None = None
     device: str = "auto"
     bf16: bool = False
+    allow_other_backbone: bool = False  # modules from a same-shaped backbone with other weights
     # initialisation and prediction
     seed: int = 42
     train_checkpoint: str | None = None
@@ -200,7 +201,8 @@ class Trainer:
     def load_checkpoint(self, path: str) -> tuple[dict[str, torch.Tensor], str]:
         folder = resolve_checkpoint(path)
         tensors, meta = load_delta_checkpoint(folder)
-        check_compatible(meta, self.cfg, self.fingerprint, str(folder))
+        check_compatible(meta, self.cfg, self.fingerprint, str(folder),
+                         allow_other_weights=self.config.allow_other_backbone, backbone=self.backbone)
         load_delta_state(self.model, tensors, str(folder))  # validates keys and shapes now, not mid-sweep
         return tensors, str(folder)
 

@@ -159,6 +159,42 @@ def test_a_legacy_run_folder_still_resolves(tiny_backbone_dir, task_dir, tmp_pat
     assert read_rows(tmp_path / "p" / "result.tsv")[0]["test"] == rows[0]["test"]
 
 
+def test_a_module_of_a_same_shaped_backbone_with_other_weights_is_refused(tiny_backbone_dir, task_dir, tmp_path,
+                                                                           capsys):
+    """A backbone of one shape but other weights (say flan-t5-base against t5-base-lm-adapt): refused with both
+    names and hashes, accepted with --allow_other_backbone; a bf16 copy of the same weights is the same one."""
+    from transformers import T5ForConditionalGeneration
+
+    from models.delta import backbone_fingerprint
+
+    other = tmp_path / "other_backbone"
+    net = T5ForConditionalGeneration.from_pretrained(tiny_backbone_dir)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.01)
+    net.save_pretrained(other, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_backbone_dir / name).is_file():
+            shutil.copy(tiny_backbone_dir / name, other / name)
+    mine = backbone_fingerprint(T5ForConditionalGeneration.from_pretrained(tiny_backbone_dir))
+    assert backbone_fingerprint(T5ForConditionalGeneration.from_pretrained(tiny_backbone_dir).bfloat16()) == mine
+    theirs = backbone_fingerprint(net)
+    assert {k: v for k, v in theirs.items() if k != "weights"} == {k: v for k, v in mine.items() if k != "weights"}
+    assert theirs["weights"] != mine["weights"]
+
+    out = tmp_path / "out"
+    base = ["--tune_method", "lora", "--lora_r", "2", "--task_dir", str(task_dir), "--tasks", "alpha", *FAST]
+    assert run(["--do_train", "--model", str(tiny_backbone_dir), "--output_dir", str(out), *base], capsys)[0] == 0
+    ckpt = out / "alpha" / "lr_0.001_bsz_4_seed_100" / "checkpoint"
+    again = ["--do_train", "--train_checkpoint", str(ckpt), "--model", str(other), *base]
+    code, err = run([*again, "--output_dir", str(tmp_path / "refused")], capsys)
+    assert code == 2 and not (tmp_path / "refused").exists()
+    assert (f"made for backbone '{tiny_backbone_dir.name}' (weights {mine['weights']})" in err
+            and f"'other_backbone' has the same shape but other weights ({theirs['weights']})" in err
+            and "--allow_other_backbone" in err)
+    assert run([*again, "--output_dir", str(tmp_path / "allowed"), "--allow_other_backbone"], capsys)[0] == 0
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def bad_task_dir(tmp_path: Path, train: str) -> Path:
     root = tmp_path / "bad"
