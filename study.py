@@ -57,15 +57,16 @@ source_bsz = 16
 source_valid_interval = 50
 source_early_stop = 3
 source_data_seed = 100
-# targets (few-shot split): the baseline, every fused initialisation and tune-all share this budget
+# targets (few-shot splits): every arm (random init, each fused initialisation) is tuned on every data seed's
+# split at every budget, with the same seed and selection rule; tune-all runs the first budget
 target_k = 16
-target_data_seed = 100
-target_iters = 40
+target_data_seeds = "13 42 100"  # CrossFit's splits: each one a replicate of the whole target side
+target_budgets = "40"  # target_iters per budget, e.g. "40 400" (the larger one with early stopping)
 target_lr = 3e-3
 target_bsz = 8
 target_valid_interval = 10
 target_warmup = "auto"  # warm-up steps of every target arm; auto: a tenth of the steps (the trainer's rule)
-target_early_stop = 0  # 0: the whole budget, best dev validation kept
+target_early_stop = "0"  # per budget (or one for all): validations without gain before stopping; 0: never
 max_input_length = 256
 max_output_length = 16
 # method sizes for the embedded default, from models/sizes.py (its "paper" profile has the paper's)
@@ -81,7 +82,7 @@ ia3_lr_scale = 10  # (IA)³ rescales activations from 1: at 3e-3 it barely moves
 # fusion: every method's scores are standardised per target (zscore) before softmax(./tem), so one
 # temperature means the same for all; weight_norm none is the original's raw scores, for which it used
 # T = 0.1 for the similarity metrics and Euclidean and 0.001 for Performance and cos (cos_tem applies then)
-tem = 1.0
+tem = 1.0  # or auto: per method and target, the T of {0.1 .. 4} that scores best zero-shot on its dev split
 weight_norm = "zscore"  # zscore | rank | none
 cos_tem = 0.05  # weight_norm none only: cosines live in [-1, 1], where T = 1 would give uniform weights
 lora_combine = "delta_w"
@@ -238,6 +239,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     from models.run_folders import run_dir_name
     from models.tuning import TuneConfig, run_sweep
     from unit_model.fusion import FusionConfig, run_fusion
+    from unit_model.report import budget_dir, seed_dir
     from unit_model.sources import fused_dir_name
 
     p, root = study.p, study.root / delta
@@ -252,13 +254,9 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     # every stage's config has these fields (bf16 included: the device flags reach every stage)
     backbone = dict(model=p.model, task_dir=p.task_dir, device=p.device, quiet=p.quiet, bf16=p.bf16,
                     max_input_length=p.max_input_length, max_output_length=p.max_output_length)
-    target_data = dict(k=p.target_k, data_seed=p.target_data_seed)
-    target_iters, source_iters = iters_of(p, delta, p.target_iters), iters_of(p, delta, p.source_iters)
+    source_iters = iters_of(p, delta, p.source_iters)
     sweep = dict(**backbone, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
                  do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100)
-    target_budget = dict(**target_data, train_iters=target_iters, learning_rate_list=[target_lr],
-                         bsz_list=[p.target_bsz], warmup_steps=warmup, valid_interval=p.target_valid_interval,
-                         early_stop=p.target_early_stop, log_interval=p.target_valid_interval)
     source_budget = dict(k=p.source_k, data_seed=p.source_data_seed, train_iters=source_iters,
                          learning_rate_list=[source_lr], bsz_list=[p.source_bsz],
                          valid_interval=p.source_valid_interval, early_stop=p.source_early_stop, log_interval=50)
@@ -287,101 +285,173 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     tune_stage(1, "sources", task_pool,
                lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
                finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
-    rnd = root / "random"
-    tune_stage(2, "random", target_list,
-               lambda t: TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(rnd)),
-               finish=in_order(rnd, p.target_k, p.target_data_seed, target_lr, p.target_bsz))
-    tuneall = root / "tuneall"
 
-    def tuneall_config(t: str, sources: list[str]) -> TuneAllConfig:
-        return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources,
-                             source_ckpt_path=str(src), output_dir=str(tuneall), steps=target_iters,
-                             learning_rate=target_lr, bsz=p.target_bsz, warmup_steps=warmup,
-                             seed=p.seed, log_file_only=True)
+    budgets = budgets_of(p)
 
-    def tuneall_stage() -> None:
-        study.stage(3, f"{delta}/tuneall", target_list,
-                    lambda t: [tuneall / t / s for s in task_pool if s != t],
-                    lambda t: run_tune_all(tuneall_config(t, task_pool)),
-                    jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py",
-                                               tuneall_config(t, [s]).to_argv()) for s in task_pool if s != t])
+    def target_side(data_seed: int) -> None:
+        """Stages 2-8 on one few-shot split: everything on the target side lives in one folder per data seed."""
+        split = seed_dir(data_seed)
+        base = root / split
+        target_data = dict(k=p.target_k, data_seed=data_seed)
 
-    devall = root / "devall.tsv"
-    devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
+        def target_budget(iters: int, early_stop: int) -> dict:
+            return dict(**target_data, train_iters=iters_of(p, delta, iters), learning_rate_list=[target_lr],
+                        bsz_list=[p.target_bsz], warmup_steps=warmup, valid_interval=p.target_valid_interval,
+                        early_stop=early_stop, log_interval=p.target_valid_interval)
 
-    def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
-        return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
-                            source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
-                            overwrite=True, merge=merge, predict_batch_size=100)
+        def random_stage(budget: tuple[int, int]) -> None:
+            out = base / budget_dir(budget[0]) / "random"
+            tune_stage(2, f"{split}/{budget_dir(budget[0])}/random", target_list,
+                       lambda t: TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(out)),
+                       finish=in_order(out, p.target_k, data_seed, target_lr, p.target_bsz))
 
-    def devall_stage() -> None:
-        study.stage(4, f"{delta}/devall", ["all"], lambda _: [devall],
-                    lambda _: run_dev_all(devall_config(target_list, task_pool)),
-                    jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
-                                               devall_config([t], [s], merge=True).to_argv())
-                                    for t, s in devall_pairs],
-                    finish=lambda _: keep_pairs(devall, devall_pairs))
+        # The first budget's random-init modules are the reference of KL and cos, and tune-all runs it.
+        first_iters = iters_of(p, delta, budgets[0][0])
+        random_stage(budgets[0])
+        rnd = base / budget_dir(budgets[0][0]) / "random"
+        tuneall = base / "tuneall"
 
-    similarity = root / "similarity"
+        def tuneall_config(t: str, sources: list[str]) -> TuneAllConfig:
+            return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources,
+                                 source_ckpt_path=str(src), output_dir=str(tuneall), steps=first_iters,
+                                 learning_rate=target_lr, bsz=p.target_bsz, warmup_steps=warmup,
+                                 seed=p.seed, log_file_only=True)
 
-    def similarity_stage() -> None:
-        # A step that runs again (its marker missing: killed, or an output deleted) replaces its own outputs.
-        config = SimilarityConfig(**backbone, **target_data, overwrite=True, delta=delta,
-                                  metric=list(SIMILARITY_METRICS), tasks=target_list, source_tasks=task_pool,
-                                  source_ckpt_path=str(src), random_tuned_ckpt_path=str(rnd),
-                                  output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed)
-        study.stage(5, f"{delta}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
-                    lambda _: run_similarity(config))
+        def tuneall_stage() -> None:
+            study.stage(3, f"{delta}/{split}/tuneall", target_list,
+                        lambda t: [tuneall / t / s for s in task_pool if s != t],
+                        lambda t: run_tune_all(tuneall_config(t, task_pool)),
+                        jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py",
+                                                   tuneall_config(t, [s]).to_argv()) for s in task_pool if s != t])
 
-    for index, name, run in ((3, "tuneall", tuneall_stage), (4, "devall", devall_stage),
-                             (5, "similarity", similarity_stage)):
-        if needed[name]:
-            run()
-        else:
-            skip(index, name)
-    fused = root / "fused"
+        devall = base / "devall.tsv"
+        devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
 
-    def fuse(method: str) -> None:
-        # The study's fusion names -> a weighting of unit_model/weightings/ and the inputs it reads.
-        weighting, inputs = {
-            "average": ("average", {"TASK_LIST": "all"}),
-            "manual": ("average", {"TASK_LIST": "manual"}),
-            "cos": ("cos", {"random_tuned_ckpt_path": str(rnd)}),
-            "Euclidean": ("Euclidean", {"tuneall_ckpt_path": str(tuneall)}),
-            "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
-        }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
-        config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
-                              task_dir=p.task_dir,
-                              save_ckpt_path=str(fused / method), weight_norm=p.weight_norm,
-                              tem=p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem,
-                              lora_combine=p.lora_combine, overwrite=True, **inputs)
-        run_fusion(weighting, config)
+        def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
+            return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
+                                source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
+                                overwrite=True, merge=merge, predict_batch_size=100)
 
-    study.stage(6, f"{delta}/fusion", fusion_list,
-                lambda m: [fused / m / fused_dir_name(t) for t in target_list], fuse)
-    transfer = root / "transfer"
+        def devall_stage() -> None:
+            study.stage(4, f"{delta}/{split}/devall", ["all"], lambda _: [devall],
+                        lambda _: run_dev_all(devall_config(target_list, task_pool)),
+                        jobs=lambda _: [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
+                                                   devall_config([t], [s], merge=True).to_argv())
+                                        for t, s in devall_pairs],
+                        finish=lambda _: keep_pairs(devall, devall_pairs))
 
-    def transfer_in_order(done: list[str]) -> None:
-        for m in dict.fromkeys(mt.split(".")[0] for mt in done):
-            in_order(transfer / m, p.target_k, p.target_data_seed, target_lr, p.target_bsz)(
-                [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
+        similarity = base / "similarity"
 
-    def transfer_config(mt: str) -> TuneConfig:
-        m, t = mt.split(".")
-        return TuneConfig(**sweep, **target_budget, tasks=[t], output_dir=str(transfer / m),
-                          train_checkpoint=str(fused / m / fused_dir_name(t)))
+        def similarity_stage() -> None:
+            # A step that runs again (its marker missing: killed, or an output deleted) replaces its outputs.
+            config = SimilarityConfig(**backbone, **target_data, overwrite=True, delta=delta,
+                                      metric=list(SIMILARITY_METRICS), tasks=target_list, source_tasks=task_pool,
+                                      source_ckpt_path=str(src), random_tuned_ckpt_path=str(rnd),
+                                      output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed)
+            study.stage(5, f"{delta}/{split}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
+                        lambda _: run_similarity(config))
 
-    tune_stage(7, "transfer", [f"{m}.{t}" for m in fusion_list for t in target_list], transfer_config,
-               finish=transfer_in_order)
-    pairs = root / "pairs.tsv"
-    if not needed["pairs"]:
-        skip(8, "pairs")
-        return
-    study.stage(8, f"{delta}/pairs", ["all"], lambda _: [pairs],
-                lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, pairs))
+        for index, name, run in ((3, "tuneall", tuneall_stage), (4, "devall", devall_stage),
+                                 (5, "similarity", similarity_stage)):
+            if needed[name]:
+                run()
+            else:
+                skip(index, f"{split}/{name}")
+        fused = base / "fused"
+
+        def fuse(method: str) -> None:
+            # The study's fusion names -> a weighting of unit_model/weightings/ and the inputs it reads.
+            weighting, inputs = {
+                "average": ("average", {"TASK_LIST": "all"}),
+                "manual": ("average", {"TASK_LIST": "manual"}),
+                "cos": ("cos", {"random_tuned_ckpt_path": str(rnd)}),
+                "Euclidean": ("Euclidean", {"tuneall_ckpt_path": str(tuneall)}),
+                "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
+            }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
+            config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
+                                  task_dir=p.task_dir,
+                                  save_ckpt_path=str(fused / method), weight_norm=p.weight_norm,
+                                  tem=p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem,
+                                  lora_combine=p.lora_combine, overwrite=True, model=p.model, k=p.target_k,
+                                  data_seed=data_seed, device=p.device, bf16=p.bf16,
+                                  max_input_length=p.max_input_length, max_output_length=p.max_output_length,
+                                  **inputs)
+            run_fusion(weighting, config)
+
+        study.stage(6, f"{delta}/{split}/fusion", fusion_list,
+                    lambda m: [fused / m / fused_dir_name(t) for t in target_list], fuse)
+
+        def transfer_stage(budget: tuple[int, int]) -> None:
+            transfer = base / budget_dir(budget[0]) / "transfer"
+
+            def transfer_in_order(done: list[str]) -> None:
+                for m in dict.fromkeys(mt.split(".")[0] for mt in done):
+                    in_order(transfer / m, p.target_k, data_seed, target_lr, p.target_bsz)(
+                        [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
+
+            def transfer_config(mt: str) -> TuneConfig:
+                m, t = mt.split(".")
+                return TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(transfer / m),
+                                  train_checkpoint=str(fused / m / fused_dir_name(t)))
+
+            tune_stage(7, f"{split}/{budget_dir(budget[0])}/transfer",
+                       [f"{m}.{t}" for m in fusion_list for t in target_list], transfer_config,
+                       finish=transfer_in_order)
+
+        # Every budget tunes random init and every fused initialisation on the same split, seed and rule.
+        for budget in budgets:
+            if budget != budgets[0]:
+                random_stage(budget)
+            transfer_stage(budget)
+        pairs = base / "pairs.tsv"
+        if not needed["pairs"]:
+            skip(8, f"{split}/pairs")
+            return
+        study.stage(8, f"{delta}/{split}/pairs", ["all"], lambda _: [pairs],
+                    lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, data_seed, pairs))
+
+    for data_seed in data_seeds_of(p):
+        target_side(data_seed)
 
 
-def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool: list[str], out: Path) -> None:
+AXES = ("target_data_seeds", "target_budgets", "target_early_stop")  # list parameters of the study itself
+
+
+def check_axes(p) -> None:
+    """The replicate axes as one-line errors: integers, no repeats, one early-stop value or one per budget."""
+    from utils.errors import UserInputError
+
+    rules = {"target_data_seeds": (0, "data seeds"), "target_budgets": (1, "numbers of steps"),
+             "target_early_stop": (0, "numbers of validations")}
+    for name, (least, what) in rules.items():
+        values = words(str(getattr(p, name)))
+        if not values or not all(v.isdigit() and int(v) >= least for v in values):
+            raise UserInputError(f"--{name}: expected {what} (integers of at least {least}), found "
+                                 f"{getattr(p, name)!r}")
+        if name != "target_early_stop" and len(set(map(int, values))) != len(values):
+            raise UserInputError(f"--{name}: a value is listed twice in {getattr(p, name)!r}")
+    budgets, stops = words(p.target_budgets), words(str(p.target_early_stop))
+    if len(stops) not in (1, len(budgets)):
+        raise UserInputError(f"--target_early_stop: expected one value or one per budget ({len(budgets)}), "
+                             f"found {len(stops)}")
+
+
+def data_seeds_of(p) -> list[int]:
+    """The target data seeds: each one's few-shot split is a replicate of the whole target side."""
+    return [int(s) for s in words(p.target_data_seeds)]
+
+
+def budgets_of(p) -> list[tuple[int, int]]:
+    """(target_iters, early_stop) per budget; one early-stop value may serve every budget."""
+    iters = [int(n) for n in words(p.target_budgets)]
+    stops = [int(n) for n in words(str(p.target_early_stop))]
+    if len(stops) == 1:
+        stops *= len(iters)
+    return list(zip(iters, stops, strict=True))
+
+
+def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool: list[str], data_seed: int,
+                out: Path) -> None:
     """Test score of each target's module tuned from each single source (tune-all), for transferability."""
     import torch
     from tqdm.auto import tqdm
@@ -408,7 +478,7 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
             attached = True
         load_delta_state(net, tensors, str(tuneall / t / s))
         if t not in encoded:
-            test = load_task(p.task_dir, t, p.target_k, p.target_data_seed, ("test",))["test"]
+            test = load_task(p.task_dir, t, p.target_k, data_seed, ("test",))["test"]
             encoded[t] = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
         score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, p.max_output_length,
                             bf16=p.bf16)
@@ -439,7 +509,8 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
         load_task(task_dir, t, p.source_k, p.source_data_seed, SPLITS)
         metric_for_task(t, task_dir)
     for t in target_list:
-        load_task(task_dir, t, p.target_k, p.target_data_seed, SPLITS)
+        for data_seed in data_seeds_of(p):
+            load_task(task_dir, t, p.target_k, data_seed, SPLITS)
     if "manual" in words(p.fusions):  # 'manual division' needs a category with another task for every target
         from task_list import task_categories
         from unit_model.sources import category_sources
@@ -471,20 +542,26 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from task_list import resolve_tasks, task_categories
-    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS
-    from unit_model.report import write_results
+    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS, TYPES
+    from unit_model.report import budget_dir, write_results
     from utils.errors import UserInputError
     from utils.params import build_parser
 
-    p = build_parser(PARAMS, __doc__, HELP, CHOICES, LIST_PARAMS).parse_args(argv)
-    for name in ("source_iters", "target_iters", "source_bsz", "target_bsz", "source_valid_interval",
+    p = build_parser(PARAMS, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), TYPES).parse_args(argv)
+    for name in (*LIST_PARAMS, *AXES):  # one spelling in params.json, however the words were given
+        if isinstance(getattr(p, name), list):
+            setattr(p, name, " ".join(getattr(p, name)))
+    for name in ("source_iters", "source_bsz", "target_bsz", "source_valid_interval",
                  "target_valid_interval", "max_examples"):
         if getattr(p, name) <= 0:
             raise UserInputError(f"--{name}: expected a positive integer, found {getattr(p, name)}")
+    check_axes(p)
     if p.target_warmup != "auto" and not (p.target_warmup.isdigit()):
         raise UserInputError(f"--target_warmup: expected auto or a number of steps, found {p.target_warmup!r}")
     for name in ("tem", "cos_tem", "source_lr", "target_lr"):
         value = getattr(p, name)
+        if name == "tem" and value == "auto":
+            continue
         if not math.isfinite(value) or value <= 0:
             raise UserInputError(f"--{name}: expected a positive number, found {value}")
     task_pool = resolve_tasks(words(p.tasks), flag="--tasks")
@@ -526,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = study.root / "results"
     write_results(study.root, delta_list, target_list, task_pool, words(p.fusions), results,
-                  task_categories(p.task_dir))
+                  task_categories(p.task_dir), data_seeds=data_seeds_of(p),
+                  budgets=[budget_dir(iters) for iters, _ in budgets_of(p)])
     print(f"study finished in {time.time() - start:.0f}s; summary: {results / 'summary.md'}", flush=True)
     return 0
 

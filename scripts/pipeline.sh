@@ -2,7 +2,8 @@
 # The transfer study in one command (study.py): sources -> similarities -> fused initialisations -> results.
 # Every study.py parameter can be set from the environment under its upper-case name, e.g.
 #   DELTAS="adapter lora prefix" TARGETS=ALL_TASKS OUTPUT=runs/study-full bash scripts/pipeline.sh
-# Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_ITERS, TARGET_K, MAX_EXAMPLES;
+# Size knobs: TASKS (source pool), TARGETS, DELTAS, FUSIONS, SOURCE_ITERS, TARGET_BUDGETS, TARGET_K, MAX_EXAMPLES;
+# TARGET_DATA_SEEDS="13 42 100" replicates the target side on each few-shot split;
 # TRANSFERABILITY=1 adds the single-source pairs stage and its report (tune-all and dev-all with it).
 # Scale-out: JOBS=N runs the sources, random, tune-all, dev-all and transfer stages as N processes at once;
 # SLURM=1 submits each of them as one Slurm job array and waits for it, with SLURM_PARTITION, SLURM_TIME,
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 args=()
 for name in OUTPUT MODEL TASK_DIR TASKS TARGETS DELTAS FUSIONS SEED \
             SOURCE_K SOURCE_DATA_SEED SOURCE_ITERS SOURCE_LR SOURCE_BSZ SOURCE_VALID_INTERVAL SOURCE_EARLY_STOP \
-            TARGET_K TARGET_DATA_SEED TARGET_ITERS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
+            TARGET_K TARGET_DATA_SEEDS TARGET_BUDGETS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
             TARGET_EARLY_STOP MAX_INPUT_LENGTH MAX_OUTPUT_LENGTH \
             ADAPTER_SIZE LORA_R LORA_ALPHA PREFIX_LENGTH PREFIX_MLP PREFIX_ITERS_SCALE \
             IA3_LR_SCALE TEM WEIGHT_NORM COS_TEM LORA_COMBINE MAX_EXAMPLES TRANSFERABILITY DEVICE BF16 JOBS; do

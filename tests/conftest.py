@@ -49,9 +49,9 @@ STUDY_TARGETS = "sent_review topic_news"
 def small_study_argv(out: Path, model: Path, fusions: str = "average Loss") -> list[str]:
     return ["--output", str(out), "--model", str(model), "--task_dir", str(SUITE_DIR), "--tasks", STUDY_POOL,
             "--targets", STUDY_TARGETS, "--deltas", "lora", "--fusions", fusions, "--source_k", "16",
-            "--transferability", "true", "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
-            "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
-            "--device", "cpu"]
+            "--transferability", "true", "--source_iters", "2", "--source_valid_interval", "1",
+            "--target_budgets", "2", "--target_data_seeds", "100", "--target_valid_interval", "1", "--target_warmup",
+            "1", "--max_examples", "4", "--lora_r", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,8 @@ def average_argv(w: World, tmp: Path, *extra: str, src: Path | None = None) -> l
 def study_argv(w: World, tmp: Path, *extra: str, data: Path | None = None) -> list[str]:
     return ["--output", str(tmp / "out"), "--model", str(w.backbone), "--task_dir", str(data or w.data),
             "--tasks", " ".join(TASKS), "--targets", "alpha", "--deltas", "lora", "--fusions", "average Loss",
-            "--source_k", "16", "--source_iters", "2", "--target_iters", "2", "--max_examples", "2",
+            "--source_k", "16", "--source_iters", "2", "--target_budgets", "2", "--target_data_seeds", "100",
+            "--max_examples", "2",
             "--lora_r", "2", "--lora_alpha", "4", *extra]
 
 
@@ -403,9 +404,9 @@ def _study_missing_task(w: World, tmp: Path):
 def _study_other_params(w: World, tmp: Path):
     params = dict(vars(build_parser(study.PARAMS, None, fusion.HELP, fusion.CHOICES, fusion.LIST_PARAMS).parse_args(
         study_argv(w, tmp))))
-    params["target_iters"] = 7
+    params["target_budgets"] = "7"
     path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
-    return study_argv(w, tmp), [str(path), "target_iters"]
+    return study_argv(w, tmp), [str(path), "target_budgets"]
 
 
 def _debug_traceback(w: World, tmp: Path):
@@ -511,6 +512,14 @@ CASES: dict[str, Case] = {
     "study/unknown-fusion-metric": Case(study.main, _flag(study_argv, "--fusions", "average Perplexity",
                                                           words=("--fusions", "Perplexity"))),
     "study/output-of-another-study": Case(study.main, _study_other_params),
+    "study/data-seed-not-a-number": Case(study.main, _flag(study_argv, "--target_data_seeds", "13 x",
+                                                           words=("--target_data_seeds", "'13 x'"))),
+    "study/budget-listed-twice": Case(study.main, _flag(study_argv, "--target_budgets", "40 40",
+                                                        words=("--target_budgets", "listed twice"))),
+    "study/early-stop-per-budget": Case(study.main, _flag(study_argv, "--target_early_stop", "0 1 2",
+                                                          words=("--target_early_stop", "one per budget (1)"))),
+    "study/data-seed-without-files": Case(study.main, _flag(study_argv, "--target_data_seeds", "100 13",
+                                                            words=("alpha_16_13_train.tsv",))),
     # ---- the real scripts, in a subprocess: exit code and stderr as a user sees them
     "subprocess/tune-no-tab": Case(S_TUNE, _tsv(b"ok\tyes\nno tab here\n", 2, "no tab")),
     "subprocess/score-unknown-metric": Case(S_SCORE, _flag(score_argv, "--metric", "Perplexity",

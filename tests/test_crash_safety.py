@@ -118,7 +118,7 @@ def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, reference_st
                                            capsys) -> None:
     """SIGKILL while tune-all saves its second module of the first target; the rerun resumes from there."""
     out = tmp_path / "killed"
-    tuneall = out / "lora" / "tuneall"
+    tuneall = out / "lora" / "seed_100" / "tuneall"
     blocked = kill_while_renaming(REPO / "study.py", small_study_argv(out, tiny_backbone_dir),
                                   f"{tuneall}/*/.*.tmp-*", tmp_path / "marker", skip=1)
     target = blocked.parent.name
@@ -139,14 +139,15 @@ def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, reference_st
     capsys.readouterr()
     assert run_cli(study.main, small_study_argv(out, tiny_backbone_dir)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "lora/sources: 4/4 done, 0 to run" in printed and "lora/tuneall: 0/2 done, 2 to run" in printed
+    assert "lora/sources: 4/4 done, 0 to run" in printed and "lora/seed_100/tuneall: 0/2 done, 2 to run" in printed
     assert (tuneall / target / "sent_tweet" / "delta.safetensors").stat().st_mtime_ns == before  # resumed, kept
 
     reference = reference_study
-    names = [Path("results") / "summary.tsv", Path("results") / "transfer_pairs.tsv", Path("lora") / "devall.tsv",
-             Path("lora") / "similarity" / "result.tsv", Path("lora") / "pairs.tsv"]
-    names += [p.relative_to(reference) for p in visible(reference / "lora" / "tuneall") if p.name.startswith("delta")]
-    names += [p.relative_to(reference) for p in visible(reference / "lora" / "fused") if p.suffix == ".safetensors"]
+    split = Path("lora") / "seed_100"
+    names = [Path("results") / "summary.tsv", Path("results") / "transfer_pairs.tsv", split / "devall.tsv",
+             split / "similarity" / "result.tsv", split / "pairs.tsv"]
+    names += [p.relative_to(reference) for p in visible(reference / split / "tuneall") if p.name.startswith("delta")]
+    names += [p.relative_to(reference) for p in visible(reference / split / "fused") if p.suffix == ".safetensors"]
     assert len(names) > 5 + 2 * 3 * 2
     for name in names:
         ours = (out / name).read_bytes().replace(str(out).encode(), b"STUDY")  # metadata records source paths

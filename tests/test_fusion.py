@@ -631,3 +631,74 @@ def test_bad_input_exits_2_and_writes_nothing(case: str, world: dict, tiny_backb
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (root / "bad").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".bad.")]
+
+
+# --------------------------------------------------------------------------------------------------
+# --tem auto: the temperature chosen on the dev split, never on test
+
+
+def test_choose_temperatures_takes_the_best_dev_score_and_ties_go_to_the_larger_t() -> None:
+    from unit_model.temperature import TEMPERATURE_GRID, choose_temperatures
+
+    scores = {"a": {"model": 1.0}, "b": {"model": 3.0}, "c": {"model": 2.0}}
+    plan = weightings.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
+    # a dev score that peaks where source b gets weight 0.6 (the fused "module" is the weights themselves)
+    choose_temperatures([plan], "zscore", lambda p, w: {"b": torch.tensor(w["b"]["model"])},
+                        lambda target, fused: -abs(float(fused["b"]) - 0.6))
+    expected = min(TEMPERATURE_GRID,
+                   key=lambda t: abs(weightings.softmax_weights({s: v["model"] for s, v in scores.items()}, "higher",
+                                                                t, norm="zscore")["b"] - 0.6))
+    # z-scores -1.22, 1.22, 0: w_b is 0.91 at T = 0.5, 0.72 at T = 1, 0.54 at T = 2 (the closest to 0.6)
+    assert plan.temperature == expected == 2.0
+    assert plan.weights["b"]["model"] == pytest.approx(math.exp(1.5 ** 0.5 / 2) / (2 * math.cosh(1.5 ** 0.5 / 2) + 1))
+    assert sorted(plan.temperature_dev) == sorted(TEMPERATURE_GRID)
+    flat = weightings.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
+    choose_temperatures([flat], "zscore", lambda p, w: {}, lambda target, fused: 0.5)
+    assert flat.temperature == max(TEMPERATURE_GRID)  # every T alike: the weights closest to uniform
+    uniform = weightings.Plan("t", ["a"], [], {"a": {"model": 1.0}}, None)
+    choose_temperatures([uniform], "zscore", lambda p, w: {}, lambda target, fused: 0.0)
+    assert uniform.temperature is None  # an average has no temperature to choose
+
+
+def suite_copy(root: Path) -> Path:
+    """TASKS' 16-shot files of the bundled suite, to poison one split of."""
+    from dataloader.synthetic import SUITE_DIR
+
+    for t in TASKS:
+        (root / t).mkdir(parents=True)
+        for f in (SUITE_DIR / t).glob(f"{t}_16_100_*.tsv"):
+            shutil.copyfile(f, root / t / f.name)
+    return root
+
+
+def test_tem_auto_never_reads_the_test_split(world, tiny_backbone_dir, tmp_path) -> None:
+    """The choice of T reads the dev split only: a test split rewritten with other labels, or made unreadable,
+    changes nothing; a dev split made unreadable is reported."""
+    root = world["root"]
+    data = suite_copy(tmp_path / "data")
+    auto = ["--tem", "auto", "--model", str(tiny_backbone_dir), "--task_dir", str(data), "--device", "cpu"]
+
+    def fused(out: str) -> tuple[list[dict[str, str]], dict]:
+        assert run(unit_model_others, common(root, out, "--result_tsv", str(root / "similarity.tsv"),
+                                             "--metric", "Loss", *auto)) == 0
+        meta = {t: load_delta_checkpoint(root / out / f"without_{t}")[1]["extra"] for t in TASKS}
+        return read_weights(root / out / "weights.tsv"), meta
+
+    clean_weights, clean_meta = fused("clean")
+    assert {r["temperature"] for r in clean_weights} <= {"0.1", "0.25", "0.5", "1", "2", "4"}
+    for t in TASKS:
+        assert sorted(clean_meta[t]["temperature_dev"]) == sorted(["0.1", "0.25", "0.5", "1", "2", "4"])
+        assert f"{clean_meta[t]['temperature']:g}" == next(r["temperature"] for r in clean_weights if r["target"] == t)
+    for t in TASKS:  # other gold labels on test, then a test file no reader could parse
+        test = data / t / f"{t}_16_100_test.tsv"
+        test.write_text("".join(line.split("\t")[0] + "\tpoisoned\n" for line in test.read_text().splitlines()))
+    assert fused("relabelled") == (clean_weights, clean_meta)
+    for t in TASKS:
+        (data / t / f"{t}_16_100_test.tsv").write_bytes(b"\xff\xfe not a tsv line\n")
+    assert fused("unreadable_test") == (clean_weights, clean_meta)
+    dev = data / TASKS[0] / f"{TASKS[0]}_16_100_dev.tsv"
+    dev.write_text("no tab here\n")
+    with pytest.raises(UserInputError, match=str(dev)):
+        unit_model_others.main(common(root, "bad_dev", "--result_tsv", str(root / "similarity.tsv"),
+                                      "--metric", "Loss", *auto))
+    assert not (root / "bad_dev").exists()

@@ -299,15 +299,16 @@ def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, refe
         assert f"jobs: {n} of {n} succeeded" in out
     assert sorted(scripts) == sorted(["tune.py"] * 10 + ["tune_all.py"] * 6 + ["dev_all.py"] * 6)
 
-    files = ["lora/sources/result.tsv", "lora/random/result.tsv", "lora/devall.tsv", "lora/pairs.tsv",
-             "lora/transfer/average/result.tsv", "lora/transfer/Loss/result.tsv", "results/summary.tsv",
-             "results/transferability.tsv"]
+    files = ["lora/sources/result.tsv", "lora/seed_100/iters_2/random/result.tsv", "lora/seed_100/devall.tsv",
+             "lora/seed_100/pairs.tsv", "lora/seed_100/iters_2/transfer/average/result.tsv",
+             "lora/seed_100/iters_2/transfer/Loss/result.tsv", "results/summary.tsv", "results/transferability.tsv"]
     assert read_tree(split, files) == read_tree(one, files)
     for t in STUDY_TARGETS.split():
         for s in STUDY_POOL.split():
             if s != t:
-                same_tensors(split / "lora" / "tuneall" / t / s, one / "lora" / "tuneall" / t / s, (split, one))
-    assert "--merge" in (split / "logs" / "lora-devall" / "topic_news" / "sent_tweet.log").read_text()
+                tuned = Path("lora") / "seed_100" / "tuneall" / t / s
+                same_tensors(split / tuned, one / tuned, (split, one))
+    assert "--merge" in (split / "logs" / "lora-seed_100-devall" / "topic_news" / "sent_tweet.log").read_text()
     assert sorted(p.name for p in (split / ".steps").iterdir()) == sorted(p.name for p in (one / ".steps").iterdir())
 
 

@@ -25,11 +25,13 @@ POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
 SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
 FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
+SEEDS, BUDGETS = (13, 100), (2, 3)  # two few-shot splits of every target, two target budgets
 
 
 def small_study(out: Path, model: Path, deltas: str = "lora", fusions: str = FUSIONS) -> list[str]:
     return ["--output", str(out), "--model", str(model), "--tasks", POOL, "--targets", TARGETS, "--deltas", deltas,
-            "--fusions", fusions, "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
+            "--fusions", fusions, "--source_iters", "2", "--source_valid_interval", "1", "--target_budgets",
+            " ".join(map(str, BUDGETS)), "--target_data_seeds", " ".join(map(str, SEEDS)),
             "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
             "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16",
             "--transferability", "true"]
@@ -47,69 +49,99 @@ def finished(tiny_backbone_dir, tmp_path_factory):
     return out
 
 
+def arm_scores(root: Path, delta: str, seed: int, budget: str, arm: str) -> dict[str, float]:
+    """Test score per target of one arm (random or a fusion method) on one split at one budget."""
+    folder = root / delta / f"seed_{seed}" / budget
+    folder = folder / "random" if arm == "random" else folder / "transfer" / arm
+    return {r["task"]: float(r["test"]) for r in rows(folder / "result.tsv")}
+
+
 def test_every_output_exists_and_agrees_with_its_parts(finished):
     results = finished / "results"
-    for name in ("summary.tsv", "summary.md", "transferability.tsv", "transfer_pairs.tsv", "gain_by_method.png",
-                 "learning_curves_lora.png", "learning_curves_adapter.png"):
+    for name in ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
+                 "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in ("lora", "adapter")
+                                         for n in BUDGETS)):
         assert (results / name).is_file(), name
     methods = FUSIONS.split()
     assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
-        f"{d}_{m}.png" for d in ("lora", "adapter") for m in methods)
+        f"{d}_seed_{s}_{m}.png" for d in ("lora", "adapter") for s in SEEDS for m in methods)
     summary = rows(results / "summary.tsv")
+    md = (results / "summary.md").read_text()
+    targets = TARGETS.split()
     for delta in ("lora", "adapter"):
-        mine = {r["target"]: r for r in summary if r["delta"] == delta}
-        assert set(mine) == {*TARGETS.split(), *SUMMARY_ROWS}
-        random = {r["task"]: float(r["test"]) for r in rows(finished / delta / "random" / "result.tsv")}
-        for m in methods:
-            fused = {r["task"]: float(r["test"]) for r in rows(finished / delta / "transfer" / m / "result.tsv")}
-            for t in TARGETS.split():
-                assert float(mine[t][m]) == pytest.approx(fused[t], abs=1e-4)
-            mean = sum(fused.values()) / len(fused)
-            assert float(mine["mean"][m]) == pytest.approx(mean, abs=1e-4)
-            gain = mean - sum(random.values()) / len(random)
-            assert float(mine["gain_over_random"][m]) == pytest.approx(gain, abs=2e-4)
-            # the paired figures, recomputed with scipy from the transfer and random rows themselves
-            diffs = np.array([fused[t] - random[t] for t in TARGETS.split()])
-            wins, losses = int((diffs > 1e-9).sum()), int((diffs < -1e-9).sum())
-            assert mine["wins_ties_losses"][m] == f"{wins}/{len(diffs) - wins - losses}/{losses}"
-            if np.ptp(diffs) > 1e-9:
-                ci = bootstrap((diffs,), np.mean, n_resamples=10_000, method="BCa",
-                               random_state=np.random.default_rng(0)).confidence_interval
-                if np.isfinite(ci.low):
-                    assert float(mine["gain_ci_low"][m]) == pytest.approx(ci.low, abs=2e-4)
-                    assert float(mine["gain_ci_high"][m]) == pytest.approx(ci.high, abs=2e-4)
-            if wins + losses:
-                assert float(mine["wilcoxon_p"][m]) == pytest.approx(wilcoxon(diffs).pvalue, abs=1e-4)
-            else:
-                assert mine["wilcoxon_p"][m] == "-"
-        columns = ["random", *methods]
-        for a in columns:  # a better mean never has a worse rank; equal means share a rank
-            for b in columns:
-                if float(mine["mean"][a]) > float(mine["mean"][b]):
-                    assert int(mine["rank"][a]) < int(mine["rank"][b])
-                elif mine["mean"][a] == mine["mean"][b]:
-                    assert mine["rank"][a] == mine["rank"][b]
+        for n in BUDGETS:
+            budget = f"iters_{n}"
+            mine = {r["target"]: r for r in summary if r["delta"] == delta and r["budget"] == budget}
+            assert set(mine) == {*targets, *SUMMARY_ROWS}
+            random = {s: arm_scores(finished, delta, s, budget, "random") for s in SEEDS}
+            for m in methods:
+                fused = {s: arm_scores(finished, delta, s, budget, m) for s in SEEDS}
+                for t in targets:  # a target's row is its mean over the data seeds
+                    assert float(mine[t][m]) == pytest.approx(np.mean([fused[s][t] for s in SEEDS]), abs=1e-4)
+                # every paired figure, recomputed with scipy from the (target, seed) cells of the result rows
+                diffs = np.array([fused[s][t] - random[s][t] for t in targets for s in SEEDS])
+                mean = np.mean([fused[s][t] for t in targets for s in SEEDS])
+                assert float(mine["mean"][m]) == pytest.approx(mean, abs=1e-4)
+                assert float(mine["gain_over_random"][m]) == pytest.approx(diffs.mean(), abs=2e-4)
+                wins, losses = int((diffs > 1e-9).sum()), int((diffs < -1e-9).sum())
+                assert mine["wins_ties_losses"][m] == f"{wins}/{len(diffs) - wins - losses}/{losses}"
+                if np.ptp(diffs) > 1e-9:
+                    ci = bootstrap((diffs,), np.mean, n_resamples=10_000, method="BCa",
+                                   random_state=np.random.default_rng(0)).confidence_interval
+                    if np.isfinite(ci.low):
+                        assert float(mine["gain_ci_low"][m]) == pytest.approx(ci.low, abs=2e-4)
+                        assert float(mine["gain_ci_high"][m]) == pytest.approx(ci.high, abs=2e-4)
+                if wins + losses:
+                    assert float(mine["wilcoxon_p"][m]) == pytest.approx(wilcoxon(diffs).pvalue, abs=1e-4)
+                else:
+                    assert mine["wilcoxon_p"][m] == "-"
+            columns = ["random", *methods]
+            for a in columns:  # a better mean never has a worse rank; equal means share a rank
+                for b in columns:
+                    if float(mine["mean"][a]) > float(mine["mean"][b]):
+                        assert int(mine["rank"][a]) < int(mine["rank"][b])
+                    elif mine["mean"][a] == mine["mean"][b]:
+                        assert mine["rank"][a] == mine["rank"][b]
+            assert f"### {delta}, iters {n}: test score by initialisation (mean ± std over data seeds)" in md
+            t = targets[0]
+            values = [random[s][t] for s in SEEDS]
+            assert f"| {t} | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} |" in md
+    # scores.tsv holds every cell the summary is computed from
+    cells = rows(results / "scores.tsv")
+    assert len(cells) == 2 * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
     transfer = rows(results / "transferability.tsv")
     weighted = [m for m in methods if m not in ("average", "manual")]
     assert {(r["delta"], r["method"]) for r in transfer} == {(d, m) for d in ("lora", "adapter") for m in weighted}
+    assert {r["data_seed"] for r in transfer} == {*map(str, SEEDS), "-"}
     pairs = rows(results / "transfer_pairs.tsv")
-    assert len(pairs) == 2 * len(TARGETS.split()) * (len(POOL.split()) - 1)
+    assert len(pairs) == 2 * len(SEEDS) * len(targets) * (len(POOL.split()) - 1)
     for r in pairs:
         assert r["source"] != r["target"]
+
+
+def test_the_data_seeds_are_different_splits_with_their_own_runs(finished):
+    """Each seed's arm is tuned on its own split: its run folder and result row name that split."""
+    for s in SEEDS:
+        run_root = finished / "lora" / f"seed_{s}" / "iters_2" / "random"
+        assert [r["data_seed"] for r in rows(run_root / "result.tsv")] == [str(s)] * len(TARGETS.split())
+        assert (run_root / "sent_review" / f"lr_0.003_bsz_8_seed_{s}" / "checkpoint").is_dir()
+    a, b = (rows(finished / "lora" / f"seed_{s}" / "similarity" / "result.tsv") for s in SEEDS)
+    assert [r["score"] for r in a] != [r["score"] for r in b]  # scored on different few-shot examples
 
 
 def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys):
     summary_before = (finished / "results" / "summary.tsv").read_text()
     markers = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
-    shutil.rmtree(finished / "lora" / "fused" / "KL")
+    shutil.rmtree(finished / "lora" / "seed_13" / "fused" / "KL")
     capsys.readouterr()
     assert run_cli(study.main, small_study(finished, tiny_backbone_dir, "lora adapter")) == 0
     printed = capsys.readouterr().out
-    assert "lora/fusion: 9/10 done, 1 to run" in printed
+    assert "lora/seed_13/fusion: 9/10 done, 1 to run" in printed
+    assert "lora/seed_100/fusion: 10/10 done, 0 to run" in printed
     assert "lora/sources: 4/4 done, 0 to run" in printed
     after = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
     changed = sorted(n for n in after if after[n] != markers[n])
-    assert changed == ["lora__fusion.KL.json"]
+    assert changed == ["lora__seed_13__fusion.KL.json"]
     assert (finished / "results" / "summary.tsv").read_text() == summary_before
 
 
@@ -141,13 +173,15 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
     out = tmp_path / "default"
     argv = ["--output", str(out), "--model", str(DEFAULT_MODEL_DIR), "--tasks", POOL, "--targets", "sent_review",
             "--deltas", "lora", "--fusions", "manual Loss", "--source_iters", "10", "--source_valid_interval", "10",
-            "--target_iters", "4", "--target_valid_interval", "2", "--max_examples", "8", "--source_k", "64",
-            "--source_data_seed", "100"]
+            "--target_budgets", "4", "--target_data_seeds", "100", "--target_valid_interval", "2", "--max_examples",
+            "8", "--source_k", "64", "--source_data_seed", "100"]
     assert run_cli(study.main, argv) == 0
-    fused, meta = load_delta_checkpoint(out / "lora" / "fused" / "Loss" / "without_sent_review")
+    split = out / "lora" / "seed_100"
+    fused, meta = load_delta_checkpoint(split / "fused" / "Loss" / "without_sent_review")
     assert meta["task"] == "sent_review" and "sent_review" not in meta["extra"]["sources"]
-    curve = rows(out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100" / "curve.tsv")
-    log = (out / "lora" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100" / "log.txt").read_text()
+    run = split / "iters_4" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100"
+    curve = rows(run / "curve.tsv")
+    log = (run / "log.txt").read_text()
     assert "initialisation from" in log and "fused" in log and curve[0]["step"] == "0"
     summary = rows(out / "results" / "summary.tsv")
     assert [r["target"] for r in summary] == ["sent_review", *SUMMARY_ROWS]
@@ -187,14 +221,16 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
     out = tmp_path / "study"
     argv = ["--output", str(out), "--model", str(tiny_backbone_dir), "--task_dir", str(data), "--tasks",
             "cf_a cf_b cf_c", "--targets", "cf_a", "--fusions", "average manual", "--source_k", "16",
-            "--source_iters", "2", "--source_valid_interval", "1", "--target_iters", "2",
-            "--target_valid_interval", "1", "--lora_r", "2", "--device", "cpu"]
+            "--source_iters", "2", "--source_valid_interval", "1", "--target_budgets", "2",
+            "--target_data_seeds", "100", "--target_valid_interval", "1", "--lora_r", "2", "--device", "cpu"]
     assert run_cli(study.main, argv) == 0
     printed = capsys.readouterr().out
     for name in ("tuneall", "devall", "similarity", "pairs"):
-        assert f"lora/{name}: skipped" in printed
+        assert f"lora/seed_100/{name}: skipped" in printed
     lora = out / "lora"
-    assert sorted(p.name for p in lora.iterdir()) == ["fused", "random", "sources", "transfer"]
+    assert sorted(p.name for p in lora.iterdir()) == ["seed_100", "sources"]
+    assert sorted(p.name for p in (lora / "seed_100").iterdir()) == ["fused", "iters_2"]
+    assert sorted(p.name for p in (lora / "seed_100" / "iters_2").iterdir()) == ["random", "transfer"]
     assert not [m for m in (out / ".steps").iterdir() if any(k in m.name for k in ("tuneall", "devall", "pairs"))]
-    weights = rows(lora / "fused" / "manual" / "weights.tsv")
+    weights = rows(lora / "seed_100" / "fused" / "manual" / "weights.tsv")
     assert {r["source"] for r in weights} == {"cf_b"}  # cf_a's own category, from the file

@@ -26,7 +26,7 @@ class FusionConfig:
     result_tsv: str = ""
     metric: str | None = None
     save_ckpt_path: str = ""
-    tem: float = 1.0
+    tem: float | str = 1.0  # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
     weight_norm: str = "zscore"  # zscore | rank | none (the original's raw scores): see unit_model/weightings/base.py
     lora_combine: str = "delta_w"
     merge: str = "linear"
@@ -35,6 +35,14 @@ class FusionConfig:
     granularity: str = "model"
     average_tuned: bool = False  # Performance: average the sources tuned on the target (the original's)
     overwrite: bool = False
+    # --tem auto only: the backbone and the targets' few-shot dev splits that the temperature is chosen on
+    model: str = ""  # "": the embedded default
+    k: int = 16
+    data_seed: int = 100
+    device: str = "auto"
+    bf16: bool = False
+    max_input_length: int = 256
+    max_output_length: int = 32
     target_list: list[str] = field(default_factory=list)
 
     @classmethod

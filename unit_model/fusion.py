@@ -54,12 +54,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
 from unit_model.merges import MERGES
 from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, fuse
 from unit_model.sources import ModuleCache, fused_dir_name
+from unit_model.temperature import AUTO, DevScorer, choose_temperatures, parse_temperature
 from unit_model.weightings import (
     COS_MODES,
     DEFAULT_WEIGHT_NORM,  # noqa: F401 (the scripts' parameter blocks read it from here)
@@ -79,6 +81,7 @@ __all__ = ["DEFAULT_LORA_COMBINE", "FusionConfig", "check_config", "fused_dir_na
            "write_fusion"]
 
 WEIGHTS_FILE = "weights.tsv"
+DEFAULT_TASK_DIR = default_task_dir()  # the bundled suite (the scripts' parameter blocks read it from here)
 HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 
@@ -87,7 +90,10 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     """Check the parameters every weighting shares; return the config with its target list, and the pool."""
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
-    check_temperature(config.tem)
+    if config.tem != AUTO:
+        check_temperature(config.tem)
+    elif not config.task_dir:
+        raise UserInputError("--tem auto: needs --task_dir (the targets' dev splits choose the temperature)")
     for flag, value, known in (("lora_combine", config.lora_combine, LORA_COMBINES),
                                ("granularity", config.granularity, GRANULARITIES),
                                ("cos_mode", config.cos_mode, COS_MODES), ("merge", config.merge, tuple(MERGES)),
@@ -129,6 +135,17 @@ def check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
                                      "or choose another --save_ckpt_path")
 
 
+def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config: FusionConfig,
+                 granularity: str) -> tuple[dict, dict[str, Any]]:
+    """The fused tensors of one plan under ``weights`` (source -> group -> weight), and the merge's info."""
+    ref = plan.modules[0]
+    cfg = DeltaConfig.from_checkpoint_meta(ref.meta)
+    factored = bool(cfg.spec.factor_pairs(ref.shapes))
+    return fuse(plan.modules, [weights[s] for s in plan.sources], granularity=granularity,
+                lora_combine=config.lora_combine if factored else "params",
+                lora_scaling=cfg.spec.scaling(cfg.sizes()), merge=config.merge, method=cfg.spec)
+
+
 def _granular(plans: list[Plan]) -> bool:
     return any(set(w) != {"model"} for p in plans for w in p.weights.values())
 
@@ -147,14 +164,17 @@ def weight_rows(plans: list[Plan], effective: Mapping[str, Mapping[str, float]])
     """Header and rows of weights.tsv: each row also carries its target's (and group's) effective sources
     (``effective[target][group]``, from ``plan_effective_sources``)."""
     granular = _granular(plans)
-    header = ["target", "source", *(["group"] if granular else []), "score", "weight", "effective_sources"]
+    chosen = any(p.temperature is not None for p in plans)  # --tem auto: each target's T is a column
+    header = ["target", "source", *(["group"] if granular else []), "score", "weight", "effective_sources",
+              *(["temperature"] if chosen else [])]
     rows = []
     for p in plans:
         for s in p.sources:
             for g, w in p.weights[s].items():
                 score = "-" if p.scores is None else repr(float(p.scores[s][g]))  # repr: exact round trip
+                temperature = ["-" if p.temperature is None else f"{p.temperature:g}"] if chosen else []
                 rows.append([p.target, s, *([g] if granular else []), score, repr(float(w)),
-                             f"{effective[p.target][g]:.4f}"])
+                             f"{effective[p.target][g]:.4f}", *temperature])
     return header, rows
 
 
@@ -225,13 +245,11 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
     staging.mkdir()
     try:
         for plan in tqdm(plans, desc=f"fusing ({method})", disable=len(plans) < 3):
-            weights = [plan.weights[s] for s in plan.sources]
-            fused, info = fuse(plan.modules, weights, granularity=granularity, lora_combine=lora_combine,
-                               lora_scaling=spec.scaling(cfg.sizes()), merge=config.merge, method=spec)
+            fused, info = fused_module(plan, plan.weights, config, granularity)
             extra: dict[str, Any] = {
                 "fusion": method,
                 "merge": config.merge,
-                "temperature": config.tem,
+                "temperature": plan.temperature if plan.temperature is not None else config.tem,
                 "weight_norm": config.weight_norm,
                 "effective_sources": _plain(effective[plan.target]),
                 "granularity": granularity,
@@ -240,6 +258,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                 "scores": None if plan.scores is None else {s: _plain(plan.scores[s]) for s in plan.sources},
                 "source_checkpoints": [str(m.path) for m in plan.modules],
             }
+            if plan.temperature_dev is not None:  # --tem auto: the dev score of every T tried
+                extra["temperature_dev"] = {f"{t:g}": d for t, d in plan.temperature_dev.items()}
             if factored:
                 extra["lora_combine"] = lora_combine
             if weighting.metric:
@@ -257,7 +277,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
         name = weighting.metric or method  # "others": name the similarity metric
         mean_effective = _mean({t: _mean(by_group) for t, by_group in effective.items()})
-        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={config.tem:g}, "
+        temperature = "auto (dev)" if config.tem == AUTO else f"{config.tem:g}"
+        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={temperature}, "
                                                      f"{config.weight_norm}; {mean_effective:.1f} effective sources)")
         _commit(staging, save)
     finally:
@@ -279,9 +300,17 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     save = Path(os.path.abspath(config.save_ckpt_path))
     check_output_folder(save, "--save_ckpt_path")  # before any module is opened: the cheapest mistake to report
     cache = ModuleCache()
-    weighting = WEIGHTINGS[method](config, tasks, cache)
+    # --tem auto: the weightings compute their scores (and placeholder weights at T = 1); the search below
+    # then sets each target's weights from its dev split
+    planning = dataclasses.replace(config, tem=1.0) if config.tem == AUTO else config
+    weighting = WEIGHTINGS[method](planning, tasks, cache)
     cache.check(config.delta)
     check_destination(save, weighting.plans, config.overwrite)
+    if config.tem == AUTO and any(p.scores is not None for p in weighting.plans):
+        scorer = DevScorer(config, weighting.plans[0].modules[0].meta)
+        granularity = config.granularity if _granular(weighting.plans) else "model"
+        choose_temperatures(weighting.plans, config.weight_norm,
+                            lambda plan, weights: fused_module(plan, weights, config, granularity)[0], scorer)
     print(f"{method} fusion of {config.delta} modules for {len(weighting.plans)} target(s) into "
           f"{config.save_ckpt_path}", flush=True)
     write_fusion(weighting, config, method)
@@ -306,7 +335,12 @@ HELP = {
     "result_tsv": "zero-shot similarity table: target, source, metric, group, score",
     "metric": "similarity metric of --result_tsv to use (needed when the file holds several)",
     "save_ckpt_path": "output folder: without_{target}/, weights.tsv, heatmap.png",
-    "tem": "softmax temperature T > 0 (large T: uniform average)",
+    "tem": "softmax temperature T > 0 (large T: uniform average), or auto: per target, the T of "
+           "{0.1, 0.25, 0.5, 1, 2, 4} whose fused module scores best zero-shot on the target's dev split",
+    "model": "--tem auto: the backbone the fused modules are scored on (default: the embedded one)",
+    "task_dir": "the targets' data folder: its task_categories.tsv (manual) and dev splits (--tem auto)",
+    "k": "--tem auto: shots of the target's dev file {task}_{k}_{seed}_dev.tsv",
+    "data_seed": "--tem auto: data seed of the target's dev file",
     "lora_combine": "LoRA only: 'delta_w' averages B·A and factors back by SVD, 'params' averages A and B",
     "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
@@ -320,8 +354,9 @@ CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_S
            "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
            "granularity": GRANULARITIES, "merge": tuple(MERGES)}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
+TYPES = {"tem": parse_temperature}  # a number or auto
 
 
 def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None) -> argparse.Namespace:
     """A fusion script's parameter block parsed with the fusion flags' help and choices."""
-    return utils_params.parse_params(params, argv, description, HELP, CHOICES, LIST_PARAMS)
+    return utils_params.parse_params(params, argv, description, HELP, CHOICES, LIST_PARAMS, TYPES)

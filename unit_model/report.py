@@ -2,10 +2,11 @@
 
 Everything is read back from the study's folders, so the report can be rebuilt at any time:
 
-* ``{delta}/random/result.tsv`` and ``{delta}/transfer/{method}/result.tsv``: test scores of each target
-  tuned from random initialisation and from each fused initialisation (same budget and seed);
-* ``{delta}/fused/{method}/weights.tsv`` and ``heatmap.png``: the fusion weights;
-* ``{delta}/pairs.tsv``: the test score of each target tuned from each single source.
+* ``{delta}/seed_{s}/iters_{n}/random/result.tsv`` and ``.../iters_{n}/transfer/{method}/result.tsv``: test
+  scores of each target on data seed s's split, tuned for n steps from random initialisation and from each
+  fused initialisation (same split, budget, seed and selection rule);
+* ``{delta}/seed_{s}/fused/{method}/weights.tsv`` and ``heatmap.png``: the fusion weights on that split;
+* ``{delta}/seed_{s}/pairs.tsv``: the test score of each target tuned from each single source.
 
 Transferability of a method = how well its weights rank the single sources by the transfer they really
 give: Spearman correlation between weight and single-source test score per target, and NDCG@3 with the
@@ -117,9 +118,31 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
     write_tsv_atomic(path, header, rows)
 
 
+def seed_dir(data_seed: int) -> str:
+    """The folder of one few-shot split's target side in a study (study.py writes it, this module reads it)."""
+    return f"seed_{data_seed}"
+
+
+def budget_dir(iters: int) -> str:
+    """The folder of one target budget (target_iters) within a split's folder."""
+    return f"iters_{iters}"
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` over seeds (sample std); a single seed has no spread to show."""
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
 def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list[str], methods: list[str],
-                  out: Path, categories: dict[str, str] | None = None) -> None:
-    """The study's tables and figures; ``categories`` (default: task_list's) give family precision."""
+                  out: Path, categories: dict[str, str] | None = None, data_seeds: list[int] | None = None,
+                  budgets: list[str] | None = None) -> None:
+    """The study's tables and figures; ``categories`` (default: task_list's) give family precision.
+
+    Every arm is compared at each budget over the same (target, data seed) cells. ``scores.tsv`` holds each
+    cell's test score, from which every figure of ``summary.tsv`` and ``summary.md`` can be recomputed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,125 +151,148 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
     from task_list import MANUAL_CATEGORIES
 
     categories = MANUAL_CATEGORIES if categories is None else categories
+    data_seeds = [100] if data_seeds is None else data_seeds
+    budgets = ["iters_40"] if budgets is None else budgets
+    cells = [(t, s) for t in targets for s in data_seeds]
     out.mkdir(parents=True, exist_ok=True)
     (out / "heatmaps").mkdir(exist_ok=True)
-    summary_rows, md, gains, transfer_rows, pair_rows = [], [], {}, [], []
-    comparisons: dict[str, dict[str, PairedComparison]] = {}
+    summary_rows, score_rows, md, transfer_rows, pair_rows = [], [], [], [], []
+    comparisons: dict[tuple[str, str], dict[str, PairedComparison]] = {}
+    seeds_text = ", ".join(map(str, data_seeds))
     for delta in deltas:
-        base = root / delta
-        random = test_scores(base / "random")
-        fused = {m: test_scores(base / "transfer" / m) for m in methods}
-        columns = ["random", *methods]
-        table = {t: [random[t], *[fused[m][t] for m in methods]] for t in targets}
-        means = np.mean([table[t] for t in targets], axis=0)
-        gain = means - means[0]
-        rank = rankdata(-np.round(means, 6), method="min").astype(int)  # ties share the better rank
-        gains[delta] = dict(zip(methods, gain[1:]))
-        # each method against random init on the same targets: bootstrap CI, wins/ties/losses, Wilcoxon
-        paired = {m: paired_comparison([fused[m][t] for t in targets], [random[t] for t in targets])
-                  for m in methods}
-        comparisons[delta] = paired
-        for t in targets:
-            summary_rows.append([delta, t, *[f"{x:.4f}" for x in table[t]]])
-        summary_rows.append([delta, "mean", *[f"{x:.4f}" for x in means]])
-        summary_rows.append([delta, "gain_over_random", *[f"{x:+.4f}" for x in gain]])
-        summary_rows.append([delta, "rank", *[str(r) for r in rank]])
-        summary_rows.append([delta, "gain_ci_low", "-", *[signed(paired[m].ci_low) for m in methods]])
-        summary_rows.append([delta, "gain_ci_high", "-", *[signed(paired[m].ci_high) for m in methods]])
-        summary_rows.append([delta, "wins_ties_losses", "-", *[wtl(paired[m]) for m in methods]])
-        summary_rows.append([delta, "wilcoxon_p", "-", *[fmt(paired[m].wilcoxon_p, 4) for m in methods]])
-        md += [f"### {delta}: test score by initialisation", "",
-               "| target | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        md += [f"| {t} | " + " | ".join(f"{x:.3f}" for x in table[t]) + " |" for t in targets]
-        md += ["| **mean** | " + " | ".join(f"**{x:.3f}**" for x in means) + " |",
-               "| gain over random | " + " | ".join(f"{x:+.3f}" for x in gain) + " |",
-               "| rank | " + " | ".join(str(r) for r in rank) + " |",
-               "| 95% CI of the gain | - | " + " | ".join(
-                   f"[{signed(paired[m].ci_low, 3)}, {signed(paired[m].ci_high, 3)}]" for m in methods) + " |",
-               "| wins / ties / losses | - | " + " | ".join(wtl(paired[m]) for m in methods) + " |",
-               "| Wilcoxon p | - | " + " | ".join(fmt(paired[m].wilcoxon_p) for m in methods) + " |",
-               "| effective sources | - | " + " | ".join(
-                   fmt(mean_effective_sources(base / "fused" / m / "weights.tsv")) for m in methods) + " |", ""]
+        split_roots = {s: root / delta / seed_dir(s) for s in data_seeds}
+        for budget in budgets:
+            arms = {"random": {s: test_scores(split_roots[s] / budget / "random") for s in data_seeds}}
+            arms.update({m: {s: test_scores(split_roots[s] / budget / "transfer" / m) for s in data_seeds}
+                         for m in methods})
+            columns = ["random", *methods]
+            cell = {a: [arms[a][s][t] for t, s in cells] for a in columns}  # one score per (target, seed)
+            for a in columns:
+                score_rows += [[delta, budget, s, t, a, f"{arms[a][s][t]:.4f}"] for t, s in cells]
+            means = np.array([np.mean(cell[a]) for a in columns])
+            gain = means - means[0]
+            rank = rankdata(-np.round(means, 6), method="min").astype(int)  # ties share the better rank
+            # each method against random init over the same (target, seed) cells
+            paired = {m: paired_comparison(cell[m], cell["random"]) for m in methods}
+            comparisons[(delta, budget)] = paired
+            per_target = {t: {a: [arms[a][s][t] for s in data_seeds] for a in columns} for t in targets}
+            for t in targets:
+                summary_rows.append([delta, budget, t, *[f"{np.mean(per_target[t][a]):.4f}" for a in columns]])
+            summary_rows.append([delta, budget, "mean", *[f"{x:.4f}" for x in means]])
+            summary_rows.append([delta, budget, "gain_over_random", *[f"{x:+.4f}" for x in gain]])
+            summary_rows.append([delta, budget, "rank", *[str(r) for r in rank]])
+            summary_rows.append([delta, budget, "gain_ci_low", "-", *[signed(paired[m].ci_low) for m in methods]])
+            summary_rows.append([delta, budget, "gain_ci_high", "-", *[signed(paired[m].ci_high) for m in methods]])
+            summary_rows.append([delta, budget, "wins_ties_losses", "-", *[wtl(paired[m]) for m in methods]])
+            summary_rows.append([delta, budget, "wilcoxon_p", "-", *[fmt(paired[m].wilcoxon_p, 4) for m in methods]])
+            spread = " (mean ± std over data seeds)" if len(data_seeds) > 1 else ""
+            md += [f"### {delta}, {budget.replace('_', ' ')}: test score by initialisation{spread}", "",
+                   f"{len(targets)} targets x {len(data_seeds)} data seed(s) ({seeds_text}): {len(cells)} paired "
+                   "cells per method; the CI, wins/ties/losses and Wilcoxon p are over those cells.", "",
+                   "| target | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            md += [f"| {t} | " + " | ".join(mean_std(per_target[t][a]) for a in columns) + " |" for t in targets]
+            md += ["| **mean** | " + " | ".join(f"**{x:.3f}**" for x in means) + " |",
+                   "| gain over random | " + " | ".join(f"{x:+.3f}" for x in gain) + " |",
+                   "| rank | " + " | ".join(str(r) for r in rank) + " |",
+                   "| 95% CI of the gain | - | " + " | ".join(
+                       f"[{signed(paired[m].ci_low, 3)}, {signed(paired[m].ci_high, 3)}]" for m in methods) + " |",
+                   "| wins / ties / losses | - | " + " | ".join(wtl(paired[m]) for m in methods) + " |",
+                   "| Wilcoxon p | - | " + " | ".join(fmt(paired[m].wilcoxon_p) for m in methods) + " |",
+                   "| effective sources | - | " + " | ".join(fmt(float(np.nanmean(
+                       [mean_effective_sources(split_roots[s] / "fused" / m / "weights.tsv") for s in data_seeds])))
+                       for m in methods) + " |", ""]
 
-        for m in methods:
-            heatmap = base / "fused" / m / "heatmap.png"
-            if heatmap.is_file():
-                with atomic_file(out / "heatmaps" / f"{delta}_{m}.png") as tmp:
-                    shutil.copyfile(heatmap, tmp)
+            # learning curves (first data seed): random vs the best fused initialisation (by mean test score)
+            best = methods[int(np.argmax(means[1:]))] if methods else None
+            if best is not None:
+                first = split_roots[data_seeds[0]] / budget
+                fig, axes = plt.subplots(1, len(targets), figsize=(3 * len(targets), 2.8), squeeze=False)
+                auc_random, auc_best = [], []
+                for ax, t in zip(axes[0], targets):
+                    for label, run_root, aucs in (("random", first / "random", auc_random),
+                                                  (best, first / "transfer" / best, auc_best)):
+                        points = curve(run_root, t)
+                        if points:
+                            ax.plot(*zip(*points), marker=".", label=label)
+                            aucs.append(float(np.mean([d for _, d in points])))
+                    ax.set_title(t, fontsize=8)
+                    ax.set_xlabel("step", fontsize=7)
+                axes[0][0].set_ylabel("dev score")
+                axes[0][0].legend(fontsize=7)
+                fig.tight_layout()
+                save_figure_atomic(fig, out / f"learning_curves_{delta}_{budget}.png", dpi=110)
+                plt.close(fig)
+                md += [f"Learning curves ({delta}, {budget.replace('_', ' ')}, data seed {data_seeds[0]}): mean dev "
+                       f"score over the validations of a run (higher = converges faster): random "
+                       f"{np.mean(auc_random):.3f}, {best} {np.mean(auc_best):.3f}.", ""]
 
-        # learning curves: random vs the best fused initialisation (by mean test score)
-        best = methods[int(np.argmax(means[1:]))] if methods else None
-        if best is not None:
-            fig, axes = plt.subplots(1, len(targets), figsize=(3 * len(targets), 2.8), squeeze=False)
-            auc_random, auc_best = [], []
-            for ax, t in zip(axes[0], targets):
-                for label, run_root, aucs in (("random", base / "random", auc_random),
-                                              (best, base / "transfer" / best, auc_best)):
-                    points = curve(run_root, t)
-                    if points:
-                        ax.plot(*zip(*points), marker=".", label=label)
-                        aucs.append(float(np.mean([d for _, d in points])))
-                ax.set_title(t, fontsize=8)
-                ax.set_xlabel("step", fontsize=7)
-            axes[0][0].set_ylabel("dev score")
-            axes[0][0].legend(fontsize=7)
-            fig.tight_layout()
-            save_figure_atomic(fig, out / f"learning_curves_{delta}.png", dpi=110)
-            plt.close(fig)
-            md += [f"Learning curves ({delta}): mean dev score over the validations of a run (higher = converges "
-                   f"faster): random {np.mean(auc_random):.3f}, {best} {np.mean(auc_best):.3f}.", ""]
+        for s in data_seeds:
+            for m in methods:
+                heatmap = split_roots[s] / "fused" / m / "heatmap.png"
+                if heatmap.is_file():
+                    with atomic_file(out / "heatmaps" / f"{delta}_{seed_dir(s)}_{m}.png") as tmp:
+                        shutil.copyfile(heatmap, tmp)
 
-        # transferability of each weighting method against single-source transfer
-        pairs_path = base / "pairs.tsv"
-        if pairs_path.is_file():
+        # transferability of each weighting method against single-source transfer (tune-all at the first budget)
+        per_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        for s in data_seeds:
+            pairs_path = split_roots[s] / "pairs.tsv"
+            if not pairs_path.is_file():
+                continue
+            random = test_scores(split_roots[s] / budgets[0] / "random")
             single = defaultdict(dict)
             for row in read_rows(pairs_path, ["target", "source", "test"]):
                 single[row["target"]][row["source"]] = float(row["test"])
-                pair_rows.append([delta, row["target"], row["source"], row["test"],
+                pair_rows.append([delta, s, row["target"], row["source"], row["test"],
                                   f"{float(row['test']) - random[row['target']]:+.4f}"])
             for m in methods:
                 if m in UNIFORM:
                     continue
-                weights = fusion_weights(base / "fused" / m / "weights.tsv")
-                per = []
+                weights = fusion_weights(split_roots[s] / "fused" / m / "weights.tsv")
                 for t in targets:
                     sources = sorted(single[t])
-                    w = {s: weights[t][s] for s in sources}
-                    rho = spearman([w[s] for s in sources], [single[t][s] for s in sources])
+                    w = {src: weights[t][src] for src in sources}
+                    rho = spearman([w[src] for src in sources], [single[t][src] for src in sources])
                     nd = ndcg_at(w, single[t])
                     prec = family_precision(w, t, categories)
-                    per.append((rho, nd, prec))
-                    transfer_rows.append([delta, m, t, fmt(rho), fmt(nd), fmt(prec)])
-                means_m = [float(np.nanmean([v[i] for v in per])) if not all(math.isnan(v[i]) for v in per)
-                           else float("nan") for i in range(3)]
-                transfer_rows.append([delta, m, "mean", *[fmt(x) for x in means_m]])
+                    per_method[m].append((rho, nd, prec))
+                    transfer_rows.append([delta, m, t, s, fmt(rho), fmt(nd), fmt(prec)])
+        for m, per in per_method.items():
+            means_m = [float(np.nanmean([v[i] for v in per])) if not all(math.isnan(v[i]) for v in per)
+                       else float("nan") for i in range(3)]
+            transfer_rows.append([delta, m, "mean", "-", *[fmt(x) for x in means_m]])
 
-    header = ["delta", "target", "random", *methods]
-    write_tsv(out / "summary.tsv", header, summary_rows)
-    write_tsv(out / "transferability.tsv", ["delta", "method", "target", "spearman", "ndcg@3",
+    write_tsv(out / "summary.tsv", ["delta", "budget", "target", "random", *methods], summary_rows)
+    write_tsv(out / "scores.tsv", ["delta", "budget", "data_seed", "target", "init", "test"], score_rows)
+    write_tsv(out / "transferability.tsv", ["delta", "method", "target", "data_seed", "spearman", "ndcg@3",
                                             "family_precision@3"], transfer_rows)
-    write_tsv(out / "transfer_pairs.tsv", ["delta", "target", "source", "test", "gain_over_random"], pair_rows)
+    write_tsv(out / "transfer_pairs.tsv", ["delta", "data_seed", "target", "source", "test", "gain_over_random"],
+              pair_rows)
     if transfer_rows:
-        md += ["### How well each weighting predicts single-source transfer (mean over targets)", "",
+        md += ["### How well each weighting predicts single-source transfer (mean over targets and data seeds)", "",
                "| delta | method | Spearman | NDCG@3 | family precision@3 |", "|---|---|---|---|---|"]
-        md += [f"| {r[0]} | {r[1]} | {r[3]} | {r[4]} | {r[5]} |" for r in transfer_rows if r[2] == "mean"]
+        md += [f"| {r[0]} | {r[1]} | {r[4]} | {r[5]} | {r[6]} |" for r in transfer_rows if r[2] == "mean"]
         md.append("")
     write_text_atomic(out / "summary.md", "\n".join(md) + "\n")
 
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(methods) * len(deltas), 4))
+    # gain over random init per method: one panel per budget, one bar per delta method, 95% CI bars
+    fig, axes = plt.subplots(1, len(budgets), figsize=((2 + 0.6 * len(methods) * len(deltas)) * len(budgets), 4),
+                             squeeze=False, sharey=True)
     width = 0.8 / max(1, len(deltas))
-    for i, delta in enumerate(deltas):
-        xs = np.arange(len(methods)) + i * width
-        means_d = [gains[delta][m] for m in methods]
-        # error bars: the 95% bootstrap CI of each gain (none where it is unknown)
-        err = np.array([[g - c.ci_low, c.ci_high - g] if c.ci_low is not None else [0.0, 0.0]
-                        for g, c in zip(means_d, (comparisons[delta][m] for m in methods))]).T
-        ax.bar(xs, means_d, width, yerr=err if len(methods) else None, capsize=3, label=delta)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(np.arange(len(methods)) + width * (len(deltas) - 1) / 2)
-    ax.set_xticklabels(methods, rotation=45, ha="right")
-    ax.set_ylabel("test gain over random init\n(mean, 95% CI)")
-    ax.legend()
+    for ax, budget in zip(axes[0], budgets):
+        for i, delta in enumerate(deltas):
+            xs = np.arange(len(methods)) + i * width
+            paired = comparisons[(delta, budget)]
+            means_d = [paired[m].mean_gain for m in methods]
+            err = np.array([[g - c.ci_low, c.ci_high - g] if c.ci_low is not None else [0.0, 0.0]
+                            for g, c in zip(means_d, (paired[m] for m in methods))]).T
+            ax.bar(xs, means_d, width, yerr=err if len(methods) else None, capsize=3, label=delta)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(methods)) + width * (len(deltas) - 1) / 2)
+        ax.set_xticklabels(methods, rotation=45, ha="right")
+        ax.set_title(budget.replace("_", " "), fontsize=9)
+    axes[0][0].set_ylabel("test gain over random init\n(mean, 95% CI)")
+    axes[0][0].legend()
     fig.tight_layout()
     save_figure_atomic(fig, out / "gain_by_method.png", dpi=110, bbox_inches="tight")
     plt.close(fig)

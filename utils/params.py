@@ -7,7 +7,7 @@ The fusion scripts (``unit_model/unit_model_*.py``) and ``study.py`` define thei
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -26,11 +26,12 @@ def parse_bool(text: str) -> bool:
 
 
 def build_parser(params: Mapping[str, Any], description: str | None, helps: Mapping[str, str] | None = None,
-                 choices: Mapping[str, Sequence[str]] | None = None,
-                 list_params: Sequence[str] = ()) -> argparse.ArgumentParser:
+                 choices: Mapping[str, Sequence[str]] | None = None, list_params: Sequence[str] = (),
+                 types: Mapping[str, Callable[[str], Any]] | None = None) -> argparse.ArgumentParser:
     """One ``--name`` per parameter, typed after its default; ``--help`` shows every default.
 
-    ``helps`` and ``choices`` are per parameter; a parameter in ``list_params`` takes several words.
+    ``helps`` and ``choices`` are per parameter; a parameter in ``list_params`` takes several words; ``types``
+    overrides the type of a parameter whose values are not all of its default's type (``--tem auto``).
     """
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,6 +47,8 @@ def build_parser(params: Mapping[str, Any], description: str | None, helps: Mapp
             kw["type"] = type(default)
         elif name in list_params:
             kw["nargs"] = "+"
+        if types and name in types:
+            kw["type"] = types[name]
         if name in choices:
             kw["choices"] = choices[name]
         p.add_argument(f"--{name}", **kw)
@@ -54,9 +57,10 @@ def build_parser(params: Mapping[str, Any], description: str | None, helps: Mapp
 
 def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None,
                  helps: Mapping[str, str] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
-                 list_params: Sequence[str] = ()) -> argparse.Namespace:
+                 list_params: Sequence[str] = (),
+                 types: Mapping[str, Callable[[str], Any]] | None = None) -> argparse.Namespace:
     """Parse ``argv`` against a parameter block; a list parameter comes back as one space-separated string."""
-    args = build_parser(params, description, helps, choices, list_params).parse_args(argv)
+    args = build_parser(params, description, helps, choices, list_params, types).parse_args(argv)
     for name in list_params:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))

@@ -119,6 +119,9 @@ class Plan:
     modules: list[Module]  # averaged, aligned with sources
     weights: dict[str, dict[str, float]]  # source -> group -> weight
     scores: dict[str, dict[str, float]] | None = None  # source -> group -> score; None for a uniform average
+    direction: str | None = None  # "higher" or "lower": which scores mean "more similar" (None: no scores)
+    temperature: float | None = None  # the T of the weights, when chosen per target (--tem auto)
+    temperature_dev: dict[float, float] | None = None  # --tem auto: the fused module's dev score at each T
 
 
 @dataclass
@@ -160,7 +163,7 @@ def plans_from_module_scores(
     for t in config.target_list:
         sources = leave_one_out(t, tasks)
         modules = source_modules(cache, config.source_ckpt_path, t, sources)
-        plans.append(Plan(t, sources, modules, {}, {}))
+        plans.append(Plan(t, sources, modules, {}, {}, direction))
     prepare = getattr(score_fn, "prepare", None)
     if prepare is not None:
         prepare(plans)  # open and check the other modules the scores need, before any tensor is read

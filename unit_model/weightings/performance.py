@@ -54,7 +54,7 @@ def plan_performance(config: FusionConfig, tasks: list[str], cache: ModuleCache)
         else:
             modules = source_modules(cache, config.source_ckpt_path, t, sources)
         weights = group_softmax_weights(scores, "higher", config.tem, t, config.weight_norm)
-        plans.append(Plan(t, sources, modules, weights, scores))
+        plans.append(Plan(t, sources, modules, weights, scores, "higher"))
     return Weighting(plans)
 
 

@@ -70,7 +70,7 @@ def plan_others(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> W
     plans = []
     for t in config.target_list:
         sources = leave_one_out(t, tasks)
-        plans.append(Plan(t, sources, source_modules(cache, config.source_ckpt_path, t, sources), {}, {}))
+        plans.append(Plan(t, sources, source_modules(cache, config.source_ckpt_path, t, sources), {}, {}, direction))
     cache.check(config.delta)
     groups = sorted({param_group(k, config.granularity) for k in plans[0].modules[0].shapes})
     for plan in plans:
