@@ -540,17 +540,21 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
                                      "parameters or choose another --output")
 
 
+def parse_args(argv: list[str] | None):
+    """The parameter block with the command line's overrides; list parameters as one space-separated string,
+    so params.json spells them one way however the words were given."""
+    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS, TYPES
+    from utils.params import parse_params
+
+    return parse_params(PARAMS, argv, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), TYPES)
+
+
 def main(argv: list[str] | None = None) -> int:
     from task_list import resolve_tasks, task_categories
-    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS, TYPES
     from unit_model.report import budget_dir, write_results
     from utils.errors import UserInputError
-    from utils.params import build_parser
 
-    p = build_parser(PARAMS, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), TYPES).parse_args(argv)
-    for name in (*LIST_PARAMS, *AXES):  # one spelling in params.json, however the words were given
-        if isinstance(getattr(p, name), list):
-            setattr(p, name, " ".join(getattr(p, name)))
+    p = parse_args(argv)
     for name in ("source_iters", "source_bsz", "target_bsz", "source_valid_interval",
                  "target_valid_interval", "max_examples"):
         if getattr(p, name) <= 0:

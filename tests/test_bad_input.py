@@ -34,9 +34,8 @@ from get_similarity import dev_all, importance, score, tune_all
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
 from tests.conftest import REPO, SUITE_DIR
-from unit_model import fusion, unit_model_average, unit_model_cos, unit_model_others
+from unit_model import unit_model_average, unit_model_cos, unit_model_others
 from utils.errors import run_cli
-from utils.params import build_parser
 
 TASKS = ("alpha", "beta", "gamma")
 GOOD = "the cat sat\tyes\nthe dog ran\tno\na red fox\tyes\nblue sky\tno\tnope\n"
@@ -402,8 +401,7 @@ def _study_missing_task(w: World, tmp: Path):
 
 
 def _study_other_params(w: World, tmp: Path):
-    params = dict(vars(build_parser(study.PARAMS, None, fusion.HELP, fusion.CHOICES, fusion.LIST_PARAMS).parse_args(
-        study_argv(w, tmp))))
+    params = dict(vars(study.parse_args(study_argv(w, tmp))))
     params["target_budgets"] = "7"
     path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
     return study_argv(w, tmp), [str(path), "target_budgets"]

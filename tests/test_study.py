@@ -129,6 +129,47 @@ def test_the_data_seeds_are_different_splits_with_their_own_runs(finished):
     assert [r["score"] for r in a] != [r["score"] for r in b]  # scored on different few-shot examples
 
 
+def test_index_html_is_one_page_whose_images_all_decode(finished):
+    """results/index.html holds the summary tables and every figure inline; each image is a PNG that decodes."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.images, self.tables, self.captions, self.in_caption = [], 0, [], False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            self.tables += tag == "table"
+            self.in_caption = tag == "figcaption"
+
+        def handle_data(self, data):
+            if self.in_caption:
+                self.captions.append(data)
+                self.in_caption = False
+
+    results = finished / "results"
+    page = Page()
+    page.feed((results / "index.html").read_text(encoding="utf-8"))
+    figures = ["gain_by_method.png", *(p.name for p in results.glob("learning_curves_*.png")),
+               *(p.name for p in (results / "heatmaps").iterdir())]
+    assert len(page.images) == len(figures) == 1 + 2 * len(BUDGETS) + 2 * len(SEEDS) * len(FUSIONS.split())
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")  # nothing outside the page
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
+        image.load()
+        assert image.size[0] > 100 and image.size[1] > 100
+    # a table per (delta, budget), plus transferability's; the captions name every heatmap
+    assert page.tables == 2 * len(BUDGETS) + 1
+    assert "lora seed 13 KL" in page.captions
+
+
 def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys):
     summary_before = (finished / "results" / "summary.tsv").read_text()
     markers = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}

@@ -1,6 +1,7 @@
 """Results of a transfer study (study.py): summary table, gain chart, learning curves, transferability.
 
-Everything is read back from the study's folders, so the report can be rebuilt at any time:
+``index.html`` shows all of it on one self-contained page. Everything is read back from the study's folders,
+so the report can be rebuilt at any time:
 
 * ``{delta}/seed_{s}/iters_{n}/random/result.tsv`` and ``.../iters_{n}/transfer/{method}/result.tsv``: test
   scores of each target on data seed s's split, tuned for n steps from random initialisation and from each
@@ -27,6 +28,7 @@ from scipy.stats import rankdata
 
 from models.run_folders import read_result_tsv
 from unit_model.comparison import PairedComparison, paired_comparison
+from unit_model.html_page import write_index_html
 from utils.io import atomic_file, read_tsv, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
@@ -296,3 +298,4 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
     fig.tight_layout()
     save_figure_atomic(fig, out / "gain_by_method.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    write_index_html(out, md)
