@@ -23,6 +23,7 @@ Parameters are the plain variables below; each can be overridden on the command 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -487,8 +488,10 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
 
 
 # Parameters a resumed study may change: they do not alter any finished step's outputs (steps are keyed by
-# fusion method and delta method, so adding either only adds steps).
-RESUMABLE_CHANGES = ("output", "device", "quiet", "fusions", "deltas")
+# fusion method, delta method, data seed and budget, so adding any of them only adds steps). A budget's early
+# stopping may not change: target_early_stop is compared budget by budget.
+RESUMABLE_CHANGES = ("output", "device", "quiet", "fusions", "deltas", "target_data_seeds", "target_budgets",
+                     "target_early_stop")
 
 
 def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
@@ -538,6 +541,13 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
                 raise UserInputError(f"{params}: this folder holds a study with {key}={earlier[key]!r}, this run "
                                      f"asks {key}={value!r}; resuming would mix the two: rerun with the same "
                                      "parameters or choose another --output")
+        if "target_budgets" in earlier and "target_early_stop" in earlier:
+            then = dict(budgets_of(argparse.Namespace(**earlier)))
+            for iters, stop in budgets_of(p):
+                if iters in then and then[iters] != stop:
+                    raise UserInputError(f"{params}: this folder holds budget {iters} with target_early_stop "
+                                         f"{then[iters]}, this run asks {stop}; rerun with the same early stopping "
+                                         "or choose another --output")
 
 
 def parse_args(argv: list[str] | None):

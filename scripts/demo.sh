@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the transfer study on the embedded default (LoRA, every fusion method, 6 targets from
-# 3 families, leave-one-out over all 20 bundled tasks), then its summary. Resumable: rerun to continue.
+# 3 families, each on the 3 few-shot splits of data seeds 13, 42 and 100,
+# leave-one-out over all 20 bundled tasks), then its summary. Resumable: rerun to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUTPUT:=runs/demo}"
@@ -10,4 +11,4 @@ start=$(date +%s)
 bash scripts/pipeline.sh
 echo "demo finished in $(( $(date +%s) - start ))s"
 cat "$OUTPUT/results/summary.md"
-echo "summary: $OUTPUT/results/summary.md (figures and transferability.tsv beside it)"
+echo "summary: $OUTPUT/results/summary.md; everything on one page: $OUTPUT/results/index.html"

@@ -407,6 +407,14 @@ def _study_other_params(w: World, tmp: Path):
     return study_argv(w, tmp), [str(path), "target_budgets"]
 
 
+def _study_other_early_stop(w: World, tmp: Path):
+    """A budget's early stopping is part of its outputs: a resumed study may add budgets, not change one's."""
+    params = dict(vars(study.parse_args(study_argv(w, tmp))))
+    params["target_early_stop"] = "3"
+    path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
+    return study_argv(w, tmp), [str(path), "budget 2 with target_early_stop 3, this run asks 0"]
+
+
 def _debug_traceback(w: World, tmp: Path):
     data, path = bad_split(w, tmp, b"ok\tyes\nno tab here\n")
     return [*tune_argv(w, tmp, data=data), "--debug"], ["UserInputError", f"{path}:2"]
@@ -510,6 +518,7 @@ CASES: dict[str, Case] = {
     "study/unknown-fusion-metric": Case(study.main, _flag(study_argv, "--fusions", "average Perplexity",
                                                           words=("--fusions", "Perplexity"))),
     "study/output-of-another-study": Case(study.main, _study_other_params),
+    "study/early-stop-of-a-budget-changed": Case(study.main, _study_other_early_stop),
     "study/data-seed-not-a-number": Case(study.main, _flag(study_argv, "--target_data_seeds", "13 x",
                                                            words=("--target_data_seeds", "'13 x'"))),
     "study/budget-listed-twice": Case(study.main, _flag(study_argv, "--target_budgets", "40 40",

@@ -275,3 +275,13 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
     assert not [m for m in (out / ".steps").iterdir() if any(k in m.name for k in ("tuneall", "devall", "pairs"))]
     weights = rows(lora / "seed_100" / "fused" / "manual" / "weights.tsv")
     assert {r["source"] for r in weights} == {"cf_b"}  # cf_a's own category, from the file
+    # a resumed study may add a budget: only its stages run, the finished ones are kept
+    before = (lora / "seed_100" / "iters_2" / "random" / "result.tsv").read_bytes()
+    budgets = argv.index("--target_budgets") + 1
+    assert run_cli(study.main, [*argv[:budgets], "2 3", *argv[budgets + 1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "lora/seed_100/iters_2/transfer: 2/2 done, 0 to run" in printed
+    assert "lora/seed_100/iters_3/transfer: 0/2 done, 2 to run" in printed
+    assert (lora / "seed_100" / "iters_2" / "random" / "result.tsv").read_bytes() == before
+    summary = rows(out / "results" / "summary.tsv")
+    assert {r["budget"] for r in summary} == {"iters_2", "iters_3"}
