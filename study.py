@@ -543,6 +543,10 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
                                      "parameters or choose another --output")
         if "target_budgets" in earlier and "target_early_stop" in earlier:
             then = dict(budgets_of(argparse.Namespace(**earlier)))
+            first_then, first_now = next(iter(then)), budgets_of(p)[0][0]
+            if first_then != first_now:
+                raise UserInputError(f"{params}: this folder's first budget is {first_then}, this run's {first_now}; "
+                                     "the first budget is the one tune-all, KL and cos use: keep it first")
             for iters, stop in budgets_of(p):
                 if iters in then and then[iters] != stop:
                     raise UserInputError(f"{params}: this folder holds budget {iters} with target_early_stop "

@@ -415,6 +415,14 @@ def _study_other_early_stop(w: World, tmp: Path):
     return study_argv(w, tmp), [str(path), "budget 2 with target_early_stop 3, this run asks 0"]
 
 
+def _study_other_first_budget(w: World, tmp: Path):
+    """Budgets may be added on resume, but the first one (tune-all's, and KL's and cos's reference) stays."""
+    params = dict(vars(study.parse_args(study_argv(w, tmp))))
+    params["target_budgets"] = "5 2"
+    path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
+    return study_argv(w, tmp), [str(path), "first budget is 5, this run's 2"]
+
+
 def _debug_traceback(w: World, tmp: Path):
     data, path = bad_split(w, tmp, b"ok\tyes\nno tab here\n")
     return [*tune_argv(w, tmp, data=data), "--debug"], ["UserInputError", f"{path}:2"]
@@ -519,6 +527,7 @@ CASES: dict[str, Case] = {
                                                           words=("--fusions", "Perplexity"))),
     "study/output-of-another-study": Case(study.main, _study_other_params),
     "study/early-stop-of-a-budget-changed": Case(study.main, _study_other_early_stop),
+    "study/first-budget-changed": Case(study.main, _study_other_first_budget),
     "study/data-seed-not-a-number": Case(study.main, _flag(study_argv, "--target_data_seeds", "13 x",
                                                            words=("--target_data_seeds", "'13 x'"))),
     "study/budget-listed-twice": Case(study.main, _flag(study_argv, "--target_budgets", "40 40",

@@ -81,7 +81,9 @@ __all__ = ["DEFAULT_LORA_COMBINE", "FusionConfig", "check_config", "fused_dir_na
            "write_fusion"]
 
 WEIGHTS_FILE = "weights.tsv"
-DEFAULT_TASK_DIR = default_task_dir()  # the bundled suite (the scripts' parameter blocks read it from here)
+# The knobs of --tem auto (the backbone and the targets' dev files it scores on), added to the parameter
+# block of every scored fusion script: overridable as --name value like the block's own.
+TEM_AUTO_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
 HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 

@@ -24,13 +24,7 @@ targets = None  # None: every task of `tasks`
 source_ckpt_path = "runs/sources/lora"
 random_tuned_ckpt_path = "runs/random/lora"
 save_ckpt_path = "runs/fused/lora/cos"
-tem = 1.0  # or "auto": per target, the T whose fused module scores best zero-shot on the target's dev split
-# tem = "auto" only: the backbone and the targets' few-shot dev files it scores on
-model = ""  # "": the embedded default
-task_dir = fusion.DEFAULT_TASK_DIR
-k = 16
-data_seed = 100
-device = "auto"
+tem = 1.0  # or "auto": per target, the T whose fused module scores best zero-shot on its dev split
 weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
 score_space = "task_vector"  # task_vector (LoRA: ΔW per pair) | params (raw factors, the original)
 cos_mode = "flat"
@@ -38,7 +32,7 @@ granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = block_params(globals())
+PARAMS = {**block_params(globals()), **fusion.TEM_AUTO_PARAMS}  # + --model, --task_dir, --k, ...
 
 
 def main(argv: list[str] | None = None) -> int:

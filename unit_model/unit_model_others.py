@@ -27,18 +27,12 @@ result_tsv = "runs/similarity/lora/result.tsv"
 metric = None  # None: the only metric of result_tsv
 granularity = "model"
 save_ckpt_path = "runs/fused/lora/others"
-tem = 1.0  # or "auto": per target, the T whose fused module scores best zero-shot on the target's dev split
-# tem = "auto" only: the backbone and the targets' few-shot dev files it scores on
-model = ""  # "": the embedded default
-task_dir = fusion.DEFAULT_TASK_DIR
-k = 16
-data_seed = 100
-device = "auto"
+tem = 1.0  # or "auto": per target, the T whose fused module scores best zero-shot on its dev split
 weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = block_params(globals())
+PARAMS = {**block_params(globals()), **fusion.TEM_AUTO_PARAMS}  # + --model, --task_dir, --k, ...
 
 
 def main(argv: list[str] | None = None) -> int:
