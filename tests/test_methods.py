@@ -10,7 +10,7 @@ from models.delta import DeltaConfig, attach_delta, delta_state_dict, load_delta
 from models.methods import METHODS, REGISTRY, get_method, method_of
 from tests.test_delta import backbone, generate, logits, sgd_step, with_delta
 from unit_model.merges import MergeOperator
-from unit_model.merges.linear import weighted_sum
+from unit_model.merges.linear import linear
 from unit_model.merging import fuse
 from utils.errors import UserInputError
 
@@ -91,9 +91,13 @@ def test_a_merge_that_gathers_every_source_equals_the_streamed_linear_merge(meth
         sgd_step(model)
         sources.append(delta_state_dict(model))
     weights = [0.5, 0.3, 0.2]
-    gathering = MergeOperator("gathered", weighted_sum, "the weighted sum, one tensor at a time")
+    gathering = MergeOperator("gathered", linear, "the weighted sum, one tensor at a time")
     scaling = REGISTRY[method].scaling(CONFIGS[method].sizes())
     streamed, info1 = fuse(sources, weights, lora_scaling=scaling, method=REGISTRY[method])
+    if method == "prefix":  # a prefix has no task vector: only the weighted sum merges it
+        with pytest.raises(UserInputError, match="--merge gathered: prefix modules have no task vector"):
+            fuse(sources, weights, lora_scaling=scaling, merge=gathering)
+        return
     gathered, info2 = fuse(sources, weights, lora_scaling=scaling, merge=gathering)
     assert streamed.keys() == gathered.keys()
     for k in streamed:

@@ -29,7 +29,12 @@ class FusionConfig:
     tem: float | str = 1.0  # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
     weight_norm: str = "zscore"  # zscore | rank | none (the original's raw scores): see unit_model/weightings/base.py
     lora_combine: str = "delta_w"
-    merge: str = "linear"
+    merge: str = "linear"  # merge operator (unit_model/merges/) and its parameters
+    lam: float = 1.0
+    density: float = 0.2
+    majority_sign: str = "total"
+    merge_seed: int = 0
+    top_k: int = 0  # keep the K heaviest sources of each target (and group), renormalised; 0: all
     cos_mode: str = "flat"
     score_space: str = "task_vector"  # cos, Euclidean: task_vector (LoRA's ΔW) or params (raw factors)
     granularity: str = "model"

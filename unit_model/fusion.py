@@ -58,7 +58,7 @@ from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
-from unit_model.merges import MERGES
+from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings
 from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, fuse
 from unit_model.sources import ModuleCache, fused_dir_name
 from unit_model.temperature import AUTO, DevScorer, choose_temperatures, parse_temperature
@@ -72,6 +72,7 @@ from unit_model.weightings import (
     Weighting,
     check_temperature,
     effective_sources,
+    keep_top_k,
 )
 from utils import params as utils_params
 from utils.errors import UserInputError
@@ -84,6 +85,8 @@ WEIGHTS_FILE = "weights.tsv"
 # The knobs of --tem auto (the backbone and the targets' dev files it scores on), added to the parameter
 # block of every scored fusion script: overridable as --name value like the block's own.
 TEM_AUTO_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
+# The merge operator and its parameters, and top-k selection: added to every fusion script's block.
+MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0}
 HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 
@@ -92,6 +95,9 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     """Check the parameters every weighting shares; return the config with its target list, and the pool."""
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
+    check_settings(merge_settings(config))
+    if not isinstance(config.top_k, int) or config.top_k < 0:
+        raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {config.top_k!r}")
     if config.tem != AUTO:
         check_temperature(config.tem)
     elif not config.task_dir:
@@ -137,6 +143,11 @@ def check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
                                      "or choose another --save_ckpt_path")
 
 
+def merge_settings(config: FusionConfig) -> MergeSettings:
+    return MergeSettings(lam=config.lam, density=config.density, majority_sign=config.majority_sign,
+                         seed=config.merge_seed)
+
+
 def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config: FusionConfig,
                  granularity: str) -> tuple[dict, dict[str, Any]]:
     """The fused tensors of one plan under ``weights`` (source -> group -> weight), and the merge's info."""
@@ -145,7 +156,8 @@ def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config:
     factored = bool(cfg.spec.factor_pairs(ref.shapes))
     return fuse(plan.modules, [weights[s] for s in plan.sources], granularity=granularity,
                 lora_combine=config.lora_combine if factored else "params",
-                lora_scaling=cfg.spec.scaling(cfg.sizes()), merge=config.merge, method=cfg.spec)
+                lora_scaling=cfg.spec.scaling(cfg.sizes()), merge=config.merge, method=cfg.spec,
+                settings=merge_settings(config))
 
 
 def _granular(plans: list[Plan]) -> bool:
@@ -251,6 +263,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
             extra: dict[str, Any] = {
                 "fusion": method,
                 "merge": config.merge,
+                "merge_settings": {k: getattr(config, k) for k in ("lam", "density", "majority_sign", "merge_seed")},
+                "top_k": config.top_k,
                 "temperature": plan.temperature if plan.temperature is not None else config.tem,
                 "weight_norm": config.weight_norm,
                 "effective_sources": _plain(effective[plan.target]),
@@ -308,11 +322,14 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     weighting = WEIGHTINGS[method](planning, tasks, cache)
     cache.check(config.delta)
     check_destination(save, weighting.plans, config.overwrite)
+    for plan in weighting.plans:
+        plan.weights = keep_top_k(plan.weights, config.top_k)
     if config.tem == AUTO and any(p.scores is not None for p in weighting.plans):
         scorer = DevScorer(config, weighting.plans[0].modules[0].meta)
         granularity = config.granularity if _granular(weighting.plans) else "model"
         choose_temperatures(weighting.plans, config.weight_norm,
-                            lambda plan, weights: fused_module(plan, weights, config, granularity)[0], scorer)
+                            lambda plan, weights: fused_module(plan, weights, config, granularity)[0], scorer,
+                            top_k=config.top_k)
     print(f"{method} fusion of {config.delta} modules for {len(weighting.plans)} target(s) into "
           f"{config.save_ckpt_path}", flush=True)
     write_fusion(weighting, config, method)
@@ -345,6 +362,11 @@ HELP = {
     "data_seed": "--tem auto: data seed of the target's dev file",
     "lora_combine": "LoRA only: 'delta_w' averages B·A and factors back by SVD, 'params' averages A and B",
     "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
+    "lam": "scales the merged task vector: fused = origin + lam * merged (task arithmetic's lambda)",
+    "density": "ties, dare_*, magnitude_prune: fraction of each tensor's entries kept, in (0, 1]",
+    "majority_sign": "ties, dare_ties: elect each entry's sign by total weighted mass or by weighted count",
+    "merge_seed": "dare_*: seed of the random drops (with each tensor's name)",
+    "top_k": "keep the K heaviest sources of each target (per group), renormalised; 0: every source",
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
@@ -354,7 +376,7 @@ HELP = {
 }
 CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
            "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
-           "granularity": GRANULARITIES, "merge": tuple(MERGES)}
+           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 TYPES = {"tem": parse_temperature}  # a number or auto
 

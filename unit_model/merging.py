@@ -21,7 +21,7 @@ import torch
 from models.methods import DeltaMethod, method_of, param_group
 from models.methods.base import pair_update
 from models.methods.lora import lora_factor
-from unit_model.merges import DEFAULT_MERGE, MergeOperator, get_merge
+from unit_model.merges import DEFAULT_MERGE, MergeOperator, MergeSettings, check_settings, get_merge
 from unit_model.sources import ModuleSource, materialise, read_tensors
 from utils.errors import UserInputError
 
@@ -50,6 +50,7 @@ def fuse(
     lora_scaling: float = 1.0,
     merge: str | MergeOperator = DEFAULT_MERGE,
     method: DeltaMethod | None = None,
+    settings: MergeSettings | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Merge the sources (dicts, loaders, checkpoint paths or Modules) with ``weights``, streamed.
 
@@ -58,7 +59,12 @@ def fuse(
     not given. Factor pairs (``lora_combine="delta_w"``) are built in a second pass that reads only that
     pair's factors of each source, so ``sources`` must then be iterable twice; ``info`` holds
     ``lora_truncation_error`` (over the whole module) and its per-pair maximum.
+
+    Every operator merges task vectors τ_s = θ_s - origin (the method's ``task_vector_origin``) and the result
+    is origin + lam·merged (``settings``: lam, and each operator's own parameters). With the defaults (the
+    weighted sum, lam 1, weights summing to 1) that is Σ w_s θ_s itself.
     """
+    settings = check_settings(settings or MergeSettings())
     if lora_combine not in LORA_COMBINES:
         raise UserInputError(f"--lora_combine: expected one of {', '.join(LORA_COMBINES)}, found {lora_combine!r}")
     op = get_merge(merge) if isinstance(merge, str) else merge
@@ -80,6 +86,15 @@ def fuse(
         if i == 0:
             ref = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
             group_of = {k: param_group(k, granularity) for k in ref}
+            method = method or method_of(ref, "fuse")
+            origin = method.task_vector_origin
+            if not op.linear and origin is None:
+                raise UserInputError(f"--merge {op.name}: {method.name} modules have no task vector (no parameter "
+                                     "value at which they do nothing); only --merge linear merges them")
+            if (not op.linear or settings.lam != 1) and lora_combine == "params" and method.factor_pairs(ref):
+                what = f"--merge {op.name}" if not op.linear else f"--lam {settings.lam:g}"
+                raise UserInputError(f"{what} with --lora_combine params would act on LoRA's A and B factors "
+                                     "separately, which are not task vectors; use --lora_combine delta_w")
             if op.linear:
                 acc = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in ref.items()}
         elif {k: tuple(v.shape) for k, v in tensors.items()} != {k: s for k, (s, _) in ref.items()}:
@@ -95,18 +110,33 @@ def fuse(
         raise ValueError(f"fuse: {count} sources for {len(weights)} weights")
     pairs: dict[str, tuple[str, str]] = {}
     if lora_combine == "delta_w":
-        pairs = (method or method_of(ref, "fuse")).factor_pairs(ref)
+        pairs = method.factor_pairs(ref)
 
     def gather(keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         return [read_tensors(src, keys, i) for i, src in zip(range(count), sources, strict=False)]
 
+    def weights_of(key: str) -> list[float]:
+        return [w[group_of[key]] for w in source_weights]
+
     def combine(vectors: Sequence[torch.Tensor], key: str) -> torch.Tensor:
-        return op.combine(vectors, [w[group_of[key]] for w in source_weights])
+        return op.combine(vectors, weights_of(key), settings, key)
+
+    def from_task_vector(merged: torch.Tensor) -> torch.Tensor:  # origin + lam·merged
+        scaled = merged if settings.lam == 1 else merged * settings.lam
+        return scaled + origin if origin else scaled
 
     if op.linear:
-        fused = {k: acc.pop(k).to(dtype) for k, (_, dtype) in ref.items()}
+        fused = {}
+        for k, (_, dtype) in ref.items():
+            total = acc.pop(k)  # Σ w θ = Σ w τ + origin·Σ w
+            wsum = math.fsum(weights_of(k))
+            if settings.lam != 1 or (origin and wsum != 1):
+                total = from_task_vector(total - origin * wsum if origin else total)
+            fused[k] = total.to(dtype)
     else:
-        fused = {k: combine([t[k] for t in gather([k])], k).to(dtype) for k, (_, dtype) in ref.items()}
+        fused = {k: from_task_vector(combine([t[k].to(torch.float64) - origin if origin else t[k]
+                                              for t in gather([k])], k)).to(dtype)
+                 for k, (_, dtype) in ref.items()}
     info: dict[str, Any] = {}
     if not pairs:
         return fused, info
@@ -117,9 +147,9 @@ def fuse(
             total = torch.zeros(ref[kb][0][0], ref[ka][0][1], dtype=torch.float64)
             for i, factors in enumerate(gather((ka, kb))):
                 total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
-                             alpha=source_weights[i][group_of[ka]] * lora_scaling)
-        else:
-            total = combine([pair_update(f[ka], f[kb], lora_scaling) for f in gather((ka, kb))], ka)
+                             alpha=source_weights[i][group_of[ka]] * lora_scaling * settings.lam)
+        else:  # ΔW is a task vector already (origin 0)
+            total = combine([pair_update(f[ka], f[kb], lora_scaling) for f in gather((ka, kb))], ka) * settings.lam
         norm = float(torch.linalg.matrix_norm(total))
         if norm == 0.0:
             continue  # keep the parameter merge: zero factors would never train

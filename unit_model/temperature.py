@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unit_model.config import FusionConfig
-from unit_model.weightings import Plan, group_softmax_weights
+from unit_model.weightings import Plan, group_softmax_weights, keep_top_k
 
 AUTO = "auto"
 TEMPERATURE_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -68,18 +68,21 @@ class DevScorer:
 
 def choose_temperatures(plans: list[Plan], weight_norm: str, fuse_plan: FusePlan,
                         score: Callable[[str, dict[str, torch.Tensor]], float],
-                        grid: tuple[float, ...] = TEMPERATURE_GRID) -> None:
-    """Set each scored plan's weights, ``temperature`` and ``temperature_dev`` from the grid search."""
+                        grid: tuple[float, ...] = TEMPERATURE_GRID, top_k: int = 0) -> None:
+    """Set each scored plan's weights, ``temperature`` and ``temperature_dev`` from the grid search (each T's
+    weights cut to the ``top_k`` heaviest sources, as the fusion will)."""
     scored = [p for p in plans if p.scores is not None]
     bar = tqdm(total=len(scored) * len(grid), desc="--tem auto (dev split)", leave=False,
                disable=len(scored) * len(grid) < 10)
     for plan in scored:
         dev: dict[float, float] = {}
         for temperature in grid:
-            weights = group_softmax_weights(plan.scores, plan.direction, temperature, plan.target, weight_norm)
+            weights = keep_top_k(group_softmax_weights(plan.scores, plan.direction, temperature, plan.target,
+                                                       weight_norm), top_k)
             dev[temperature] = score(plan.target, fuse_plan(plan, weights))
             bar.update()
         best = max(grid, key=lambda t: (dev[t], t))
-        plan.weights = group_softmax_weights(plan.scores, plan.direction, best, plan.target, weight_norm)
+        plan.weights = keep_top_k(group_softmax_weights(plan.scores, plan.direction, best, plan.target, weight_norm),
+                                  top_k)
         plan.temperature, plan.temperature_dev = best, dev
     bar.close()

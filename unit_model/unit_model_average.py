@@ -29,7 +29,7 @@ tem = 1.0  # recorded only: uniform weights do not depend on it
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = block_params(globals())
+PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS}  # + --merge, --lam, --density, ..., --top_k
 
 
 def main(argv: list[str] | None = None) -> int:

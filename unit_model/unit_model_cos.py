@@ -32,7 +32,8 @@ granularity = "model"
 lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = {**block_params(globals()), **fusion.TEM_AUTO_PARAMS}  # + --model, --task_dir, --k, ...
+# + the merge knobs (--merge, --lam, --density, ..., --top_k) and --tem auto's (--model, --task_dir, ...)
+PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS, **fusion.TEM_AUTO_PARAMS}
 
 
 def main(argv: list[str] | None = None) -> int:

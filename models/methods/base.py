@@ -60,6 +60,10 @@ class DeltaMethod:
     # A method whose weights sit in one pool reachable from every layer: the first path that reaches it, where
     # T5's named_parameters() lists it (a full state dict lists it under many paths).
     pool_home: str | None = None
+    # The parameter value at which a tensor changes nothing, so that a module's task vector is θ - origin
+    # (merge operators other than the weighted sum act on task vectors); None: the method has no such value
+    # (a prefix always adds attention positions).
+    task_vector_origin: float | None = 0.0
 
     # -- building ------------------------------------------------------------------------------------
     def library_config(self, sizes: Mapping[str, Any], d_model: int) -> Any:

@@ -18,6 +18,7 @@ from utils.errors import UserInputError
 class IA3(DeltaMethod):
     name = "ia3"
     summary = "(IA)³: rescaling vectors of keys, values and FFN activations"
+    task_vector_origin = 1.0  # the identity scaling
     storage = "loras"
     hub_architectures = ("lora",)  # AdapterHub's IA3Config is a LoRAConfig with composition_mode "scale"
 

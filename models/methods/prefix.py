@@ -25,6 +25,7 @@ PREFIX_GROUPS = {
 class Prefix(DeltaMethod):
     name = "prefix"
     summary = "prefix tuning of every attention, reparametrised by an MLP"
+    task_vector_origin = None  # no prefix does nothing: its parameters are not a task vector
     size_fields = (
         SizeField("prefix_length", "number of prefix positions"),
         SizeField("prefix_mlp", "hidden size of the prefix's reparametrisation MLP"),

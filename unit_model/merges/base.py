@@ -1,15 +1,38 @@
-"""What a merge operator is: a rule that combines the sources' task vectors of one tensor into one."""
+"""What a merge operator is: a rule that combines the sources' task vectors of one tensor into one.
+
+Operators see task vectors τ_s = θ_s - origin (``DeltaMethod.task_vector_origin``: 0, or 1 for (IA)³'s
+scalings), one tensor at a time: a parameter tensor, or one LoRA pair's ΔW. The driver adds the origin back
+and scales the merged vector by ``lam``. The helpers below are the pieces TIES and DARE are made of.
+"""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-# combine(vectors, weights) -> merged: one tensor's task vectors (float64, one per source, same shape) and
-# the sources' weights for that tensor's parameter group.
-Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
+MAJORITY_SIGNS = ("total", "frequency")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The operators' parameters (each operator reads the ones it declares)."""
+
+    lam: float = 1.0  # scales the merged task vector (task arithmetic's λ)
+    density: float = 0.2  # fraction of each tensor's entries kept by trimming or dropping
+    majority_sign: str = "total"  # TIES's sign election: by total mass or by count
+    seed: int = 0  # DARE's random drops
+
+    def generator(self, key: str) -> torch.Generator:
+        """A generator for tensor ``key``: a run's drops are reproducible and do not depend on tensor order."""
+        return torch.Generator().manual_seed(self.seed + zlib.crc32(key.encode()))
+
+
+# combine(vectors, weights, settings, key) -> merged: one tensor's task vectors (float64, one per source,
+# same shape), the sources' weights for that tensor's parameter group, the settings and the tensor's name.
+Combine = Callable[[Sequence[torch.Tensor], Sequence[float], MergeSettings, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -20,3 +43,48 @@ class MergeOperator:
     # True when combine is Σ w·τ: the driver then adds one source at a time into an accumulator instead of
     # holding every source's copy of a tensor at once.
     linear: bool = False
+    settings: tuple[str, ...] = ()  # the MergeSettings fields it reads (lam is the driver's, for every operator)
+
+
+def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros_like(vectors[0], dtype=torch.float64)
+    for v, w in zip(vectors, weights, strict=True):
+        total.add_(v.to(torch.float64), alpha=float(w))
+    return total
+
+
+def trim(vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries largest in magnitude (int(density·n) of them), zero the rest."""
+    flat = vector.reshape(-1)
+    keep = int(density * flat.numel())
+    if keep >= flat.numel():
+        return vector
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat.abs(), k=keep, largest=True).indices] = 1
+    return (flat * mask).reshape(vector.shape)
+
+
+def drop(vector: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale the kept ones by 1/density."""
+    if density >= 1:
+        return vector
+    mask = torch.bernoulli(torch.full_like(vector, density), generator=generator)
+    return vector * mask / density
+
+
+def elect_and_merge(vectors: Sequence[torch.Tensor], weights: Sequence[float], majority_sign: str) -> torch.Tensor:
+    """TIES's last two steps: elect a sign per entry, then the weighted mean over the sources that agree.
+
+    The sign is that of Σ_s w_s τ_s (``total``) or of Σ_s w_s sign(τ_s) (``frequency``), positive on a tie; the
+    merged entry is Σ_{s agrees} w_s τ_s / Σ_{s agrees} w_s (0 where no source agrees). With uniform weights
+    this is TIES's disjoint mean.
+    """
+    stacked = torch.stack([v.to(torch.float64) for v in vectors])
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64).reshape(-1, *([1] * (stacked.dim() - 1)))
+    signs = stacked.sign()
+    mass = (w * stacked).sum(0) if majority_sign == "total" else (w * signs).sum(0)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(torch.float64)
+    agrees = (signs == elected).to(torch.float64)
+    weight_of_agreeing = (w * agrees).sum(0)
+    merged = (w * agrees * stacked).sum(0)
+    return torch.where(weight_of_agreeing > 0, merged / weight_of_agreeing.clamp_min(1e-300), 0.0)

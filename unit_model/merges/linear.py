@@ -1,4 +1,5 @@
-"""``linear``: the weighted sum Σ_s w_s τ_s (with softmax weights, a weighted average)."""
+"""``linear``: the weighted sum Σ_s w_s τ_s (with softmax weights, a weighted average) and ``task_arithmetic``,
+λ·Σ_s w_s τ_s, whose weights need not sum to 1 (λ is ``--lam``, which the driver applies to every operator)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from unit_model.merges.base import MergeOperator
+from unit_model.merges.base import MergeOperator, MergeSettings, weighted_sum
 
 
-def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    total = torch.zeros_like(vectors[0], dtype=torch.float64)
-    for v, w in zip(vectors, weights, strict=True):
-        total.add_(v.to(torch.float64), alpha=float(w))
-    return total
+def linear(vectors: Sequence[torch.Tensor], weights: Sequence[float], settings: MergeSettings,
+           key: str) -> torch.Tensor:
+    return weighted_sum(vectors, weights)
 
 
-LINEAR = MergeOperator("linear", weighted_sum, "weighted sum of the task vectors (the paper's average)", linear=True)
+LINEAR = MergeOperator("linear", linear, "weighted sum of the task vectors (the paper's average)", linear=True)
+TASK_ARITHMETIC = MergeOperator("task_arithmetic", linear, "λ · Σ w τ: task arithmetic, scaled by --lam", linear=True)

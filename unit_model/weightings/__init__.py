@@ -23,6 +23,7 @@ from unit_model.weightings.base import (
     comparable_scores,
     effective_sources,
     group_softmax_weights,
+    keep_top_k,
     softmax_weights,
 )
 from unit_model.weightings.cos import COS_MODES, cosine_by_group, plan_cos
@@ -36,5 +37,5 @@ WEIGHTINGS: dict[str, Planner] = {"average": plan_average, "cos": plan_cos, "Euc
 
 __all__ = ["COS_MODES", "DEFAULT_WEIGHT_NORM", "DIRECTIONS", "SCORE_SPACES", "WEIGHTINGS", "WEIGHT_NORMS", "Plan",
            "Planner", "Weighting", "check_temperature", "comparable_scores", "effective_sources",
-           "cosine_by_group", "distance_by_group", "group_softmax_weights", "metric_direction", "read_devall_tsv",
-           "read_similarity_tsv", "softmax_weights"]
+           "cosine_by_group", "distance_by_group", "group_softmax_weights", "keep_top_k", "metric_direction",
+           "read_devall_tsv", "read_similarity_tsv", "softmax_weights"]

@@ -112,6 +112,21 @@ def group_softmax_weights(
     return weights
 
 
+def keep_top_k(weights: Mapping[str, Mapping[str, float]], k: int) -> dict[str, dict[str, float]]:
+    """The ``k`` heaviest sources of each group keep their weights, renormalised to sum to 1; the others get 0.
+    Ties go to the source named first; k = 0 or k >= the number of sources keeps every weight."""
+    out = {s: dict(by_group) for s, by_group in weights.items()}
+    if k <= 0 or k >= len(weights):
+        return out
+    groups = next(iter(weights.values())).keys()
+    for g in groups:
+        kept = sorted(weights, key=lambda s: (-weights[s][g], s))[:k]
+        total = math.fsum(weights[s][g] for s in kept)
+        for s in weights:
+            out[s][g] = weights[s][g] / total if s in kept else 0.0
+    return out
+
+
 @dataclass
 class Plan:
     target: str

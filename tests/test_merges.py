@@ -1,0 +1,188 @@
+"""Merge operators (unit_model/merges/): PEFT's merge_utils as the oracle, hand-computed TIES and DARE cases,
+task vectors measured from each method's origin, top-k selection and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unit_model.merges import MERGES, MergeSettings, check_settings
+from unit_model.merges.base import drop, elect_and_merge, trim
+from unit_model.merging import fuse
+from unit_model.weightings import keep_top_k
+from utils.errors import UserInputError
+
+merge_utils = pytest.importorskip("peft.utils.merge_utils")
+
+
+def task_vectors(n: int = 4, shape: tuple[int, ...] = (6, 5), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def combine(name: str, vectors, weights, **settings) -> torch.Tensor:
+    return MERGES[name].combine(vectors, weights, MergeSettings(**settings), "encoder.block.0.q.weight")
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT as the oracle, where the definitions coincide
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_magnitude_prune_and_task_arithmetic_agree_with_peft(density: float) -> None:
+    vectors, weights = task_vectors(), [0.4, 0.3, 0.2, 0.1]
+    w = torch.tensor(weights, dtype=torch.float64)
+    torch.testing.assert_close(combine("task_arithmetic", vectors, weights), merge_utils.task_arithmetic(vectors, w))
+    with pytest.warns(UserWarning) if density >= 1 else _no_warning():
+        expected = merge_utils.magnitude_prune(vectors, w, density)
+    torch.testing.assert_close(combine("magnitude_prune", vectors, weights, density=density), expected)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("majority_sign", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.2, 0.6])
+def test_ties_with_uniform_weights_is_peft_ties_with_every_weight_one(density: float, majority_sign: str) -> None:
+    """Our disjoint mean is weighted (Σ_agree w τ / Σ_agree w); with uniform weights it is PEFT's, whatever
+    the common weight, and PEFT's is defined with weights 1 (its election ignores the weights)."""
+    vectors = task_vectors(5)
+    ones = torch.ones(5, dtype=torch.float64)
+    expected = merge_utils.ties(vectors, ones, density, majority_sign)
+    torch.testing.assert_close(combine("ties", vectors, [0.2] * 5, density=density, majority_sign=majority_sign),
+                               expected)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_agrees_with_peft_given_the_same_drops(name: str) -> None:
+    """PEFT draws its drops from torch's global generator; seeding it as ours is seeded gives the same masks."""
+    vectors, density = task_vectors(3), 0.5
+    settings = MergeSettings(density=density, seed=7)
+    key = "decoder.block.1.layer.0.SelfAttention.q"
+    ours = MERGES[name].combine(vectors, [1.0, 1.0, 1.0], settings, key)
+    torch.manual_seed(settings.generator(key).initial_seed())
+    ones = torch.ones(3, dtype=torch.float64)
+    theirs = (merge_utils.dare_linear(vectors, ones, density) if name == "dare_linear"
+              else merge_utils.dare_ties(vectors, ones, density, "total"))
+    torch.testing.assert_close(ours, theirs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-computed cases on 3x3 task vectors
+
+
+A = torch.tensor([[3.0, -1.0, 0.5], [0.0, 2.0, -4.0], [1.0, 1.0, -1.0]], dtype=torch.float64)
+B = torch.tensor([[-2.0, 1.0, 0.5], [1.0, -3.0, 1.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+
+
+def test_trim_keeps_the_largest_magnitudes() -> None:
+    # 9 entries at density 1/3: int(3) = 3 kept, the largest |.|: -4, 3, 2
+    assert torch.equal(trim(A, 1 / 3), torch.tensor([[3.0, 0, 0], [0, 2.0, -4.0], [0, 0, 0]], dtype=torch.float64))
+
+
+def test_ties_by_hand() -> None:
+    """Weights 0.75 and 0.25, density 1 (no trimming): per entry, the sign of 0.75a + 0.25b wins, and the
+    weighted mean of the agreeing entries is kept."""
+    merged = elect_and_merge([A, B], [0.75, 0.25], "total")
+    expected = torch.tensor([
+        [3.0, -1.0, 0.5],  # 3 vs -2: mass +1.75, only a agrees; -1 vs 1: mass -0.5, a; 0.5 and 0.5 agree: 0.5
+        [1.0, 2.0, -4.0],  # 0 vs 1: mass +0.25, b alone (a's 0 has no sign); 2 vs -3: +0.75, a; -4 vs 1: a
+        [1.0, (0.75 * 1 + 0.25 * 2) / 1.0, -1.0],  # 1 vs 0: a; 1 and 2 agree: (0.75 + 0.5) / 1; -1 vs 1: a
+    ], dtype=torch.float64)
+    torch.testing.assert_close(merged, expected)
+    # by count of weight instead of mass: entry (0, 0) is 3 (w .75) vs -2 (w .25), a wins either way; entry
+    # (1, 1) is 2 (w .75) vs -3 (w .25): by mass +0.75, by count +0.5: a again; flip the weights to make b win
+    flipped = elect_and_merge([A, B], [0.25, 0.75], "frequency")
+    assert flipped[1, 1] == -3.0 and flipped[0, 0] == -2.0
+
+
+def test_dare_keeps_about_density_of_the_entries_and_preserves_the_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    big = torch.ones(200, 200, dtype=torch.float64)
+    dropped = drop(big, 0.3, g)
+    kept = dropped != 0
+    assert abs(float(kept.double().mean()) - 0.3) < 0.01  # Bernoulli(0.3) over 40,000 entries
+    assert torch.all(dropped[kept] == 1 / 0.3)  # the kept ones rescaled by 1/density
+    assert abs(float(dropped.mean()) - 1.0) < 0.05  # so the expected value is the original's
+    # on the 3x3 case, the same seed gives the same drops; another seed other drops
+    s1, s2 = MergeSettings(density=0.5, seed=1), MergeSettings(density=0.5, seed=2)
+    one = MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s1, "x")
+    assert torch.equal(one, MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s1, "x"))
+    assert not torch.equal(one, MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s2, "x"))
+    # each entry is 0.5·(m_a·a + m_b·b)/0.5 for masks m in {0, 1}
+    for i in range(3):
+        for j in range(3):
+            assert float(one[i, j]) in {0.0, float(A[i, j]), float(B[i, j]), float(A[i, j] + B[i, j])}
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver: task vectors from each method's origin, lam, refusals
+
+
+def ia3_like(values: list[float]) -> dict[str, torch.Tensor]:
+    return {"encoder.block.0.layer.0.SelfAttention.k.loras.delta.lora_B": torch.tensor(values).reshape(-1, 1)}
+
+
+def test_operators_merge_ia3_scalings_as_distances_from_one() -> None:
+    """(IA)³'s task vector is θ - 1: trimming keeps the scalings that moved most from 1, and lam scales the move."""
+    from models.methods import REGISTRY
+
+    sources = [ia3_like([1.5, 1.0, 0.9, 1.0]), ia3_like([1.0, 0.2, 1.1, 1.0])]
+    key = next(iter(sources[0]))
+    fused, _ = fuse(sources, [0.5, 0.5], merge="magnitude_prune", method=REGISTRY["ia3"],
+                    settings=MergeSettings(density=0.25))  # one entry of four per source: 0.5 and -0.8
+    torch.testing.assert_close(fused[key].reshape(-1), torch.tensor([1.25, 0.6, 1.0, 1.0]))
+    fused, _ = fuse(sources, [0.5, 0.5], merge="task_arithmetic", method=REGISTRY["ia3"],
+                    settings=MergeSettings(lam=2.0))
+    torch.testing.assert_close(fused[key].reshape(-1), torch.tensor([1.5, 0.2, 1.0, 1.0]))
+    plain, _ = fuse(sources, [0.5, 0.5], method=REGISTRY["ia3"])  # the default: the plain average, exactly
+    torch.testing.assert_close(plain[key], (sources[0][key] + sources[1][key]) / 2)
+
+
+def test_lora_pairs_are_merged_as_delta_w() -> None:
+    """A non-linear operator on LoRA acts on each pair's ΔW (then factored back); on the factors it is refused."""
+    from models.methods import REGISTRY
+
+    g = torch.Generator().manual_seed(0)
+    base = "encoder.block.0.layer.0.SelfAttention.q.loras.delta"
+    sources = [{f"{base}.lora_A": torch.randn(2, 6, generator=g), f"{base}.lora_B": torch.randn(6, 2, generator=g)}
+               for _ in range(3)]
+    fused, info = fuse(sources, [0.5, 0.3, 0.2], merge="ties", method=REGISTRY["lora"], lora_scaling=2.0,
+                       settings=MergeSettings(density=1.0))
+    updates = [2.0 * s[f"{base}.lora_B"].double() @ s[f"{base}.lora_A"].double() for s in sources]
+    target = elect_and_merge(updates, [0.5, 0.3, 0.2], "total")
+    u, sv, vh = torch.linalg.svd(target)
+    best = (u[:, :2] * sv[:2]) @ vh[:2]  # the best rank-2 approximation of the merged ΔW
+    got = 2.0 * fused[f"{base}.lora_B"].double() @ fused[f"{base}.lora_A"].double()
+    torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
+    assert info["lora_truncation_error"] == pytest.approx(float(torch.linalg.matrix_norm(target - best)
+                                                                / torch.linalg.matrix_norm(target)), rel=1e-4)
+    with pytest.raises(UserInputError, match="--merge ties with --lora_combine params"):
+        fuse(sources, [0.5, 0.3, 0.2], merge="ties", method=REGISTRY["lora"], lora_combine="params")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (MergeSettings(density=0.0), "--density: expected a fraction in (0, 1]"),
+    (MergeSettings(density=1.5), "--density: expected a fraction in (0, 1]"),
+    (MergeSettings(lam=math.inf), "--lam: expected a finite number"),
+    (MergeSettings(majority_sign="median"), "--majority_sign: expected one of total, frequency"),
+])
+def test_bad_settings_are_one_line_errors(settings: MergeSettings, message: str) -> None:
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_settings(settings)
+
+
+def test_top_k_keeps_the_heaviest_and_renormalises() -> None:
+    weights = {"a": {"model": 0.1}, "b": {"model": 0.5}, "c": {"model": 0.3}, "d": {"model": 0.1}}
+    kept = keep_top_k(weights, 2)
+    assert {s: w["model"] for s, w in kept.items()} == pytest.approx({"a": 0.0, "b": 0.625, "c": 0.375, "d": 0.0})
+    assert keep_top_k(weights, 3)["a"]["model"] == pytest.approx(0.1 / 0.9)  # tie of a and d: a, named first
+    assert keep_top_k(weights, 3)["d"]["model"] == 0.0
+    assert keep_top_k(weights, 0) == weights and keep_top_k(weights, 9) == weights

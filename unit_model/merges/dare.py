@@ -1,0 +1,32 @@
+"""``dare_linear`` and ``dare_ties`` (DARE): drop each entry of each task vector with probability 1 - density
+and rescale the kept ones by 1/density, then the weighted sum, or TIES's sign election and disjoint mean.
+The drops are drawn from --merge_seed and the tensor's name, so a run is reproducible."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from unit_model.merges.base import MergeOperator, MergeSettings, drop, elect_and_merge, weighted_sum
+
+
+def dropped(vectors: Sequence[torch.Tensor], settings: MergeSettings, key: str) -> list[torch.Tensor]:
+    generator = settings.generator(key)
+    return [drop(v.to(torch.float64), settings.density, generator) for v in vectors]
+
+
+def dare_linear(vectors: Sequence[torch.Tensor], weights: Sequence[float], settings: MergeSettings,
+                key: str) -> torch.Tensor:
+    return weighted_sum(dropped(vectors, settings, key), weights)
+
+
+def dare_ties(vectors: Sequence[torch.Tensor], weights: Sequence[float], settings: MergeSettings,
+              key: str) -> torch.Tensor:
+    return elect_and_merge(dropped(vectors, settings, key), weights, settings.majority_sign)
+
+
+DARE_LINEAR = MergeOperator("dare_linear", dare_linear, "random drops at 1 - --density, rescaled, weighted sum",
+                            settings=("density", "seed"))
+DARE_TIES = MergeOperator("dare_ties", dare_ties, "random drops at 1 - --density, rescaled, then TIES's election",
+                          settings=("density", "majority_sign", "seed"))
