@@ -87,6 +87,12 @@ tem = 1.0  # or auto: per method and target, the T of {0.1 .. 4} that scores bes
 weight_norm = "zscore"  # zscore | rank | none
 cos_tem = 0.05  # weight_norm none only: cosines live in [-1, 1], where T = 1 would give uniform weights
 lora_combine = "delta_w"
+# a fusion named WEIGHTING+OPERATOR (e.g. Loss+ties) merges with that operator (unit_model/merges/):
+lam = 1.0  # scales every merged task vector
+density = 0.2  # ties, dare_*, magnitude_prune: fraction of each tensor's entries kept
+majority_sign = "total"  # ties, dare_ties: sign election by total mass or by count
+merge_seed = 0  # dare_*: seed of the random drops
+top_k = 0  # keep the K heaviest sources of every weighting, renormalised; 0: all
 max_examples = 64  # dev examples scored by each similarity metric
 transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them
 bf16 = False  # bf16 autocast on GPU in every stage that runs the backbone
@@ -106,6 +112,13 @@ slurm_log_dir = ""  # submitit's files; default {output}/logs/{stage}/slurm
 PARAMS = block_params(globals())
 
 SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
+WEIGHTINGS = ("average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS)
+
+
+def split_fusion(name: str) -> tuple[str, str]:
+    """A fusion's name is WEIGHTING[+OPERATOR] (``Loss+ties``): its weighting and its merge operator."""
+    weighting, _, operator = name.partition("+")
+    return weighting, operator or "linear"
 
 
 def say(line: str) -> None:
@@ -227,9 +240,10 @@ def needed_stages(fusions: list[str], transferability: bool) -> dict[str, bool]:
     that report; the similarity stage only the similarity-metric fusions. Sources, random init (the baseline,
     and KL's and cos's reference), fusion and transfer always run.
     """
-    tuneall = transferability or any(f in ("Euclidean", "Performance") for f in fusions)
+    weightings = [split_fusion(f)[0] for f in fusions]
+    tuneall = transferability or any(f in ("Euclidean", "Performance") for f in weightings)
     return {"tuneall": tuneall, "devall": tuneall, "pairs": transferability,
-            "similarity": any(f in SIMILARITY_METRICS for f in fusions)}
+            "similarity": any(f in SIMILARITY_METRICS for f in weightings)}
 
 
 def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[str]) -> None:
@@ -360,8 +374,9 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 skip(index, f"{split}/{name}")
         fused = base / "fused"
 
-        def fuse(method: str) -> None:
-            # The study's fusion names -> a weighting of unit_model/weightings/ and the inputs it reads.
+        def fuse(fusion: str) -> None:
+            # The study's fusion names -> a weighting of unit_model/weightings/, the inputs it reads, an operator.
+            method, merge = split_fusion(fusion)
             weighting, inputs = {
                 "average": ("average", {"TASK_LIST": "all"}),
                 "manual": ("average", {"TASK_LIST": "manual"}),
@@ -371,7 +386,9 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
             config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
                                   task_dir=p.task_dir,
-                                  save_ckpt_path=str(fused / method), weight_norm=p.weight_norm,
+                                  save_ckpt_path=str(fused / fusion), weight_norm=p.weight_norm, merge=merge,
+                                  lam=p.lam, density=p.density, majority_sign=p.majority_sign,
+                                  merge_seed=p.merge_seed, top_k=p.top_k,
                                   tem=p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem,
                                   lora_combine=p.lora_combine, overwrite=True, model=p.model, k=p.target_k,
                                   data_seed=data_seed, device=p.device, bf16=p.bf16,
@@ -514,7 +531,8 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     for t in target_list:
         for data_seed in data_seeds_of(p):
             load_task(task_dir, t, p.target_k, data_seed, SPLITS)
-    if "manual" in words(p.fusions):  # 'manual division' needs a category with another task for every target
+    # 'manual division' needs a category with another task for every target
+    if any(split_fusion(f)[0] == "manual" for f in words(p.fusions)):
         from task_list import task_categories
         from unit_model.sources import category_sources
 
@@ -592,10 +610,18 @@ def main(argv: list[str] | None = None) -> int:
     for d in delta_list:
         if d not in METHODS:
             raise UserInputError(f"--deltas: unknown delta method {d!r}; expected some of {', '.join(METHODS)}")
-    known = {"average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS}
+    from unit_model.merges import MERGES, MergeSettings, check_settings
+    check_settings(MergeSettings(lam=p.lam, density=p.density, majority_sign=p.majority_sign, seed=p.merge_seed))
+    if p.top_k < 0:
+        raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {p.top_k}")
     for f in words(p.fusions):
-        if f not in known:
-            raise UserInputError(f"--fusions: unknown fusion method {f!r}; expected some of {', '.join(sorted(known))}")
+        weighting, operator = split_fusion(f)
+        if weighting not in WEIGHTINGS:
+            raise UserInputError(f"--fusions: unknown fusion method {weighting!r} in {f!r}; expected some of "
+                                 f"{', '.join(sorted(WEIGHTINGS))}, each optionally +OPERATOR")
+        if operator not in MERGES:
+            raise UserInputError(f"--fusions: unknown merge operator {operator!r} in {f!r}; expected one of "
+                                 f"{', '.join(MERGES)}")
 
     check_inputs(p, task_pool, target_list)
 

@@ -496,6 +496,12 @@ CASES: dict[str, Case] = {
         [a if a != "alpha" else "delta" for a in importance_argv(w, t)], ["'delta'"])),
     # ---- fusion scripts
     "fusion/nan-score": Case(unit_model_others.main, _fusion_score("nan")),
+    "fusion/density-above-one": Case(unit_model_average.main, _flag(average_argv, "--merge", "ties", "--density",
+                                                                    "1.5", words=("--density", "(0, 1]"))),
+    "fusion/unknown-merge": Case(unit_model_average.main, _flag(average_argv, "--merge", "median",
+                                                                words=("--merge", "median"))),
+    "fusion/ties-on-lora-factors": Case(unit_model_average.main, _flag(
+        average_argv, "--merge", "ties", "--lora_combine", "params", words=("--lora_combine params", "delta_w"))),
     "fusion/infinite-score": Case(unit_model_others.main, _fusion_score("inf")),
     "fusion/temperature-zero": Case(unit_model_average.main, _flag(average_argv, "--tem", "0", words=("--tem",))),
     "fusion/temperature-negative": Case(unit_model_others.main, _flag(fusion_argv, "--tem", "-1",
@@ -526,6 +532,9 @@ CASES: dict[str, Case] = {
     "study/unknown-fusion-metric": Case(study.main, _flag(study_argv, "--fusions", "average Perplexity",
                                                           words=("--fusions", "Perplexity"))),
     "study/output-of-another-study": Case(study.main, _study_other_params),
+    "study/unknown-merge-operator": Case(study.main, _flag(study_argv, "--fusions", "average Loss+median",
+                                                           words=("--fusions", "'median'", "ties"))),
+    "study/density-zero": Case(study.main, _flag(study_argv, "--density", "0", words=("--density", "(0, 1]"))),
     "study/early-stop-of-a-budget-changed": Case(study.main, _study_other_early_stop),
     "study/first-budget-changed": Case(study.main, _study_other_first_budget),
     "study/data-seed-not-a-number": Case(study.main, _flag(study_argv, "--target_data_seeds", "13 x",

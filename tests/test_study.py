@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
 SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
-FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
+FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd average+ties Loss+dare_ties"
 SEEDS, BUDGETS = (13, 100), (2, 3)  # two few-shot splits of every target, two target budgets
 
 
@@ -110,7 +110,7 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
     cells = rows(results / "scores.tsv")
     assert len(cells) == 2 * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
     transfer = rows(results / "transferability.tsv")
-    weighted = [m for m in methods if m not in ("average", "manual")]
+    weighted = [m for m in methods if m.partition("+")[0] not in ("average", "manual")]
     assert {(r["delta"], r["method"]) for r in transfer} == {(d, m) for d in ("lora", "adapter") for m in weighted}
     assert {r["data_seed"] for r in transfer} == {*map(str, SEEDS), "-"}
     pairs = rows(results / "transfer_pairs.tsv")
@@ -177,8 +177,8 @@ def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys
     capsys.readouterr()
     assert run_cli(study.main, small_study(finished, tiny_backbone_dir, "lora adapter")) == 0
     printed = capsys.readouterr().out
-    assert "lora/seed_13/fusion: 9/10 done, 1 to run" in printed
-    assert "lora/seed_100/fusion: 10/10 done, 0 to run" in printed
+    assert "lora/seed_13/fusion: 11/12 done, 1 to run" in printed
+    assert "lora/seed_100/fusion: 12/12 done, 0 to run" in printed
     assert "lora/sources: 4/4 done, 0 to run" in printed
     after = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
     changed = sorted(n for n in after if after[n] != markers[n])

@@ -58,8 +58,8 @@ from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
-from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings
-from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, fuse
+from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings, get_merge
+from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, check_merge, fuse
 from unit_model.sources import ModuleCache, fused_dir_name
 from unit_model.temperature import AUTO, DevScorer, choose_temperatures, parse_temperature
 from unit_model.weightings import (
@@ -321,6 +321,9 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     planning = dataclasses.replace(config, tem=1.0) if config.tem == AUTO else config
     weighting = WEIGHTINGS[method](planning, tasks, cache)
     cache.check(config.delta)
+    first = weighting.plans[0].modules[0]
+    check_merge(get_merge(config.merge), merge_settings(config), DeltaConfig.from_checkpoint_meta(first.meta).spec,
+                config.lora_combine, first.shapes)
     check_destination(save, weighting.plans, config.overwrite)
     for plan in weighting.plans:
         plan.weights = keep_top_k(plan.weights, config.top_k)

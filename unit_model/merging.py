@@ -41,6 +41,18 @@ def weight_by_group(weight: float | Mapping[str, float], groups: set[str], label
     return {g: float(by_group[g]) for g in groups}
 
 
+def check_merge(op: MergeOperator, settings: MergeSettings, method: DeltaMethod, lora_combine: str,
+                names: Iterable[str]) -> None:
+    """Refuse a merge that the method's modules cannot take, before anything is merged or written."""
+    if not op.linear and method.task_vector_origin is None:
+        raise UserInputError(f"--merge {op.name}: {method.name} modules have no task vector (no parameter "
+                             "value at which they do nothing); only --merge linear merges them")
+    if (not op.linear or settings.lam != 1) and lora_combine == "params" and method.factor_pairs(names):
+        what = f"--merge {op.name}" if not op.linear else f"--lam {settings.lam:g}"
+        raise UserInputError(f"{what} with --lora_combine params would act on LoRA's A and B factors "
+                             "separately, which are not task vectors; use --lora_combine delta_w")
+
+
 def fuse(
     sources: Iterable[ModuleSource],
     weights: Sequence[float | Mapping[str, float]],
@@ -87,14 +99,8 @@ def fuse(
             ref = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
             group_of = {k: param_group(k, granularity) for k in ref}
             method = method or method_of(ref, "fuse")
+            check_merge(op, settings, method, lora_combine, ref)
             origin = method.task_vector_origin
-            if not op.linear and origin is None:
-                raise UserInputError(f"--merge {op.name}: {method.name} modules have no task vector (no parameter "
-                                     "value at which they do nothing); only --merge linear merges them")
-            if (not op.linear or settings.lam != 1) and lora_combine == "params" and method.factor_pairs(ref):
-                what = f"--merge {op.name}" if not op.linear else f"--lam {settings.lam:g}"
-                raise UserInputError(f"{what} with --lora_combine params would act on LoRA's A and B factors "
-                                     "separately, which are not task vectors; use --lora_combine delta_w")
             if op.linear:
                 acc = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in ref.items()}
         elif {k: tuple(v.shape) for k, v in tensors.items()} != {k: s for k, (s, _) in ref.items()}:

@@ -248,7 +248,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                 pair_rows.append([delta, s, row["target"], row["source"], row["test"],
                                   f"{float(row['test']) - random[row['target']]:+.4f}"])
             for m in methods:
-                if m in UNIFORM:
+                if m.partition("+")[0] in UNIFORM:
                     continue
                 weights = fusion_weights(split_roots[s] / "fused" / m / "weights.tsv")
                 for t in targets:
