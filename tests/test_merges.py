@@ -186,3 +186,26 @@ def test_top_k_keeps_the_heaviest_and_renormalises() -> None:
     assert keep_top_k(weights, 3)["a"]["model"] == pytest.approx(0.1 / 0.9)  # tie of a and d: a, named first
     assert keep_top_k(weights, 3)["d"]["model"] == 0.0
     assert keep_top_k(weights, 0) == weights and keep_top_k(weights, 9) == weights
+
+
+@pytest.mark.parametrize("n, r, out, inp", [(3, 2, 12, 10), (5, 2, 10, 10), (2, 4, 30, 8)])
+def test_the_qr_route_is_the_best_rank_r_approximation_like_the_dense_svd(n: int, r: int, out: int, inp: int) -> None:
+    """Σ c_s B_s A_s factored through thin QRs and an (N·r)² SVD equals the dense route, and both are the
+    best rank-r approximation (Eckart-Young): the same product, the same error, from the singular values."""
+    from models.methods.lora import lora_factor
+    from unit_model.merging import low_rank_weighted_sum
+
+    g = torch.Generator().manual_seed(n * 100 + r)
+    a = [torch.randn(r, inp, generator=g, dtype=torch.float64) for _ in range(n)]
+    b = [torch.randn(out, r, generator=g, dtype=torch.float64) for _ in range(n)]
+    scales, scaling = [0.5 * (i + 1) for i in range(n)], 2.0
+    total = sum(c * bi @ ai for c, ai, bi in zip(scales, a, b))
+    qr_b, qr_a, norm, err = low_rank_weighted_sum(a, b, scales, r, scaling)
+    dense_b, dense_a = lora_factor(total, r, scaling)
+    torch.testing.assert_close(scaling * qr_b @ qr_a, scaling * dense_b @ dense_a, rtol=1e-9, atol=1e-9)
+    s = torch.linalg.svdvals(total)
+    assert norm == pytest.approx(float(torch.linalg.matrix_norm(total)), rel=1e-10)
+    assert err == pytest.approx(float(s[r:].square().sum().sqrt()), rel=1e-8, abs=1e-10)
+    assert err == pytest.approx(float(torch.linalg.matrix_norm(total - scaling * qr_b @ qr_a)), rel=1e-6, abs=1e-9)
+    if n * r <= min(out, inp):
+        assert err > 0 or n * r <= r  # a sum of n > 1 rank-r terms is not rank r: the truncation is real

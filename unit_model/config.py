@@ -35,6 +35,12 @@ class FusionConfig:
     majority_sign: str = "total"
     merge_seed: int = 0
     top_k: int = 0  # keep the K heaviest sources of each target (and group), renormalised; 0: all
+    # learned weights (unit_model/learned.py): where the search starts, and its settings
+    learned_start: str = "zeros"  # zeros | uniform | a metric of result_tsv
+    budget: int = 40
+    bound: float = 1.5
+    l1: float = 0.05
+    search_seed: int = 0
     cos_mode: str = "flat"
     score_space: str = "task_vector"  # cos, Euclidean: task_vector (LoRA's ΔW) or params (raw factors)
     granularity: str = "model"

@@ -58,10 +58,12 @@ from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
+from unit_model.learned import SearchSettings, learn_weights
 from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings, get_merge
 from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, check_merge, fuse
+from unit_model.on_target import OnTarget
 from unit_model.sources import ModuleCache, fused_dir_name
-from unit_model.temperature import AUTO, DevScorer, choose_temperatures, parse_temperature
+from unit_model.temperature import AUTO, choose_temperatures, parse_temperature
 from unit_model.weightings import (
     COS_MODES,
     DEFAULT_WEIGHT_NORM,  # noqa: F401 (the scripts' parameter blocks read it from here)
@@ -82,9 +84,10 @@ __all__ = ["DEFAULT_LORA_COMBINE", "FusionConfig", "check_config", "fused_dir_na
            "write_fusion"]
 
 WEIGHTS_FILE = "weights.tsv"
-# The knobs of --tem auto (the backbone and the targets' dev files it scores on), added to the parameter
-# block of every scored fusion script: overridable as --name value like the block's own.
-TEM_AUTO_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
+SEARCH_FILE = "search.tsv"
+# The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added
+# to the parameter block of those fusion scripts: overridable as --name value like the block's own.
+TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
 # The merge operator and its parameters, and top-k selection: added to every fusion script's block.
 MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0}
 HEATMAP_FILE = "heatmap.png"
@@ -96,6 +99,7 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
     check_settings(merge_settings(config))
+    search_settings(config).check()
     if not isinstance(config.top_k, int) or config.top_k < 0:
         raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {config.top_k!r}")
     if config.tem != AUTO:
@@ -141,6 +145,10 @@ def check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
             if dest.exists():
                 raise UserInputError(f"{dest}: exists (from an earlier fusion); pass --overwrite to replace it "
                                      "or choose another --save_ckpt_path")
+
+
+def search_settings(config: FusionConfig) -> SearchSettings:
+    return SearchSettings(budget=config.budget, bound=config.bound, l1=config.l1, seed=config.search_seed)
 
 
 def merge_settings(config: FusionConfig) -> MergeSettings:
@@ -223,6 +231,29 @@ def write_heatmap(path: Path, plans: list[Plan], title: str) -> None:
         plt.close(fig)
 
 
+def write_search(folder: Path, plans: list[Plan]) -> None:
+    """``search.tsv`` (target, evaluation, objective, best so far) and ``search.png``, its curve per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[p.target, e, repr(v), repr(b)] for p in plans for e, v, b in (p.search or [])]
+    write_tsv_atomic(folder / SEARCH_FILE, ["target", "evaluation", "objective", "best"], rows)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for p in plans:
+        if p.search:
+            ax.plot([e for e, _, _ in p.search], [b for _, _, b in p.search], label=p.target)
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("best train loss + L1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        save_figure_atomic(fig, folder / "search.png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def _commit(staging: Path, save: Path) -> None:
     """Move each staged entry into ``save``, replacing an older one of the same name."""
     save.mkdir(parents=True, exist_ok=True)
@@ -276,6 +307,9 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
             }
             if plan.temperature_dev is not None:  # --tem auto: the dev score of every T tried
                 extra["temperature_dev"] = {f"{t:g}": d for t, d in plan.temperature_dev.items()}
+            if plan.search:  # learned weights: the search's settings and its best objective
+                extra["search"] = {"start": config.learned_start, "budget": config.budget, "bound": config.bound,
+                                   "l1": config.l1, "seed": config.search_seed, "best": plan.search[-1][2]}
             if factored:
                 extra["lora_combine"] = lora_combine
             if weighting.metric:
@@ -291,6 +325,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                        f"({_mean(plan.weights[best]):.3f}){note}")
         header, rows = weight_rows(plans, effective)
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
+        if any(p.search for p in plans):  # learned weights: the objective at every evaluation of the search
+            write_search(staging, plans)
         name = weighting.metric or method  # "others": name the similarity metric
         mean_effective = _mean({t: _mean(by_group) for t, by_group in effective.items()})
         temperature = "auto (dev)" if config.tem == AUTO else f"{config.tem:g}"
@@ -325,13 +361,20 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     check_merge(get_merge(config.merge), merge_settings(config), DeltaConfig.from_checkpoint_meta(first.meta).spec,
                 config.lora_combine, first.shapes)
     check_destination(save, weighting.plans, config.overwrite)
+    if method == "learned":
+        if config.top_k or config.tem == AUTO:
+            raise UserInputError("--top_k and --tem auto apply to similarity weights, not to learned ones")
+        train = OnTarget(config, weighting.plans[0].modules[0].meta, "train")
+        granularity = config.granularity
+        learn_weights(weighting.plans, search_settings(config),
+                      lambda plan, weights: fused_module(plan, weights, config, granularity)[0], train.loss)
     for plan in weighting.plans:
         plan.weights = keep_top_k(plan.weights, config.top_k)
     if config.tem == AUTO and any(p.scores is not None for p in weighting.plans):
-        scorer = DevScorer(config, weighting.plans[0].modules[0].meta)
+        dev = OnTarget(config, weighting.plans[0].modules[0].meta, "dev")
         granularity = config.granularity if _granular(weighting.plans) else "model"
         choose_temperatures(weighting.plans, config.weight_norm,
-                            lambda plan, weights: fused_module(plan, weights, config, granularity)[0], scorer,
+                            lambda plan, weights: fused_module(plan, weights, config, granularity)[0], dev.score,
                             top_k=config.top_k)
     print(f"{method} fusion of {config.delta} modules for {len(weighting.plans)} target(s) into "
           f"{config.save_ckpt_path}", flush=True)
@@ -370,6 +413,11 @@ HELP = {
     "majority_sign": "ties, dare_ties: elect each entry's sign by total weighted mass or by weighted count",
     "merge_seed": "dare_*: seed of the random drops (with each tensor's name)",
     "top_k": "keep the K heaviest sources of each target (per group), renormalised; 0: every source",
+    "learned_start": "learned weights start from zeros (LoraHub's), uniform, or a metric of --result_tsv's weights",
+    "budget": "learned weights: evaluations of the merged module's train loss (Nevergrad NGOpt)",
+    "bound": "learned weights: each weight is searched in [-bound, bound]",
+    "l1": "learned weights: objective = mean train cross-entropy + l1 * mean |w|",
+    "search_seed": "learned weights: seed of the search",
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",

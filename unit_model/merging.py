@@ -41,6 +41,33 @@ def weight_by_group(weight: float | Mapping[str, float], groups: set[str], label
     return {g: float(by_group[g]) for g in groups}
 
 
+def low_rank_weighted_sum(a_factors: Sequence[torch.Tensor], b_factors: Sequence[torch.Tensor],
+                          scales: Sequence[float], rank: int, scaling: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-r factors of M = Σ_s c_s B_s A_s without forming M, and ‖M‖_F and ‖M - B'A'·scaling‖_F.
+
+    M = [c_1 B_1 ... c_N B_N] · [A_1; ...; A_N] = Q_B (R_B R_A^T) Q_A^T with thin QR factorisations of the
+    stacked factors (out × Nr and in × Nr); the SVD U S V^T of the (Nr × Nr) core gives M's own SVD,
+    (Q_B U) S (Q_A V)^T, so its top r singular triplets are the best rank-r approximation (Eckart-Young) and
+    the error is exact from the discarded singular values. Valid when N·r <= min(out, in) (the QR factors
+    are then thin); the caller takes the dense route beyond.
+    """
+    stacked_b = torch.cat([b.to(torch.float64) * c for b, c in zip(b_factors, scales, strict=True)], dim=1)
+    stacked_a = torch.cat([a.to(torch.float64) for a in a_factors], dim=0)
+    q_b, r_b = torch.linalg.qr(stacked_b)
+    q_a, r_a = torch.linalg.qr(stacked_a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.numel())
+    root = (s[:k] / scaling).sqrt()
+    b = stacked_b.new_zeros(stacked_b.shape[0], rank)
+    a = stacked_a.new_zeros(rank, stacked_a.shape[1])
+    b[:, :k] = (q_b @ u[:, :k]) * root
+    a[:k] = root[:, None] * (vh[:k] @ q_a.T)
+    norm = float(s.square().sum().sqrt())
+    err = float(s[k:].square().sum().sqrt())
+    return b, a, norm, err
+
+
 def check_merge(op: MergeOperator, settings: MergeSettings, method: DeltaMethod, lora_combine: str,
                 names: Iterable[str]) -> None:
     """Refuse a merge that the method's modules cannot take, before anything is merged or written."""
@@ -148,19 +175,29 @@ def fuse(
         return fused, info
     err_sq = norm_sq = worst = 0.0
     for ka, kb in pairs.values():
-        # One pair at a time: its merged ΔW (out × in) is the only dense matrix kept.
-        if op.linear:
-            total = torch.zeros(ref[kb][0][0], ref[ka][0][1], dtype=torch.float64)
-            for i, factors in enumerate(gather((ka, kb))):
-                total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
-                             alpha=source_weights[i][group_of[ka]] * lora_scaling * settings.lam)
-        else:  # ΔW is a task vector already (origin 0)
-            total = combine([pair_update(f[ka], f[kb], lora_scaling) for f in gather((ka, kb))], ka) * settings.lam
-        norm = float(torch.linalg.matrix_norm(total))
+        (rank, in_features), out_features = ref[ka][0], ref[kb][0][0]
+        if op.linear and count * rank <= min(out_features, in_features):
+            # the weighted sum's best rank-r factors from small QR and SVD factorisations, no out × in matrix
+            factors = gather((ka, kb))
+            scales = [source_weights[i][group_of[ka]] * lora_scaling * settings.lam for i in range(count)]
+            b, a, norm, err = low_rank_weighted_sum([f[ka] for f in factors], [f[kb] for f in factors], scales,
+                                                    rank, lora_scaling)
+        else:
+            # One pair at a time: its merged ΔW (out × in) is the only dense matrix kept.
+            if op.linear:
+                total = torch.zeros(ref[kb][0][0], ref[ka][0][1], dtype=torch.float64)
+                for i, factors in enumerate(gather((ka, kb))):
+                    total.addmm_(factors[kb].to(torch.float64), factors[ka].to(torch.float64),
+                                 alpha=source_weights[i][group_of[ka]] * lora_scaling * settings.lam)
+            else:  # ΔW is a task vector already (origin 0)
+                total = combine([pair_update(f[ka], f[kb], lora_scaling) for f in gather((ka, kb))], ka)
+                total = total * settings.lam
+            norm = float(torch.linalg.matrix_norm(total))
+            if norm > 0.0:
+                b, a = lora_factor(total, rank, lora_scaling)
+                err = float(torch.linalg.matrix_norm(total - pair_update(a, b, lora_scaling)))
         if norm == 0.0:
             continue  # keep the parameter merge: zero factors would never train
-        b, a = lora_factor(total, ref[ka][0][0], lora_scaling)
-        err = float(torch.linalg.matrix_norm(total - pair_update(a, b, lora_scaling)))
         fused[ka], fused[kb] = a.to(ref[ka][1]), b.to(ref[kb][1])
         err_sq, norm_sq, worst = err_sq + err**2, norm_sq + norm**2, max(worst, err / norm)
     info["lora_truncation_error"] = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from unit_model.config import FusionConfig
 from unit_model.weightings import Plan, group_softmax_weights, keep_top_k
 
 AUTO = "auto"
@@ -32,38 +31,6 @@ def parse_temperature(text: str | float) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or auto, found {text!r}") from None
-
-
-class DevScorer:
-    """The zero-shot dev score of a fused module on its target; the backbone is loaded once for all targets."""
-
-    def __init__(self, config: FusionConfig, delta_meta: dict) -> None:
-        from dataloader.crossfit import load_task
-        from dataloader.metrics import metric_for_task
-        from models.delta import DeltaConfig
-        from models.trainer import TaskData, TrainConfig, Trainer
-
-        self.config = config
-        cfg = DeltaConfig.from_checkpoint_meta(delta_meta)
-        from models.backbone import DEFAULT_MODEL_DIR
-
-        train = TrainConfig(model=config.model or str(DEFAULT_MODEL_DIR), device=config.device, bf16=config.bf16,
-                            k=config.k, data_seed=config.data_seed, max_input_length=config.max_input_length,
-                            max_output_length=config.max_output_length, predict_batch_size=100)
-        self.trainer = Trainer(train, cfg)
-        self.tasks: dict[str, TaskData] = {}
-        for t in config.target_list:  # every dev split is read (and checked) before any scoring
-            dev = load_task(config.task_dir, t, config.k, config.data_seed, ["dev"])["dev"]
-            metric = metric_for_task(t, config.task_dir)
-            decoding = train.plan_decoding(self.trainer.tokenizer, metric, dev)
-            self.tasks[t] = TaskData(t, metric, {"dev": self.trainer.encode(dev)}, decoding)
-
-    def __call__(self, target: str, tensors: dict[str, torch.Tensor]) -> float:
-        from models.delta import load_delta_state
-
-        load_delta_state(self.trainer.model, tensors, f"fused module for {target}")
-        score, _ = self.trainer.evaluate(self.tasks[target], "dev", desc=None)
-        return float(score)
 
 
 def choose_temperatures(plans: list[Plan], weight_norm: str, fuse_plan: FusePlan,

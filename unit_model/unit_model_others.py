@@ -33,7 +33,7 @@ lora_combine = fusion.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 # + the merge knobs (--merge, --lam, --density, ..., --top_k) and --tem auto's (--model, --task_dir, ...)
-PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS, **fusion.TEM_AUTO_PARAMS}
+PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS, **fusion.TARGET_DATA_PARAMS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,12 +28,14 @@ from unit_model.weightings.base import (
 )
 from unit_model.weightings.cos import COS_MODES, cosine_by_group, plan_cos
 from unit_model.weightings.euclidean import distance_by_group, plan_euclidean
+from unit_model.weightings.learned import plan_learned_start
 from unit_model.weightings.performance import plan_performance, read_devall_tsv
 from unit_model.weightings.similarity import metric_direction, plan_others, read_similarity_tsv
 
 Planner = Callable[[FusionConfig, list[str], ModuleCache], Weighting]
 WEIGHTINGS: dict[str, Planner] = {"average": plan_average, "cos": plan_cos, "Euclidean": plan_euclidean,
-                                  "Performance": plan_performance, "others": plan_others}
+                                  "Performance": plan_performance, "others": plan_others,
+                                  "learned": plan_learned_start}
 
 __all__ = ["COS_MODES", "DEFAULT_WEIGHT_NORM", "DIRECTIONS", "SCORE_SPACES", "WEIGHTINGS", "WEIGHT_NORMS", "Plan",
            "Planner", "Weighting", "check_temperature", "comparable_scores", "effective_sources",

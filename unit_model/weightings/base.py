@@ -90,8 +90,13 @@ def softmax_weights(
 
 
 def effective_sources(weights: Iterable[float]) -> float:
-    """exp(entropy) of a weight vector: n for uniform weights over n sources, 1 for one-hot."""
-    return math.exp(-math.fsum(w * math.log(w) for w in weights if w > 0))
+    """exp(entropy) of a weight vector: n for uniform weights over n sources, 1 for one-hot. Weights that do
+    not sum to 1 (learned ones, maybe negative) count by their share of Σ|w|; all zero counts as 0."""
+    values = [abs(w) for w in weights]
+    total = math.fsum(values)
+    if total == 0:
+        return 0.0
+    return math.exp(-math.fsum(v / total * math.log(v / total) for v in values if v > 0))
 
 
 def group_softmax_weights(
@@ -137,6 +142,7 @@ class Plan:
     direction: str | None = None  # "higher" or "lower": which scores mean "more similar" (None: no scores)
     temperature: float | None = None  # the T of the weights, when chosen per target (--tem auto)
     temperature_dev: dict[float, float] | None = None  # --tem auto: the fused module's dev score at each T
+    search: list[tuple[int, float, float]] | None = None  # learned weights: (evaluation, objective, best so far)
 
 
 @dataclass

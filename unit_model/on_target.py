@@ -1,0 +1,67 @@
+"""A fused module tried on its target's few-shot data, without tuning: the backbone loaded once, one split read.
+
+``--tem auto`` scores each candidate on the dev split with the task's metric; learned weights minimise the
+mean cross-entropy on the train split. Each reads only its own split: nothing here opens a target's test file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unit_model.config import FusionConfig
+
+
+class OnTarget:
+    """The backbone with the sources' delta module attached, and one few-shot split of every target."""
+
+    def __init__(self, config: FusionConfig, delta_meta: dict, split: str) -> None:
+        from dataloader.crossfit import load_task
+        from dataloader.metrics import metric_for_task
+        from models.backbone import DEFAULT_MODEL_DIR
+        from models.delta import DeltaConfig
+        from models.trainer import TaskData, TrainConfig, Trainer
+
+        self.split = split
+        train = TrainConfig(model=config.model or str(DEFAULT_MODEL_DIR), device=config.device, bf16=config.bf16,
+                            k=config.k, data_seed=config.data_seed, max_input_length=config.max_input_length,
+                            max_output_length=config.max_output_length, predict_batch_size=100)
+        self.trainer = Trainer(train, DeltaConfig.from_checkpoint_meta(delta_meta))
+        self.tasks: dict[str, TaskData] = {}
+        for t in config.target_list:  # every target's split is read (and checked) before anything is scored
+            examples = load_task(config.task_dir, t, config.k, config.data_seed, [split])[split]
+            metric = metric_for_task(t, config.task_dir)
+            decoding = train.plan_decoding(self.trainer.tokenizer, metric, examples)
+            self.tasks[t] = TaskData(t, metric, {split: self.trainer.encode(examples)}, decoding)
+
+    def load(self, target: str, tensors: dict[str, torch.Tensor]) -> None:
+        from models.delta import load_delta_state
+
+        load_delta_state(self.trainer.model, tensors, f"fused module for {target}")
+
+    def score(self, target: str, tensors: dict[str, torch.Tensor]) -> float:
+        """The task's metric on the split, by the trainer's own decoding (higher is better)."""
+        self.load(target, tensors)
+        value, _ = self.trainer.evaluate(self.tasks[target], self.split, desc=None)
+        return float(value)
+
+    @torch.no_grad()
+    def loss(self, target: str, tensors: dict[str, torch.Tensor], batch_size: int = 32) -> float:
+        """Mean cross-entropy per target token of each example's first gold output on the split."""
+        from models.evaluate import autocast
+        from models.seq2seq import IGNORE_INDEX, first_output_batches, to_device
+
+        self.load(target, tensors)
+        model, device = self.trainer.model, self.trainer.device
+        model.eval()
+        total, count = 0.0, 0
+        pad = self.trainer.tokenizer.pad_token_id
+        for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
+            batch = to_device(batch, device)
+            with autocast(device, self.trainer.config.bf16):
+                logits = model(**batch).logits
+            labels = batch["labels"]
+            mask = labels != IGNORE_INDEX
+            logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            total += float(-(logp[mask]).double().sum())
+            count += int(mask.sum())
+        return total / count
