@@ -93,6 +93,7 @@ density = 0.2  # ties, dare_*, magnitude_prune: fraction of each tensor's entrie
 majority_sign = "total"  # ties, dare_ties: sign election by total mass or by count
 merge_seed = 0  # dare_*: seed of the random drops
 top_k = 0  # keep the K heaviest sources of every weighting, renormalised; 0: all
+learned_budget = 40  # learned, learned:METRIC: evaluations of the train loss per target (LoraHub's budget)
 max_examples = 64  # dev examples scored by each similarity metric
 transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them
 bf16 = False  # bf16 autocast on GPU in every stage that runs the backbone
@@ -112,13 +113,27 @@ slurm_log_dir = ""  # submitit's files; default {output}/logs/{stage}/slurm
 PARAMS = block_params(globals())
 
 SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
-WEIGHTINGS = ("average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS)
+WEIGHTINGS = ("average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS, "learned")
 
 
 def split_fusion(name: str) -> tuple[str, str]:
-    """A fusion's name is WEIGHTING[+OPERATOR] (``Loss+ties``): its weighting and its merge operator."""
+    """A fusion's name is WEIGHTING[+OPERATOR] (``Loss+ties``): its weighting and its merge operator. Learned
+    weights may name their start, ``learned:Loss`` (searched from Loss's weights); its weighting is then
+    ``learned``, and it needs what Loss needs."""
     weighting, _, operator = name.partition("+")
     return weighting, operator or "linear"
+
+
+def learned_start(weighting: str) -> str | None:
+    """``learned`` -> zeros, ``learned:Loss`` -> Loss, anything else -> None (not a learned fusion)."""
+    base, _, start = weighting.partition(":")
+    return (start or "zeros") if base == "learned" else None
+
+
+def reads(weighting: str) -> str:
+    """The weighting whose inputs a fusion reads (a learned one started from a metric reads that metric's)."""
+    start = learned_start(weighting)
+    return start if start not in (None, "zeros", "uniform") else weighting
 
 
 def say(line: str) -> None:
@@ -240,7 +255,7 @@ def needed_stages(fusions: list[str], transferability: bool) -> dict[str, bool]:
     that report; the similarity stage only the similarity-metric fusions. Sources, random init (the baseline,
     and KL's and cos's reference), fusion and transfer always run.
     """
-    weightings = [split_fusion(f)[0] for f in fusions]
+    weightings = [reads(split_fusion(f)[0]) for f in fusions]
     tuneall = transferability or any(f in ("Euclidean", "Performance") for f in weightings)
     return {"tuneall": tuneall, "devall": tuneall, "pairs": transferability,
             "similarity": any(f in SIMILARITY_METRICS for f in weightings)}
@@ -377,19 +392,27 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         def fuse(fusion: str) -> None:
             # The study's fusion names -> a weighting of unit_model/weightings/, the inputs it reads, an operator.
             method, merge = split_fusion(fusion)
+            start = learned_start(method)
+            if start is not None:  # learned weights: searched on the train split, from this start
+                method = "learned"
             weighting, inputs = {
                 "average": ("average", {"TASK_LIST": "all"}),
                 "manual": ("average", {"TASK_LIST": "manual"}),
                 "cos": ("cos", {"random_tuned_ckpt_path": str(rnd)}),
                 "Euclidean": ("Euclidean", {"tuneall_ckpt_path": str(tuneall)}),
                 "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
+                "learned": ("learned", {"learned_start": start, "result_tsv": str(similarity / "result.tsv"),
+                                        "budget": p.learned_budget, "search_seed": p.seed}),
             }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
+            tem = p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem
+            if method == "learned" and tem == "auto":  # the search sets the weights; T only shapes a metric start
+                tem = 1.0
             config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
                                   task_dir=p.task_dir,
                                   save_ckpt_path=str(fused / fusion), weight_norm=p.weight_norm, merge=merge,
                                   lam=p.lam, density=p.density, majority_sign=p.majority_sign,
-                                  merge_seed=p.merge_seed, top_k=p.top_k,
-                                  tem=p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem,
+                                  merge_seed=p.merge_seed, top_k=0 if method == "learned" else p.top_k,
+                                  tem=tem,
                                   lora_combine=p.lora_combine, overwrite=True, model=p.model, k=p.target_k,
                                   data_seed=data_seed, device=p.device, bf16=p.bf16,
                                   max_input_length=p.max_input_length, max_output_length=p.max_output_length,
@@ -616,7 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {p.top_k}")
     for f in words(p.fusions):
         weighting, operator = split_fusion(f)
-        if weighting not in WEIGHTINGS:
+        start = learned_start(weighting)
+        if start is not None and start not in ("zeros", "uniform", *SIMILARITY_METRICS):
+            raise UserInputError(f"--fusions: {f!r} starts from {start!r}; expected learned, learned:uniform or "
+                                 f"learned:METRIC with a metric of {', '.join(SIMILARITY_METRICS)}")
+        if start is None and weighting not in WEIGHTINGS:
             raise UserInputError(f"--fusions: unknown fusion method {weighting!r} in {f!r}; expected some of "
                                  f"{', '.join(sorted(WEIGHTINGS))}, each optionally +OPERATOR")
         if operator not in MERGES:

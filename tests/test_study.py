@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
 SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
-FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd average+ties Loss+dare_ties"
+FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd average+ties Loss+dare_ties learned:Loss"
 SEEDS, BUDGETS = (13, 100), (2, 3)  # two few-shot splits of every target, two target budgets
 
 
@@ -34,7 +34,7 @@ def small_study(out: Path, model: Path, deltas: str = "lora", fusions: str = FUS
             " ".join(map(str, BUDGETS)), "--target_data_seeds", " ".join(map(str, SEEDS)),
             "--target_valid_interval", "1", "--target_warmup", "1", "--max_examples", "4", "--lora_r", "2",
             "--adapter_size", "4", "--prefix_length", "2", "--prefix_mlp", "8", "--source_k", "16",
-            "--transferability", "true"]
+            "--transferability", "true", "--learned_budget", "3"]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -177,8 +177,8 @@ def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys
     capsys.readouterr()
     assert run_cli(study.main, small_study(finished, tiny_backbone_dir, "lora adapter")) == 0
     printed = capsys.readouterr().out
-    assert "lora/seed_13/fusion: 11/12 done, 1 to run" in printed
-    assert "lora/seed_100/fusion: 12/12 done, 0 to run" in printed
+    assert "lora/seed_13/fusion: 12/13 done, 1 to run" in printed
+    assert "lora/seed_100/fusion: 13/13 done, 0 to run" in printed
     assert "lora/sources: 4/4 done, 0 to run" in printed
     after = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
     changed = sorted(n for n in after if after[n] != markers[n])
