@@ -534,8 +534,8 @@ CASES: dict[str, Case] = {
     "study/output-of-another-study": Case(study.main, _study_other_params),
     "study/unknown-merge-operator": Case(study.main, _flag(study_argv, "--fusions", "average Loss+median",
                                                            words=("--fusions", "'median'", "ties"))),
-    "study/learned-from-an-unknown-metric": Case(study.main, _flag(study_argv, "--fusions", "average learned:Perplexity",
-                                                                   words=("'learned:Perplexity'", "learned:METRIC"))),
+    "study/learned-from-an-unknown-metric": Case(study.main, _flag(
+        study_argv, "--fusions", "average learned:Perplexity", words=("'learned:Perplexity'", "learned:METRIC"))),
     "study/density-zero": Case(study.main, _flag(study_argv, "--density", "0", words=("--density", "(0, 1]"))),
     "study/early-stop-of-a-budget-changed": Case(study.main, _study_other_early_stop),
     "study/first-budget-changed": Case(study.main, _study_other_first_budget),
