@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
 SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
-FUSIONS = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd average+ties Loss+dare_ties learned:Loss"
+FUSIONS = ("average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd "
+           "average+ties Loss+dare_ties learned:Loss")
 SEEDS, BUDGETS = (13, 100), (2, 3)  # two few-shot splits of every target, two target budgets
 
 
