@@ -48,7 +48,9 @@ tasks = "ALL_TASKS"  # the source pool; leave-one-out: a target's sources are th
 # Lookup tasks are left out as targets: the default backbone already solves them zero-shot (no room for gain).
 targets = "sent_review sent_stars topic_numbered topic_places nli_support nli_entail"
 deltas = "lora"  # adapter lora prefix
-fusions = "average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd"
+# WEIGHTING[+OPERATOR]: the paper's ten weightings, two merge operators and learned weights (unit_model/merges/)
+fusions = ("average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd "
+           "average+ties Loss+ties learned learned:Loss")
 seed = 42
 # source modules (large split)
 source_k = 512
