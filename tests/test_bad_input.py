@@ -402,9 +402,9 @@ def _study_missing_task(w: World, tmp: Path):
 
 def _study_other_params(w: World, tmp: Path):
     params = dict(vars(study.parse_args(study_argv(w, tmp))))
-    params["target_budgets"] = "7"
+    params["source_iters"] = 7
     path = write(tmp / "out" / "params.json", json.dumps(params, indent=1))
-    return study_argv(w, tmp), [str(path), "target_budgets"]
+    return study_argv(w, tmp), [str(path), "source_iters=7"]
 
 
 def _study_other_early_stop(w: World, tmp: Path):
