@@ -47,21 +47,18 @@ class OnTarget:
     @torch.no_grad()
     def loss(self, target: str, tensors: dict[str, torch.Tensor], batch_size: int = 32) -> float:
         """Mean cross-entropy per target token of each example's first gold output on the split."""
+        from get_similarity.metrics import TokenMean, token_loss
         from models.evaluate import autocast
-        from models.seq2seq import IGNORE_INDEX, first_output_batches, to_device
+        from models.seq2seq import first_output_batches, to_device
 
         self.load(target, tensors)
         model, device = self.trainer.model, self.trainer.device
         model.eval()
-        total, count = 0.0, 0
+        mean = TokenMean()  # the zero-shot Loss metric's own per-token cross-entropy and pooled mean
         pad = self.trainer.tokenizer.pad_token_id
         for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
             batch = to_device(batch, device)
             with autocast(device, self.trainer.config.bf16):
                 logits = model(**batch).logits
-            labels = batch["labels"]
-            mask = labels != IGNORE_INDEX
-            logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            total += float(-(logp[mask]).double().sum())
-            count += int(mask.sum())
-        return total / count
+            mean.add(*token_loss(logits, batch["labels"]))
+        return mean.value()
