@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from models.sizes import METHOD_SIZES  # noqa: E402
+from unit_model.fusion_names import ORIGINAL_TEMPERATURES, SIMILARITY_METRICS, parse_fusion  # noqa: E402
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 
@@ -48,7 +49,8 @@ tasks = "ALL_TASKS"  # the source pool; leave-one-out: a target's sources are th
 # Lookup tasks are left out as targets: the default backbone already solves them zero-shot (no room for gain).
 targets = "sent_review sent_stars topic_numbered topic_places nli_support nli_entail"
 deltas = "lora"  # adapter lora prefix
-# WEIGHTING[+OPERATOR]: the paper's ten weightings, two merge operators and learned weights (unit_model/merges/)
+# WEIGHTING[+OPERATOR][@original]: the paper's ten weightings, two merge operators, learned weights; @original
+# weights as the original code did (raw scores at its per-method T) -- grammar in unit_model/fusion_names.py
 fusions = ("average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd "
            "average+ties Loss+ties learned learned:Loss")
 seed = 42
@@ -96,6 +98,7 @@ majority_sign = "total"  # ties, dare_ties: sign election by total mass or by co
 merge_seed = 0  # dare_*: seed of the random drops
 top_k = 0  # keep the K heaviest sources of every weighting, renormalised; 0: all
 learned_budget = 40  # learned, learned:METRIC: evaluations of the train loss per target (LoraHub's budget)
+learned_optimizer = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge)
 max_examples = 64  # dev examples scored by each similarity metric
 transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them
 bf16 = False  # bf16 autocast on GPU in every stage that runs the backbone
@@ -114,28 +117,6 @@ slurm_log_dir = ""  # submitit's files; default {output}/logs/{stage}/slurm
 # -----------------------------------------------------------------------------------------------------
 PARAMS = block_params(globals())
 
-SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
-WEIGHTINGS = ("average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS, "learned")
-
-
-def split_fusion(name: str) -> tuple[str, str]:
-    """A fusion's name is WEIGHTING[+OPERATOR] (``Loss+ties``): its weighting and its merge operator. Learned
-    weights may name their start, ``learned:Loss`` (searched from Loss's weights); its weighting is then
-    ``learned``, and it needs what Loss needs."""
-    weighting, _, operator = name.partition("+")
-    return weighting, operator or "linear"
-
-
-def learned_start(weighting: str) -> str | None:
-    """``learned`` -> zeros, ``learned:Loss`` -> Loss, anything else -> None (not a learned fusion)."""
-    base, _, start = weighting.partition(":")
-    return (start or "zeros") if base == "learned" else None
-
-
-def reads(weighting: str) -> str:
-    """The weighting whose inputs a fusion reads (a learned one started from a metric reads that metric's)."""
-    start = learned_start(weighting)
-    return start if start not in (None, "zeros", "uniform") else weighting
 
 
 def say(line: str) -> None:
@@ -257,7 +238,7 @@ def needed_stages(fusions: list[str], transferability: bool) -> dict[str, bool]:
     that report; the similarity stage only the similarity-metric fusions. Sources, random init (the baseline,
     and KL's and cos's reference), fusion and transfer always run.
     """
-    weightings = [reads(split_fusion(f)[0]) for f in fusions]
+    weightings = [parse_fusion(f).reads for f in fusions]
     tuneall = transferability or any(f in ("Euclidean", "Performance") for f in weightings)
     return {"tuneall": tuneall, "devall": tuneall, "pairs": transferability,
             "similarity": any(f in SIMILARITY_METRICS for f in weightings)}
@@ -393,10 +374,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
         def fuse(fusion: str) -> None:
             # The study's fusion names -> a weighting of unit_model/weightings/, the inputs it reads, an operator.
-            method, merge = split_fusion(fusion)
-            start = learned_start(method)
-            if start is not None:  # learned weights: searched on the train split, from this start
-                method = "learned"
+            spec = parse_fusion(fusion)
+            method, start = spec.weighting, spec.start
             weighting, inputs = {
                 "average": ("average", {"TASK_LIST": "all"}),
                 "manual": ("average", {"TASK_LIST": "manual"}),
@@ -404,14 +383,19 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 "Euclidean": ("Euclidean", {"tuneall_ckpt_path": str(tuneall)}),
                 "Performance": ("Performance", {"tuneall_ckpt_path": str(tuneall), "devall_tsv": str(devall)}),
                 "learned": ("learned", {"learned_start": start, "result_tsv": str(similarity / "result.tsv"),
-                                        "budget": p.learned_budget, "search_seed": p.seed}),
+                                        "budget": p.learned_budget, "search_seed": p.seed,
+                                        "optimizer": p.learned_optimizer}),
             }.get(method, ("others", {"result_tsv": str(similarity / "result.tsv"), "metric": method}))
-            tem = p.cos_tem if method == "cos" and p.weight_norm == "none" else p.tem
+            weight_norm, tem = p.weight_norm, p.tem
+            if spec.original:  # the original code's rule: raw scores at its per-method temperature
+                weight_norm, tem = "none", ORIGINAL_TEMPERATURES[method]
+            elif method == "cos" and weight_norm == "none":
+                tem = p.cos_tem
             if method == "learned" and tem == "auto":  # the search sets the weights; T only shapes a metric start
                 tem = 1.0
             config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
                                   task_dir=p.task_dir,
-                                  save_ckpt_path=str(fused / fusion), weight_norm=p.weight_norm, merge=merge,
+                                  save_ckpt_path=str(fused / fusion), weight_norm=weight_norm, merge=spec.operator,
                                   lam=p.lam, density=p.density, majority_sign=p.majority_sign,
                                   merge_seed=p.merge_seed, top_k=0 if method == "learned" else p.top_k,
                                   tem=tem,
@@ -557,7 +541,7 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
         for data_seed in data_seeds_of(p):
             load_task(task_dir, t, p.target_k, data_seed, SPLITS)
     # 'manual division' needs a category with another task for every target
-    if any(split_fusion(f)[0] == "manual" for f in words(p.fusions)):
+    if any(parse_fusion(f).weighting == "manual" for f in words(p.fusions)):
         from task_list import task_categories
         from unit_model.sources import category_sources
 
@@ -639,18 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(MergeSettings(lam=p.lam, density=p.density, majority_sign=p.majority_sign, seed=p.merge_seed))
     if p.top_k < 0:
         raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {p.top_k}")
+    from unit_model.learned import OPTIMIZERS
+    if p.learned_optimizer not in OPTIMIZERS:
+        raise UserInputError(f"--learned_optimizer: expected one of {', '.join(OPTIMIZERS)}, found "
+                             f"{p.learned_optimizer!r}")
     for f in words(p.fusions):
-        weighting, operator = split_fusion(f)
-        start = learned_start(weighting)
-        if start is not None and start not in ("zeros", "uniform", *SIMILARITY_METRICS):
-            raise UserInputError(f"--fusions: {f!r} starts from {start!r}; expected learned, learned:uniform or "
-                                 f"learned:METRIC with a metric of {', '.join(SIMILARITY_METRICS)}")
-        if start is None and weighting not in WEIGHTINGS:
-            raise UserInputError(f"--fusions: unknown fusion method {weighting!r} in {f!r}; expected some of "
-                                 f"{', '.join(sorted(WEIGHTINGS))}, each optionally +OPERATOR")
-        if operator not in MERGES:
-            raise UserInputError(f"--fusions: unknown merge operator {operator!r} in {f!r}; expected one of "
-                                 f"{', '.join(MERGES)}")
+        spec = parse_fusion(f, tuple(MERGES))
+        if spec.weighting == "learned" and p.learned_optimizer == "gradient" and not MERGES[spec.operator].linear:
+            raise UserInputError(f"--fusions {f}: --learned_optimizer gradient needs a linear merge (linear or "
+                                 f"task_arithmetic); {spec.operator} has no gradient in its weights")
 
     check_inputs(p, task_pool, target_list)
 

@@ -41,6 +41,8 @@ class FusionConfig:
     bound: float = 1.5
     l1: float = 0.05
     search_seed: int = 0
+    optimizer: str = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge)
+    search_lr: float = 0.05  # gradient only: Adam's step size on the weights
     cos_mode: str = "flat"
     score_space: str = "task_vector"  # cos, Euclidean: task_vector (LoRA's ΔW) or params (raw factors)
     granularity: str = "model"

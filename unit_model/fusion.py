@@ -52,17 +52,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
+from models.methods import param_group
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
-from unit_model.learned import SearchSettings, learn_weights
+from unit_model.learned import OPTIMIZERS, SearchSettings, learn_weights
 from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings, get_merge
-from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, check_merge, fuse
+from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, check_merge, fuse, linear_merge_graph
 from unit_model.on_target import OnTarget
-from unit_model.sources import ModuleCache, fused_dir_name
+from unit_model.sources import ModuleCache, fused_dir_name, materialise
 from unit_model.temperature import AUTO, choose_temperatures, parse_temperature
 from unit_model.weightings import (
     COS_MODES,
@@ -100,6 +102,10 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
     check_settings(merge_settings(config))
     search_settings(config).check()
+    if config.optimizer == "gradient" and config.merge in MERGES and not get_merge(config.merge).linear:
+        raise UserInputError(f"--optimizer gradient: --merge {config.merge} has no gradient in its weights "
+                             "(it trims, elects signs or drops entries); use linear or task_arithmetic, or "
+                             "--optimizer nevergrad")
     if not isinstance(config.top_k, int) or config.top_k < 0:
         raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {config.top_k!r}")
     if config.tem != AUTO:
@@ -148,7 +154,8 @@ def check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
 
 
 def search_settings(config: FusionConfig) -> SearchSettings:
-    return SearchSettings(budget=config.budget, bound=config.bound, l1=config.l1, seed=config.search_seed)
+    return SearchSettings(budget=config.budget, bound=config.bound, l1=config.l1, seed=config.search_seed,
+                          optimizer=config.optimizer, lr=config.search_lr)
 
 
 def merge_settings(config: FusionConfig) -> MergeSettings:
@@ -166,6 +173,28 @@ def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config:
                 lora_combine=config.lora_combine if factored else "params",
                 lora_scaling=cfg.spec.scaling(cfg.sizes()), merge=config.merge, method=cfg.spec,
                 settings=merge_settings(config))
+
+
+def gradient_objective(config: FusionConfig, train: OnTarget, granularity: str):
+    """(plan, weights tensor, groups) -> the train loss of the plan's differentiable linear merge, for
+    ``optimizer = "gradient"``; each plan's source tensors are read once."""
+    if config.optimizer != "gradient":
+        return None
+    sources: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def loss(plan: Plan, weights: torch.Tensor, groups: list[str]) -> torch.Tensor:
+        if plan.target not in sources:
+            sources.clear()  # one plan's sources in memory at a time
+            sources[plan.target] = [materialise(m, i)[0] for i, m in enumerate(plan.modules)]
+        tensors = sources[plan.target]
+        cfg = DeltaConfig.from_checkpoint_meta(plan.modules[0].meta)
+        factored = bool(cfg.spec.factor_pairs(plan.modules[0].shapes))
+        group_of = {k: groups.index(param_group(k, granularity)) for k in tensors[0]}
+        merged = linear_merge_graph(tensors, weights, group_of, method=cfg.spec,
+                                    lora_combine=config.lora_combine if factored else "params", lam=config.lam)
+        return train.differentiable_loss(plan.target, merged)
+
+    return loss
 
 
 def _granular(plans: list[Plan]) -> bool:
@@ -309,7 +338,9 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
                 extra["temperature_dev"] = {f"{t:g}": d for t, d in plan.temperature_dev.items()}
             if plan.search:  # learned weights: the search's settings and its best objective
                 extra["search"] = {"start": config.learned_start, "budget": config.budget, "bound": config.bound,
-                                   "l1": config.l1, "seed": config.search_seed, "best": plan.search[-1][2]}
+                                   "l1": config.l1, "seed": config.search_seed, "best": plan.search[-1][2],
+                                   "optimizer": config.optimizer,
+                                   **({"lr": config.search_lr} if config.optimizer == "gradient" else {})}
             if factored:
                 extra["lora_combine"] = lora_combine
             if weighting.metric:
@@ -367,7 +398,8 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
         train = OnTarget(config, weighting.plans[0].modules[0].meta, "train")
         granularity = config.granularity
         learn_weights(weighting.plans, search_settings(config),
-                      lambda plan, weights: fused_module(plan, weights, config, granularity)[0], train.loss)
+                      lambda plan, weights: fused_module(plan, weights, config, granularity)[0], train.loss,
+                      gradient_objective(config, train, granularity))
     for plan in weighting.plans:
         plan.weights = keep_top_k(plan.weights, config.top_k)
     if config.tem == AUTO and any(p.scores is not None for p in weighting.plans):
@@ -418,6 +450,9 @@ HELP = {
     "bound": "learned weights: each weight is searched in [-bound, bound]",
     "l1": "learned weights: objective = mean train cross-entropy + l1 * mean |w|",
     "search_seed": "learned weights: seed of the search",
+    "optimizer": "learned weights: nevergrad (LoraHub's NGOpt search) or gradient (Adam through the linear merge, "
+                 "budget steps)",
+    "search_lr": "learned weights, --optimizer gradient: Adam's step size on the weights",
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
@@ -427,7 +462,8 @@ HELP = {
 }
 CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
            "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
-           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS}
+           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS,
+           "optimizer": OPTIMIZERS}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 TYPES = {"tem": parse_temperature}  # a number or auto
 

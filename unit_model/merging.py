@@ -203,3 +203,32 @@ def fuse(
     info["lora_truncation_error"] = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
     info["lora_truncation_error_max"] = worst
     return fused, info
+
+
+def linear_merge_graph(sources: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+                       group_of: Mapping[str, int], *, method: DeltaMethod, lora_combine: str = DEFAULT_LORA_COMBINE,
+                       lam: float = 1.0) -> dict[str, torch.Tensor]:
+    """The linear merge as a differentiable function of ``weights`` (sources × groups; ``group_of`` maps a tensor
+    name to its column), for a gradient search through ``torch.func.functional_call``.
+
+    Each tensor is origin + lam·Σ_s w_s (θ_s - origin), as ``fuse`` computes it. A LoRA pair under ``delta_w``
+    becomes the stacked factors [A_1; ...; A_N] and [lam·w_1 B_1 ... lam·w_N B_N]: a rank-N·r pair whose update
+    B·A·scaling is the merged ΔW exactly, where ``fuse`` then truncates it to rank r (so the two agree whenever
+    the merged ΔW has rank r or less).
+    """
+    names = list(sources[0])
+    pairs = method.factor_pairs(names) if lora_combine == "delta_w" else {}
+    paired = {k for pair in pairs.values() for k in pair}
+    origin = method.task_vector_origin or 0.0
+    merged: dict[str, torch.Tensor] = {}
+    for k in names:
+        if k in paired:
+            continue
+        w = weights[:, group_of[k]].to(sources[0][k].dtype)
+        stacked = torch.stack([src[k] for src in sources]) - origin
+        merged[k] = origin + lam * torch.tensordot(w, stacked, dims=1)
+    for ka, kb in pairs.values():
+        w = weights[:, group_of[ka]].to(sources[0][kb].dtype)
+        merged[ka] = torch.cat([src[ka] for src in sources], dim=0)
+        merged[kb] = torch.cat([src[kb] * (lam * w[i]) for i, src in enumerate(sources)], dim=1)
+    return merged

@@ -1,7 +1,9 @@
 """A fused module tried on its target's few-shot data, without tuning: the backbone loaded once, one split read.
 
 ``--tem auto`` scores each candidate on the dev split with the task's metric; learned weights minimise the
-mean cross-entropy on the train split. Each reads only its own split: nothing here opens a target's test file.
+mean cross-entropy on the train split (``differentiable_loss`` for a gradient search: the delta tensors are
+passed to the forward, not copied into the model, so their graph reaches the fusion weights). Each reads only
+its own split: nothing here opens a target's test file.
 """
 
 from __future__ import annotations
@@ -62,3 +64,27 @@ class OnTarget:
                 logits = model(**batch).logits
             mean.add(*token_loss(logits, batch["labels"]))
         return mean.value()
+
+    def differentiable_loss(self, target: str, tensors: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+        """``loss`` as a tensor with its graph: the model runs with ``tensors`` in place of its delta parameters
+        (any shapes its layers accept, e.g. stacked LoRA factors); dropout off, as in ``loss``."""
+        from get_similarity.metrics import token_loss
+        from models.evaluate import autocast
+        from models.seq2seq import first_output_batches, to_device
+
+        model, device = self.trainer.model, self.trainer.device
+        model.eval()
+        on_device = {k: v.to(device) for k, v in tensors.items()}
+        total, count = None, 0
+        pad = self.trainer.tokenizer.pad_token_id
+        for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
+            batch = to_device(batch, device)
+            with autocast(device, self.trainer.config.bf16):
+                logits = torch.func.functional_call(model, on_device, args=(), kwargs=batch, strict=False).logits
+            values, mask = token_loss(logits, batch["labels"])
+            part = values[mask].double().sum()
+            total = part if total is None else total + part
+            count += int(mask.sum())
+        if not count:
+            raise ValueError("no target tokens to average over")
+        return total / count

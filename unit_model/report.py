@@ -28,10 +28,9 @@ from scipy.stats import rankdata
 
 from models.run_folders import read_result_tsv
 from unit_model.comparison import PairedComparison, paired_comparison
+from unit_model.fusion_names import parse_fusion
 from unit_model.html_page import write_index_html
 from utils.io import atomic_file, read_tsv, save_figure_atomic, write_text_atomic, write_tsv_atomic
-
-UNIFORM = ("average", "manual")  # methods whose weights carry no ranking
 
 
 def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
@@ -248,7 +247,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                 pair_rows.append([delta, s, row["target"], row["source"], row["test"],
                                   f"{float(row['test']) - random[row['target']]:+.4f}"])
             for m in methods:
-                if m.partition("+")[0] in UNIFORM:
+                if not parse_fusion(m).ranks_sources:
                     continue
                 weights = fusion_weights(split_roots[s] / "fused" / m / "weights.tsv")
                 for t in targets:

@@ -4,8 +4,9 @@ For each target, Nevergrad's NGOpt tries ``budget`` weight vectors (one weight p
 or layer granularity, each in [-bound, bound]) and keeps the one that minimises the merged module's mean
 cross-entropy on the target's train split plus ``l1`` · mean |w|. ``learned_start`` is where it starts: zeros
 (LoraHub's), uniform, or the weights of a metric of ``result_tsv`` (e.g. Loss: its softmax weights, then
-refined). Only the train split is read. Writes the fused checkpoints, weights.tsv, heatmap.png and
-search.tsv / search.png (the objective at every evaluation).
+refined). ``optimizer = "gradient"`` takes ``budget`` Adam steps on the weights through the differentiable
+linear merge instead (linear and task_arithmetic only). Only the train split is read. Writes the fused
+checkpoints, weights.tsv, heatmap.png and search.tsv / search.png (the objective at every evaluation).
 
     python unit_model/unit_model_learned.py --delta lora --tasks ALL_TASKS --learned_start Loss
 """
@@ -32,6 +33,8 @@ budget = 40  # evaluations of the objective (LoraHub's)
 bound = 1.5  # each weight in [-bound, bound] (LoraHub's)
 l1 = 0.05  # objective = train cross-entropy + l1 * mean |w| (LoraHub's)
 search_seed = 0
+optimizer = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge; budget = steps)
+search_lr = 0.05  # gradient only: Adam's step size on the weights
 tem = 1.0  # the starting weights' temperature, when they come from a metric
 weight_norm = fusion.DEFAULT_WEIGHT_NORM
 granularity = "model"
