@@ -180,7 +180,7 @@ def run_dev_all(config: DevAllConfig) -> None:
     fingerprint = backbone_fingerprint(model)
     attach_delta(model, cfg)
     model.to(device)
-    check_sources_fit(model, cfg, fingerprint, sources, config.allow_other_backbone)
+    check_sources_fit(model, cfg, fingerprint, sources, config.allow_other_backbone, config.model)
     for (t, s), folder in tuned.items():
         check_compatible(metas[(t, s)], cfg, fingerprint, str(folder), allow_other_weights=config.allow_other_backbone)
     dev = {t: encode_examples(tokenizer, raw[t], config.max_input_length, config.max_output_length) for t in targets}

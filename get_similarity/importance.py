@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(pick_device(args.device))
     model, tokenizer = load_backbone(args.model, args.tokenizer_path, device)
     check_compatible(meta, cfg, backbone_fingerprint(model), str(folder),
-                     allow_other_weights=args.allow_other_backbone)
+                     allow_other_weights=args.allow_other_backbone, backbone=args.model)
     torch.manual_seed(args.init_seed)
     attach_delta(model, cfg)
     model.to(device)

@@ -303,9 +303,10 @@ def load_targets(config: SimilarityConfig, targets: list[str]) -> dict[str, list
 
 
 def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str, int | str],
-                  allow_other_weights: bool = False) -> None:
+                  allow_other_weights: bool = False, backbone: str | None = None) -> None:
     for m in modules:
-        check_compatible(m.meta, cfg, fingerprint, str(m.folder), allow_other_weights=allow_other_weights)
+        check_compatible(m.meta, cfg, fingerprint, str(m.folder), allow_other_weights=allow_other_weights,
+                         backbone=backbone)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,11 +335,11 @@ def run_similarity(config: SimilarityConfig) -> None:
     if cfg.method != config.delta:
         raise UserInputError(f"--delta {config.delta}: checkpoint {first.folder} holds a {cfg.method} module")
     allow = config.allow_other_backbone
-    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"], allow)
+    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"], allow, config.model)
     references: dict[str, Module] = {}
     if any(m.needs_reference for m in metrics):
         references = {t: inspect_module(config.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
-        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"], allow)
+        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"], allow, config.model)
 
     device = torch.device(pick_device(config.device))
     model, tokenizer = load_backbone(config.model, config.tokenizer_path, device)

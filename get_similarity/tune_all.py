@@ -177,10 +177,12 @@ def load_sources(root: str | Path, names: list[str], method: str | None) -> tupl
 
 
 def check_sources_fit(model: torch.nn.Module, cfg: DeltaConfig, fingerprint: dict[str, int | str],
-                      sources: dict[str, Source], allow_other_weights: bool = False) -> None:
+                      sources: dict[str, Source], allow_other_weights: bool = False,
+                      backbone: str | None = None) -> None:
     """Refuse a source made for another backbone, or whose weights do not fit (keys, shapes)."""
     for src in sources.values():
-        check_compatible(src.meta, cfg, fingerprint, str(src.folder), allow_other_weights=allow_other_weights)
+        check_compatible(src.meta, cfg, fingerprint, str(src.folder), allow_other_weights=allow_other_weights,
+                         backbone=backbone)
         load_delta_state(model, src.tensors, str(src.folder))
 
 
@@ -261,7 +263,7 @@ def run_tune_all(config: TuneAllConfig) -> None:
                 read_tuned(output_dir / t / s, t, s) for t, s in pairs}
 
     trainer = Trainer(pair_train_config(config), cfg)  # loads the backbone, once
-    check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources, config.allow_other_backbone)
+    check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources, config.allow_other_backbone, config.model)
     todo = []
     for (t, s), meta in existing.items():
         if meta is None:

@@ -393,6 +393,20 @@ def check_compatible(
             f"this run's backbone {mine}has the same shape but other weights ({fingerprint.get('weights')}); "
             "pass --allow_other_backbone to use it on purpose"
         )
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if extra.get("source_format") == "peft" and backbone is not None and not allow_other_weights:
+        # A PEFT adapter records its base model by name only (no weights hash): the names must agree.
+        base = str(meta.get("backbone") or "unknown")
+        if base == "unknown" or _short_name(base) != _short_name(backbone):
+            raise UserInputError(
+                f"checkpoint {source} is a PEFT adapter of base model {base!r}; this run's backbone is "
+                f"{backbone!r}; pass --allow_other_backbone to use it on purpose"
+            )
+
+
+def _short_name(model: str) -> str:
+    """``google/flan-t5-large`` and ``/data/models/flan-t5-large/`` name the same model: compare the last part."""
+    return Path(str(model).rstrip("/\\")).name.lower()
 
 
 def _fmt(d: Any) -> str:

@@ -468,9 +468,8 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     cfg_file = path / ADAPTERHUB_CONFIG
     data = read_json_object(cfg_file)
-    if "peft_type" in data:  # PEFT writes the same file name; its format is told by this field, not the name
-        raise UserInputError(f"{cfg_file}: a PEFT adapter (peft_type={data['peft_type']!r}); PEFT folders are not "
-                             "supported yet (AdapterHub folders, this project's checkpoints and legacy .pt files are)")
+    if "peft_type" in data:  # PEFT writes the same file name; models/formats/peft.py reads those folders
+        raise UserInputError(f"{cfg_file}: a PEFT adapter (peft_type={data['peft_type']!r}), not an AdapterHub one")
     if not isinstance(data.get("config"), (dict, str)):
         raise UserInputError(f"{cfg_file}: expected an AdapterHub adapter config with a 'config' object")
     if data.get("model_type") not in (None, "t5"):
@@ -570,8 +569,13 @@ def convert_to_checkpoint(
     drop_cross_adapters: bool = False,
     task: str | None = None,
     overwrite: bool = False,
+    read_folder: Any = None,
+    allow_other_backbone: bool = False,
 ) -> Conversion:
-    """Convert a legacy ``.pt`` or an AdapterHub folder into a checkpoint folder of this project.
+    """Convert a legacy ``.pt`` or an adapter folder into a checkpoint folder of this project.
+
+    A folder is read by ``read_folder`` (path -> (tensors, meta); the checkpoint-format registry's reader, which
+    knows PEFT folders too) or, when not given, as an AdapterHub ``save_adapter`` folder.
 
     The module is attached to the backbone ``model`` and its tensors loaded there (keys and shapes must
     match exactly) before anything is written; the checkpoint records that backbone's fingerprint.
@@ -604,13 +608,13 @@ def convert_to_checkpoint(
     if source.is_dir():
         if (source / CONFIG_FILE).is_file():
             raise UserInputError(f"{source}: already a checkpoint of this project; nothing to convert")
-        if not is_adapterhub_folder(source):
-            raise UserInputError(f"{source}: a folder without {ADAPTERHUB_CONFIG}; expected a legacy .pt file or an "
-                                 "AdapterHub save_adapter folder")
+        if not is_adapterhub_folder(source):  # PEFT writes the same config file name
+            raise UserInputError(f"{source}: a folder without {ADAPTERHUB_CONFIG}; expected a legacy .pt file, an "
+                                 "AdapterHub save_adapter folder or a PEFT adapter folder")
         if rules:
-            raise UserInputError("--key_map applies to .pt files; AdapterHub folders use the library's names")
-        tensors, hub_meta = read_adapterhub_folder(source)
-        source_format = "adapterhub"
+            raise UserInputError("--key_map applies to .pt files; adapter folders use their library's names")
+        tensors, hub_meta = (read_folder or read_adapterhub_folder)(source)
+        source_format = hub_meta["extra"]["source_format"]
     else:
         ckpt = read_legacy_pt(source, given.get("tune_method"))
         tensors = apply_key_map(ckpt.tensors, rules, str(source))
@@ -621,7 +625,8 @@ def convert_to_checkpoint(
     if ckpt is None:
         hub_cfg = DeltaConfig.from_checkpoint_meta(hub_meta)
         cfg = resolve_config(hub_cfg.method, hub_cfg.sizes(), given, {}, str(source))
-        check_compatible(hub_meta, cfg, fingerprint, str(source))
+        check_compatible(hub_meta, cfg, fingerprint, str(source), allow_other_weights=allow_other_backbone,
+                         backbone=str(model))
     else:
         translated = translate_names(tensors, fingerprint["d_model"], str(source),
                                      drop_cross_adapters=drop_cross_adapters)

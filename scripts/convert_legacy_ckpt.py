@@ -2,13 +2,13 @@
 
 SOURCE is either a ``.pt`` file of the original research code (``{'adapter'|'lora'|'prefix': state dict,
 'args', 'current_state'}``) or a bare state dict saved with ``torch.save``, or an AdapterHub
-``save_adapter`` folder. The file is read with ``torch.load(weights_only=True)`` (argparse.Namespace
-allowed) or safetensors: a pickle that would import and call anything else is refused and nothing in it
-runs. Method and sizes are read from the tensor names and shapes (LoRA's alpha from ``--lora_alpha`` or
-the file's saved args); size flags, when given, must agree. The module is then attached to the backbone
-(``--model``) and its tensors loaded there, so a key or shape that does not fit stops the conversion
-before OUTPUT is written; OUTPUT records that backbone's fingerprint and loads with
-``tune.py --train_checkpoint OUTPUT``.
+``save_adapter`` folder, or a PEFT LoRA folder (models/formats/peft.py). The file is read with
+``torch.load(weights_only=True)`` (argparse.Namespace allowed) or safetensors: a pickle that would import
+and call anything else is refused and nothing in it runs. Method and sizes are read from the tensor names
+and shapes (LoRA's alpha from ``--lora_alpha`` or the file's saved args); size flags, when given, must
+agree. The module is then attached to the backbone (``--model``) and its tensors loaded there, so a key or
+shape that does not fit stops the conversion before OUTPUT is written; OUTPUT records that backbone's
+fingerprint and loads with ``tune.py --train_checkpoint OUTPUT``.
 
 Names: this project's and AdapterHub's (``...loras.<any name>.lora_A`` etc.) and the original code's
 (``...SelfAttention.q.lora_A``, ``...layer.0.adapter.adapter_A``) are recognised; anything else can be
@@ -31,13 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries  # noqa: E402
 from models.delta import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
+from models.formats import read_checkpoint_folder  # noqa: E402
 from models.legacy import convert_to_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="legacy .pt file or AdapterHub save_adapter folder")
+    p.add_argument("source", help="legacy .pt file, AdapterHub save_adapter folder or PEFT adapter folder")
     p.add_argument("output", help="checkpoint folder to write (must not exist, unless --overwrite)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="backbone to check against (default: embedded)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: --model)")
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert an original Houlsby adapter without its decoder cross-attention adapters")
     p.add_argument("--task", default=None, help="task name to record in the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a checkpoint folder")
+    p.add_argument("--allow_other_backbone", action="store_true",
+                   help="accept a PEFT adapter whose base_model_name_or_path names another model than --model")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")
     return p
 
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: getattr(args, k) for k in ("tune_method", *SIZE_FLAGS)}
     done = convert_to_checkpoint(args.source, args.output, model=args.model, tokenizer_path=args.tokenizer_path,
                                  given=given, key_map=args.key_map, drop_cross_adapters=args.drop_cross_adapters,
-                                 task=args.task, overwrite=args.overwrite)
+                                 task=args.task, overwrite=args.overwrite, read_folder=read_checkpoint_folder,
+                                 allow_other_backbone=args.allow_other_backbone)
     if done.dropped:
         print(f"warning: dropped {len(done.dropped)} decoder cross-attention adapters "
               f"({done.dropped[0]}, ...); the converted module differs from the original", file=sys.stderr)

@@ -289,13 +289,14 @@ def _tune_output_dir_is_a_file(w: World, tmp: Path):
 
 
 def _tune_peft_folder(w: World, tmp: Path):
-    """A PEFT LoRA folder: same config file name as AdapterHub's, told apart by its peft_type."""
+    """A PEFT LoRA folder (same config file name as AdapterHub's, told apart by its peft_type) whose weights
+    file is empty: the PEFT reader names that file."""
     folder = tmp / "peft"
     write(folder / "adapter_config.json", json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
                                                       "target_modules": ["q", "v"]}))
     write(folder / "adapter_model.safetensors", "")
-    return tune_argv(w, tmp, "--train_checkpoint", str(folder)), [str(folder / "adapter_config.json"),
-                                                                   "PEFT adapter", "not supported yet"]
+    return tune_argv(w, tmp, "--train_checkpoint", str(folder)), [str(folder / "adapter_model.safetensors"),
+                                                                   "not a valid safetensors file"]
 
 
 def _tune_unknown_task_metric(w: World, tmp: Path):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from models.formats.native import inspect_native, is_native_folder, read_native
+from models.formats.peft import is_peft_folder, read_peft_folder
 from models.legacy import is_adapterhub_folder, read_adapterhub_folder
 from utils.errors import UserInputError
 
@@ -45,6 +46,7 @@ def _inspect_by_reading(read: Callable[[Path], tuple[Tensors, Meta]]) -> Callabl
 # this project's format, whose reader names the missing file.
 FORMATS: list[CheckpointFormat] = [
     CheckpointFormat("native", is_native_folder, read_native, inspect_native),
+    CheckpointFormat("peft", is_peft_folder, read_peft_folder, _inspect_by_reading(read_peft_folder)),
     CheckpointFormat("adapterhub", is_adapterhub_folder, read_adapterhub_folder,
                      _inspect_by_reading(read_adapterhub_folder)),
 ]
@@ -65,6 +67,15 @@ def _checkpoint_folder(path: str | Path) -> tuple[Path, CheckpointFormat]:
     if not path.is_dir():
         raise UserInputError(f"{path}: expected a delta checkpoint folder, found a file")
     return path, checkpoint_format(path) or FORMATS[0]
+
+
+def read_checkpoint_folder(path: str | Path) -> tuple[Tensors, Meta]:
+    """A folder of a foreign format (PEFT, AdapterHub) read as this project's (tensors, meta)."""
+    path = Path(path)
+    fmt = checkpoint_format(path)
+    if fmt is None or fmt.name == "native":
+        raise UserInputError(f"{path}: not a PEFT or AdapterHub adapter folder")
+    return fmt.read(path)
 
 
 def load_delta_checkpoint(path: str | Path) -> tuple[Tensors, Meta]:
