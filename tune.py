@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--train_checkpoint", default=None,
                        help="initialise the delta module from this checkpoint (a fused one too)")
     paths.add_argument("--test_checkpoint", default=None, help="predict with this checkpoint")
+    paths.add_argument("--export_peft", default=D.export_peft, metavar="DIR",
+                       help="also write each run's best LoRA module as a PEFT adapter folder, DIR/{task}/{run}")
     add_allow_other_backbone_arg(paths)
 
     data = p.add_argument_group("data and decoding")

@@ -75,7 +75,7 @@ from models.delta import (
 )
 from models.evaluate import autocast  # noqa: E402
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
-from models.run_folders import file_lock, resolve_checkpoint  # noqa: E402
+from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
@@ -234,7 +234,7 @@ class Module:
 def inspect_module(root: str, task: str, flag: str) -> Module:
     """``{root}/{task}`` resolved to a checkpoint and checked, tensors left unread; errors name the flag and task."""
     try:
-        folder = resolve_checkpoint(Path(root) / task, task=task)
+        folder = resolve_checkpoint(source_path(root, task), task=task)
         shapes, meta = inspect_delta_checkpoint(folder)
     except UserInputError as e:
         raise UserInputError(f"{flag}: task {task}: {e}") from None

@@ -52,7 +52,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
-from models.run_folders import resolve_checkpoint
+from models.run_folders import resolve_checkpoint, source_path
 from models.trainer import RunLog, TaskData, TrainConfig, Trainer, default_warmup
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
@@ -161,7 +161,7 @@ def load_sources(root: str | Path, names: list[str], method: str | None) -> tupl
         raise UserInputError(f"--source_ckpt_path {root}: folder does not exist")
     sources = {}
     for name in names:
-        folder = resolve_checkpoint(root / name, task=name)
+        folder = resolve_checkpoint(source_path(root, name), task=name)
         tensors, meta = load_delta_checkpoint(folder)
         sources[name] = Source(name, folder, tensors, meta)
     first = sources[names[0]]

@@ -98,6 +98,27 @@ def update_result_tsv(output_dir: Path, row: dict) -> None:
         write_tsv_atomic(path, RESULT_COLUMNS, rows)
 
 
+SOURCES_FILE = "sources.tsv"  # in a folder of source modules: task<TAB>folder, for folders not named by task
+
+
+def source_path(root: str | Path, task: str) -> Path:
+    """Where task ``task``'s module lies in a folder of source modules: ``{root}/{task}``, or the folder that
+    ``{root}/sources.tsv`` names for it (relative to ``root`` or absolute), e.g. a library of PEFT adapters
+    named ``flan_t5_large-{task}``."""
+    root = Path(root)
+    table = root / SOURCES_FILE
+    if not table.is_file():
+        return root / task
+    mapping: dict[str, str] = {}
+    for line, row in read_tsv(table, ["task", "folder"]):
+        if row["task"] in mapping:
+            raise UserInputError(f"{table}:{line}: task {row['task']!r} is listed twice")
+        mapping[row["task"]] = row["folder"]
+    if task not in mapping:
+        raise UserInputError(f"{table}: no row for task {task!r} (columns task, folder)")
+    return root / mapping[task]
+
+
 def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
     """The checkpoint folder that ``path`` stands for.
 

@@ -22,7 +22,8 @@ from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
 from models.backbone import default_task_dir, quiet_libraries
 from models.delta import DeltaConfig, load_delta_state
-from models.run_folders import read_result_tsv, run_dir_name, update_result_tsv
+from models.formats.peft_export import check_destination, check_exportable, export_peft
+from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
 from models.trainer import Distributed, RunLog, TaskData, TrainConfig, Trainer, fmt_score, init_distributed
 from task_list import resolve_tasks_in
 from utils.errors import UserInputError
@@ -47,6 +48,7 @@ class TuneConfig(TrainConfig):
     overwrite: bool = False
     log_file_only: bool = False  # log lines only to each run's log.txt (for drivers like study.py)
     quiet: bool = False
+    export_peft: str = ""  # also write each run's best LoRA module as a PEFT folder: {export_peft}/{task}/{run}
 
     def train_config(self) -> TrainConfig:
         return config_from(TrainConfig, self)
@@ -90,6 +92,10 @@ def check_config(config: TuneConfig) -> None:
                              "(drop --test_checkpoint) or with the given one (drop --do_train)")
     if config.do_predict and not config.do_train and not (config.test_checkpoint or config.train_checkpoint):
         raise UserInputError("--do_predict without --do_train needs --test_checkpoint (or --train_checkpoint)")
+    if config.export_peft:
+        if not config.do_train:
+            raise UserInputError("--export_peft writes the modules this run trains: it needs --do_train")
+        check_exportable(config.delta.method)
 
 
 @dataclass
@@ -127,6 +133,10 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
                                  "replace it or choose another --output_dir")
     if (output_dir / "result.tsv").is_file():
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
+    if config.export_peft:
+        export = check_output_folder(config.export_peft, "--export_peft")
+        for t, lr, bsz in runs:
+            check_destination(export / t / run_dir_name(lr, bsz, config.data_seed), config.overwrite, "--export_peft")
     return SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir)
 
 
@@ -206,3 +216,8 @@ def run_checked(inputs: SweepInputs, ddp: Distributed, device: str) -> None:
                                            "test": fmt_score(result.test), "best_step": result.best_step})
         say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
             f"(best step {result.best_step})", flush=True)
+        if main_rank and config.export_peft:
+            run = output_dir / t / run_dir_name(lr, bsz, config.data_seed)
+            out = export_peft(run / CHECKPOINT_SUBDIR, Path(config.export_peft) / t / run.name,
+                              base_model=config.model, overwrite=config.overwrite, flag="--export_peft")
+            say(f"{t}: PEFT adapter {out}", flush=True)

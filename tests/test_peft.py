@@ -220,3 +220,59 @@ def test_a_peft_adapter_of_another_base_model_is_refused_unless_allowed(trained,
     assert run_cli(tune.main, [*argv, "--allow_other_backbone"]) == 0  # on purpose: accepted
     log = next((tmp_path / "out" / "sent_review").glob("lr_*/log.txt")).read_text()
     assert "initialisation from" in log
+
+
+def test_a_folder_of_peft_adapters_with_sources_tsv_is_a_source_pool(tmp_path) -> None:
+    """A module library (PEFT folders named peft-{task}, mapped by sources.tsv) runs through score.py and
+    unit_model_others.py, and the fused module goes out as a PEFT adapter with the same logits."""
+    from get_similarity import score
+    from unit_model import unit_model_others
+
+    library = tmp_path / "library"
+    for seed, task in enumerate(("sent_tweet", "topic_news"), start=1):
+        ckpt, _ = our_checkpoint(tmp_path / "ours" / task, seed=seed)
+        export_peft(ckpt, library / f"peft-{task}", base_model=str(DEFAULT_MODEL_DIR))
+    (library / "sources.tsv").write_text("task\tfolder\nsent_tweet\tpeft-sent_tweet\ntopic_news\tpeft-topic_news\n")
+    common = ["--model", str(DEFAULT_MODEL_DIR), "--device", "cpu"]
+    assert run_cli(score.main, ["--delta", "lora", "--metric", "Loss", "--tasks", "sent_review", "--source_tasks",
+                                "sent_tweet", "topic_news", "--source_ckpt_path", str(library), "--max_examples", "4",
+                                "--output_dir", str(tmp_path / "similarity"), *common]) == 0
+    rows = (tmp_path / "similarity" / "result.tsv").read_text().splitlines()
+    assert {line.split("\t")[1] for line in rows[1:]} == {"sent_tweet", "topic_news"}
+    assert run_cli(unit_model_others.main, [
+        "--delta", "lora", "--tasks", "sent_review", "sent_tweet", "topic_news", "--targets", "sent_review",
+        "--metric", "Loss", "--result_tsv", str(tmp_path / "similarity" / "result.tsv"), "--source_ckpt_path",
+        str(library), "--save_ckpt_path", str(tmp_path / "fused"), "--export_peft", str(tmp_path / "peft_fused"),
+        *common]) == 0
+    fused, meta = load_delta_checkpoint(tmp_path / "fused" / "without_sent_review")
+    assert sorted(meta["extra"]["sources"]) == ["sent_tweet", "topic_news"]
+    exported = tmp_path / "peft_fused" / "without_sent_review"
+    assert (our_logits(fused, LORA) - peft_logits(exported)).abs().max() <= TOLERANCE
+
+
+def test_a_sources_tsv_without_the_task_is_named(tmp_path) -> None:
+    from models.run_folders import source_path
+
+    (tmp_path / "sources.tsv").write_text("task\tfolder\nsent_tweet\tpeft-sent_tweet\n")
+    assert source_path(tmp_path, "sent_tweet") == tmp_path / "peft-sent_tweet"
+    with pytest.raises(UserInputError, match=r"sources.tsv: no row for task 'topic_news'"):
+        source_path(tmp_path, "topic_news")
+    assert source_path(tmp_path / "elsewhere", "topic_news") == tmp_path / "elsewhere" / "topic_news"
+
+
+def test_tune_py_export_peft_writes_the_trained_module_and_refuses_other_methods(tmp_path) -> None:
+    import tune
+
+    argv = ["--tasks", "sent_review", "--model", str(DEFAULT_MODEL_DIR), "--output_dir", str(tmp_path / "out"),
+            "--tune_method", "lora", "--lora_r", "4", "--lora_alpha", "8", "--do_train", "--train_iters", "2",
+            "--valid_interval", "1", "--learning_rate_list", "0.01", "--device", "cpu",
+            "--export_peft", str(tmp_path / "peft")]
+    assert run_cli(tune.main, argv) == 0
+    run = next((tmp_path / "out" / "sent_review").glob("lr_*"))
+    tensors, _ = load_delta_checkpoint(run / "checkpoint")
+    exported = tmp_path / "peft" / "sent_review" / run.name
+    assert (our_logits(tensors, LORA) - peft_logits(exported)).abs().max() <= TOLERANCE
+    adapter = [*argv[:argv.index("--tune_method")], "--tune_method", "adapter", "--do_train", "--export_peft",
+               str(tmp_path / "peft2")]
+    with pytest.raises(UserInputError, match="--export_peft: adapter modules cannot be written as PEFT adapters"):
+        tune.main(adapter)

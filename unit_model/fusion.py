@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
+from models.formats.peft_export import check_destination as check_peft_destination
+from models.formats.peft_export import check_exportable, export_peft
 from models.methods import param_group
 from task_list import resolve_tasks
 from unit_model.config import FusionConfig
@@ -90,8 +92,9 @@ SEARCH_FILE = "search.tsv"
 # The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added
 # to the parameter block of those fusion scripts: overridable as --name value like the block's own.
 TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
-# The merge operator and its parameters, and top-k selection: added to every fusion script's block.
-MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0}
+# The merge operator and its parameters, top-k selection and the PEFT export: added to every fusion script's block.
+MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0,
+                "export_peft": ""}
 HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 
@@ -122,6 +125,8 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     for flag in ("source_ckpt_path", "save_ckpt_path"):
         if not getattr(config, flag):
             raise UserInputError(f"--{flag}: required")
+    if config.export_peft:
+        check_exportable(config.delta)
     tasks = resolve_tasks(config.tasks)
     # Targets default to every task; a study fuses for a few targets, each with all other tasks as sources.
     target_list = resolve_tasks(config.targets, flag="--targets") if config.targets else tasks
@@ -392,6 +397,10 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     check_merge(get_merge(config.merge), merge_settings(config), DeltaConfig.from_checkpoint_meta(first.meta).spec,
                 config.lora_combine, first.shapes)
     check_destination(save, weighting.plans, config.overwrite)
+    if config.export_peft:
+        export = check_output_folder(config.export_peft, "--export_peft")
+        for plan in weighting.plans:
+            check_peft_destination(export / fused_dir_name(plan.target), config.overwrite, "--export_peft")
     if method == "learned":
         if config.top_k or config.tem == AUTO:
             raise UserInputError("--top_k and --tem auto apply to similarity weights, not to learned ones")
@@ -413,6 +422,12 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     write_fusion(weighting, config, method)
     print(f"wrote {len(weighting.plans)} fused checkpoint(s), {WEIGHTS_FILE} and {HEATMAP_FILE} in {save}",
           flush=True)
+    if config.export_peft:
+        for plan in weighting.plans:
+            name = fused_dir_name(plan.target)
+            export_peft(save / name, Path(config.export_peft) / name, base_model=config.model or None,
+                        overwrite=config.overwrite, flag="--export_peft")
+        print(f"wrote {len(weighting.plans)} PEFT adapter(s) in {config.export_peft}", flush=True)
     return 0
 
 
@@ -453,6 +468,7 @@ HELP = {
     "optimizer": "learned weights: nevergrad (LoraHub's NGOpt search) or gradient (Adam through the linear merge, "
                  "budget steps)",
     "search_lr": "learned weights, --optimizer gradient: Adam's step size on the weights",
+    "export_peft": "also write each fused LoRA module as a PEFT adapter folder, {export_peft}/without_{target}",
     "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
     "granularity": "model, block or layer: one weight per group of parameters",
     "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",

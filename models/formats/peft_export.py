@@ -30,7 +30,7 @@ REFUSED = {
 def check_exportable(method: str, flag: str = "--export_peft") -> None:
     """Refuse, before any work, a method that has no PEFT counterpart."""
     if method != "lora":
-        raise UserInputError(f"{flag}: a {method} module cannot be written as a PEFT adapter: "
+        raise UserInputError(f"{flag}: {method} modules cannot be written as PEFT adapters: "
                              f"{REFUSED.get(method, 'only LoRA modules map onto PEFT')}")
 
 

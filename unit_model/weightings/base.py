@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.methods import param_group
+from models.run_folders import source_path
 from unit_model.config import FusionConfig
 from unit_model.sources import Module, ModuleCache, leave_one_out
 from utils.errors import UserInputError
@@ -162,7 +163,7 @@ def require(config: FusionConfig, flag: str) -> str:
 
 
 def source_modules(cache: ModuleCache, root: str, target: str, sources: list[str]) -> list[Module]:
-    return [cache.open(Path(root) / s, f"source {s!r} (for target {target!r})", s) for s in sources]
+    return [cache.open(source_path(root, s), f"source {s!r} (for target {target!r})", s) for s in sources]
 
 
 def groups_of(keys: Iterable[str], granularity: str) -> dict[str, list[str]]:
