@@ -24,8 +24,11 @@ pytestmark = pytest.mark.slow
 POOL = "sent_review sent_tweet topic_news topic_places"
 TARGETS = "sent_review topic_news"
 SUMMARY_ROWS = ["mean", "gain_over_random", "rank", "gain_ci_low", "gain_ci_high", "wins_ties_losses", "wilcoxon_p"]
-FUSIONS = ("average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraNd "
-           "average+ties Loss+dare_ties learned:Loss")
+# One fusion per path through the study (each reads other inputs): uniform, categories, the random-init
+# reference, tune-all, dev-all, a similarity metric with a reference, a metric with a merge operator, learned
+# weights from a metric's start, and the original's weight rule. The other metrics take KL's path.
+FUSIONS = "average manual cos Euclidean Performance KL Loss+dare_ties learned:Loss GraNd@original"
+DELTAS = ("lora",)  # two delta methods in one study: test_categories_..._unrequested_stages_skipped
 SEEDS, BUDGETS = (13, 100), (2, 3)  # two few-shot splits of every target, two target budgets
 
 
@@ -46,7 +49,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def finished(tiny_backbone_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "run"
-    assert run_cli(study.main, small_study(out, tiny_backbone_dir, "lora adapter")) == 0
+    assert run_cli(study.main, small_study(out, tiny_backbone_dir, " ".join(DELTAS))) == 0
     return out
 
 
@@ -60,16 +63,16 @@ def arm_scores(root: Path, delta: str, seed: int, budget: str, arm: str) -> dict
 def test_every_output_exists_and_agrees_with_its_parts(finished):
     results = finished / "results"
     for name in ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
-                 "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in ("lora", "adapter")
+                 "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in DELTAS
                                          for n in BUDGETS)):
         assert (results / name).is_file(), name
     methods = FUSIONS.split()
     assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
-        f"{d}_seed_{s}_{m}.png" for d in ("lora", "adapter") for s in SEEDS for m in methods)
+        f"{d}_seed_{s}_{m}.png" for d in DELTAS for s in SEEDS for m in methods)
     summary = rows(results / "summary.tsv")
     md = (results / "summary.md").read_text()
     targets = TARGETS.split()
-    for delta in ("lora", "adapter"):
+    for delta in DELTAS:
         for n in BUDGETS:
             budget = f"iters_{n}"
             mine = {r["target"]: r for r in summary if r["delta"] == delta and r["budget"] == budget}
@@ -109,13 +112,13 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
             assert f"| {t} | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} |" in md
     # scores.tsv holds every cell the summary is computed from
     cells = rows(results / "scores.tsv")
-    assert len(cells) == 2 * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
+    assert len(cells) == len(DELTAS) * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
     transfer = rows(results / "transferability.tsv")
-    weighted = [m for m in methods if m.partition("+")[0] not in ("average", "manual")]
-    assert {(r["delta"], r["method"]) for r in transfer} == {(d, m) for d in ("lora", "adapter") for m in weighted}
+    weighted = [m for m in methods if m.split("+")[0].split("@")[0] not in ("average", "manual")]
+    assert {(r["delta"], r["method"]) for r in transfer} == {(d, m) for d in DELTAS for m in weighted}
     assert {r["data_seed"] for r in transfer} == {*map(str, SEEDS), "-"}
     pairs = rows(results / "transfer_pairs.tsv")
-    assert len(pairs) == 2 * len(SEEDS) * len(targets) * (len(POOL.split()) - 1)
+    assert len(pairs) == len(DELTAS) * len(SEEDS) * len(targets) * (len(POOL.split()) - 1)
     for r in pairs:
         assert r["source"] != r["target"]
 
@@ -160,14 +163,14 @@ def test_index_html_is_one_page_whose_images_all_decode(finished):
     page.feed((results / "index.html").read_text(encoding="utf-8"))
     figures = ["gain_by_method.png", *(p.name for p in results.glob("learning_curves_*.png")),
                *(p.name for p in (results / "heatmaps").iterdir())]
-    assert len(page.images) == len(figures) == 1 + 2 * len(BUDGETS) + 2 * len(SEEDS) * len(FUSIONS.split())
+    assert len(page.images) == len(figures) == 1 + len(DELTAS) * (len(BUDGETS) + len(SEEDS) * len(FUSIONS.split()))
     for src in page.images:
         assert src.startswith("data:image/png;base64,")  # nothing outside the page
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
         image.load()
         assert image.size[0] > 100 and image.size[1] > 100
     # a table per (delta, budget), plus transferability's; the captions name every heatmap
-    assert page.tables == 2 * len(BUDGETS) + 1
+    assert page.tables == len(DELTAS) * len(BUDGETS) + 1
     assert "lora seed 13 KL" in page.captions
 
 
@@ -176,10 +179,11 @@ def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys
     markers = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
     shutil.rmtree(finished / "lora" / "seed_13" / "fused" / "KL")
     capsys.readouterr()
-    assert run_cli(study.main, small_study(finished, tiny_backbone_dir, "lora adapter")) == 0
+    assert run_cli(study.main, small_study(finished, tiny_backbone_dir, " ".join(DELTAS))) == 0
     printed = capsys.readouterr().out
-    assert "lora/seed_13/fusion: 12/13 done, 1 to run" in printed
-    assert "lora/seed_100/fusion: 13/13 done, 0 to run" in printed
+    n = len(FUSIONS.split())
+    assert f"lora/seed_13/fusion: {n - 1}/{n} done, 1 to run" in printed
+    assert f"lora/seed_100/fusion: {n}/{n} done, 0 to run" in printed
     assert "lora/sources: 4/4 done, 0 to run" in printed
     after = {p.name: p.stat().st_mtime_ns for p in (finished / ".steps").iterdir()}
     changed = sorted(n for n in after if after[n] != markers[n])
@@ -264,11 +268,12 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
     argv = ["--output", str(out), "--model", str(tiny_backbone_dir), "--task_dir", str(data), "--tasks",
             "cf_a cf_b cf_c", "--targets", "cf_a", "--fusions", "average manual", "--source_k", "16",
             "--source_iters", "2", "--source_valid_interval", "1", "--target_budgets", "2",
-            "--target_data_seeds", "100", "--target_valid_interval", "1", "--lora_r", "2", "--device", "cpu"]
+            "--target_data_seeds", "100", "--target_valid_interval", "1", "--lora_r", "2", "--device", "cpu",
+            "--deltas", "lora adapter", "--adapter_size", "4"]
     assert run_cli(study.main, argv) == 0
     printed = capsys.readouterr().out
     for name in ("tuneall", "devall", "similarity", "pairs"):
-        assert f"lora/seed_100/{name}: skipped" in printed
+        assert f"lora/seed_100/{name}: skipped" in printed and f"adapter/seed_100/{name}: skipped" in printed
     lora = out / "lora"
     assert sorted(p.name for p in lora.iterdir()) == ["seed_100", "sources"]
     assert sorted(p.name for p in (lora / "seed_100").iterdir()) == ["fused", "iters_2"]
@@ -285,4 +290,15 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
     assert "lora/seed_100/iters_3/transfer: 0/2 done, 2 to run" in printed
     assert (lora / "seed_100" / "iters_2" / "random" / "result.tsv").read_bytes() == before
     summary = rows(out / "results" / "summary.tsv")
-    assert {r["budget"] for r in summary} == {"iters_2", "iters_3"}
+    # two delta methods in one study: each has its rows per budget, its heatmaps and its learning curves
+    assert {(r["delta"], r["budget"]) for r in summary} == {(d, b) for d in ("lora", "adapter")
+                                                              for b in ("iters_2", "iters_3")}
+    for d in ("lora", "adapter"):
+        mine = {r["target"]: r for r in summary if r["delta"] == d and r["budget"] == "iters_2"}
+        random = {r["task"]: float(r["test"]) for r in rows(out / d / "seed_100" / "iters_2" / "random" / "result.tsv")}
+        assert float(mine["cf_a"]["random"]) == pytest.approx(random["cf_a"], abs=1e-4)
+    results = out / "results"
+    assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
+        f"{d}_seed_100_{m}.png" for d in ("lora", "adapter") for m in ("average", "manual"))
+    assert {p.name for p in results.glob("learning_curves_*.png")} == {
+        f"learning_curves_{d}_iters_{n}.png" for d in ("lora", "adapter") for n in (2, 3)}
