@@ -55,6 +55,8 @@ fusions = ("average manual cos Euclidean Performance Loss KL EL2N LogitsCos GraN
            "average+ties Loss+ties learned learned:Loss")
 seed = 42
 # source modules (large split)
+source_library = ""  # a folder of ready source modules instead of stage 1 (one per task, or as its sources.tsv maps
+# them, e.g. PEFT adapters): the pool's large splits are then not read; one delta method, whose sizes it must have
 source_k = 512
 source_iters = 200
 source_lr = 3e-3
@@ -294,10 +296,14 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                     jobs=lambda step: [script_job(step.replace(".", "/"), "tune.py", config(step).to_argv())],
                     finish=finish)
 
-    src = root / "sources"
-    tune_stage(1, "sources", task_pool,
-               lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
-               finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
+    if p.source_library:  # ready modules: nothing to train
+        src = Path(p.source_library)
+        say(f"[1/8] {delta}/sources: skipped (source modules from {src})")
+    else:
+        src = root / "sources"
+        tune_stage(1, "sources", task_pool,
+                   lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
+                   finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
 
     budgets = budgets_of(p)
 
@@ -520,6 +526,31 @@ RESUMABLE_CHANGES = ("output", "device", "quiet", "fusions", "deltas", "target_d
                      "target_early_stop")
 
 
+def check_library(p, task_pool: list[str], target_list: list[str]) -> None:
+    """Every source a target needs is in ``source_library``, of the study's one delta method and its sizes."""
+    from models.delta import DeltaConfig
+    from models.formats import inspect_delta_checkpoint
+    from models.run_folders import resolve_checkpoint, source_path
+    from utils.errors import UserInputError
+
+    deltas = words(p.deltas)
+    if len(deltas) != 1:
+        raise UserInputError(f"--source_library: one delta method, that of its modules; --deltas gives {p.deltas!r}")
+    wanted = DeltaConfig.from_dict({"method": deltas[0], **sizes_of(p, deltas[0])})
+    for s in task_pool:
+        if all(s == t for t in target_list):
+            continue  # a target's own module is never its source
+        try:
+            _, meta = inspect_delta_checkpoint(resolve_checkpoint(source_path(p.source_library, s), task=s))
+        except UserInputError as e:
+            raise UserInputError(f"--source_library: task {s}: {e}") from None
+        made = DeltaConfig.from_checkpoint_meta(meta)
+        if made.to_dict() != wanted.to_dict():
+            raise UserInputError(f"--source_library: task {s}'s module is {made.describe()}; the study would tune "
+                                 f"{wanted.describe()}: set the study's sizes to the library's (e.g. --lora_r, "
+                                 "--lora_alpha)")
+
+
 def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     """Everything a later stage would trip on, checked before the study writes its first file.
 
@@ -533,10 +564,14 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     from task_list import resolve_tasks_in
     from utils.errors import UserInputError
 
-    task_dir, _ = resolve_tasks_in(p.task_dir, task_pool)
-    for t in task_pool:
-        load_task(task_dir, t, p.source_k, p.source_data_seed, SPLITS)
-        metric_for_task(t, task_dir)
+    if p.source_library:  # the sources are ready modules: their tasks need no data, only a module each
+        task_dir, _ = resolve_tasks_in(p.task_dir, target_list)
+        check_library(p, task_pool, target_list)
+    else:
+        task_dir, _ = resolve_tasks_in(p.task_dir, task_pool)
+        for t in task_pool:
+            load_task(task_dir, t, p.source_k, p.source_data_seed, SPLITS)
+            metric_for_task(t, task_dir)
     for t in target_list:
         for data_seed in data_seeds_of(p):
             load_task(task_dir, t, p.target_k, data_seed, SPLITS)

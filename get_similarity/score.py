@@ -335,16 +335,16 @@ def run_similarity(config: SimilarityConfig) -> None:
     if cfg.method != config.delta:
         raise UserInputError(f"--delta {config.delta}: checkpoint {first.folder} holds a {cfg.method} module")
     allow = config.allow_other_backbone
-    check_modules(list(sources.values()), cfg, first.meta["backbone_fingerprint"], allow, config.model)
     references: dict[str, Module] = {}
     if any(m.needs_reference for m in metrics):
         references = {t: inspect_module(config.random_tuned_ckpt_path, t, "--random_tuned_ckpt_path") for t in targets}
-        check_modules(list(references.values()), cfg, first.meta["backbone_fingerprint"], allow, config.model)
 
     device = torch.device(pick_device(config.device))
     model, tokenizer = load_backbone(config.model, config.tokenizer_path, device)
-    check_compatible(first.meta, cfg, backbone_fingerprint(model), str(first.folder), allow_other_weights=allow,
-                     backbone=config.model)
+    # every module against the backbone itself (a converted one, e.g. a PEFT adapter, records only part of a
+    # fingerprint, so no module's record can stand for the backbone's)
+    fingerprint = backbone_fingerprint(model)
+    check_modules([*sources.values(), *references.values()], cfg, fingerprint, allow, config.model)
     torch.manual_seed(config.init_seed)
     attach_delta(model, cfg)
     model.to(device)

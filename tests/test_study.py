@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import bootstrap, wilcoxon
 
 import study
@@ -302,3 +303,41 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
         f"{d}_seed_100_{m}.png" for d in ("lora", "adapter") for m in ("average", "manual"))
     assert {p.name for p in results.glob("learning_curves_*.png")} == {
         f"learning_curves_{d}_iters_{n}.png" for d in ("lora", "adapter") for n in (2, 3)}
+
+
+def test_a_library_of_peft_adapters_is_the_source_pool(tiny_backbone_dir, tmp_path, capsys):
+    """source_library: ready PEFT modules (named peft-{task}, mapped by sources.tsv) replace stage 1; the pool's
+    large splits are not read, and every later stage takes its sources from the library."""
+    pytest.importorskip("peft")
+    from models.backbone import load_backbone
+    from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
+    from models.formats.peft_export import export_peft
+
+    alpha = study.PARAMS["lora_alpha"]
+    cfg = DeltaConfig("lora", lora_r=2, lora_alpha=alpha)
+    model, _ = load_backbone(tiny_backbone_dir)
+    attach_delta(model, cfg)
+    library = tmp_path / "library"
+    lines = ["task\tfolder"]
+    for seed, task in enumerate(("sent_tweet", "topic_news")):
+        g = torch.Generator().manual_seed(seed)
+        tensors = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in delta_state_dict(model).items()}
+        save_delta_checkpoint(tmp_path / "ours" / task, tensors, cfg, "tiny", backbone_fingerprint(model))
+        export_peft(tmp_path / "ours" / task, library / f"peft-{task}", base_model=str(tiny_backbone_dir))
+        lines.append(f"{task}\tpeft-{task}")
+    (library / "sources.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "study"
+    argv = ["--output", str(out), "--model", str(tiny_backbone_dir), "--tasks", "sent_review sent_tweet topic_news",
+            "--targets", "sent_review", "--source_library", str(library), "--fusions", "average Loss",
+            "--lora_r", "2", "--target_budgets", "2", "--target_data_seeds", "100", "--target_valid_interval", "1",
+            "--max_examples", "4", "--device", "cpu"]
+    assert run_cli(study.main, argv) == 0
+    assert "lora/sources: skipped (source modules from" in capsys.readouterr().out
+    assert not (out / "lora" / "sources").exists()
+    weights = rows(out / "lora" / "seed_100" / "fused" / "Loss" / "weights.tsv")
+    assert {r["source"] for r in weights} == {"sent_tweet", "topic_news"}
+    assert {r["target"] for r in rows(out / "results" / "summary.tsv")} >= {"sent_review", "mean"}
+    # a library whose modules have other sizes than the study's is refused before anything is written
+    assert run_cli(study.main, [*argv[:1], str(tmp_path / "other"), *argv[2:], "--lora_r", "4"]) == 2
+    assert "--source_library: task sent_tweet's module is method=lora lora_r=2" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
