@@ -567,6 +567,8 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     if p.source_library:  # the sources are ready modules: their tasks need no data, only a module each
         task_dir, _ = resolve_tasks_in(p.task_dir, target_list)
         check_library(p, task_pool, target_list)
+        for t in target_list:
+            metric_for_task(t, task_dir)
     else:
         task_dir, _ = resolve_tasks_in(p.task_dir, task_pool)
         for t in task_pool:
