@@ -150,6 +150,20 @@ def safe_torch_load(path: str | Path) -> Any:
             from None
 
 
+def read_foreign_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict of another library's weights file: a ``.safetensors`` file, or a pickle read by
+    ``safe_torch_load`` (so it runs nothing); anything else is one line naming the file."""
+    if weights.suffix == ".safetensors":
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserInputError(f"{weights}: not a valid safetensors file ({first_line(e)})") from None
+    raw = safe_torch_load(weights)
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise UserInputError(f"{weights}: expected a dict of tensors")
+    return {str(k): v for k, v in raw.items()}
+
+
 def _plain(value: Any) -> Any:
     """A JSON-able copy of a recorded flag value, or None when it is not a plain value."""
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
@@ -489,17 +503,7 @@ def read_adapterhub_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     weights = next((path / f for f in ADAPTERHUB_WEIGHTS if (path / f).is_file()), None)
     if weights is None:
         raise UserInputError(f"{path}: AdapterHub folder without weights (expected {' or '.join(ADAPTERHUB_WEIGHTS)})")
-    if weights.suffix == ".safetensors":
-        try:
-            raw = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UserInputError(f"{weights}: not a valid safetensors file ({first_line(e)})") from None
-    else:
-        raw = safe_torch_load(weights)
-        if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-            raise UserInputError(f"{weights}: expected a dict of tensors")
-        raw = {str(k): v for k, v in raw.items()}
-    raw = _strip_wrappers(raw)
+    raw = _strip_wrappers(read_foreign_weights(weights))
     name = data.get("name")
     foreign = [k for k in raw if not (m := _HUB_NAME_RE.search(k)) or (name and m.group(2) != name)]
     if foreign:

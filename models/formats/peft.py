@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from models.delta import DELTA_NAME, FORMAT_VERSION, DeltaConfig
-from models.legacy import safe_torch_load
+from models.legacy import read_foreign_weights
 from models.methods import REGISTRY
-from utils.errors import UserInputError, first_line
+from utils.errors import UserInputError
 from utils.io import read_json_object
 
 PEFT_CONFIG = "adapter_config.json"
@@ -104,15 +102,7 @@ def read_peft_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     weights = next((path / f for f in PEFT_WEIGHTS if (path / f).is_file()), None)
     if weights is None:
         raise UserInputError(f"{path}: PEFT adapter without weights (expected {' or '.join(PEFT_WEIGHTS)})")
-    if weights.suffix == ".safetensors":
-        try:
-            raw = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise UserInputError(f"{weights}: not a valid safetensors file ({first_line(e)})") from None
-    else:
-        raw = safe_torch_load(weights)
-        if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-            raise UserInputError(f"{weights}: expected a dict of tensors")
+    raw = read_foreign_weights(weights)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         match = _PEFT_KEY_RE.match(str(key))
