@@ -49,3 +49,18 @@ def test_a_name_outside_the_grammar_is_refused_with_the_flag_and_the_name(name: 
     with pytest.raises(UserInputError, match="--fusions") as e:
         parse_fusion(name, OPERATORS)
     assert message in str(e.value) and name in str(e.value)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--fusions", "average Loss@orig"], "--fusions: 'Loss@orig' ends in @orig"),
+    (["--fusions", "learned+ties", "--learned_optimizer", "gradient"],
+     "--fusions learned+ties: --learned_optimizer gradient needs a linear merge"),
+    (["--learned_optimizer", "adam"], "--learned_optimizer: expected one of nevergrad, gradient"),
+])
+def test_the_study_refuses_a_bad_fusion_before_it_writes_anything(tmp_path, capsys, argv, message) -> None:
+    import study
+    from utils.errors import run_cli
+
+    assert run_cli(study.main, ["--output", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
