@@ -65,6 +65,13 @@ def reference_study(tiny_backbone_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The subprocess cases of the bad-input table check exit codes and messages: they are ``cli`` tests."""
+    for item in items:
+        if "[subprocess/" in item.nodeid:
+            item.add_marker(pytest.mark.cli)
+
+
 def pytest_report_header(config) -> str:
     """Which CPU kernels PyTorch picked: results that differ across machines usually differ here."""
     import torch

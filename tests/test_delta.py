@@ -367,6 +367,7 @@ def test_load_backbone_local_folder_and_errors(tmp_path: Path) -> None:
         load_backbone(folder, tokenizer_path=tmp_path / "no-tok")
 
 
+@pytest.mark.cli
 def test_uncached_hub_id_offline_is_one_line_error(tmp_path: Path) -> None:
     # HF reads HF_HUB_OFFLINE at import time, so check it in a fresh interpreter with an empty cache.
     code = (

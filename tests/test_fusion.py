@@ -561,6 +561,7 @@ def test_fused_checkpoint_trains_in_tune_py(world: dict, tiny_backbone_dir: Path
     assert "without_sent_review" in text  # initialised from the fused checkpoint
 
 
+@pytest.mark.cli
 def test_script_runs_as_a_file_and_has_help(world: dict) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "unit_model" / "unit_model_cos.py"), "--help"],
                           capture_output=True, text=True, timeout=120, cwd="/")

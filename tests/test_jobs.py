@@ -186,6 +186,7 @@ def test_existing_run_folder_is_refused_up_front(tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*")) == ["lr_0.03_bsz_4_seed_100", "sent_review"]
 
 
+@pytest.mark.cli
 def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--do_train", "--quiet", "--model", str(tiny_backbone_dir), "--tasks", "sent_review",

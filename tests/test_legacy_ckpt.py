@@ -137,6 +137,7 @@ def test_malicious_pickle(tmp_path, tiny_backbone_dir, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 def test_malicious_pickle_cli_exit_code(tmp_path):
     sentinel = tmp_path / "SENTINEL"
     evil = _malicious_files(tmp_path, sentinel)["zip"]

@@ -262,6 +262,7 @@ def test_checkpoint_from_another_backbone_is_refused(tiny_backbone_dir, task_dir
     assert code == 2 and "backbone" in err
 
 
+@pytest.mark.cli
 def test_cli_subprocess_exit_code_and_help(tmp_path):
     """The real entry point: exit code 2 without a traceback, and --help works."""
     env_cmd = [sys.executable, str(REPO / "tune.py")]

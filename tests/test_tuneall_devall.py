@@ -274,6 +274,7 @@ def test_tuned_folder_that_is_not_a_module_is_refused(tiny_backbone_dir, task_di
     assert sorted(p.name for p in out.rglob("*")) == ["alpha", "beta", "notes.txt"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(("cmd", "cwd"), [(["get_similarity/tune_all.py"], "/"),
                                          (["-m", "get_similarity.dev_all"], REPO)])
 def test_cli_help_runs_as_file_and_as_module(cmd, cwd):
