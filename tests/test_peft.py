@@ -276,3 +276,16 @@ def test_tune_py_export_peft_writes_the_trained_module_and_refuses_other_methods
                str(tmp_path / "peft2")]
     with pytest.raises(UserInputError, match="--export_peft: adapter modules cannot be written as PEFT adapters"):
         tune.main(adapter)
+
+
+def test_the_converter_turns_a_peft_folder_into_a_checkpoint_of_this_project(trained, tmp_path) -> None:
+    from scripts import convert_legacy_ckpt
+
+    out = tmp_path / "converted"
+    assert run_cli(convert_legacy_ckpt.main, [str(trained["rslora"]), str(out), "--model", str(DEFAULT_MODEL_DIR),
+                                              "--task", "sent_review"]) == 0
+    tensors, meta = load_delta_checkpoint(out)
+    expected, _ = read_peft_folder(trained["rslora"])
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in tensors)
+    assert meta["extra"]["source_format"] == "peft" and "weights" in meta["backbone_fingerprint"]
+    assert (our_logits(tensors, LORA) - peft_logits(trained["rslora"])).abs().max() <= TOLERANCE
