@@ -185,18 +185,19 @@ def gradient_objective(config: FusionConfig, train: OnTarget, granularity: str):
     ``optimizer = "gradient"``; each plan's source tensors are read once."""
     if config.optimizer != "gradient":
         return None
-    sources: dict[str, list[dict[str, torch.Tensor]]] = {}
+    prepared: dict[str, tuple] = {}  # target -> what its merge needs at every step, read and derived once
 
     def loss(plan: Plan, weights: torch.Tensor, groups: list[str]) -> torch.Tensor:
-        if plan.target not in sources:
-            sources.clear()  # one plan's sources in memory at a time
-            sources[plan.target] = [materialise(m, i)[0] for i, m in enumerate(plan.modules)]
-        tensors = sources[plan.target]
-        cfg = DeltaConfig.from_checkpoint_meta(plan.modules[0].meta)
-        factored = bool(cfg.spec.factor_pairs(plan.modules[0].shapes))
-        group_of = {k: groups.index(param_group(k, granularity)) for k in tensors[0]}
-        merged = linear_merge_graph(tensors, weights, group_of, method=cfg.spec,
-                                    lora_combine=config.lora_combine if factored else "params", lam=config.lam)
+        if plan.target not in prepared:
+            prepared.clear()  # one plan's sources in memory at a time
+            tensors = [materialise(m, i)[0] for i, m in enumerate(plan.modules)]
+            cfg = DeltaConfig.from_checkpoint_meta(plan.modules[0].meta)
+            lora_combine = config.lora_combine if cfg.spec.factor_pairs(plan.modules[0].shapes) else "params"
+            group_of = {k: groups.index(param_group(k, granularity)) for k in tensors[0]}
+            prepared[plan.target] = (tensors, cfg.spec, lora_combine, group_of)
+        tensors, method, lora_combine, group_of = prepared[plan.target]
+        merged = linear_merge_graph(tensors, weights, group_of, method=method, lora_combine=lora_combine,
+                                    lam=config.lam)
         return train.differentiable_loss(plan.target, merged)
 
     return loss
