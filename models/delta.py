@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from models.backbone import backbone_name
 from models.methods import DELTA_NAME, GRANULARITIES, METHODS, REGISTRY, DeltaMethod, get_method, param_group
 from models.methods.adapter import ADAPTER_TYPES
 from models.sizes import METHOD_SIZES
@@ -395,18 +396,14 @@ def check_compatible(
         )
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     if extra.get("source_format") == "peft" and backbone is not None and not allow_other_weights:
-        # A PEFT adapter records its base model by name only (no weights hash): the names must agree.
+        # A PEFT adapter records its base model by name only (no weights hash): the names must agree, as
+        # backbone_name shortens them (google/flan-t5-large and /data/models/flan-t5-large are one model).
         base = str(meta.get("backbone") or "unknown")
-        if base == "unknown" or _short_name(base) != _short_name(backbone):
+        if base == "unknown" or backbone_name(base).lower() != backbone_name(backbone).lower():
             raise UserInputError(
                 f"checkpoint {source} is a PEFT adapter of base model {base!r}; this run's backbone is "
                 f"{backbone!r}; pass --allow_other_backbone to use it on purpose"
             )
-
-
-def _short_name(model: str) -> str:
-    """``google/flan-t5-large`` and ``/data/models/flan-t5-large/`` name the same model: compare the last part."""
-    return Path(str(model).rstrip("/\\")).name.lower()
 
 
 def _fmt(d: Any) -> str:
