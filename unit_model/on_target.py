@@ -46,41 +46,36 @@ class OnTarget:
         value, _ = self.trainer.evaluate(self.tasks[target], self.split, desc=None)
         return float(value)
 
-    @torch.no_grad()
     def loss(self, target: str, tensors: dict[str, torch.Tensor], batch_size: int = 32) -> float:
         """Mean cross-entropy per target token of each example's first gold output on the split."""
-        from get_similarity.metrics import TokenMean, token_loss
-        from models.evaluate import autocast
-        from models.seq2seq import first_output_batches, to_device
-
-        self.load(target, tensors)
-        model, device = self.trainer.model, self.trainer.device
-        model.eval()
-        mean = TokenMean()  # the zero-shot Loss metric's own per-token cross-entropy and pooled mean
-        pad = self.trainer.tokenizer.pad_token_id
-        for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
-            batch = to_device(batch, device)
-            with autocast(device, self.trainer.config.bf16):
-                logits = model(**batch).logits
-            mean.add(*token_loss(logits, batch["labels"]))
-        return mean.value()
+        self.load(target, tensors)  # checks every name and shape against the model's module
+        with torch.no_grad():
+            return float(self._mean_token_loss(target, None, batch_size))
 
     def differentiable_loss(self, target: str, tensors: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
         """``loss`` as a tensor with its graph: the model runs with ``tensors`` in place of its delta parameters
         (any shapes its layers accept, e.g. stacked LoRA factors); dropout off, as in ``loss``."""
+        on_device = {k: v.to(self.trainer.device) for k, v in tensors.items()}
+        return self._mean_token_loss(target, on_device, batch_size)
+
+    def _mean_token_loss(self, target: str, override: dict[str, torch.Tensor] | None, batch_size: int) -> torch.Tensor:
+        """The zero-shot Loss metric's per-token cross-entropy, pooled over the split's target tokens in float64;
+        ``override`` replaces the model's delta parameters for this forward (None: the model as loaded)."""
         from get_similarity.metrics import token_loss
         from models.evaluate import autocast
         from models.seq2seq import first_output_batches, to_device
 
         model, device = self.trainer.model, self.trainer.device
         model.eval()
-        on_device = {k: v.to(device) for k, v in tensors.items()}
         total, count = None, 0
         pad = self.trainer.tokenizer.pad_token_id
         for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
             batch = to_device(batch, device)
             with autocast(device, self.trainer.config.bf16):
-                logits = torch.func.functional_call(model, on_device, args=(), kwargs=batch, strict=False).logits
+                if override is None:
+                    logits = model(**batch).logits
+                else:
+                    logits = torch.func.functional_call(model, override, args=(), kwargs=batch, strict=False).logits
             values, mask = token_loss(logits, batch["labels"])
             part = values[mask].double().sum()
             total = part if total is None else total + part
