@@ -14,7 +14,8 @@ import torch
 
 from dataloader.crossfit import Example
 from dataloader.metrics import score
-from models.seq2seq import EncodedTask, label_set, predict
+from models.group import active
+from models.seq2seq import EncodedTask, generate_channels, label_set, predict
 
 
 @dataclass
@@ -67,6 +68,25 @@ def predict_split(model, tokenizer, task: EncodedTask, decoding: Decoding, batch
     with autocast(next(model.parameters()).device, bf16):
         return predict(model, tokenizer, task, batch_size, decoding.max_new_tokens, num_beams, desc=desc,
                        labels=decoding.rank_labels)
+
+
+def predict_group(model, tokenizer, task: EncodedTask, decoding: Decoding, batch_size: int, slots: list[str],
+                  num_beams: int = 1, bf16: bool = False, desc: str | None = None) -> list[list[str]]:
+    """Each slot's predictions on one split (models/group.py), slot 0 active again afterwards.
+
+    Greedy generation runs every slot in one ``Parallel`` generate per batch, on the batches a single module
+    gets. Beam search and rank classification predict one slot at a time: the library's Parallel generate
+    is not checked with beams here, and rank classification calls the encoder on its own.
+    """
+    if len(slots) > 1 and not decoding.rank_labels and num_beams == 1:
+        with active(model, slots), autocast(next(model.parameters()).device, bf16):
+            return generate_channels(model, tokenizer, task, batch_size, decoding.max_new_tokens, desc=desc,
+                                     channels=len(slots))
+    predictions = []
+    for slot in slots:
+        with active(model, [slot]):
+            predictions.append(predict_split(model, tokenizer, task, decoding, batch_size, num_beams, bf16, desc))
+    return predictions
 
 
 def score_predictions(metric: str, predictions: list[str], task: EncodedTask) -> float:

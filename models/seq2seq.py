@@ -130,7 +130,20 @@ def label_set(examples: Sequence[Example], metric: str | None = None) -> list[st
 def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int, num_beams: int = 1,
              device: torch.device | None = None, desc: str | None = None,
              sort_by_length: bool = True) -> list[str]:
-    """Predictions in the examples' order.
+    """Predictions in the examples' order (``generate_channels`` with one module)."""
+    return generate_channels(model, tokenizer, task, batch_size, max_new_tokens, num_beams, device, desc,
+                             sort_by_length, channels=1)[0]
+
+
+@torch.no_grad()
+def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int,
+                      num_beams: int = 1, device: torch.device | None = None, desc: str | None = None,
+                      sort_by_length: bool = True, channels: int = 1) -> list[list[str]]:
+    """Each channel's predictions in the examples' order.
+
+    ``channels`` > 1 is a model whose active setup is a ``Parallel`` of that many modules: the library
+    replicates each batch inside ``generate``, and rows g*B..(g+1)*B-1 of the output are module g's. Greedy
+    rows do not interact, so a module's rows are what it generates alone on the same batches.
 
     ``sort_by_length`` batches examples sorted by input length, which wastes less padding (False: file
     order, for comparison).
@@ -145,7 +158,7 @@ def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_token
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predictions: list[str] = [""] * len(task.inputs)
+    predictions: list[list[str]] = [[""] * len(task.inputs) for _ in range(channels)]
     order = list(range(len(task.inputs)))
     if sort_by_length:
         order.sort(key=lambda i: len(task.inputs[i]))
@@ -154,8 +167,12 @@ def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_token
         idx = order[start:start + batch_size]
         batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            predictions[i] = text.strip()
+        if out.shape[0] != channels * len(idx):
+            raise RuntimeError(f"generate returned {out.shape[0]} rows for {len(idx)} inputs x {channels} modules")
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        for g in range(channels):
+            for i, text in zip(idx, texts[g * len(idx):(g + 1) * len(idx)]):
+                predictions[g][i] = text.strip()
     model.train(was_training)
     return predictions
 

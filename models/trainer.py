@@ -9,10 +9,12 @@ tune-all builds its own. ``TrainConfig``'s defaults are tune.py's defaults.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,17 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
-from models.evaluate import Decoding, autocast, plan_decoding, predict_split, score_predictions
+from models.evaluate import Decoding, autocast, plan_decoding, predict_group, predict_split, score_predictions
 from models.formats import load_delta_checkpoint
+from models.group import activate, channel_rows, ensure_slots, load_slot_state, slot_params, slot_state
+from models.methods import DELTA_NAME
 from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
-from models.seq2seq import EncodedTask, collate, encode_examples, to_device, training_examples
+from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, encode_examples, to_device, training_examples
+from utils.errors import UserInputError
 from utils.io import write_tsv_atomic
 from utils.params import config_from
+
+Batch = tuple[list[list[int]], list[list[int]]]  # (input ids, label ids) of a batch's examples
 
 
 def default_warmup(train_iters: int) -> int:
@@ -124,6 +131,52 @@ class RunResult:
     dev: float | None
     test: float | None
     best_step: int | None
+    failed: str | None = None  # why the run was dropped (a non-finite training loss); None: it trained
+    state: dict[str, torch.Tensor] | None = None  # the module kept (best, or last with save_last)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean training loss) when read
+
+
+@dataclass
+class Run:
+    """One module to train: its task, learning rate and batch size, its start, and where it goes."""
+
+    task: TaskData
+    lr: float
+    bsz: int
+    init_state: dict[str, torch.Tensor]
+    init_source: str
+    run_dir: Path | None  # None: nothing written (other data-parallel ranks, callers that save themselves)
+    log: RunLog
+
+
+@dataclass
+class Member:
+    """A run while its group trains: its slot, optimiser, batches and selection state."""
+
+    run: Run
+    slot: str
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Iterator[Batch]
+    running_loss: torch.Tensor
+    last_loss: float = float("nan")
+    dev: float = float("nan")
+    last_step: int = 0
+    best_dev: float = float("nan")
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    stopped: bool = False
+    failed: str | None = None
+    test: float | None = None
+    curve: list[list] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        return not self.stopped and self.failed is None
 
 
 def fmt_score(x: float | None) -> str:
@@ -191,6 +244,7 @@ class Trainer:
         self.init_source = "random initialisation"
         if args.train_checkpoint:
             self.init_state, self.init_source = self.load_checkpoint(args.train_checkpoint)
+        self.active_setup: tuple = ((DELTA_NAME,), None)  # attach_delta leaves the module active alone
         self.test_state = None
         if args.test_checkpoint:
             self.test_state, _ = self.load_checkpoint(args.test_checkpoint)
@@ -278,12 +332,36 @@ class Trainer:
         return loss.detach()
 
     def train(self, task: TaskData, lr: float, bsz: int, log: RunLog, run_dir: Path | None) -> RunResult:
-        """Train one run; ``run_dir`` (rank 0 only; None on other ranks) gets the curve and the checkpoint."""
+        """Train one run from ``init_state``; ``run_dir`` (rank 0 only; None on other ranks) gets the curve
+        and the checkpoint."""
+        return self.train_group([Run(task, lr, bsz, self.init_state, self.init_source, run_dir, log)])[0]
+
+    def use(self, slots: list[str], batch_sizes: list[int] | None = None) -> None:
+        """Activate ``slots`` (models/group.py) unless they are active already (it costs a walk of the model)."""
+        setup = (tuple(slots), None if batch_sizes is None else tuple(batch_sizes))
+        if setup != self.active_setup:
+            activate(self.model, slots, batch_sizes)
+            self.active_setup = setup
+
+    def train_group(self, runs: list[Run]) -> list[RunResult]:
+        """Train several runs at once, each in its own slot, exactly as each would train alone.
+
+        Every run keeps its own AdamW state and schedule, its own gradient clipping (the norm of its own
+        gradient), its own validations, best module and early stopping; a run that stops leaves the group
+        and the others go on. A step sums the runs' mean losses: as the modules share no parameter, each
+        gets its single-run gradient. The runs' batches come from one forward pass: ``Parallel`` when they
+        are the same batch (same training split, batch size and seed), else ``BatchSplit``. A run whose
+        training loss stops being finite is dropped with the reason in its result; the others go on.
+        With one run this is the single-run loop (and data-parallel processes work as before).
+        """
         a = self.config
-        load_delta_state(self.model, self.init_state, self.init_source)
+        if len(runs) > 1 and self.ddp.world > 1:
+            raise UserInputError("a group of modules (--group_size > 1) cannot run under several data-parallel "
+                                 "processes: pass --group_size 1")
+        slots = ensure_slots(self.model, self.cfg, len(runs)) if len(runs) > 1 else [DELTA_NAME]
+        for run, slot in zip(runs, slots):
+            load_slot_state(self.model, slot, run.init_state, run.init_source)
         torch.manual_seed(a.seed)
-        rng = random.Random(a.seed)
-        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=a.weight_decay)
         warmup = min(default_warmup(a.train_iters) if a.warmup_steps is None else a.warmup_steps, a.train_iters)
 
         def lr_factor(step: int) -> float:  # linear warm-up to lr, then linear decay to 0 at train_iters
@@ -291,67 +369,166 @@ class Trainer:
                 return (step + 1) / warmup
             return max(0.0, (a.train_iters - step) / max(1, a.train_iters - warmup))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        # Every rank draws the same global batches (same seed); each trains on its share of them.
-        batches = training_examples(task.splits["train"], bsz, rng)
+        members = []
+        for run, slot in zip(runs, slots):
+            params = self.params if slot == DELTA_NAME else list(slot_params(self.model, slot).values())
+            optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=a.weight_decay)
+            # Every run (and every data-parallel rank) draws the batches it would draw alone.
+            members.append(Member(run, slot, params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
+                                  training_examples(run.task.splits["train"], run.bsz, random.Random(a.seed)),
+                                  torch.zeros((), device=self.device)))
 
-        log(f"validation: {self.decoding(task).describe()}")
-        best_dev, _ = self.evaluate(task, "dev", desc="dev")
-        best_step, best_state, stale = 0, delta_state_dict(self.model), 0
-        curve = [[0, fmt_score(best_dev), "-"]]
-        log(f"step 0 (initialisation from {self.init_source}): dev {task.metric} {best_dev:.4f}")
+        for m in members:
+            m.run.log(f"validation: {self.decoding(m.run.task).describe()}")
+        for m, (dev, _) in zip(members, self.evaluate_members(members, "dev")):
+            m.best_dev = m.dev = dev
+            m.best_state = slot_state(self.model, m.slot)
+            m.curve.append([0, fmt_score(dev), "-"])
+            m.run.log(f"step 0 (initialisation from {m.run.init_source}): dev {m.run.task.metric} {dev:.4f}")
         self.model.train()
-        running_loss = torch.zeros((), device=self.device)
-        seen, last_time, last_loss = 0, time.time(), float("nan")
-        bar = tqdm(range(1, a.train_iters + 1), desc=f"{task.name} lr={lr:g} bsz={bsz}", leave=False,
-                   disable=not self.ddp.is_main)
+        seen, last_time = 0, time.time()
+        first = runs[0]
+        label = f"{first.task.name} lr={first.lr:g} bsz={first.bsz}" if len(runs) == 1 else f"{len(runs)} modules"
+        bar = tqdm(range(1, a.train_iters + 1), desc=label, leave=False, disable=not self.ddp.is_main)
         for step in bar:
-            inputs, labels = next(batches)
-            running_loss += self.step(inputs, labels, optimizer, scheduler)  # no host sync; read at log steps
-            seen += len(inputs)
+            live = [m for m in members if m.live]
+            if not live:
+                break
+            draws = [next(m.batches) for m in live]
+            self.group_step(live, draws)  # no host sync; losses are read at log steps
+            seen += len(draws[0][0])
             if step % a.log_interval == 0 or step == a.train_iters:
                 n = a.log_interval if step % a.log_interval == 0 else step % a.log_interval
                 if self.ddp.world > 1:
-                    dist.all_reduce(running_loss)  # the shares' weighted losses add up to the batch loss
-                last_loss = running_loss.item() / n
+                    dist.all_reduce(live[0].running_loss)  # the shares' weighted losses add up to the batch loss
+                values = torch.stack([m.running_loss for m in live]).tolist()  # one sync for the group
                 rate = seen / max(time.time() - last_time, 1e-9)
-                log(f"step {step}: loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.3g} {rate:.1f} examples/s")
-                bar.set_postfix(loss=f"{last_loss:.3f}")
-                running_loss.zero_()
+                for m, total in zip(live, values):
+                    m.last_loss = total / n
+                    m.running_loss.zero_()
+                    if not math.isfinite(m.last_loss):
+                        m.failed = f"training loss {m.last_loss} at step {step}"
+                        m.run.log(f"step {step}: loss {m.last_loss}: the module is dropped")
+                        continue
+                    m.losses.append((step, m.last_loss))
+                    lr = m.scheduler.get_last_lr()[0]
+                    m.run.log(f"step {step}: loss {m.last_loss:.4f} lr {lr:.3g} {rate:.1f} examples/s")
+                if len(runs) == 1:
+                    bar.set_postfix(loss=f"{live[0].last_loss:.3f}")
                 seen, last_time = 0, time.time()
             if step % a.valid_interval == 0 or step == a.train_iters:
-                dev, _ = self.evaluate(task, "dev", desc="dev")
-                curve.append([step, fmt_score(dev), f"{last_loss:.4f}"])
-                if dev > best_dev:
-                    best_dev, best_step, best_state, stale = dev, step, delta_state_dict(self.model), 0
-                    log(f"step {step}: dev {task.metric} {dev:.4f} (new best)")
-                else:
-                    stale += 1
-                    log(f"step {step}: dev {task.metric} {dev:.4f} (best {best_dev:.4f} at step {best_step})")
-                    if a.early_stop and stale >= a.early_stop:
-                        log(f"early stop: no gain in {stale} validations")
-                        break
+                live = [m for m in members if m.live]
+                for m, (dev, _) in zip(live, self.evaluate_members(live, "dev")):
+                    m.dev, m.last_step = dev, step
+                    m.curve.append([step, fmt_score(dev), f"{m.last_loss:.4f}"])
+                    metric = m.run.task.metric
+                    if dev > m.best_dev:
+                        m.best_dev, m.best_step, m.best_state, m.stale = dev, step, slot_state(self.model, m.slot), 0
+                        m.run.log(f"step {step}: dev {metric} {dev:.4f} (new best)")
+                    else:
+                        m.stale += 1
+                        m.run.log(f"step {step}: dev {metric} {dev:.4f} (best {m.best_dev:.4f} at step {m.best_step})")
+                        if a.early_stop and m.stale >= a.early_stop:
+                            m.run.log(f"early stop: no gain in {m.stale} validations")
+                            m.stopped = True
+                    if a.save_last and not m.live:  # its slot is not trained any further, but keep a copy
+                        m.last_state = slot_state(self.model, m.slot)
                 self.model.train()
         bar.close()
         self.model.eval()
-        if a.save_last:  # the loop always ends on a validation, so `dev` scores this last module
-            best_dev, best_step, best_state = dev, step, delta_state_dict(self.model)
-        if run_dir is not None:
-            write_tsv_atomic(run_dir / "curve.tsv", ["step", "dev", "train_loss"], curve)
-            save_delta_checkpoint(run_dir / CHECKPOINT_SUBDIR, best_state, self.cfg, self.backbone,
-                                  self.fingerprint, task=task.name, metric=task.metric, score=best_dev,
-                                  step=best_step, extra={"lr": lr, "bsz": bsz, "k": a.k, "data_seed": a.data_seed,
-                                                         "seed": a.seed, "init": self.init_source})
-        load_delta_state(self.model, best_state, "best state")
-        test = self.predict(task, run_dir, log) if a.do_predict else None
-        return RunResult(best_dev, test, best_step)
+        kept = [m for m in members if m.failed is None]
+        for m in kept:
+            if a.save_last:  # the loop always ends on a validation, so `dev` scores this last module
+                last = m.last_state if m.last_state is not None else slot_state(self.model, m.slot)
+                m.best_dev, m.best_step, m.best_state = m.dev, m.last_step, last
+            run = m.run
+            if run.run_dir is not None:
+                write_tsv_atomic(run.run_dir / "curve.tsv", ["step", "dev", "train_loss"], m.curve)
+                save_delta_checkpoint(run.run_dir / CHECKPOINT_SUBDIR, m.best_state, self.cfg, self.backbone,
+                                      self.fingerprint, task=run.task.name, metric=run.task.metric, score=m.best_dev,
+                                      step=m.best_step, extra={"lr": run.lr, "bsz": run.bsz, "k": a.k,
+                                                               "data_seed": a.data_seed, "seed": a.seed,
+                                                               "init": run.init_source})
+            load_slot_state(self.model, m.slot, m.best_state, "best state")
+        if a.do_predict and kept:
+            for m, (score, predictions) in zip(kept, self.evaluate_members(kept, "test")):
+                m.test = score
+                write_test_predictions(m.run.task, m.run.run_dir, predictions, score, m.run.log)
+        self.use([DELTA_NAME])
+        return [RunResult(m.best_dev, m.test, m.best_step, state=m.best_state, losses=m.losses) if m.failed is None
+                else RunResult(None, None, None, failed=m.failed, losses=m.losses) for m in members]
+
+    def group_step(self, live: list[Member], draws: list[Batch]) -> None:
+        """One optimisation step of every live run on its own batch (``draws``, in ``live``'s order)."""
+        a = self.config
+        if len(live) == 1 and live[0].slot == DELTA_NAME:  # the single-run step (data parallel included)
+            self.use([DELTA_NAME])
+            m = live[0]
+            m.running_loss += self.step(*draws[0], m.optimizer, m.scheduler)
+            return
+        losses = self.group_losses([m.slot for m in live], draws)
+        torch.stack(losses).sum().backward()
+        for m, loss in zip(live, losses):
+            if a.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(m.params, a.max_grad_norm)  # this run's own norm
+            m.optimizer.step()
+            m.scheduler.step()
+            m.optimizer.zero_grad(set_to_none=True)
+            m.running_loss += loss.detach()
+
+    def group_losses(self, slots: list[str], draws: list[Batch]) -> list[torch.Tensor]:
+        """Each slot's mean token loss on its own batch, from one forward pass (Parallel or BatchSplit)."""
+        shared = all(d == draws[0] for d in draws[1:])
+        if shared:
+            inputs, labels = draws[0]
+            self.use(slots)
+        else:
+            inputs = [x for d in draws for x in d[0]]
+            labels = [y for d in draws for y in d[1]]
+            self.use(slots, [len(d[0]) for d in draws])
+        batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
+        targets = batch.pop("labels")
+        with autocast(self.device, self.config.bf16):
+            logits = self.model(**batch, decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(
+                labels=targets), use_cache=False).logits
+            rows = channel_rows(logits, len(slots)) if shared else logits.split([len(d[0]) for d in draws])
+            gold = [targets] * len(slots) if shared else targets.split([len(d[0]) for d in draws])
+            return [torch.nn.functional.cross_entropy(r.reshape(-1, r.shape[-1]), y.reshape(-1),
+                                                      ignore_index=IGNORE_INDEX) for r, y in zip(rows, gold)]
+
+    def evaluate_members(self, members: list[Member], split: str) -> list[tuple[float, list[str]]]:
+        """Score and predictions of every member on its task's ``split``; members sharing a task share the
+        forward passes (``models.evaluate.predict_group``)."""
+        a = self.config
+        self.use([DELTA_NAME])
+        if len(members) == 1 and members[0].slot == DELTA_NAME:
+            return [self.evaluate(members[0].run.task, split, desc=split)]
+        by_task: dict[int, list[int]] = {}
+        for i, m in enumerate(members):
+            by_task.setdefault(id(m.run.task), []).append(i)
+        results: list[tuple[float, list[str]]] = [(0.0, [])] * len(members)
+        for indices in by_task.values():
+            task = members[indices[0]].run.task
+            encoded = task.splits[split]
+            predictions = predict_group(self.model, self.tokenizer, encoded, self.decoding(task), a.predict_batch_size,
+                                        [members[i].slot for i in indices], a.num_beams, a.bf16,
+                                        desc=split if self.ddp.is_main else None)
+            for i, p in zip(indices, predictions):
+                results[i] = (score_predictions(task.metric, p, encoded), p)
+        return results
 
     def predict(self, task: TaskData, run_dir: Path | None, log: RunLog) -> float:
         if self.test_state is not None:
             load_delta_state(self.model, self.test_state, self.config.test_checkpoint)
         test_score, predictions = self.evaluate(task, "test", desc="test")
-        if run_dir is not None:
-            rows = [[ex.input, pred, ex.outputs[0]] for ex, pred in zip(task.splits["test"].examples, predictions)]
-            write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
-        log(f"test {task.metric} {test_score:.4f}")
+        write_test_predictions(task, run_dir, predictions, test_score, log)
         return test_score
+
+
+def write_test_predictions(task: TaskData, run_dir: Path | None, predictions: list[str], score: float,
+                           log: RunLog) -> None:
+    """A run's test predictions beside its checkpoint (rank 0: ``run_dir``), and the score in its log."""
+    if run_dir is not None:
+        rows = [[ex.input, pred, ex.outputs[0]] for ex, pred in zip(task.splits["test"].examples, predictions)]
+        write_tsv_atomic(run_dir / "test_predictions.tsv", ["input", "prediction", "gold"], rows)
+    log(f"test {task.metric} {score:.4f}")

@@ -1,0 +1,201 @@
+"""Several delta modules on one frozen backbone, run in one forward pass by AdapterHub's composition blocks.
+
+A group of G modules lives in G *slots*: slot 0 is the module ``attach_delta`` adds (``DELTA_NAME``), the
+others are copies of its configuration named ``delta1``, ``delta2``, ... A slot's tensors are read and
+written under the canonical names (those of ``DELTA_NAME``), so a slot loads any checkpoint and saves one
+that loads anywhere.
+
+``activate`` picks the composition: one slot alone (exactly a single run), ``Parallel`` when every slot sees
+the same batch (the library replicates it inside the model: the rows of slot g are rows g*B..(g+1)*B-1 of
+the output), ``BatchSplit`` when each slot has its own slice of a concatenated batch. Slots share nothing
+but the frozen backbone, so the gradient of the summed per-slot losses with respect to one slot's
+parameters is exactly that slot's gradient alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from models.delta import DeltaConfig, check_delta_shapes, library_config
+from models.methods import DELTA_NAME, REGISTRY
+
+_STORAGES = "|".join(sorted({re.escape(m.storage) for m in REGISTRY.values()}))
+AUTO = "auto"
+
+
+def slot_name(index: int) -> str:
+    """Slot 0 is the module every single run uses; the others are numbered after it."""
+    return DELTA_NAME if index == 0 else f"{DELTA_NAME}{index}"
+
+
+def _slot_pattern(slot: str) -> re.Pattern:
+    return re.compile(rf"\.({_STORAGES})\.{re.escape(slot)}\.")
+
+
+def slot_params(model: nn.Module, slot: str) -> dict[str, nn.Parameter]:
+    """The parameters of ``slot``, keyed by their canonical (``DELTA_NAME``) names."""
+    pattern = _slot_pattern(slot)
+    found = {}
+    for name, param in model.named_parameters():
+        match = pattern.search(name)
+        if match:
+            found[pattern.sub(rf".\1.{DELTA_NAME}.", name, count=1)] = param
+    return found
+
+
+def ensure_slots(model: nn.Module, cfg: DeltaConfig, count: int) -> list[str]:
+    """Slots 0..count-1 (slot 0 must be attached already); the missing ones are added, trainable.
+
+    Adding a slot draws its random initialisation from torch's generator; every caller loads a state into a
+    slot before using it, and the trainer reseeds before training, so the draws change no result.
+    """
+    names = [slot_name(i) for i in range(count)]
+    have = set(model.adapters_config.adapters)
+    if DELTA_NAME not in have:
+        raise ValueError(f"attach the delta module ({DELTA_NAME!r}) before adding slots")
+    mixin_logger = logging.getLogger("adapters.model_mixin")  # the library warns while nothing is active
+    level = mixin_logger.level
+    mixin_logger.setLevel(logging.ERROR)
+    device = next(model.parameters()).device
+    try:
+        for name in names:
+            if name not in have:
+                model.add_adapter(name, config=library_config(cfg, int(model.config.d_model)))
+                for param in slot_params(model, name).values():
+                    param.requires_grad_(True)
+    finally:
+        mixin_logger.setLevel(level)
+    model.to(device)  # new slots are built on the CPU
+    return names
+
+
+def slot_state(model: nn.Module, slot: str) -> dict[str, torch.Tensor]:
+    """A slot's tensors as detached, contiguous CPU copies under canonical names (``delta_state_dict``'s form)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in sorted(slot_params(model, slot).items())}
+
+
+def load_slot_state(model: nn.Module, slot: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy canonical-named ``tensors`` into ``slot``; keys and shapes must match exactly."""
+    if slot == DELTA_NAME:
+        check_delta_shapes(model, {n: tuple(t.shape) for n, t in tensors.items()}, source)
+    params = slot_params(model, slot)
+    if set(params) != set(tensors):
+        raise ValueError(f"{source}: tensors do not match slot {slot!r}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+
+
+def composition(slots: Sequence[str], batch_sizes: Sequence[int] | None = None):
+    """The active setup for ``slots``: one alone, Parallel (shared batch) or BatchSplit (a slice each)."""
+    from adapters.composition import BatchSplit, Parallel
+
+    if len(slots) == 1:
+        return slots[0]
+    if batch_sizes is None:
+        return Parallel(*slots)
+    return BatchSplit(*slots, batch_sizes=list(batch_sizes))
+
+
+def activate(model: nn.Module, slots: Sequence[str], batch_sizes: Sequence[int] | None = None) -> None:
+    """Make ``slots`` the active modules (see ``composition``); train/eval mode and gradients stay as they are."""
+    model.set_active_adapters(composition(slots, batch_sizes))
+
+
+@contextmanager
+def active(model: nn.Module, slots: Sequence[str], batch_sizes: Sequence[int] | None = None):
+    """``activate`` for a block, then slot 0 alone again: code outside a group sees a single-module model."""
+    activate(model, slots, batch_sizes)
+    try:
+        yield
+    finally:
+        activate(model, [DELTA_NAME])
+
+
+def channel_rows(tensor: torch.Tensor, channels: int) -> list[torch.Tensor]:
+    """Split an output of a Parallel forward (channels * B rows) into each slot's B rows."""
+    if tensor.shape[0] % channels:
+        raise ValueError(f"{tensor.shape[0]} rows do not split into {channels} channels")
+    return list(tensor.chunk(channels, dim=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Group sizes
+
+def parse_group_size(value: str | int, flag: str = "--group_size") -> int | str:
+    """``auto`` or a positive integer."""
+    from utils.errors import UserInputError
+
+    if value == AUTO:
+        return AUTO
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size <= 0 or str(value).strip() != str(size):
+        raise UserInputError(f"{flag}: expected auto or a positive integer, found {value!r}")
+    return size
+
+
+MAX_AUTO_GROUP = 32  # beyond this the per-slot optimiser and bookkeeping dominate on every backbone we measured
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process may still use on ``device``: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def slot_bytes(model: nn.Module, rows: int, length: int, training: bool) -> int:
+    """A deliberately high estimate of what one more slot costs: its activations for ``rows`` sequences of
+    ``length`` tokens through every layer (about 24 d_model-wide values per token and layer, a T5 block's
+    attention, feed-forward and norms, x3 when their gradients are kept), the vocabulary logits, and its
+    parameters with their gradient and two AdamW moments."""
+    c = model.config
+    layers = int(c.num_layers) + int(c.num_decoder_layers)
+    width = max(int(c.d_model), int(getattr(c, "d_ff", c.d_model)) // 4)
+    per_token = layers * 24 * width + int(c.vocab_size)
+    activations = rows * length * per_token * 4 * (3 if training else 1)
+    params = sum(p.numel() for p in slot_params(model, DELTA_NAME).values()) * 4 * (4 if training else 1)
+    return activations + params
+
+
+def pick_group_size(requested: int | str, runs: int, model: nn.Module, device: torch.device, rows: int,
+                    length: int, training: bool, budget_fraction: float = 0.5) -> tuple[int, str]:
+    """The group size to use for ``runs`` runs, and a line saying why.
+
+    A number is taken as given (capped at ``runs``). ``auto`` takes the largest G, at most ``runs`` and
+    ``MAX_AUTO_GROUP``, whose slots fit in ``budget_fraction`` of the memory free now (``slot_bytes``).
+    """
+    if runs <= 0:
+        return 1, "nothing to group"
+    if requested != AUTO:
+        size = min(int(requested), runs)
+        return size, f"group size {size} (asked {requested}, {runs} run(s))"
+    free = free_memory_bytes(device)
+    per_slot = max(1, slot_bytes(model, rows, length, training))
+    fits = max(1, int(free * budget_fraction // per_slot))
+    size = min(fits, runs, MAX_AUTO_GROUP)
+    return size, (f"group size {size} (auto: {free / 2**30:.1f} GiB free on {device.type}, about "
+                  f"{per_slot / 2**20:.0f} MiB per module, at most {min(runs, MAX_AUTO_GROUP)})")
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    """``items`` in consecutive groups of ``size`` (the last may be smaller)."""
+    return [list(items[i:i + size]) for i in range(0, len(items), max(1, size))]

@@ -1,0 +1,140 @@
+"""Grouped runs (several modules per forward pass, models/group.py) against one-at-a-time runs.
+
+With dropout off (the tiny backbone has none) a module trained in a group must be the module trained alone:
+the losses at every logged step within 1e-5 relative, the checkpoints within 1e-4, the same dev and test
+scores. Each of the four delta methods is checked under both compositions: ``Parallel`` (runs that share a
+batch: a learning-rate sweep on one task) and ``BatchSplit`` (runs on different tasks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataloader.crossfit import load_task
+from dataloader.metrics import metric_for_task
+from models.delta import DeltaConfig
+from models.group import composition, ensure_slots, load_slot_state, pick_group_size, slot_name, slot_state
+from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
+from tests.conftest import SUITE_DIR
+
+SIZES = {"lora_r": 2, "prefix_length": 3, "prefix_mlp": 8, "adapter_size": 4}
+METHODS = ["adapter", "lora", "prefix", "ia3"]
+
+
+def make_trainer(backbone: Path, method: str, **overrides) -> Trainer:
+    settings = dict(train_iters=6, valid_interval=3, log_interval=1, warmup_steps=1, max_output_length=8,
+                    early_stop=0, do_predict=True)
+    config = TrainConfig(model=str(backbone), **{**settings, **overrides})
+    return Trainer(config, DeltaConfig(method, **SIZES))
+
+
+def task_data(trainer: Trainer, name: str) -> TaskData:
+    raw = load_task(SUITE_DIR, name, 16, 100, ["train", "dev", "test"])
+    metric = metric_for_task(name, SUITE_DIR)
+    decoding = trainer.config.plan_decoding(trainer.tokenizer, metric, raw["train"] + raw["dev"])
+    return TaskData(name, metric, {s: trainer.encode(raw[s]) for s in raw}, decoding)
+
+
+def quiet_log() -> RunLog:
+    return RunLog(None, console=False)
+
+
+def assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = b[name].abs().max().clamp(min=1e-6)
+        assert (a[name] - b[name]).abs().max() / scale <= rtol, name
+
+
+def assert_same_run(grouped, alone) -> None:
+    assert grouped.failed is None and alone.failed is None
+    assert [s for s, _ in grouped.losses] == [s for s, _ in alone.losses]
+    for (_, g), (_, s) in zip(grouped.losses, alone.losses):
+        assert g == pytest.approx(s, rel=1e-5)
+    assert grouped.dev == alone.dev and grouped.test == alone.test and grouped.best_step == alone.best_step
+    assert_close_states(grouped.state, alone.state)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A start that differs per run, as tune-all's sources do."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in state.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parallel_group_equals_runs_alone(method, tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, method)
+    task = task_data(trainer, "sent_review")
+    starts = [perturbed(trainer.init_state, i) for i in range(3)]
+    runs = [Run(task, lr, 4, start, f"start {i}", None, quiet_log())
+            for i, (lr, start) in enumerate(zip((1e-3, 3e-3, 1e-2), starts))]
+    grouped = trainer.train_group(runs)
+    alone = [trainer.train_group([run])[0] for run in runs]
+    for g, s in zip(grouped, alone):
+        assert_same_run(g, s)
+    assert len({round(r.losses[-1][1], 6) for r in grouped}) == 3  # the three runs really differ
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_split_group_equals_runs_alone(method, tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, method)
+    tasks = [task_data(trainer, t) for t in ("sent_review", "topic_news", "nli_support")]
+    runs = [Run(task, 1e-2, bsz, trainer.init_state, "random", None, quiet_log())
+            for task, bsz in zip(tasks, (4, 3, 5))]
+    grouped = trainer.train_group(runs)
+    alone = [trainer.train_group([run])[0] for run in runs]
+    for g, s in zip(grouped, alone):
+        assert_same_run(g, s)
+
+
+def test_early_stop_leaves_the_group_and_the_others_go_on(tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, "lora", train_iters=12, valid_interval=2, early_stop=1)
+    task = task_data(trainer, "sent_review")
+    runs = [Run(task, lr, 4, trainer.init_state, "random", None, quiet_log()) for lr in (1e-5, 3e-2)]
+    grouped = trainer.train_group(runs)
+    alone = [trainer.train_group([run])[0] for run in runs]
+    for g, s in zip(grouped, alone):
+        assert_same_run(g, s)
+    steps = [r.losses[-1][0] for r in grouped]
+    assert min(steps) < 12  # one run stopped early, and (checked above) the other still equals its run alone
+
+
+def test_a_module_whose_loss_is_nan_is_dropped_and_the_others_go_on(tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, "lora")
+    task = task_data(trainer, "sent_review")
+    broken = {n: torch.full_like(t, float("nan")) for n, t in trainer.init_state.items()}
+    runs = [Run(task, 1e-2, 4, start, name, None, quiet_log())
+            for start, name in ((trainer.init_state, "random"), (broken, "broken"),
+                                (perturbed(trainer.init_state, 1), "other"))]
+    grouped = trainer.train_group(runs)
+    assert grouped[1].failed is not None and "nan" in grouped[1].failed.lower()
+    assert grouped[1].state is None
+    for i in (0, 2):
+        assert_same_run(grouped[i], trainer.train_group([runs[i]])[0])
+
+
+def test_slot_states_round_trip_under_canonical_names(tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, "prefix")
+    slots = ensure_slots(trainer.model, trainer.cfg, 3)
+    assert slots == [slot_name(0), slot_name(1), slot_name(2)]
+    state = perturbed(trainer.init_state, 7)
+    load_slot_state(trainer.model, slots[2], state, "test")
+    assert_close_states(slot_state(trainer.model, slots[2]), state, rtol=0)
+    assert slot_state(trainer.model, slots[0]).keys() == state.keys()
+    assert type(composition(slots)).__name__ == "Parallel"
+    assert type(composition(slots, [2, 2, 2])).__name__ == "BatchSplit"
+    assert composition(slots[:1]) == slots[0]
+
+
+def test_group_size_auto_fits_the_budget_and_a_number_is_taken_as_given(tiny_backbone_dir):
+    trainer = make_trainer(tiny_backbone_dir, "lora")
+    size, why = pick_group_size(4, 19, trainer.model, torch.device("cpu"), 8, 64, True)
+    assert size == 4 and "4" in why
+    assert pick_group_size(8, 3, trainer.model, torch.device("cpu"), 8, 64, True)[0] == 3
+    size, why = pick_group_size("auto", 19, trainer.model, torch.device("cpu"), 8, 64, True)
+    assert 1 <= size <= 19 and "auto" in why
+    # a budget that cannot hold a second module gives 1
+    assert pick_group_size("auto", 19, trainer.model, torch.device("cpu"), 8, 64, True, budget_fraction=1e-12)[0] == 1
