@@ -31,7 +31,6 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/tune_all.p
 import argparse
 import dataclasses
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,15 +46,15 @@ from models.delta import (
     METHODS,
     DeltaConfig,
     check_compatible,
-    delta_state_dict,
     load_delta_state,
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
+from models.group import AUTO, add_group_size_arg, chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
-from models.trainer import RunLog, TaskData, TrainConfig, Trainer, default_warmup
+from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer, default_warmup
 from task_list import resolve_tasks, resolve_tasks_in
-from utils.errors import UserInputError, run_cli
+from utils.errors import TrainingFailed, UserInputError, run_cli
 from utils.io import check_output_folder
 from utils.params import config_from, field_defaults, flags_of
 
@@ -77,6 +76,7 @@ class PairsConfig(BackboneDataConfig):
     num_beams: int = 1
     bf16: bool = False
     overwrite: bool = False
+    group_size: int | str = AUTO  # modules per forward pass (models/group.py); 1: one at a time
 
     def to_argv(self) -> list[str]:
         """The entry point's flags that give this config back (those left at their default are left out)."""
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
+    add_group_size_arg(p)
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(TuneAllConfig))
     return p
@@ -264,10 +265,8 @@ def run_tune_all(config: TuneAllConfig) -> None:
 
     trainer = Trainer(pair_train_config(config), cfg)  # loads the backbone, once
     check_sources_fit(trainer.model, cfg, trainer.fingerprint, sources, config.allow_other_backbone, config.model)
-    todo = []
     for (t, s), meta in existing.items():
         if meta is None:
-            todo.append((t, s))
             continue
         folder = output_dir / t / s
         check_compatible(meta, cfg, trainer.fingerprint, str(folder), allow_other_weights=config.allow_other_backbone)
@@ -275,34 +274,59 @@ def run_tune_all(config: TuneAllConfig) -> None:
             if meta["extra"].get(key) != want:
                 raise UserInputError(f"{folder}: tuned with {key}={meta['extra'].get(key)!r} but this run asks "
                                      f"{key}={want!r}; pass --overwrite to redo it or choose another --output_dir")
+    # The sources of a target form groups of G in a fixed order; a group with any pair left to tune trains
+    # whole (the pairs already tuned are trained again but not rewritten), so a resumed run trains every
+    # module in the group an uninterrupted run gives it: with dropout on, a module's masks depend on its
+    # group, as they depend on the seed.
+    size, why = pick_group_size(config.group_size, max(len([s for s in source_names if s != t]) for t in targets),
+                                trainer.model.config, trainer.device, config.bsz,
+                                config.max_input_length + config.max_output_length, training=True)
+    groups = [chunk for t in targets for chunk in chunks([(t, s) for s in source_names if s != t], size)
+              if any(existing[pair] is None for pair in chunk)]
+    todo = [pair for chunk in groups for pair in chunk if existing[pair] is None]
     data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")})
-            for t in dict.fromkeys(t for t, _ in todo)}
+            for t in dict.fromkeys(t for chunk in groups for t, _ in chunk)}
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), "
-          f"{len(pairs) - len(todo)} already tuned: {cfg.describe()} on {trainer.backbone} ({trainer.device}), "
-          f"{config.steps} steps each; output in {output_dir}", flush=True)
+    done = sum(meta is not None for meta in existing.values())
+    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {done} already "
+          f"tuned, {len(todo)} to tune in {len(groups)} group(s): {cfg.describe()} on {trainer.backbone} "
+          f"({trainer.device}), {config.steps} steps each; {why}; output in {output_dir}", flush=True)
     log = RunLog(output_dir / "tune_all.log", console=not config.log_file_only)
     start = time.time()
+    failed = []
     try:
-        for t, s in tqdm(todo, desc="pairs", disable=not todo):
-            pair_start = time.time()
-            trainer.init_state, trainer.init_source = sources[s].tensors, str(sources[s].folder)
-            log(f"target {t} <- source {s}: {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev examples")
-            # tune.py's own files for the run (curve, its checkpoint) are not kept: the module is saved below.
-            with tempfile.TemporaryDirectory(prefix="tune_all-") as scratch:
-                result = trainer.train(data[t], config.learning_rate, config.bsz, log, Path(scratch))
-            tensors = delta_state_dict(trainer.model)  # with save_last the model holds the last step's module
-            save_delta_checkpoint(output_dir / t / s, tensors, cfg, trainer.backbone, trainer.fingerprint, task=t,
-                                  metric=metrics[t], score=result.dev, step=result.best_step,
-                                  extra={"source": s, **settings, "dev": result.dev, "init": str(sources[s].folder)})
-            log(f"target {t} <- source {s}: dev {metrics[t]} {result.dev:.4f} after {config.steps} steps "
-                f"({time.time() - pair_start:.1f}s)")
+        for chunk in tqdm(groups, desc="groups", disable=not groups):
+            group_start = time.time()
+            runs = []
+            for t, s in chunk:
+                log(f"target {t} <- source {s}: {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev examples")
+                runs.append(Run(data[t], config.learning_rate, config.bsz, sources[s].tensors, str(sources[s].folder),
+                                None, log))  # the module is saved below; tune.py's run files are not kept
+            results = trainer.train_group(runs)
+            seconds = time.time() - group_start
+            for (t, s), result in zip(chunk, results):
+                if existing[(t, s)] is not None:
+                    continue  # trained only to keep its group as it was
+                if result.failed is not None:
+                    failed.append(f"{t} <- {s}: {result.failed}")
+                    log(f"target {t} <- source {s}: not saved ({result.failed})")
+                    continue
+                save_delta_checkpoint(output_dir / t / s, result.state, cfg, trainer.backbone, trainer.fingerprint,
+                                      task=t, metric=metrics[t], score=result.dev, step=result.best_step,
+                                      extra={"source": s, **settings, "dev": result.dev,
+                                             "init": str(sources[s].folder)})
+                log(f"target {t} <- source {s}: dev {metrics[t]} {result.dev:.4f} after {config.steps} steps "
+                    f"({seconds:.1f}s for its group of {len(chunk)})")
     finally:
         log.close()
     if todo:
         elapsed = time.time() - start
-        print(f"tuned {len(todo)} pair(s) in {elapsed:.1f}s ({elapsed / len(todo):.2f}s per pair)", flush=True)
+        print(f"tuned {len(todo) - len(failed)} pair(s) in {elapsed:.1f}s ({elapsed / len(todo):.2f}s per pair)",
+              flush=True)
+    if failed:
+        raise TrainingFailed(f"{len(failed)} pair(s) not saved, their training loss is not finite: "
+                             + "; ".join(failed))
 
 
 if __name__ == "__main__":

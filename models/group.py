@@ -144,56 +144,63 @@ def parse_group_size(value: str | int, flag: str = "--group_size") -> int | str:
     return size
 
 
-MAX_AUTO_GROUP = 32  # beyond this the per-slot optimiser and bookkeeping dominate on every backbone we measured
+MAX_AUTO_GROUP = 32  # beyond this the per-module optimiser steps and bookkeeping dominate a step
+AUTO_MEMORY_FRACTION = 0.25  # of the device's total memory
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory this process may still use on ``device``: free GPU memory, or the host's available memory."""
+def total_memory_bytes(device: torch.device) -> int:
+    """The device's total memory (the GPU's, or the host's RAM): fixed per machine, so ``auto`` gives the same
+    group size on every run there, and a resumed run regroups its modules as the first run did."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(torch.cuda.get_device_properties(device).total_memory)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def slot_bytes(model: nn.Module, rows: int, length: int, training: bool) -> int:
-    """A deliberately high estimate of what one more slot costs: its activations for ``rows`` sequences of
-    ``length`` tokens through every layer (about 24 d_model-wide values per token and layer, a T5 block's
-    attention, feed-forward and norms, x3 when their gradients are kept), the vocabulary logits, and its
-    parameters with their gradient and two AdamW moments."""
-    c = model.config
+def slot_bytes(model_config, rows: int, length: int, training: bool) -> int:
+    """A deliberately high estimate of what one more module in a group costs: the activations of ``rows``
+    sequences of ``length`` tokens through every layer (about 24 values of width max(d_model, d_ff/4) per
+    token and layer: a T5 block's attention, feed-forward and norms; x3 when their gradients are kept) plus
+    the vocabulary logits. A delta module's own parameters are a small fraction of that and are left out."""
+    c = model_config
     layers = int(c.num_layers) + int(c.num_decoder_layers)
     width = max(int(c.d_model), int(getattr(c, "d_ff", c.d_model)) // 4)
     per_token = layers * 24 * width + int(c.vocab_size)
-    activations = rows * length * per_token * 4 * (3 if training else 1)
-    params = sum(p.numel() for p in slot_params(model, DELTA_NAME).values()) * 4 * (4 if training else 1)
-    return activations + params
+    return rows * length * per_token * 4 * (3 if training else 1)
 
 
-def pick_group_size(requested: int | str, runs: int, model: nn.Module, device: torch.device, rows: int,
-                    length: int, training: bool, budget_fraction: float = 0.5) -> tuple[int, str]:
-    """The group size to use for ``runs`` runs, and a line saying why.
+def pick_group_size(requested: int | str, runs: int, model_config, device: torch.device, rows: int,
+                    length: int, training: bool, memory_fraction: float = AUTO_MEMORY_FRACTION) -> tuple[int, str]:
+    """The group size for ``runs`` runs, and a line saying how it was chosen.
 
     A number is taken as given (capped at ``runs``). ``auto`` takes the largest G, at most ``runs`` and
-    ``MAX_AUTO_GROUP``, whose slots fit in ``budget_fraction`` of the memory free now (``slot_bytes``).
+    ``MAX_AUTO_GROUP``, whose modules' activations (``slot_bytes``) fit in ``memory_fraction`` of the device's
+    total memory.
     """
     if runs <= 0:
         return 1, "nothing to group"
     if requested != AUTO:
         size = min(int(requested), runs)
         return size, f"group size {size} (asked {requested}, {runs} run(s))"
-    free = free_memory_bytes(device)
-    per_slot = max(1, slot_bytes(model, rows, length, training))
-    fits = max(1, int(free * budget_fraction // per_slot))
+    total = total_memory_bytes(device)
+    per_slot = max(1, slot_bytes(model_config, rows, length, training))
+    fits = max(1, int(total * memory_fraction // per_slot))
     size = min(fits, runs, MAX_AUTO_GROUP)
-    return size, (f"group size {size} (auto: {free / 2**30:.1f} GiB free on {device.type}, about "
-                  f"{per_slot / 2**20:.0f} MiB per module, at most {min(runs, MAX_AUTO_GROUP)})")
+    return size, (f"group size {size} (auto: {memory_fraction:.0%} of {total / 2**30:.1f} GiB on {device.type} "
+                  f"at about {per_slot / 2**20:.0f} MiB per module holds {fits}; at most {min(runs, MAX_AUTO_GROUP)})")
+
+
+def add_group_size_arg(parser) -> None:
+    """The ``--group_size`` flag every entry point that runs many modules shares."""
+    parser.add_argument("--group_size", type=parse_group_size,
+                        help="modules per forward pass: auto (the largest group that fits a quarter of the "
+                             "device's memory, at most 32) or a number; 1 runs one module at a time")
 
 
 def chunks(items: Sequence, size: int) -> list[list]:

@@ -12,11 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import T5Config
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from models.delta import DeltaConfig
-from models.group import composition, ensure_slots, load_slot_state, pick_group_size, slot_name, slot_state
+from models.group import (
+    composition,
+    ensure_slots,
+    load_slot_state,
+    pick_group_size,
+    slot_bytes,
+    slot_name,
+    slot_state,
+    total_memory_bytes,
+)
 from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
 from tests.conftest import SUITE_DIR
 
@@ -130,11 +140,14 @@ def test_slot_states_round_trip_under_canonical_names(tiny_backbone_dir):
 
 
 def test_group_size_auto_fits_the_budget_and_a_number_is_taken_as_given(tiny_backbone_dir):
-    trainer = make_trainer(tiny_backbone_dir, "lora")
-    size, why = pick_group_size(4, 19, trainer.model, torch.device("cpu"), 8, 64, True)
+    config, cpu = T5Config(d_model=768, d_ff=3072, num_layers=12, num_decoder_layers=12, vocab_size=32128), \
+        torch.device("cpu")
+    size, why = pick_group_size(4, 19, config, cpu, 8, 64, True)
     assert size == 4 and "4" in why
-    assert pick_group_size(8, 3, trainer.model, torch.device("cpu"), 8, 64, True)[0] == 3
-    size, why = pick_group_size("auto", 19, trainer.model, torch.device("cpu"), 8, 64, True)
-    assert 1 <= size <= 19 and "auto" in why
-    # a budget that cannot hold a second module gives 1
-    assert pick_group_size("auto", 19, trainer.model, torch.device("cpu"), 8, 64, True, budget_fraction=1e-12)[0] == 1
+    assert pick_group_size(8, 3, config, cpu, 8, 64, True)[0] == 3
+    # t5-base shape: 24 layers x 24 x 768 + 32128 = 474,496 values per token; 8 x 64 tokens x 4 bytes x 3
+    assert slot_bytes(config, 8, 64, True) == 8 * 64 * (24 * 24 * 768 + 32128) * 4 * 3
+    size, why = pick_group_size("auto", 19, config, cpu, 8, 64, True)
+    expected = min(19, int(total_memory_bytes(cpu) * 0.25 // slot_bytes(config, 8, 64, True)), 32)
+    assert size == max(1, expected) and "auto" in why
+    assert pick_group_size("auto", 19, config, cpu, 8, 64, True, memory_fraction=1e-12)[0] == 1

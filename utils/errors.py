@@ -1,12 +1,18 @@
-"""The one exception type for bad user input (files, flags, checkpoints).
-
-Command-line entry points catch it, print its message as a single line and exit with code 2,
-so a user sees `path:line: what was expected` instead of a traceback.
+"""The exception types entry points report in one line: bad user input (files, flags, checkpoints), exit
+code 2, so a user sees `path:line: what was expected` instead of a traceback; and training that failed for
+some modules while the others were written, exit code 1.
 """
 
 
 class UserInputError(Exception):
     """Bad input that the user can fix: a file, a line, a flag or a checkpoint."""
+
+
+class TrainingFailed(Exception):
+    """Some modules could not be trained (their loss stopped being finite); the others were written.
+
+    Entry points print its message as one line and exit with code 1: a rerun retries only what is missing.
+    """
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -42,6 +48,11 @@ def run_cli(main, argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
