@@ -19,6 +19,7 @@ from dataclasses import fields
 
 from models.backbone import add_allow_other_backbone_arg
 from models.delta import METHODS, DeltaConfig, add_size_flags
+from models.group import add_group_size_arg
 from models.sizes import METHOD_SIZES
 from models.tuning import TuneConfig, check_config, run_sweep
 from utils.errors import UserInputError, run_cli
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
     run.add_argument("--log_file_only", action="store_true",
                      help="write log lines only to each run's log.txt (progress bars stay); for drivers like study.py")
+    add_group_size_arg(run, D.group_size)
     run.add_argument("--save_last", action="store_true",
                      help="keep the module of the last step, not the best dev one (no model selection)")
 

@@ -45,9 +45,11 @@ from get_similarity.tune_all import (
     read_tuned,
 )
 from models.backbone import add_backbone_and_data_args, load_backbone, pick_device, quiet_libraries
-from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible, load_delta_state
-from models.evaluate import evaluate
+from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible
+from models.evaluate import Decoding, predict_group, score_predictions
 from models.formats import load_delta_checkpoint
+from models.group import add_group_size_arg, chunks, ensure_slots, load_slot_state, pick_group_size
+from models.methods import DELTA_NAME
 from models.run_folders import file_lock
 from models.seq2seq import encode_examples
 from task_list import resolve_tasks, resolve_tasks_in
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="replace this run's rows in an existing --output and keep its other rows (under a file "
                         "lock): parallel jobs that each score some pairs share one table")
+    add_group_size_arg(p)
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(DevAllConfig))
     return p
@@ -184,28 +187,30 @@ def run_dev_all(config: DevAllConfig) -> None:
     for (t, s), folder in tuned.items():
         check_compatible(metas[(t, s)], cfg, fingerprint, str(folder), allow_other_weights=config.allow_other_backbone)
     dev = {t: encode_examples(tokenizer, raw[t], config.max_input_length, config.max_output_length) for t in targets}
-    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
-          f"{cfg.describe()} ({device}); output {output}", flush=True)
-
-    def score(target: str) -> float:
-        result, _ = evaluate(model, tokenizer, dev[target], metrics[target], config.predict_batch_size,
-                             config.max_output_length, config.num_beams, bf16=config.bf16)
-        return result
-
+    # Every module scored on a target (its sources as they are, then its tuned modules) in groups of G that
+    # share each generation (models.evaluate.predict_group); tuned modules are read when their group runs.
     zero_shot: dict[tuple[str, str], float] = {}
     after: dict[tuple[str, str], float] = {}
+    work = {t: [(zero_shot, s, sources[s].folder) for s in source_names if s != t]
+            + [(after, s, folder) for (target, s), folder in tuned.items() if target == t] for t in targets}
+    size, why = pick_group_size(config.group_size, max(len(items) for items in work.values()), model.config, device,
+                                config.predict_batch_size, config.max_input_length + config.max_output_length,
+                                training=False)
+    print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
+          f"{cfg.describe()} ({device}); {why}; output {output}", flush=True)
+    slots = ensure_slots(model, cfg, size) if size > 1 else [DELTA_NAME]
+    decoding = Decoding(config.max_output_length)
     bar = tqdm(total=len(pairs) + len(tuned), desc="dev scores")
-    for s in source_names:  # one swap per source for all its targets
-        load_delta_state(model, sources[s].tensors, str(sources[s].folder))
-        for t in targets:
-            if t != s:
-                zero_shot[(t, s)] = score(t)
-                bar.update()
-    for (t, s), folder in tuned.items():  # tuned modules are read one at a time: there may be hundreds
-        tensors, _ = load_delta_checkpoint(folder)
-        load_delta_state(model, tensors, str(folder))
-        after[(t, s)] = score(t)
-        bar.update()
+    for t in targets:
+        for chunk in chunks(work[t], size):
+            for slot, (table, s, folder) in zip(slots, chunk):
+                tensors = sources[s].tensors if table is zero_shot else load_delta_checkpoint(folder)[0]
+                load_slot_state(model, slot, tensors, str(folder))
+            predictions = predict_group(model, tokenizer, dev[t], decoding, config.predict_batch_size,
+                                        slots[:len(chunk)], config.num_beams, config.bf16)
+            for (table, s, _), p in zip(chunk, predictions):
+                table[(t, s)] = score_predictions(metrics[t], p, dev[t])
+            bar.update(len(chunk))
     bar.close()
 
     rows = [[t, s, fmt(zero_shot[(t, s)]), fmt(after.get((t, s)))] for t, s in pairs]

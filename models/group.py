@@ -196,9 +196,9 @@ def pick_group_size(requested: int | str, runs: int, model_config, device: torch
                   f"at about {per_slot / 2**20:.0f} MiB per module holds {fits}; at most {min(runs, MAX_AUTO_GROUP)})")
 
 
-def add_group_size_arg(parser) -> None:
+def add_group_size_arg(parser, default: int | str | None = None) -> None:
     """The ``--group_size`` flag every entry point that runs many modules shares."""
-    parser.add_argument("--group_size", type=parse_group_size,
+    parser.add_argument("--group_size", type=parse_group_size, default=default,
                         help="modules per forward pass: auto (the largest group that fits a quarter of the "
                              "device's memory, at most 32) or a number; 1 runs one module at a time")
 

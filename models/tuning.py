@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,11 +24,12 @@ from dataloader.metrics import metric_for_task
 from models.backbone import default_task_dir, quiet_libraries
 from models.delta import DeltaConfig, load_delta_state
 from models.formats.peft_export import check_destination, check_exportable, export_peft
+from models.group import AUTO, chunks, pick_group_size
 from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
-from models.trainer import Distributed, RunLog, TaskData, TrainConfig, Trainer, fmt_score, init_distributed
+from models.trainer import Distributed, Run, RunLog, TaskData, TrainConfig, Trainer, fmt_score, init_distributed
 from task_list import resolve_tasks_in
-from utils.errors import UserInputError
-from utils.io import check_output_folder, staged_dir, write_text_atomic
+from utils.errors import TrainingFailed, UserInputError
+from utils.io import check_output_folder, staged_dir, staged_dirs, write_text_atomic
 from utils.params import config_from, field_defaults, flags_of
 
 
@@ -49,6 +51,7 @@ class TuneConfig(TrainConfig):
     log_file_only: bool = False  # log lines only to each run's log.txt (for drivers like study.py)
     quiet: bool = False
     export_peft: str = ""  # also write each run's best LoRA module as a PEFT folder: {export_peft}/{task}/{run}
+    group_size: int | str = AUTO  # runs trained together, one forward pass (models/group.py); 1: one at a time
 
     def train_config(self) -> TrainConfig:
         return config_from(TrainConfig, self)
@@ -140,12 +143,33 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
     return SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir)
 
 
+# What sweeps grouped into one may differ in: everything else is one trainer's configuration.
+PER_SWEEP = ("tasks", "output_dir", "train_checkpoint", "learning_rate_list", "bsz_list", "export_peft")
+
+
 def run_sweep(config: TuneConfig) -> None:
     """Check everything, then run the sweep (under torchrun: every process takes its share of each batch)."""
-    inputs = check_inputs(config)  # everything that can be wrong is checked before the first file is written
-    if config.quiet:
+    run_sweeps([config])
+
+
+def run_sweeps(configs: list[TuneConfig]) -> None:
+    """Several sweeps as one: their runs are trained in groups of ``group_size`` (the study's transfer stage:
+    every fused start of a target in one group). The sweeps may differ only in ``PER_SWEEP``; each is
+    checked as alone, and all of them before anything is written."""
+    if not configs:
+        return
+    first = configs[0]
+    for other in configs[1:]:
+        differ = [f.name for f in fields(TuneConfig) if f.name not in PER_SWEEP
+                  and getattr(other, f.name) != getattr(first, f.name)]
+        if differ:
+            raise UserInputError(f"sweeps run as one must share {', '.join(differ)}")
+    if len(configs) > 1 and not first.do_train:
+        raise UserInputError("sweeps run as one must train (--do_train)")
+    inputs = [check_inputs(c) for c in configs]  # everything that can be wrong is checked before writing
+    if first.quiet:
         quiet_libraries()
-    ddp, device = init_distributed(config.device)
+    ddp, device = init_distributed(first.device)
     try:
         run_checked(inputs, ddp, device)
     finally:
@@ -153,71 +177,108 @@ def run_sweep(config: TuneConfig) -> None:
             dist.destroy_process_group()
 
 
-def run_checked(inputs: SweepInputs, ddp: Distributed, device: str) -> None:
-    """Every run of the sweep (or the predictions of a checkpoint); only rank 0 writes files and logs."""
-    config, tasks, splits, raw, metrics, runs, output_dir = (
-        inputs.config, inputs.tasks, inputs.splits, inputs.raw, inputs.metrics, inputs.runs, inputs.output_dir)
+def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> None:
+    """Every run of the sweeps (or the predictions of a checkpoint); only rank 0 writes files and logs."""
+    config = sweeps[0].config
     cfg = config.delta
     trainer = Trainer(config.train_config(), cfg, ddp, device)
+    raw = {t: sweep.raw[t] for sweep in sweeps for t in sweep.tasks}  # one data set: k, data_seed, task_dir shared
+    metrics = {t: sweep.metrics[t] for sweep in sweeps for t in sweep.tasks}
     data = {}
-    for t in tasks:
+    for t in raw:
         decoding = trainer.config.plan_decoding(trainer.tokenizer, metrics[t],
                                                 [ex for s in ("train", "dev") if s in raw[t] for ex in raw[t][s]])
-        data[t] = TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in splits}, decoding)
+        data[t] = TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in sweeps[0].splits}, decoding)
     main_rank = ddp.is_main
-    if main_rank:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    for sweep in sweeps:
+        if main_rank:
+            sweep.output_dir.mkdir(parents=True, exist_ok=True)
     say = print if main_rank and not config.log_file_only else (lambda *a, **k: None)
     processes = f"; {ddp.world} processes, each on its share of every batch" if ddp.world > 1 else ""
-    say(f"{len(tasks)} task(s), {len(runs) if config.do_train else len(tasks)} run(s): method {cfg.describe()} "
-        f"on {trainer.backbone} ({trainer.device}{processes}); output in {output_dir}", flush=True)
-
-    def staged(final: Path):  # rank 0 builds the run folder; other ranks get None and write nothing
-        return staged_dir(final) if main_rank else nullcontext(None)
+    runs = [(sweep, t, lr, bsz) for sweep in sweeps for t, lr, bsz in sweep.runs]
+    count = len(runs) if config.do_train else len(sweeps[0].tasks)
+    length = config.max_input_length + config.max_output_length
+    size, why = pick_group_size(1 if ddp.world > 1 else config.group_size, len(runs), trainer.model.config,
+                                trainer.device, max(config.bsz_list), length, training=True)
+    outputs = ", ".join(str(s.output_dir) for s in sweeps)
+    say(f"{len(raw)} task(s), {count} run(s): method {cfg.describe()} on {trainer.backbone} "
+        f"({trainer.device}{processes}); {why}; output in {outputs}", flush=True)
 
     def run_log(tmp: Path | None) -> RunLog:
         return RunLog(tmp / "log.txt" if tmp else None, console=main_rank and not config.log_file_only)
 
     if not config.do_train:
-        if trainer.test_state is None:  # --train_checkpoint only: predict with it
-            trainer.test_state = trainer.init_state
-        for t in tasks:
-            with staged(output_dir / t / "predict") as tmp:
-                log = run_log(tmp)
-                load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
-                log(f"{t}: {data[t].decoding.describe()}")
-                dev, _ = trainer.evaluate(data[t], "dev", desc="dev")
-                log(f"{t}: dev {data[t].metric} {dev:.4f}")
-                test = trainer.predict(data[t], tmp, log)
-                log.close()
-            if main_rank:
-                update_result_tsv(output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed, "lr": "-",
-                                               "bsz": "-", "seed": "-", "method": cfg.method, "dev": fmt_score(dev),
-                                               "test": fmt_score(test), "best_step": "-"})
+        predict_only(sweeps[0], trainer, data, run_log, main_rank)
         return
 
-    for t, lr, bsz in tqdm(runs, desc="runs", disable=len(runs) == 1 or not main_rank):
-        with staged(output_dir / t / run_dir_name(lr, bsz, config.data_seed)) as tmp:
-            log = run_log(tmp)
+    starts = {}  # each sweep's starting module: its --train_checkpoint, else the trainer's random one
+    for sweep in sweeps:
+        path = sweep.config.train_checkpoint
+        starts[id(sweep)] = trainer.load_checkpoint(path) if path else (trainer.init_state, trainer.init_source)
+
+    def folder(sweep: SweepInputs, t: str, lr: float, bsz: int) -> Path:
+        return sweep.output_dir / t / run_dir_name(lr, bsz, config.data_seed)
+
+    failed = []
+    bar = tqdm(chunks(runs, size), desc="groups" if size > 1 else "runs", disable=len(runs) == 1 or not main_rank)
+    for group in bar:
+        finals = [folder(*run) for run in group]
+        with (staged_dirs(finals) if main_rank else nullcontext([None] * len(group))) as temps:
+            logs = [run_log(tmp) for tmp in temps]
             try:
-                log(f"task {t} ({data[t].metric}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
-                    f"examples, lr {lr:g}, bsz {bsz}, {cfg.describe()}")
-                result = trainer.train(data[t], lr, bsz, log, tmp)
+                members = []
+                for (sweep, t, lr, bsz), log, tmp in zip(group, logs, temps):
+                    log(f"task {t} ({metrics[t]}), {len(raw[t]['train'])} train / {len(raw[t]['dev'])} dev "
+                        f"examples, lr {lr:g}, bsz {bsz}, {cfg.describe()}")
+                    members.append(Run(data[t], lr, bsz, *starts[id(sweep)], tmp, log))
+                results = trainer.train_group(members)
             finally:
-                log.close()
-            if tmp is not None:
-                write_text_atomic(tmp / "result.json", json.dumps(
-                    {"task": t, "lr": lr, "bsz": bsz, "dev": result.dev, "test": result.test,
-                     "best_step": result.best_step}))
+                for log in logs:
+                    log.close()
+            for (sweep, t, lr, bsz), tmp, result in zip(group, temps, results):
+                if result.failed is not None:
+                    failed.append(f"{t} lr={lr:g} bsz={bsz} ({sweep.output_dir}): {result.failed}")
+                    if tmp is not None:
+                        shutil.rmtree(tmp)  # not committed: an earlier run folder stays as it was
+                elif tmp is not None:
+                    write_text_atomic(tmp / "result.json", json.dumps(
+                        {"task": t, "lr": lr, "bsz": bsz, "dev": result.dev, "test": result.test,
+                         "best_step": result.best_step}))
+        for (sweep, t, lr, bsz), result in zip(group, results):
+            if result.failed is not None:
+                say(f"{t} lr={lr:g} bsz={bsz}: not saved ({result.failed})", flush=True)
+                continue
+            if main_rank:
+                update_result_tsv(sweep.output_dir, {
+                    "task": t, "k": config.k, "data_seed": config.data_seed, "lr": f"{lr:g}", "bsz": bsz,
+                    "seed": config.seed, "method": cfg.method, "dev": fmt_score(result.dev),
+                    "test": fmt_score(result.test), "best_step": result.best_step})
+            say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
+                f"(best step {result.best_step})", flush=True)
+            if main_rank and sweep.config.export_peft:
+                run = folder(sweep, t, lr, bsz)
+                out = export_peft(run / CHECKPOINT_SUBDIR, Path(sweep.config.export_peft) / t / run.name,
+                                  base_model=config.model, overwrite=config.overwrite, flag="--export_peft")
+                say(f"{t}: PEFT adapter {out}", flush=True)
+    if failed:
+        raise TrainingFailed(f"{len(failed)} run(s) not saved, their training loss is not finite: " + "; ".join(failed))
+
+
+def predict_only(sweep: SweepInputs, trainer: Trainer, data: dict[str, TaskData], run_log, main_rank: bool) -> None:
+    """Without training: each task's dev and test scores of the given checkpoint, in ``{task}/predict``."""
+    config, cfg = sweep.config, sweep.config.delta
+    if trainer.test_state is None:  # --train_checkpoint only: predict with it
+        trainer.test_state = trainer.init_state
+    for t in sweep.tasks:
+        with staged_dir(sweep.output_dir / t / "predict") if main_rank else nullcontext(None) as tmp:
+            log = run_log(tmp)
+            load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
+            log(f"{t}: {data[t].decoding.describe()}")
+            dev, _ = trainer.evaluate(data[t], "dev", desc="dev")
+            log(f"{t}: dev {data[t].metric} {dev:.4f}")
+            test = trainer.predict(data[t], tmp, log)
+            log.close()
         if main_rank:
-            update_result_tsv(output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed,
-                                           "lr": f"{lr:g}", "bsz": bsz, "seed": config.seed, "method": cfg.method,
-                                           "dev": fmt_score(result.dev),
-                                           "test": fmt_score(result.test), "best_step": result.best_step})
-        say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
-            f"(best step {result.best_step})", flush=True)
-        if main_rank and config.export_peft:
-            run = output_dir / t / run_dir_name(lr, bsz, config.data_seed)
-            out = export_peft(run / CHECKPOINT_SUBDIR, Path(config.export_peft) / t / run.name,
-                              base_model=config.model, overwrite=config.overwrite, flag="--export_peft")
-            say(f"{t}: PEFT adapter {out}", flush=True)
+            update_result_tsv(sweep.output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed, "lr": "-",
+                                                 "bsz": "-", "seed": "-", "method": cfg.method, "dev": fmt_score(dev),
+                                                 "test": fmt_score(test), "best_step": "-"})

@@ -137,14 +137,33 @@ def staged_dir(final: Path) -> Iterator[Path]:
     On any error (or Ctrl-C) the temporary folder is removed; an older ``final`` (kept until now) is
     replaced in two renames.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(final)
-    tmp.mkdir()
-    try:
+    with staged_dirs([final]) as (tmp,):
         yield tmp
+
+
+@contextmanager
+def staged_dirs(finals: list[Path]) -> Iterator[list[Path]]:
+    """``staged_dir`` for several folders at once (the runs of a group): each temporary folder becomes its
+    final folder when the block completes, unless the block removed it (a run that failed: its older
+    ``final``, if any, is kept). On any error every temporary folder is removed."""
+    temps = []
+    try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_sibling(final)
+            tmp.mkdir()
+            temps.append(tmp)
+        yield temps
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for tmp, final in zip(temps, finals):
+        if tmp.exists():
+            _commit_dir(tmp, final)
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
     fsync_dir(tmp)
     if final.exists():
         old = temp_sibling(final, "old")
