@@ -186,20 +186,36 @@ def per_example_grad_norms(model: nn.Module, task: EncodedTask, pad_id: int,
     whether the adapters library's forward works under torch.func transforms.
     """
     params = dict(model.named_parameters())
+    return modules_grad_norms(task, pad_id, groups, [params], lambda batch: [model(**batch).loss])[0]
+
+
+def modules_grad_norms(task: EncodedTask, pad_id: int, groups: dict[str, list[str]],
+                       modules: list[dict[str, nn.Parameter]],
+                       losses: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]) -> list[dict[str, list[float]]]:
+    """``per_example_grad_norms`` of several modules that one forward pass serves (models/group.py).
+
+    ``modules[i]`` maps the canonical parameter names of ``groups`` to module i's parameters; ``losses(batch)``
+    gives each module's mean token loss on a batch of one example. The modules share no parameter, so the
+    gradient of the summed losses with respect to module i's parameters is module i's own gradient.
+    """
     names = [n for members in groups.values() for n in members]
-    missing = [n for n in names if n not in params or not params[n].requires_grad]
-    if missing:
-        raise ValueError(f"not trainable parameters of the model: {missing[:3]}")
+    for params in modules:
+        missing = [n for n in names if n not in params or not params[n].requires_grad]
+        if missing:
+            raise ValueError(f"not trainable parameters of the model: {missing[:3]}")
     position = {n: i for i, n in enumerate(names)}
-    device = params[names[0]].device
-    norms: dict[str, list[float]] = {g: [] for g in groups}
+    device = modules[0][names[0]].device
+    flat = [params[n] for params in modules for n in names]
+    norms: list[dict[str, list[float]]] = [{g: [] for g in groups} for _ in modules]
     for ids, outputs in zip(task.inputs, task.outputs):
         batch = to_device(collate([ids], [outputs[0]], pad_id), device)
         with torch.enable_grad():
-            loss = model(**batch).loss
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            total = torch.stack(losses(batch)).sum()
+            grads = torch.autograd.grad(total, flat, allow_unused=True)
         # A parameter the loss does not reach has a zero gradient, not a missing one.
-        grads = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)]
-        for group, members in groups.items():
-            norms[group].append(grad_norm(grads[position[n]] for n in members))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+        for i in range(len(modules)):
+            mine = grads[i * len(names):(i + 1) * len(names)]
+            for group, members in groups.items():
+                norms[i][group].append(grad_norm(mine[position[n]] for n in members))
     return norms

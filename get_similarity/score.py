@@ -52,7 +52,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
-from get_similarity.metrics import Metric, TokenMean, per_example_grad_norms, resolve_metrics  # noqa: E402
+from get_similarity.metrics import (  # noqa: E402
+    Metric,
+    TokenMean,
+    modules_grad_norms,
+    per_example_grad_norms,
+    resolve_metrics,
+)
 from models.backbone import (  # noqa: E402
     BackboneDataConfig,
     add_backbone_and_data_args,
@@ -75,8 +81,19 @@ from models.delta import (
 )
 from models.evaluate import autocast  # noqa: E402
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
+from models.group import (  # noqa: E402
+    AUTO,
+    active,
+    add_group_size_arg,
+    channel_rows,
+    chunks,
+    ensure_slots,
+    load_slot_state,
+    pick_group_size,
+    slot_params,
+)
 from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
-from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
+from models.seq2seq import IGNORE_INDEX, EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
@@ -104,6 +121,7 @@ class SimilarityConfig(BackboneDataConfig):
     output_dir: str = "runs/similarity"
     overwrite: bool = False
     bf16: bool = False
+    group_size: int | str = AUTO  # sources scored per forward pass (models/group.py); 1: one at a time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, help="the target split to score on (D_t)")
     p.add_argument("--max_examples", type=int, help="use only the first N examples of the split")
     p.add_argument("--batch_size", type=int, help="examples per forward pass")
+    add_group_size_arg(p)
     p.add_argument("--granularity", choices=GRANULARITIES,
                    help="score the whole module (model), per stack (block) or per layer")
     p.add_argument("--init_seed", type=int,
@@ -147,15 +166,19 @@ def delta_groups(model: torch.nn.Module, granularity: str) -> dict[str, list[str
     return groups
 
 
+Scores = dict[str, dict[str, float]]  # metric -> parameter group -> score
+
+
 class SimilarityScorer:
     """A backbone with its delta module attached; scores one source state at a time on one target."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, init_state: dict[str, torch.Tensor],
-                 granularity: str, batch_size: int):
+                 granularity: str, batch_size: int, cfg: DeltaConfig | None = None):
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
         self.init_state = init_state
         self.groups = delta_groups(model, granularity)
         self.device = next(model.parameters()).device
+        self.cfg = cfg  # the module's config: needed to add slots for score_group
 
     def group_state(self, tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
         """The source's tensors inside ``group``, the initial state everywhere else."""
@@ -206,6 +229,65 @@ class SimilarityScorer:
                 norms = per_example_grad_norms(self.model, task, self.pad_id, self.groups)
                 out[m.name] = {g: sum(v) / len(v) for g, v in norms.items()}
         return out
+
+
+    def score_group(self, task: EncodedTask, sources: list[tuple[dict[str, torch.Tensor], str]],
+                    metrics: list[Metric], reference: list[torch.Tensor] | None = None) -> list[Scores]:
+        """``score`` of several sources (tensors, name) at once: each in its own slot (models/group.py), every
+        forward pass shared under ``Parallel``; GraNd stays per example and per module, exact."""
+        if len(sources) == 1:
+            return [self.score(task, sources[0][0], metrics, sources[0][1], reference)]
+        if any(m.needs_reference for m in metrics) and reference is None:
+            raise ValueError("a metric needs reference logits but none were given")
+        if self.cfg is None:
+            raise ValueError("scoring a group of sources needs the scorer's DeltaConfig")
+        slots = ensure_slots(self.model, self.cfg, len(sources))
+        out: list[Scores] = [{m.name: {} for m in metrics} for _ in sources]
+        token_metrics = [m for m in metrics if not m.needs_grad]
+        with active(self.model, slots):
+            if token_metrics:
+                for group in self.groups:
+                    for slot, (tensors, source) in zip(slots, sources):
+                        load_slot_state(self.model, slot, self.group_state(tensors, group), source)
+                    for i, scores in enumerate(self._channel_token_scores(task, token_metrics, reference, len(slots))):
+                        for name, value in scores.items():
+                            out[i][name][group] = value
+            if any(m.needs_grad for m in metrics):
+                for slot, (tensors, source) in zip(slots, sources):
+                    load_slot_state(self.model, slot, tensors, source)
+                modules = [slot_params(self.model, slot) for slot in slots]
+                norms = modules_grad_norms(task, self.pad_id, self.groups, modules,
+                                           lambda batch: self._channel_losses(batch, len(slots)))
+                for m in metrics:
+                    if m.needs_grad:
+                        for i, per_group in enumerate(norms):
+                            out[i][m.name] = {g: sum(v) / len(v) for g, v in per_group.items()}
+        return out
+
+    def _channel_logits(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
+        """Each slot's logits on ``batch`` from one Parallel forward pass."""
+        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            decoder_input_ids=decoder_inputs, use_cache=False).logits
+        return channel_rows(logits, channels)
+
+    def _channel_losses(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
+        """Each slot's mean token loss on ``batch`` (the model's own loss, per slot)."""
+        labels = batch["labels"].reshape(-1)
+        return [torch.nn.functional.cross_entropy(r.reshape(-1, r.shape[-1]), labels, ignore_index=IGNORE_INDEX)
+                for r in self._channel_logits(batch, channels)]
+
+    @torch.no_grad()
+    def _channel_token_scores(self, task: EncodedTask, metrics: list[Metric], reference: list[torch.Tensor] | None,
+                              channels: int) -> list[dict[str, float]]:
+        means = [{m.name: TokenMean() for m in metrics} for _ in range(channels)]
+        for b, (_, batch) in enumerate(first_output_batches(task, self.batch_size, self.pad_id)):
+            batch = to_device(batch, self.device)
+            for i, logits in enumerate(self._channel_logits(batch, channels)):
+                for m in metrics:
+                    values, mask = m.fn(logits, batch["labels"], reference[b] if m.needs_reference else None)
+                    means[i][m.name].add(values, mask)
+        return [{name: mean.value() for name, mean in per.items()} for per in means]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,16 +433,19 @@ def run_similarity(config: SimilarityConfig) -> None:
     init_state = delta_state_dict(model)
     for module in [*sources.values(), *references.values()]:
         check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
-    scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, config.granularity, config.batch_size)
+    scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, config.granularity, config.batch_size, cfg)
     if not config.overwrite:
         check_no_earlier_rows(Path(config.output_dir) / RESULT_FILE,
                               {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics
                                for g in scorer.groups})
     encoded = {t: encode_examples(tokenizer, ex, config.max_input_length, config.max_output_length)
                for t, ex in examples.items()}
+    size, why = pick_group_size(config.group_size, max(len(p) for p in plan.values()), model.config, device,
+                                config.batch_size, config.max_input_length + config.max_output_length,
+                                training=any(m.needs_grad for m in metrics))
     print(f"{len(targets)} target(s) x {len(needed)} source(s), metrics {', '.join(m.name for m in metrics)}, "
-          f"{cfg.describe()}, granularity {config.granularity} ({len(scorer.groups)} group(s)), device {device}",
-          flush=True)
+          f"{cfg.describe()}, granularity {config.granularity} ({len(scorer.groups)} group(s)), device {device}; "
+          f"{why}", flush=True)
 
     rows: list[list] = []
     pairs, seconds = 0, 0.0
@@ -369,14 +454,16 @@ def run_similarity(config: SimilarityConfig) -> None:
             reference = None
             if t in references:
                 reference = scorer.reference(encoded[t], references[t].tensors(), str(references[t].folder))
-            for s in tqdm(plan[t], desc=f"sources -> {t}", leave=False):
+            for group in tqdm(chunks(plan[t], size), desc=f"sources -> {t}", leave=False):
                 start = time.perf_counter()
-                # A temporary: the tensors are freed when score() returns, before the next source is read.
-                scores = scorer.score(encoded[t], sources[s].tensors(), metrics, str(sources[s].folder), reference)
+                # Temporaries: the tensors are freed when the group is scored, before the next one is read.
+                scored = scorer.score_group(encoded[t], [(sources[s].tensors(), str(sources[s].folder))
+                                                         for s in group], metrics, reference)
                 seconds += time.perf_counter() - start
-                pairs += 1
-                for m in metrics:
-                    rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
+                pairs += len(group)
+                for s, scores in zip(group, scored):
+                    for m in metrics:
+                        rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

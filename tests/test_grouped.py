@@ -8,15 +8,20 @@ batch: a learning-rate sweep on one task) and ``BatchSplit`` (runs on different 
 
 from __future__ import annotations
 
+import csv
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import T5Config
 
+import tune
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
-from models.delta import DeltaConfig
+from get_similarity import dev_all, score, tune_all
+from models.delta import DeltaConfig, save_delta_checkpoint
+from models.formats import load_delta_checkpoint
 from models.group import (
     composition,
     ensure_slots,
@@ -29,6 +34,7 @@ from models.group import (
 )
 from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
 from tests.conftest import SUITE_DIR
+from utils.errors import run_cli
 
 SIZES = {"lora_r": 2, "prefix_length": 3, "prefix_mlp": 8, "adapter_size": 4}
 METHODS = ["adapter", "lora", "prefix", "ia3"]
@@ -151,3 +157,106 @@ def test_group_size_auto_fits_the_budget_and_a_number_is_taken_as_given(tiny_bac
     expected = min(19, int(total_memory_bytes(cpu) * 0.25 // slot_bytes(config, 8, 64, True)), 32)
     assert size == max(1, expected) and "auto" in why
     assert pick_group_size("auto", 19, config, cpu, 8, 64, True, memory_fraction=1e-12)[0] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Every stage's entry point, grouped (the default, auto) against --group_size 1
+
+STAGE_TASKS = ["sent_review", "sent_tweet", "topic_news"]
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def close_rows(a: list[dict[str, str]], b: list[dict[str, str]], column: str, rel: float) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != column} == {k: v for k, v in y.items() if k != column}
+        assert float(x[column]) == pytest.approx(float(y[column]), rel=rel, abs=1e-9), x
+
+
+@pytest.fixture(scope="module")
+def stage_sources(tiny_backbone_dir, tmp_path_factory) -> Path:
+    """root/{method}/{task}: a perturbed module per task and method, standing in for tuned sources."""
+    root = tmp_path_factory.mktemp("stage_sources")
+    for method in METHODS:
+        trainer = make_trainer(tiny_backbone_dir, method)
+        for i, task in enumerate(STAGE_TASKS):
+            save_delta_checkpoint(root / method / task, perturbed(trainer.init_state, 10 + i), trainer.cfg,
+                                  trainer.backbone, trainer.fingerprint, task=task)
+    return root
+
+
+def common_args(backbone: Path) -> list[str]:
+    return ["--model", str(backbone), "--task_dir", str(SUITE_DIR), "--max_output_length", "8", "--quiet"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tune_py_sweep_grouped_equals_one_at_a_time(method, tiny_backbone_dir, tmp_path):
+    outs = {}
+    for size in ("auto", "1"):
+        out = outs[size] = tmp_path / f"g{size}"
+        argv = ["--do_train", "--do_predict", "--tune_method", method, *common_args(tiny_backbone_dir),
+                "--tasks", "sent_review", "topic_news", "--learning_rate_list", "1e-3", "1e-2", "--bsz_list", "4",
+                "--train_iters", "4", "--valid_interval", "2", "--log_interval", "1", "--warmup_steps", "1",
+                "--output_dir", str(out), "--group_size", size, *size_flags()]
+        assert run_cli(tune.main, argv) == 0
+    grouped, alone = read_tsv(outs["auto"] / "result.tsv"), read_tsv(outs["1"] / "result.tsv")
+    assert grouped == alone and len(grouped) == 4  # same dev, test and best step, in sweep order
+    for run in sorted(outs["1"].glob("*/lr_*")):
+        twin = outs["auto"] / run.parent.name / run.name
+        assert_close_states(load_delta_checkpoint(twin / "checkpoint")[0], load_delta_checkpoint(run / "checkpoint")[0])
+        curves = read_tsv(twin / "curve.tsv"), read_tsv(run / "curve.tsv")
+        assert [(r["step"], r["dev"]) for r in curves[0]] == [(r["step"], r["dev"]) for r in curves[1]]
+        for g, a in zip(*curves):  # losses logged with 4 decimals: equal up to that rounding
+            assert g["train_loss"] == a["train_loss"] == "-" or \
+                float(g["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-5, abs=1e-4)
+
+
+def size_flags() -> list[str]:
+    return [x for name, value in SIZES.items() for x in (f"--{name}", str(value))]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tune_all_dev_all_and_similarity_grouped_equal_one_at_a_time(method, stage_sources, tiny_backbone_dir,
+                                                                     tmp_path):
+    sources = stage_sources / method
+    base = [*common_args(tiny_backbone_dir), "--tasks", *STAGE_TASKS, "--source_ckpt_path", str(sources)]
+    for size in ("auto", "1"):
+        tuned = tmp_path / f"tuneall{size}"
+        assert run_cli(tune_all.main, [*base, "--output_dir", str(tuned), "--steps", "3", "--bsz", "4",
+                                       "--learning_rate", "1e-2", "--group_size", size]) == 0
+        assert run_cli(dev_all.main, [*base, "--tuneall_ckpt_path", str(tuned), "--group_size", size,
+                                      "--output", str(tmp_path / f"devall{size}.tsv")]) == 0
+        assert run_cli(score.main, [*base, "--delta", method, "--metric", "all", "--granularity", "block",
+                                    "--random_tuned_ckpt_path", str(sources), "--max_examples", "6",
+                                    "--batch_size", "4", "--group_size", size,
+                                    "--output_dir", str(tmp_path / f"similarity{size}")]) == 0
+    for pair in sorted((tmp_path / "tuneall1").glob("*/*")):
+        twin = tmp_path / "tuneallauto" / pair.parent.name / pair.name
+        grouped, alone = load_delta_checkpoint(twin), load_delta_checkpoint(pair)
+        assert_close_states(grouped[0], alone[0])
+        assert grouped[1]["score"] == alone[1]["score"]
+    assert read_tsv(tmp_path / "devallauto.tsv") == read_tsv(tmp_path / "devall1.tsv")
+    close_rows(read_tsv(tmp_path / "similarityauto" / "result.tsv"), read_tsv(tmp_path / "similarity1" / "result.tsv"),
+               "score", rel=1e-5)
+
+
+def test_tune_all_reports_a_diverging_pair_and_saves_the_others(stage_sources, tiny_backbone_dir, tmp_path, capsys):
+    sources = tmp_path / "sources"
+    shutil.copytree(stage_sources / "lora", sources)
+    tensors, meta = load_delta_checkpoint(sources / "sent_tweet")
+    cfg = DeltaConfig.from_checkpoint_meta(meta)
+    save_delta_checkpoint(sources / "sent_tweet", {n: torch.full_like(t, float("nan")) for n, t in tensors.items()},
+                          cfg, meta["backbone"], meta["backbone_fingerprint"], task="sent_tweet")
+    out = tmp_path / "tuneall"
+    argv = [*common_args(tiny_backbone_dir), "--tasks", *STAGE_TASKS, "--source_ckpt_path", str(sources),
+            "--output_dir", str(out), "--steps", "3", "--bsz", "4", "--group_size", "4"]
+    assert run_cli(tune_all.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "2 pair(s) not saved" in err and "sent_review <- sent_tweet" in err and "topic_news <- sent_tweet" in err
+    saved = {(p.parent.name, p.name) for p in out.glob("*/*") if p.is_dir()}
+    assert saved == {("sent_review", "topic_news"), ("sent_tweet", "sent_review"), ("sent_tweet", "topic_news"),
+                     ("topic_news", "sent_review")}

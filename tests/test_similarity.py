@@ -304,8 +304,10 @@ def test_swapping_sources_equals_scoring_each_alone(tiny_backbone_dir: Path, mod
                                                     method: str) -> None:
     together = tmp_path / "together"
     metric = "Loss KL EL2N LogitsCos GraNd"
+    # one at a time (--group_size 1): swapping alone must change nothing, to the last digit; scoring them in
+    # one group is tests/test_grouped.py's
     args = cli_args(tiny_backbone_dir, modules, together, method=method, metric=metric, tasks=["topic_news"],
-                    extra=["--source_tasks", *TASKS, "--granularity", "block"])
+                    extra=["--source_tasks", *TASKS, "--granularity", "block", "--group_size", "1"])
     assert score_cli.main(args) == 0
     joint = read_rows(together / "result.tsv")
     alone = []
@@ -477,7 +479,8 @@ def test_one_module_held_at_a_time(tiny_backbone_dir: Path, modules: Path, tmp_p
     monkeypatch.setattr(SimilarityScorer, "score", counting_score)
     monkeypatch.setattr(SimilarityScorer, "reference", counting_reference)
     out = tmp_path / "sim"
-    args = cli_args(tiny_backbone_dir, modules, out, metric="Loss KL", extra=["--granularity", "block"])
+    args = cli_args(tiny_backbone_dir, modules, out, metric="Loss KL",
+                    extra=["--granularity", "block", "--group_size", "1"])  # a group holds G modules' tensors
     assert score_cli.main(args) == 0
 
     expected = [("inspect", f"sources/{t}") for t in TASKS] + [("inspect", f"random/{t}") for t in TASKS]
