@@ -102,6 +102,8 @@ top_k = 0  # keep the K heaviest sources of every weighting, renormalised; 0: al
 learned_budget = 40  # learned, learned:METRIC: evaluations of the train loss per target (LoraHub's budget)
 learned_optimizer = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge)
 max_examples = 64  # dev examples scored by each similarity metric
+group_size = "auto"  # modules per forward pass in every stage (models/group.py); auto: what fits a quarter of
+# the device's memory, at most 32; 1: one module at a time (with dropout on, a module depends on its group)
 transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them
 bf16 = False  # bf16 autocast on GPU in every stage that runs the backbone
 device = "auto"
@@ -143,6 +145,7 @@ class Study:
         self.root = Path(p.output)
         self.markers = self.root / ".steps"
         self.launch = None  # utils.jobs.LaunchOptions when stages run as parallel jobs
+        self.group_size = 1  # modules per forward pass, resolved from p.group_size (resolve_group_size)
 
     # -- resumability ------------------------------------------------------------------------------
     def marker(self, name: str) -> Path:
@@ -175,22 +178,47 @@ class Study:
 
     def stage(self, index: int, title: str, names: list[str], outputs: Callable[[str], list[Path]],
               run: Callable[[str], None], jobs: Callable[[str], list] | None = None,
-              finish: Callable[[list[str]], None] | None = None) -> None:
+              finish: Callable[[list[str]], None] | None = None, groups: list[list[str]] | None = None,
+              run_group: Callable[[list[str]], None] | None = None) -> None:
         """A stage is a list of steps; print one progress line, then a line per step that runs.
 
         With a launcher, a stage that can say each step's ``jobs`` runs them all as one batch, then ``finish``
-        puts what the jobs shared in the order the steps would have left it.
+        puts what the jobs shared in the order the steps would have left it. Without one, a stage with
+        ``groups`` (its steps in fixed groups) runs each group that has a step left as one call of
+        ``run_group`` (models/group.py: one forward pass for all its modules).
         """
         todo = [n for n in names if not self.done(f"{title}.{n}")]
         say(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run")
         start = time.time()
         if todo and jobs is not None and self.launch is not None:
             self.dispatch(title, todo, outputs, jobs, finish)
+        elif groups is not None and run_group is not None:
+            for group in groups:
+                self.group_step(title, group, outputs, run_group)
         else:
             for n in todo:
                 self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
         if todo:
             say(f"[{index}/8] {title}: finished in {time.time() - start:.0f}s")
+
+    def group_step(self, title: str, group: list[str], outputs: Callable[[str], list[Path]],
+                   run_group: Callable[[list[str]], None]) -> None:
+        """Run a group of steps unless all are done; mark each once its outputs exist.
+
+        A group with any step left runs whole, its finished steps too (their outputs are rewritten): a
+        module trained with dropout depends on the modules beside it, so a resumed study trains every
+        module in the group an uninterrupted one gives it.
+        """
+        if all(self.done(f"{title}.{n}") for n in group):
+            return
+        start = time.time()
+        run_group(group)
+        seconds = (time.time() - start) / len(group)
+        for n in group:
+            missing = [o for o in outputs(n) if not o.exists()]
+            if missing:
+                raise RuntimeError(f"step {title}.{n} finished without writing {missing[0]}")
+            self.mark(f"{title}.{n}", outputs(n), seconds)
 
     def dispatch(self, title: str, todo: list[str], outputs: Callable[[str], list[Path]],
                  jobs: Callable[[str], list], finish: Callable[[list[str]], None] | None) -> None:
@@ -251,13 +279,14 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     from get_similarity.score import SimilarityConfig, run_similarity
     from get_similarity.tune_all import TuneAllConfig, run_tune_all
     from models.delta import DeltaConfig
+    from models.group import chunks
     from models.run_folders import run_dir_name
-    from models.tuning import TuneConfig, run_sweep
+    from models.tuning import TuneConfig, run_sweep, run_sweeps
     from unit_model.fusion import FusionConfig, run_fusion
     from unit_model.report import budget_dir, seed_dir
     from unit_model.sources import fused_dir_name
 
-    p, root = study.p, study.root / delta
+    p, root, size = study.p, study.root / delta, study.group_size
     fusion_list = words(p.fusions)
     needed = needed_stages(fusion_list, p.transferability)
 
@@ -271,7 +300,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                     max_input_length=p.max_input_length, max_output_length=p.max_output_length)
     source_iters = iters_of(p, delta, p.source_iters)
     sweep = dict(**backbone, delta=DeltaConfig(delta, **sizes_of(p, delta)), seed=p.seed, do_train=True,
-                 do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100)
+                 do_predict=True, overwrite=True, log_file_only=True, predict_batch_size=100, group_size=size)
     source_budget = dict(k=p.source_k, data_seed=p.source_data_seed, train_iters=source_iters,
                          learning_rate_list=[source_lr], bsz_list=[p.source_bsz],
                          valid_interval=p.source_valid_interval, early_stop=p.source_early_stop, log_interval=50)
@@ -288,13 +317,15 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                                                                           config.bsz_list[0], config.data_seed)
 
     def tune_stage(index: int, name: str, steps: list[str], config: Callable[[str], TuneConfig],
-                   finish: Callable[[list[str]], None]) -> None:
-        """A stage of tune.py sweeps, one task each: called here, or run as tune.py jobs."""
+                   finish: Callable[[list[str]], None], order: list[str] | None = None) -> None:
+        """A stage of tune.py sweeps, one task each: here in groups of ``size`` (of ``order``, default the steps'
+        own), or run as tune.py jobs, one step each."""
         study.stage(index, f"{delta}/{name}", steps,
                     lambda step: [run_dir(config(step))],
                     lambda step: run_sweep(config(step)),
                     jobs=lambda step: [script_job(step.replace(".", "/"), "tune.py", config(step).to_argv())],
-                    finish=finish)
+                    finish=finish, groups=chunks(order or steps, size),
+                    run_group=lambda group: run_sweeps([config(step) for step in group]))
 
     if p.source_library:  # ready modules: nothing to train
         src = Path(p.source_library)
@@ -334,14 +365,16 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             return TuneAllConfig(**backbone, **target_data, tasks=[t], source_tasks=sources,
                                  source_ckpt_path=str(src), output_dir=str(tuneall), steps=first_iters,
                                  learning_rate=target_lr, bsz=p.target_bsz, warmup_steps=warmup,
-                                 seed=p.seed, log_file_only=True)
+                                 seed=p.seed, log_file_only=True, group_size=size)
 
         def tuneall_stage() -> None:
             study.stage(3, f"{delta}/{split}/tuneall", target_list,
                         lambda t: [tuneall / t / s for s in task_pool if s != t],
                         lambda t: run_tune_all(tuneall_config(t, task_pool)),
-                        jobs=lambda t: [script_job(f"{t}/{s}", "get_similarity/tune_all.py",
-                                                   tuneall_config(t, [s]).to_argv()) for s in task_pool if s != t])
+                        # a job per group: the sources of a target in tune-all's own groups of `size`
+                        jobs=lambda t: [script_job(f"{t}/{group[0]}", "get_similarity/tune_all.py",
+                                                   tuneall_config(t, group).to_argv())
+                                        for group in chunks([s for s in task_pool if s != t], size)])
 
         devall = base / "devall.tsv"
         devall_pairs = [(t, s) for t in target_list for s in task_pool if s != t]  # dev_all.py's order
@@ -349,7 +382,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         def devall_config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
             return DevAllConfig(**backbone, **target_data, tasks=targets, source_tasks=sources,
                                 source_ckpt_path=str(src), tuneall_ckpt_path=str(tuneall), output=str(devall),
-                                overwrite=True, merge=merge, predict_batch_size=100)
+                                overwrite=True, merge=merge, predict_batch_size=100, group_size=size)
 
         def devall_stage() -> None:
             study.stage(4, f"{delta}/{split}/devall", ["all"], lambda _: [devall],
@@ -366,7 +399,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             config = SimilarityConfig(**backbone, **target_data, overwrite=True, delta=delta,
                                       metric=list(SIMILARITY_METRICS), tasks=target_list, source_tasks=task_pool,
                                       source_ckpt_path=str(src), random_tuned_ckpt_path=str(rnd),
-                                      output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed)
+                                      output_dir=str(similarity), max_examples=p.max_examples, init_seed=p.seed,
+                                      group_size=size)
             study.stage(5, f"{delta}/{split}/similarity", ["all"], lambda _: [similarity / "result.tsv"],
                         lambda _: run_similarity(config))
 
@@ -427,9 +461,10 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 return TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(transfer / m),
                                   train_checkpoint=str(fused / m / fused_dir_name(t)))
 
+            # grouped target by target: a target's fused starts share its batches (Parallel)
             tune_stage(7, f"{split}/{budget_dir(budget[0])}/transfer",
                        [f"{m}.{t}" for m in fusion_list for t in target_list], transfer_config,
-                       finish=transfer_in_order)
+                       finish=transfer_in_order, order=[f"{m}.{t}" for t in target_list for m in fusion_list])
 
         # Every budget tunes random init and every fused initialisation on the same split, seed and rule.
         for budget in budgets:
@@ -441,7 +476,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             skip(8, f"{split}/pairs")
             return
         study.stage(8, f"{delta}/{split}/pairs", ["all"], lambda _: [pairs],
-                    lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, data_seed, pairs))
+                    lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, data_seed, pairs, size))
 
     for data_seed in data_seeds_of(p):
         target_side(data_seed)
@@ -484,38 +519,46 @@ def budgets_of(p) -> list[tuple[int, int]]:
 
 
 def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool: list[str], data_seed: int,
-                out: Path) -> None:
-    """Test score of each target's module tuned from each single source (tune-all), for transferability."""
+                out: Path, group_size: int = 1) -> None:
+    """Test score of each target's module tuned from each single source (tune-all), for transferability; a
+    target's modules are predicted ``group_size`` at a time (models.evaluate.predict_group)."""
     import torch
     from tqdm.auto import tqdm
 
     from dataloader.crossfit import load_task
     from dataloader.metrics import metric_for_task
     from models.backbone import load_backbone, pick_device
-    from models.delta import DeltaConfig, attach_delta, load_delta_state
-    from models.evaluate import evaluate
+    from models.delta import DeltaConfig, attach_delta
+    from models.evaluate import Decoding, predict_group, score_predictions
     from models.formats import load_delta_checkpoint
+    from models.group import chunks, ensure_slots, load_slot_state
+    from models.methods import DELTA_NAME
     from models.seq2seq import encode_examples
     from utils.io import write_tsv_atomic
 
-    net, tokenizer = load_backbone(p.model, None, pick_device(p.device))
-    rows, attached = [], False
-    pairs = [(t, s) for t in target_list for s in task_pool if s != t]
-    encoded = {}
-    for t, s in tqdm(pairs, desc=f"{delta} single-source test scores", leave=False):
-        tensors, meta = load_delta_checkpoint(tuneall / t / s)
-        if not attached:
-            torch.manual_seed(p.seed)
-            attach_delta(net, DeltaConfig.from_checkpoint_meta(meta))
-            net.to(pick_device(p.device))
-            attached = True
-        load_delta_state(net, tensors, str(tuneall / t / s))
-        if t not in encoded:
-            test = load_task(p.task_dir, t, p.target_k, data_seed, ("test",))["test"]
-            encoded[t] = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
-        score, _ = evaluate(net, tokenizer, encoded[t], metric_for_task(t, p.task_dir), 100, p.max_output_length,
-                            bf16=p.bf16)
-        rows.append([t, s, repr(score)])
+    device = pick_device(p.device)
+    net, tokenizer = load_backbone(p.model, None, device)
+    rows, slots = [], []
+    bar = tqdm(total=len(target_list) * (len(task_pool) - 1), desc=f"{delta} single-source test scores", leave=False)
+    for t in target_list:
+        test = load_task(p.task_dir, t, p.target_k, data_seed, ("test",))["test"]
+        encoded = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
+        for group in chunks([s for s in task_pool if s != t], group_size):
+            modules = [load_delta_checkpoint(tuneall / t / s) for s in group]
+            if not slots:
+                torch.manual_seed(p.seed)
+                cfg = DeltaConfig.from_checkpoint_meta(modules[0][1])
+                attach_delta(net, cfg)
+                net.to(device)
+                slots = ensure_slots(net, cfg, group_size) if group_size > 1 else [DELTA_NAME]
+            for slot, s, (tensors, _) in zip(slots, group, modules):
+                load_slot_state(net, slot, tensors, str(tuneall / t / s))
+            predictions = predict_group(net, tokenizer, encoded, Decoding(p.max_output_length), 100,
+                                        slots[:len(group)], bf16=p.bf16)
+            metric = metric_for_task(t, p.task_dir)
+            rows += [[t, s, repr(score_predictions(metric, pred, encoded))] for s, pred in zip(group, predictions)]
+            bar.update(len(group))
+    bar.close()
     write_tsv_atomic(out, ["target", "source", "test"], rows)
 
 
@@ -618,13 +661,29 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
                                          "or choose another --output")
 
 
+def resolve_group_size(p, task_pool: list[str]) -> tuple[int, str]:
+    """The study's one group size for every stage (each stage caps it at its own number of modules), and how it
+    was chosen: auto sizes it for the largest training batch on the backbone's shape, without loading it."""
+    import torch
+
+    from models.backbone import load_backbone_config, pick_device
+    from models.group import pick_group_size
+
+    if p.group_size != "auto":
+        return int(p.group_size), f"group size {p.group_size}"
+    return pick_group_size("auto", len(task_pool), load_backbone_config(p.model), torch.device(pick_device(p.device)),
+                           max(p.source_bsz, p.target_bsz), p.max_input_length + p.max_output_length, training=True)
+
+
 def parse_args(argv: list[str] | None):
     """The parameter block with the command line's overrides; list parameters as one space-separated string,
     so params.json spells them one way however the words were given."""
+    from models.group import parse_group_size
     from unit_model.fusion import CHOICES, HELP, LIST_PARAMS, TYPES
     from utils.params import parse_params
 
-    return parse_params(PARAMS, argv, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), TYPES)
+    types = {**TYPES, "group_size": lambda v: str(parse_group_size(v))}  # params.json: "auto" or "8"
+    return parse_params(PARAMS, argv, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), types)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,11 +739,12 @@ def main(argv: list[str] | None = None) -> int:
             slurm_gpus=p.slurm_gpus, slurm_cpus=p.slurm_cpus or None, slurm_mem=p.slurm_mem or None,
             slurm_array_parallelism=p.slurm_array_parallelism or None,
             slurm_log_dir=p.slurm_log_dir or None).validate()
+    study.group_size, why = resolve_group_size(p, task_pool)
     study.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.root / "params.json", json.dumps(vars(p), indent=1))
     start = time.time()
     print(f"study: {len(delta_list)} delta method(s), {len(task_pool)} source tasks, {len(target_list)} targets, "
-          f"{len(words(p.fusions))} fusion methods -> {study.root}", flush=True)
+          f"{len(words(p.fusions))} fusion methods -> {study.root}; {why}", flush=True)
     from utils.jobs import JobsFailed
     try:
         for d in delta_list:

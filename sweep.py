@@ -9,6 +9,10 @@ process would have written:
 * ``devall``: get_similarity/dev_all.py, one job per (target, source) pair, each merging its row into
   ``--output`` under a file lock.
 
+A job trains one module (tune.py) or one pair (tune-all): on its own, as ``--group_size 1`` does in one
+process. With dropout on, a module trained in a group of several (models/group.py) gets other dropout masks,
+so compare a scaled-out sweep with a single process run at ``--group_size 1``.
+
 Launch flags come before the entry point's name, its own flags after it. Once every job has succeeded (and
 was waited for), the shared table is put in the order one process writes, so the outputs are the same
 files. Exit code: 0 when every job succeeded, 1 when some failed (the summary names them and their logs),

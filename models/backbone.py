@@ -120,6 +120,18 @@ def load_backbone(
     return net, tokenizer
 
 
+def load_backbone_config(model: str | Path):
+    """The backbone's T5Config alone (no weights): what sizing decisions need before the model is loaded."""
+    from transformers import T5Config
+
+    arg = str(model)
+    local = Path(arg).expanduser()
+    try:
+        return T5Config.from_pretrained(str(local) if local.exists() else arg)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"--model {arg}: could not read the model's config ({first_line(e)})") from None
+
+
 def quiet_libraries() -> None:
     """Silence library warnings (deprecations, cache-format notices) for tidy script output (--quiet)."""
     import logging

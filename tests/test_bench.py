@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import eval_speed, fusion, gpu_bench, load_sources, similarity, trainer_overhead
+from bench import eval_speed, fusion, gpu_bench, grouped, load_sources, similarity, trainer_overhead
 from tests.conftest import REPO
 from utils.errors import run_cli
 
-BENCHES = [trainer_overhead, similarity, fusion, eval_speed, load_sources, gpu_bench]
+BENCHES = [trainer_overhead, similarity, fusion, eval_speed, load_sources, gpu_bench, grouped]
 
 
 def read_tables(path: Path) -> list[tuple[list[str], list[list[str]]]]:
@@ -80,6 +80,19 @@ def test_similarity_quick(tmp_path: Path) -> None:
     assert row[:2] == ["16", "2"]
     assert abs(ratio - separate / one) < 0.06
     assert ratio > 1.2  # two interpreter starts and backbone loads cost more than one
+
+
+def test_grouped_quick(tmp_path: Path) -> None:
+    assert grouped.main(["--quick", "--results_dir", str(tmp_path)]) == 0
+    [table] = read_tables(tmp_path / "grouped.md")
+    assert table[0][:5] == ["stage", "G", "CPU s (process)", "wall s", "CPU ratio vs G=1"]
+    assert [(row[0], row[1]) for row in table[1]] == [("tune-all", "1"), ("tune-all", "3"), ("similarity", "1"),
+                                                      ("similarity", "3")]
+    for row in table[1]:
+        assert number(row[4]) == pytest.approx(number(column(table, "CPU s (process)")[0 if row[0] == "tune-all"
+                                                                                           else 2]) / number(row[2]),
+                                               abs=0.02)
+    assert column(table, "goal (process CPU)")[0] == "-"
 
 
 def test_fusion_quick(tmp_path: Path) -> None:

@@ -152,3 +152,33 @@ def test_study_killed_in_the_tuneall_stage(tiny_backbone_dir: Path, reference_st
     for name in names:
         ours = (out / name).read_bytes().replace(str(out).encode(), b"STUDY")  # metadata records source paths
         assert ours == (reference / name).read_bytes().replace(str(reference).encode(), b"STUDY"), name
+
+
+def test_study_killed_in_a_grouped_tune_stage(tiny_backbone_dir: Path, reference_study: Path, tmp_path: Path,
+                                              capsys) -> None:
+    """SIGKILL while the sources stage, its four tasks in one group, commits its second run folder; the rerun
+    trains the group again and ends with the uninterrupted study's outputs."""
+    from models.run_folders import run_dir_name
+
+    out = tmp_path / "killed"
+    sources = out / "lora" / "sources"
+    run = run_dir_name(3e-3, 16, 100)  # the small study's source lr, batch size and data seed
+    # the run folder's own temporary name (12 characters after .tmp-, no slash): not the files inside it
+    pattern = f"{sources}/*/.{run}.tmp-" + "[!/]" * 12
+    blocked = kill_while_renaming(REPO / "study.py", small_study_argv(out, tiny_backbone_dir), pattern,
+                                  tmp_path / "marker", skip=1)
+    assert blocked.parent.name == "sent_tweet"
+    assert [p.parent.name for p in sources.glob(f"*/{run}")] == ["sent_review"]  # the first one committed
+    assert not (out / ".steps").exists() or not [p for p in (out / ".steps").iterdir() if "sources" in p.name]
+
+    capsys.readouterr()
+    assert run_cli(study.main, small_study_argv(out, tiny_backbone_dir)) == 0, capsys.readouterr().err
+    assert "lora/sources: 0/4 done, 4 to run" in capsys.readouterr().out
+    split = Path("lora") / "seed_100"
+    names = [Path("results") / "summary.tsv", Path("lora") / "sources" / "result.tsv", split / "pairs.tsv"]
+    names += [p.relative_to(reference_study) for p in visible(reference_study / "lora" / "sources")
+              if p.suffix == ".safetensors"]
+    assert len(names) == 3 + 4
+    for name in names:
+        ours = (out / name).read_bytes().replace(str(out).encode(), b"STUDY")
+        assert ours == (reference_study / name).read_bytes().replace(str(reference_study).encode(), b"STUDY"), name
