@@ -6,6 +6,7 @@
 # TARGET_DATA_SEEDS="13 42 100" replicates the target side on each few-shot split;
 # TRANSFERABILITY=1 adds the single-source pairs stage and its report (tune-all and dev-all with it).
 # Scale-out: JOBS=N runs the sources, random, tune-all, dev-all and transfer stages as N processes at once;
+# GROUP_SIZE=G trains or scores G modules per forward pass in every stage (auto by default; 1: one at a time).
 # SLURM=1 submits each of them as one Slurm job array and waits for it, with SLURM_PARTITION, SLURM_TIME,
 # SLURM_GPUS, SLURM_CPUS, SLURM_MEM (GB), SLURM_ARRAY_PARALLELISM and SLURM_LOG_DIR (read only with SLURM=1:
 # Slurm itself sets some of these names inside a job). The other stages run in this process.
@@ -18,7 +19,7 @@ for name in OUTPUT MODEL TASK_DIR TASKS TARGETS DELTAS FUSIONS SEED \
             TARGET_K TARGET_DATA_SEEDS TARGET_BUDGETS TARGET_LR TARGET_BSZ TARGET_VALID_INTERVAL TARGET_WARMUP \
             TARGET_EARLY_STOP MAX_INPUT_LENGTH MAX_OUTPUT_LENGTH \
             ADAPTER_SIZE LORA_R LORA_ALPHA PREFIX_LENGTH PREFIX_MLP PREFIX_ITERS_SCALE \
-            IA3_LR_SCALE TEM WEIGHT_NORM COS_TEM LORA_COMBINE MAX_EXAMPLES TRANSFERABILITY DEVICE BF16 JOBS; do
+            IA3_LR_SCALE TEM WEIGHT_NORM COS_TEM LORA_COMBINE MAX_EXAMPLES TRANSFERABILITY DEVICE BF16 JOBS GROUP_SIZE; do
     if [ -n "${!name:-}" ]; then
         args+=("--${name,,}" "${!name}")
     fi
