@@ -661,18 +661,31 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
                                          "or choose another --output")
 
 
-def resolve_group_size(p, task_pool: list[str]) -> tuple[int, str]:
+def resolve_group_size(p, task_pool: list[str], target_list: list[str]) -> tuple[int, str]:
     """The study's one group size for every stage (each stage caps it at its own number of modules), and how it
-    was chosen: auto sizes it for the largest training batch on the backbone's shape, without loading it."""
+    was chosen: auto sizes it, without loading the backbone's weights, for the longest example the study
+    trains on (the pool's source splits, unless a library replaces them, and every target split) at the
+    training batch sizes, and for the dev-all and pairs predictions (100 rows)."""
     import torch
+    from transformers import AutoTokenizer
 
+    from dataloader.crossfit import load_task
     from models.backbone import load_backbone_config, pick_device
     from models.group import pick_group_size
+    from models.seq2seq import encode_examples, longest_example
 
     if p.group_size != "auto":
         return int(p.group_size), f"group size {p.group_size}"
-    return pick_group_size("auto", len(task_pool), load_backbone_config(p.model), torch.device(pick_device(p.device)),
-                           max(p.source_bsz, p.target_bsz), p.max_input_length + p.max_output_length, training=True)
+    tokenizer = AutoTokenizer.from_pretrained(p.model)
+    splits = [] if p.source_library else [(t, p.source_k, p.source_data_seed) for t in task_pool]
+    splits += [(t, p.target_k, seed) for seed in data_seeds_of(p) for t in target_list]
+    encoded = [encode_examples(tokenizer, examples, p.max_input_length, p.max_output_length)
+               for t, k, seed in splits for examples in load_task(p.task_dir, t, k, seed, ["train"]).values()]
+    config, device, length = load_backbone_config(p.model), torch.device(pick_device(p.device)), \
+        longest_example(encoded)
+    train = pick_group_size("auto", len(task_pool), config, device, max(p.source_bsz, p.target_bsz), length, True)
+    predict = pick_group_size("auto", len(task_pool), config, device, 100, length, False)
+    return min(train, predict)
 
 
 def parse_args(argv: list[str] | None):
@@ -739,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             slurm_gpus=p.slurm_gpus, slurm_cpus=p.slurm_cpus or None, slurm_mem=p.slurm_mem or None,
             slurm_array_parallelism=p.slurm_array_parallelism or None,
             slurm_log_dir=p.slurm_log_dir or None).validate()
-    study.group_size, why = resolve_group_size(p, task_pool)
+    study.group_size, why = resolve_group_size(p, task_pool, target_list)
     study.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.root / "params.json", json.dumps(vars(p), indent=1))
     start = time.time()

@@ -51,7 +51,7 @@ from models.formats import load_delta_checkpoint
 from models.group import add_group_size_arg, chunks, ensure_slots, load_slot_state, pick_group_size
 from models.methods import DELTA_NAME
 from models.run_folders import file_lock
-from models.seq2seq import encode_examples
+from models.seq2seq import encode_examples, longest_example
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
@@ -194,8 +194,7 @@ def run_dev_all(config: DevAllConfig) -> None:
     work = {t: [(zero_shot, s, sources[s].folder) for s in source_names if s != t]
             + [(after, s, folder) for (target, s), folder in tuned.items() if target == t] for t in targets}
     size, why = pick_group_size(config.group_size, max(len(items) for items in work.values()), model.config, device,
-                                config.predict_batch_size, config.max_input_length + config.max_output_length,
-                                training=False)
+                                config.predict_batch_size, longest_example(dev.values()), training=False)
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
           f"{cfg.describe()} ({device}); {why}; output {output}", flush=True)
     slots = ensure_slots(model, cfg, size) if size > 1 else [DELTA_NAME]

@@ -93,7 +93,14 @@ from models.group import (  # noqa: E402
     slot_params,
 )
 from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
-from models.seq2seq import IGNORE_INDEX, EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
+from models.seq2seq import (  # noqa: E402
+    IGNORE_INDEX,
+    EncodedTask,
+    encode_examples,
+    first_output_batches,
+    longest_example,
+    to_device,
+)
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
@@ -441,7 +448,7 @@ def run_similarity(config: SimilarityConfig) -> None:
     encoded = {t: encode_examples(tokenizer, ex, config.max_input_length, config.max_output_length)
                for t, ex in examples.items()}
     size, why = pick_group_size(config.group_size, max(len(p) for p in plan.values()), model.config, device,
-                                config.batch_size, config.max_input_length + config.max_output_length,
+                                config.batch_size, longest_example(encoded.values()),
                                 training=any(m.needs_grad for m in metrics))
     print(f"{len(targets)} target(s) x {len(needed)} source(s), metrics {', '.join(m.name for m in metrics)}, "
           f"{cfg.describe()}, granularity {config.granularity} ({len(scorer.groups)} group(s)), device {device}; "

@@ -52,6 +52,7 @@ from models.delta import (
 from models.formats import load_delta_checkpoint
 from models.group import AUTO, add_group_size_arg, chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
+from models.seq2seq import longest_example
 from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer, default_warmup
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError, run_cli
@@ -278,14 +279,13 @@ def run_tune_all(config: TuneAllConfig) -> None:
     # whole (the pairs already tuned are trained again but not rewritten), so a resumed run trains every
     # module in the group an uninterrupted run gives it: with dropout on, a module's masks depend on its
     # group, as they depend on the seed.
+    data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")}) for t in targets}
     size, why = pick_group_size(config.group_size, max(len([s for s in source_names if s != t]) for t in targets),
                                 trainer.model.config, trainer.device, config.bsz,
-                                config.max_input_length + config.max_output_length, training=True)
+                                longest_example(d.splits["train"] for d in data.values()), training=True)
     groups = [chunk for t in targets for chunk in chunks([(t, s) for s in source_names if s != t], size)
               if any(existing[pair] is None for pair in chunk)]
     todo = [pair for chunk in groups for pair in chunk if existing[pair] is None]
-    data = {t: TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in ("train", "dev")})
-            for t in dict.fromkeys(t for chunk in groups for t, _ in chunk)}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     done = sum(meta is not None for meta in existing.values())

@@ -204,5 +204,15 @@ def add_group_size_arg(parser, default: int | str | None = None) -> None:
 
 
 def chunks(items: Sequence, size: int) -> list[list]:
-    """``items`` in consecutive groups of ``size`` (the last may be smaller)."""
-    return [list(items[i:i + size]) for i in range(0, len(items), max(1, size))]
+    """``items`` in order, in as few groups of at most ``size`` as possible, their sizes as equal as possible
+    (20 items at size 19: two groups of 10, not 19 and 1: a group costs what its largest batch costs)."""
+    count = -(-len(items) // max(1, size))
+    if count == 0:
+        return []
+    small, extra = divmod(len(items), count)
+    groups, start = [], 0
+    for i in range(count):
+        end = start + small + (1 if i < extra else 0)
+        groups.append(list(items[start:end]))
+        start = end
+    return groups

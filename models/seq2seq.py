@@ -6,7 +6,7 @@ Shared by the trainer and the similarity code.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,14 @@ def encode_examples(tokenizer, examples: list[Example], max_input_length: int,
         outputs.append(flat_ids[pos:pos + len(ex.outputs)])
         pos += len(ex.outputs)
     return EncodedTask(examples, inputs, outputs)
+
+
+def longest_example(tasks: Iterable[EncodedTask]) -> int:
+    """Tokens of the longest input plus the longest output over ``tasks``: what one row of a batch can cost."""
+    tasks = list(tasks)
+    inputs = max((len(x) for t in tasks for x in t.inputs), default=1)
+    outputs = max((len(y) for t in tasks for ys in t.outputs for y in ys), default=1)
+    return inputs + outputs
 
 
 def collate(inputs: list[list[int]], labels: list[list[int]] | None, pad_id: int) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from models.delta import DeltaConfig, load_delta_state
 from models.formats.peft_export import check_destination, check_exportable, export_peft
 from models.group import AUTO, chunks, pick_group_size
 from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
+from models.seq2seq import longest_example
 from models.trainer import Distributed, Run, RunLog, TaskData, TrainConfig, Trainer, fmt_score, init_distributed
 from task_list import resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError
@@ -197,7 +198,7 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
     processes = f"; {ddp.world} processes, each on its share of every batch" if ddp.world > 1 else ""
     runs = [(sweep, t, lr, bsz) for sweep in sweeps for t, lr, bsz in sweep.runs]
     count = len(runs) if config.do_train else len(sweeps[0].tasks)
-    length = config.max_input_length + config.max_output_length
+    length = longest_example(d.splits["train"] if "train" in d.splits else d.splits["dev"] for d in data.values())
     size, why = pick_group_size(1 if ddp.world > 1 else config.group_size, len(runs), trainer.model.config,
                                 trainer.device, max(config.bsz_list), length, training=True)
     outputs = ", ".join(str(s.output_dir) for s in sweeps)

@@ -23,6 +23,7 @@ from get_similarity import dev_all, score, tune_all
 from models.delta import DeltaConfig, save_delta_checkpoint
 from models.formats import load_delta_checkpoint
 from models.group import (
+    chunks,
     composition,
     ensure_slots,
     load_slot_state,
@@ -260,3 +261,11 @@ def test_tune_all_reports_a_diverging_pair_and_saves_the_others(stage_sources, t
     saved = {(p.parent.name, p.name) for p in out.glob("*/*") if p.is_dir()}
     assert saved == {("sent_review", "topic_news"), ("sent_tweet", "sent_review"), ("sent_tweet", "topic_news"),
                      ("topic_news", "sent_review")}
+
+
+def test_chunks_are_as_few_and_as_even_as_the_size_allows():
+    assert chunks(list(range(20)), 19) == [list(range(10)), list(range(10, 20))]
+    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert chunks(list(range(4)), 8) == [[0, 1, 2, 3]]
+    assert chunks([], 4) == []
+    assert [len(c) for c in chunks(list(range(19)), 1)] == [1] * 19
