@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared benchmark for a GPU machine (CUDA): a random t5-base-shaped backbone (no download), training
-# examples/s of each delta method with --device cuda --bf16, similarity throughput and peak GPU memory.
+# examples/s of each delta method with --device cuda --bf16, similarity throughput, grouped training (G LoRA
+# modules per forward pass, G = 1 8 32) and peak GPU memory.
 # Writes a markdown table to $OUT/gpu.md when OUT is set, else bench/results/gpu.md. About 4 minutes on an H100.
 #
 #   bash bench/gpu.sh               # on the GPU machine

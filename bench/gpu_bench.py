@@ -99,6 +99,31 @@ def train_rate(model_dir: Path, method: str, bsz: int, steps: int, device: str, 
     return median(rates[1:])
 
 
+def grouped_rate(model_dir: Path, method: str, size: int, bsz: int, steps: int, device: str, task_dir: Path,
+                 log_path: Path) -> float:
+    """Training examples/s of ``size`` modules trained as one group (models/group.py: one Parallel forward pass
+    per step on a shared batch), all modules counted; the median of blocks 2-6 of the trainer's own log."""
+    from dataloader.crossfit import load_task
+    from models.delta import DeltaConfig
+    from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
+
+    block = max(1, steps // 6)
+    config = TrainConfig(model=str(model_dir), device=device, bf16=True, train_iters=block * 6, log_interval=block,
+                         valid_interval=block * 6, early_stop=0, warmup_steps=0)
+    trainer = Trainer(config, DeltaConfig(method, **SCRIPT_SIZES[method]))
+    raw = load_task(task_dir, TASK, K, DATA_SEED, ["train", "dev"])
+    task = TaskData(TASK, "ACC", {s: trainer.encode(raw[s]) for s in raw})
+    logs = [RunLog(log_path if i == 0 else None, console=False) for i in range(size)]
+    trainer.train_group([Run(task, 1e-4 * (1 + i), bsz, trainer.init_state, "random", None, log)
+                         for i, log in enumerate(logs)])
+    for log in logs:
+        log.close()
+    rates = [float(m.group(2)) for m in LOG_RATE.finditer(log_path.read_text(encoding="utf-8"))]
+    if len(rates) != 6:
+        raise RuntimeError(f"expected 6 examples/s lines in {log_path}, found {len(rates)}")
+    return median(rates[1:]) * size  # the log counts one module's examples; the group trains `size` times that
+
+
 def similarity_rate(model_dir: Path, method: str, n: int, device: str, scratch: Path) -> tuple[float, float]:
     """(sources per second in score.py's scoring loop, whole score.main seconds)."""
     from transformers import T5Config
@@ -134,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bsz", type=int, nargs="+", default=None, help="training batch sizes (default 8 32; dry 4)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; dry 12)")
     p.add_argument("--sources", type=int, default=None, help="similarity sources per method (default 20; dry 2)")
+    p.add_argument("--groups", type=int, nargs="+", default=None,
+                   help="group sizes of the grouped-training rows (default 1 8 32; dry 1 2)")
     a = p.parse_args(argv)
     dry = a.dry_run or a.quick
     device = "cpu" if dry else "cuda"
@@ -143,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     bszs = a.bsz or ([4] if dry else [8, 32])
     steps = a.steps or (12 if dry else 300)
     n_sources = a.sources or (2 if dry else 20)
-    check_positive("--bsz/--steps/--sources", [*bszs, steps, n_sources])
+    groups = a.groups or ([1, 2] if dry else [1, 8, 32])
+    check_positive("--bsz/--steps/--sources/--groups", [*bszs, steps, n_sources, *groups])
 
     start = time.perf_counter()
     scratch = scratch_dir("gpu")
@@ -164,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             per_s, seconds = similarity_rate(model_dir, method, n_sources, device, scratch)
             rows.append([method, f"similarity, {n_sources} sources (Loss, 64 dev examples)", fmt(per_s, 1),
                          f"sources/s ({fmt(seconds, 1)} s in all)", peak_mb(device)])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        for size in groups:  # grouped training at the first batch size, LoRA (the study's default method)
+            reset_peak(device)
+            log = scratch / f"group-{size}.log"
+            rate = grouped_rate(model_dir, "lora", size, bszs[0], steps, device, task_dir, log)
+            rows.append(["lora", f"grouped train, G={size}, batch {bszs[0]} each", fmt(rate, 1),
+                         "examples/s (all modules)", peak_mb(device)])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     finally:
         remove_tree(scratch)

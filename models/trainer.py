@@ -1,10 +1,12 @@
-"""The trainer: one delta module on a frozen backbone, trained, validated and saved one run at a time.
+"""The trainer: delta modules on a frozen backbone, trained, validated and saved, alone or in groups.
 
-``Trainer`` holds the backbone and its delta module and runs one (task, learning rate, batch size) at a
-time: AdamW with linear warm-up and decay, validation by the one evaluator (``models.seq2seq.predict`` and
-the task's metric) every ``valid_interval`` steps, the best (or last) module kept, early stopping, test
-predictions. Everything it needs is in a ``TrainConfig``; ``tune.py`` translates its flags into one, and
-tune-all builds its own. ``TrainConfig``'s defaults are tune.py's defaults.
+``Trainer`` holds the backbone and its delta module. ``train`` runs one (task, learning rate, batch size):
+AdamW with linear warm-up and decay, validation by the one evaluator (``models.seq2seq.predict`` and the
+task's metric) every ``valid_interval`` steps, the best (or last) module kept, early stopping, test
+predictions. ``train_group`` runs several such runs at once, one module per slot of the backbone
+(models/group.py), each exactly as it would run alone. Everything it needs is in a ``TrainConfig``;
+``tune.py`` translates its flags into one, and tune-all builds its own. ``TrainConfig``'s defaults are
+tune.py's defaults.
 """
 
 from __future__ import annotations

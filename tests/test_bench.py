@@ -148,8 +148,9 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [table] = read_tables(tmp_path / "gpu_dry_run.md")
-    assert column(table, "method") == ["lora", "lora", "prefix", "prefix"]
+    assert column(table, "method") == ["lora", "lora", "prefix", "prefix", "lora", "lora"]
     assert column(table, "what")[0] == "train, batch 4"
+    assert column(table, "what")[4:] == ["grouped train, G=1, batch 4 each", "grouped train, G=2, batch 4 each"]
     assert all(number(rate) > 0 for rate in column(table, "rate"))
     assert set(column(table, "peak GPU MB")) == {"-"}
 
