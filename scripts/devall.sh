@@ -24,6 +24,7 @@ cd "$(dirname "$0")/.."
 : "${MAX_OUTPUT_LENGTH:=16}"                      # keep equal to tuneall.sh's
 : "${PREDICT_BATCH_SIZE:=100}"
 : "${DEVICE:=auto}"
+: "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
 
@@ -43,7 +44,7 @@ cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED"
      --source_ckpt_path "$SOURCE_CKPT_PATH" "${tuned[@]}" --output "$OUTPUT"
-     --max_output_length "$MAX_OUTPUT_LENGTH" --predict_batch_size "$PREDICT_BATCH_SIZE" --device "$DEVICE"
+     --max_output_length "$MAX_OUTPUT_LENGTH" --predict_batch_size "$PREDICT_BATCH_SIZE" --device "$DEVICE" --group_size "$GROUP_SIZE"
      $EXTRA_ARGS "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"

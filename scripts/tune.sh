@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 : "${DATA_SEED:=100}"
 : "${OUTPUT_DIR:=runs/sources/${TUNE_METHOD}}"
 : "${DEVICE:=auto}"
+: "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${LRS:=3e-3}"
 : "${BSZS:=16}"
 : "${TRAIN_ITERS:=200}"
@@ -30,7 +31,7 @@ cd "$(dirname "$0")/.."
 args=(--do_train --do_predict --quiet --overwrite
       --tune_method "$TUNE_METHOD" --model "$MODEL" --tokenizer_path "$TOKENIZER"
       --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED"
-      --output_dir "$OUTPUT_DIR" --device "$DEVICE" --seed "$SEED"
+      --output_dir "$OUTPUT_DIR" --device "$DEVICE" --group_size "$GROUP_SIZE" --seed "$SEED"
       --learning_rate_list $LRS --bsz_list $BSZS --train_iters "$TRAIN_ITERS"
       --valid_interval "$VALID_INTERVAL" --early_stop "$EARLY_STOP"
       --predict_batch_size 100 --max_output_length 16 $EXTRA_ARGS "$@")

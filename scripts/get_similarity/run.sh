@@ -24,6 +24,7 @@ cd "$(dirname "$0")/../.."
 : "${BATCH_SIZE:=32}"
 : "${OUTPUT_DIR:=runs/similarity/${DELTA}}"        # result.tsv there: this run adds its rows (--overwrite: replaces them)
 : "${DEVICE:=auto}"
+: "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
 
@@ -32,7 +33,7 @@ cmd=("$PYTHON" -m get_similarity.score --quiet --delta "$DELTA" --metric $METRIC
      --model "$MODEL" --tokenizer_path "$TOKENIZER" --task_dir "$TASK_DIR"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED" --split "$SPLIT"
      --source_ckpt_path "$SOURCE_CKPT_PATH" --random_tuned_ckpt_path "$RANDOM_TUNED_CKPT_PATH"
-     --granularity "$GRANULARITY" --batch_size "$BATCH_SIZE" --output_dir "$OUTPUT_DIR" --device "$DEVICE"
+     --granularity "$GRANULARITY" --batch_size "$BATCH_SIZE" --output_dir "$OUTPUT_DIR" --device "$DEVICE" --group_size "$GROUP_SIZE"
      ${MAX_EXAMPLES:+--max_examples "$MAX_EXAMPLES"} $EXTRA_ARGS "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"
