@@ -49,3 +49,4 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/fusion.py
 	OMP_NUM_THREADS=1 $(PY) bench/eval_speed.py
 	OMP_NUM_THREADS=1 $(PY) bench/load_sources.py
+	OMP_NUM_THREADS=1 $(PY) bench/grouped.py
