@@ -73,12 +73,12 @@ SETTINGS = {"full": ["--max_new_tokens", str(MAX_OUTPUT)], "auto": [], "rank": [
 
 
 def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> dict[str, float]:
-    """Run tune.main with timers around Trainer.train and Trainer.evaluate (validation inside train only)."""
+    """Run tune.main with timers around Trainer.train_group and Trainer.evaluate (validation inside training only)."""
     import tune
 
     totals = {"train": 0.0, "valid": 0.0, "validations": 0}
     inside = [False]
-    evaluate, train = Trainer.evaluate, Trainer.train
+    evaluate, train = Trainer.evaluate, Trainer.train_group
 
     def timed_evaluate(self, *args, **kwargs):
         start = time.process_time()
@@ -101,9 +101,9 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
     sizes = [x for k, v in SCRIPT_SIZES[METHOD].items() for x in (f"--{k}", str(v))]
     argv = ["--do_train", "--tune_method", METHOD, *sizes, "--tasks", *tasks, "--output_dir", str(out),
             "--max_input_length", str(MAX_INPUT), "--max_output_length", str(MAX_OUTPUT), "--device", "cpu",
-            "--quiet", "--log_file_only", *flags, *extra]
+            "--quiet", "--log_file_only", "--group_size", "1", *flags, *extra]  # one run at a time: its own share
     with (mock.patch.object(Trainer, "evaluate", timed_evaluate),
-          mock.patch.object(Trainer, "train", timed_train),
+          mock.patch.object(Trainer, "train_group", timed_train),
           contextlib.redirect_stderr(io.StringIO())):
         code = tune.main(argv)
     if code != 0:
