@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo study-full test test-fast test-portable lint bench
+.PHONY: demo study study-full test test-fast test-portable lint bench
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+# The full comparison on the embedded default: LoRA, its own source stage, every weighting, two merge operators and
+# learned weights, six targets, three data seeds, the transferability report (docs/study.md gives its time).
+study: $(STAMP)
+	OUTPUT=runs/study TRANSFERABILITY=true bash scripts/pipeline.sh
 
 # All three delta methods, every bundled task as a target (hours on 2 CPU cores; minutes on a GPU).
 study-full: $(STAMP)

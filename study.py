@@ -35,7 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from models.sizes import METHOD_SIZES  # noqa: E402
-from unit_model.fusion_names import ORIGINAL_TEMPERATURES, SIMILARITY_METRICS, parse_fusion  # noqa: E402
+from unit_model.fusion_names import (  # noqa: E402
+    ORIGINAL_TEMPERATURES,
+    SIMILARITY_METRICS,
+    fusion_file_name,
+    parse_fusion,
+)
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 
@@ -124,11 +129,20 @@ PARAMS = block_params(globals())
 
 
 def say(line: str) -> None:
-    """A progress line that does not collide with the tqdm bars of the stage underneath."""
-    from tqdm.auto import tqdm
+    """A progress line that does not collide with the bars of the stage underneath (bars only on a terminal)."""
+    from utils.progress import say as say_line
 
-    tqdm.write(line)
-    sys.stdout.flush()
+    say_line(line)
+
+
+def clock(seconds: float) -> str:
+    """A duration as a person reads it: 42s, 3m05s, 1h02m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def words(text: str | list[str]) -> list[str]:
@@ -146,6 +160,20 @@ class Study:
         self.markers = self.root / ".steps"
         self.launch = None  # utils.jobs.LaunchOptions when stages run as parallel jobs
         self.group_size = 1  # modules per forward pass, resolved from p.group_size (resolve_group_size)
+        # progress: the study's start, and the target sides (a delta method on a data seed) left and their times
+        self.started = time.time()
+        self.sides_left = 0
+        self.side_started = time.time()
+        self.side_seconds: list[float] = []
+
+    def progress(self) -> str:
+        """Elapsed time, and what is left once a target side has been timed (each later one takes about as long)."""
+        elapsed = f"elapsed {clock(time.time() - self.started)}"
+        if not self.side_seconds:
+            return elapsed
+        per_side = sum(self.side_seconds) / len(self.side_seconds)
+        left = max(per_side - (time.time() - self.side_started), 0.0) + per_side * self.sides_left
+        return f"{elapsed}, about {clock(left)} left"
 
     # -- resumability ------------------------------------------------------------------------------
     def marker(self, name: str) -> Path:
@@ -199,7 +227,7 @@ class Study:
             for n in todo:
                 self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
         if todo:
-            say(f"[{index}/8] {title}: finished in {time.time() - start:.0f}s")
+            say(f"[{index}/8] {title}: finished in {clock(time.time() - start)} ({self.progress()})")
 
     def group_step(self, title: str, group: list[str], outputs: Callable[[str], list[Path]],
                    run_group: Callable[[list[str]], None]) -> None:
@@ -435,7 +463,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                 tem = 1.0
             config = FusionConfig(delta=delta, tasks=task_pool, targets=target_list, source_ckpt_path=str(src),
                                   task_dir=p.task_dir,
-                                  save_ckpt_path=str(fused / fusion), weight_norm=weight_norm, merge=spec.operator,
+                                  save_ckpt_path=str(fused / fusion_file_name(fusion)), weight_norm=weight_norm,
+                                  merge=spec.operator,
                                   lam=p.lam, density=p.density, majority_sign=p.majority_sign,
                                   merge_seed=p.merge_seed, top_k=0 if method == "learned" else p.top_k,
                                   tem=tem,
@@ -446,20 +475,21 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             run_fusion(weighting, config)
 
         study.stage(6, f"{delta}/{split}/fusion", fusion_list,
-                    lambda m: [fused / m / fused_dir_name(t) for t in target_list], fuse)
+                    lambda m: [fused / fusion_file_name(m) / fused_dir_name(t) for t in target_list], fuse)
 
         def transfer_stage(budget: tuple[int, int]) -> None:
             transfer = base / budget_dir(budget[0]) / "transfer"
 
             def transfer_in_order(done: list[str]) -> None:
                 for m in dict.fromkeys(mt.split(".")[0] for mt in done):
-                    in_order(transfer / m, p.target_k, data_seed, target_lr, p.target_bsz)(
+                    in_order(transfer / fusion_file_name(m), p.target_k, data_seed, target_lr, p.target_bsz)(
                         [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
 
             def transfer_config(mt: str) -> TuneConfig:
                 m, t = mt.split(".")
-                return TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(transfer / m),
-                                  train_checkpoint=str(fused / m / fused_dir_name(t)))
+                return TuneConfig(**sweep, **target_budget(*budget), tasks=[t],
+                                  output_dir=str(transfer / fusion_file_name(m)),
+                                  train_checkpoint=str(fused / fusion_file_name(m) / fused_dir_name(t)))
 
             # grouped target by target: a target's fused starts share its batches (Parallel)
             tune_stage(7, f"{split}/{budget_dir(budget[0])}/transfer",
@@ -479,7 +509,10 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                     lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, data_seed, pairs, size))
 
     for data_seed in data_seeds_of(p):
+        study.side_started = time.time()
+        study.sides_left -= 1
         target_side(data_seed)
+        study.side_seconds.append(time.time() - study.side_started)
 
 
 AXES = ("target_data_seeds", "target_budgets", "target_early_stop")  # list parameters of the study itself
@@ -523,7 +556,6 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     """Test score of each target's module tuned from each single source (tune-all), for transferability; a
     target's modules are predicted ``group_size`` at a time (models.evaluate.predict_group)."""
     import torch
-    from tqdm.auto import tqdm
 
     from dataloader.crossfit import load_task
     from dataloader.metrics import metric_for_task
@@ -539,7 +571,10 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     device = pick_device(p.device)
     net, tokenizer = load_backbone(p.model, None, device)
     rows, slots = [], []
-    bar = tqdm(total=len(target_list) * (len(task_pool) - 1), desc=f"{delta} single-source test scores", leave=False)
+    from utils.progress import progress_bar
+
+    bar = progress_bar(total=len(target_list) * (len(task_pool) - 1), desc=f"{delta} single-source test scores",
+                       leave=False)
     for t in target_list:
         test = load_task(p.task_dir, t, p.target_k, data_seed, ("test",))["test"]
         encoded = encode_examples(tokenizer, test, p.max_input_length, p.max_output_length)
@@ -753,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             slurm_array_parallelism=p.slurm_array_parallelism or None,
             slurm_log_dir=p.slurm_log_dir or None).validate()
     study.group_size, why = resolve_group_size(p, task_pool, target_list)
+    study.sides_left = len(delta_list) * len(data_seeds_of(p))
     study.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.root / "params.json", json.dumps(vars(p), indent=1))
     start = time.time()

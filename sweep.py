@@ -35,6 +35,7 @@ from pathlib import Path
 from utils.errors import run_cli
 from utils.io import write_tsv_atomic
 from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
+from utils.params import HelpFormatter
 
 REPO = Path(__file__).resolve().parent
 
@@ -117,21 +118,23 @@ def plan_devall(argv: list[str]) -> Plan:
     from get_similarity import dev_all
 
     args, pairs = pairs_of(dev_all, argv)
-    output = Path(args.output)
+    every_pair, output = pairs, Path(args.output)
     if output.is_file():
         dev_all.read_rows(output)  # a malformed table is refused now, not by every job
-        if not args.overwrite:
+        if args.resume and not args.overwrite:
+            pairs = dev_all.unfinished_pairs(output, pairs, args.tuneall_ckpt_path)
+        elif not args.overwrite:
             dev_all.check_no_earlier_rows(output, pairs, merge=True)
     jobs = [script_job(f"{t}/{s}", "get_similarity/dev_all.py",
                        [*argv, "--tasks", t, "--source_tasks", s, "--merge"]) for t, s in pairs]
-    return Plan(jobs, output.parent / "logs", lambda: dev_all.keep_pairs(output, pairs))
+    return Plan(jobs, output.parent / "logs", lambda: dev_all.keep_pairs(output, every_pair))
 
 
 PLANS = {"tune": plan_tune, "tuneall": plan_tuneall, "devall": plan_devall}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_launch_args(p)
     p.add_argument("entry", choices=sorted(PLANS), help="tune (tune.py), tuneall (tune_all.py) or devall (dev_all.py)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the entry point's own flags")

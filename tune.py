@@ -23,11 +23,12 @@ from models.group import add_group_size_arg
 from models.sizes import METHOD_SIZES
 from models.tuning import TuneConfig, check_config, run_sweep
 from utils.errors import UserInputError, run_cli
+from utils.params import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     D = TuneConfig(delta=DeltaConfig("adapter"))  # the library's defaults are the flags' defaults
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     run = p.add_argument_group("runs and sweeps")
     run.add_argument("--do_train", action="store_true", help="train a delta module on each task")
     run.add_argument("--do_predict", action="store_true", help="score the test split")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight_decay", type=float, default=D.weight_decay)
     run.add_argument("--max_grad_norm", type=float, default=D.max_grad_norm)
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
+    run.add_argument("--resume", action="store_true",
+                     help="skip each run whose folder holds a finished run of the same settings (a run of other "
+                          "settings is refused); without it an existing run folder is refused")
     run.add_argument("--log_file_only", action="store_true",
                      help="write log lines only to each run's log.txt (progress bars stay); for drivers like study.py")
     add_group_size_arg(run, D.group_size)

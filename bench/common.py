@@ -33,6 +33,7 @@ from models.delta import DeltaConfig, save_delta_checkpoint  # noqa: E402
 from models.run_folders import CHECKPOINT_SUBDIR, RESULT_COLUMNS, run_dir_name  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.io import write_text_atomic, write_tsv_atomic  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 PEAK_RSS = REPO / "bench" / "peak_rss.py"
@@ -63,7 +64,7 @@ def script_config(method: str) -> DeltaConfig:
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
     """The flags every bench shares: --quick and --results_dir."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks the code paths in seconds")
     p.add_argument("--results_dir", default=str(RESULTS_DIR), help="where the markdown table is written")
     return p

@@ -8,6 +8,12 @@ all in this one bench run:
 * similarity: the same 19 sources scored on the target's dev split (64 examples) with all five metrics
   (``python -m get_similarity.score --metric all --group_size G``), the KL reference being a 20th module.
 
+* sweep: ``tune.py`` over several tasks (one run each, 40 steps at batch 8) at ``--group_size 1``, ``auto``
+  and G = the number of tasks, on tasks of similar input lengths (four sentiment tasks of the suite) and of
+  mixed lengths (eight real CrossFit tasks where ``../shared/data/crossfit-real`` exists, else four suite
+  tasks of four families). Different tasks share no batch, so a group runs under ``BatchSplit``; ``auto``
+  on the CPU trains them one at a time (models/tuning.py, ``sweep_groups``), and this shows why.
+
 The sources are random LoRA modules of the default size (r=8, alpha 16) on the embedded default backbone.
 Costs are CPU times (user + system) of the whole child, start-up included: with ``OMP_NUM_THREADS=1`` a
 one-thread process, whose CPU time barely moves with other load on the machine (wall time is beside it).
@@ -47,6 +53,11 @@ from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 TARGET = "sent_review"
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "crossfit-real"
+SIMILAR_TASKS = ["sent_review", "sent_tweet", "sent_satisfied", "sent_stars"]
+MIXED_SUITE_TASKS = ["sent_review", "qa_story", "ext_animals", "nli_entail"]
+MIXED_REAL_TASKS = ["ag_news", "ai2_arc", "ade_corpus_v2-classification", "boolq", "emo", "glue-rte",
+                    "squad-no_context", "tweet_eval-irony"]
 TUNE_ALL_TIME = re.compile(r"tuned \d+ pair\(s\) in ([0-9.]+)s")
 SCORE_TIME = re.compile(r"; ([0-9.]+) s per source per target")
 GOALS = {"tune-all": 4.0, "similarity": 3.0}  # the issue's goals: at least this many times less CPU at the largest G
@@ -79,6 +90,42 @@ def score_once(sources: Path, names: list[str], out: Path, examples: int, size: 
         raise RuntimeError(f"{out / 'result.tsv'}: expected {5 * len(names)} rows, found {len(rows)}")
     remove_tree(out)
     return wall, cpu, float(match.group(1)) * len(names)
+
+
+def sweep_once(tasks: list[str], task_dir: Path, k: int, data_seed: int, out: Path, steps: int,
+               size: str) -> tuple[float, float]:
+    argv = [sys.executable, "tune.py", "--do_train", "--tune_method", "lora", "--lora_r", "8", "--tasks", *tasks,
+            "--task_dir", str(task_dir), "--k", str(k), "--data_seed", str(data_seed), "--output_dir", str(out),
+            "--train_iters", str(steps), "--valid_interval", str(steps), "--bsz_list", "8",
+            "--learning_rate_list", "3e-3", "--group_size", size, "--device", "cpu", "--quiet", "--log_file_only",
+            "--max_output_length", "16"]
+    wall, cpu, _ = run_child(argv, f"tune.py with --group_size {size}")
+    remove_tree(out)
+    return wall, cpu
+
+
+def sweep_rows(steps: int, quick: bool) -> list[list]:
+    """tune.py over tasks of similar and of mixed input lengths, at G = 1, auto and the number of tasks."""
+    cases = [("similar lengths (suite)", SIMILAR_TASKS[:2] if quick else SIMILAR_TASKS, SUITE_DIR, 16, 100)]
+    real = [t for t in MIXED_REAL_TASKS if (REAL_DATA / t).is_dir()]
+    if quick:
+        pass  # the code path only: one case, two tasks
+    elif len(real) == len(MIXED_REAL_TASKS):
+        cases.append(("mixed lengths (real CrossFit)", real, REAL_DATA, 16, 100))
+    else:
+        cases.append(("mixed lengths (suite)", MIXED_SUITE_TASKS, SUITE_DIR, 16, 100))
+    rows = []
+    scratch = scratch_dir("grouped-sweep")
+    try:
+        for name, tasks, task_dir, k, seed in cases:
+            sizes = ("1", "auto") if quick else ("1", "auto", str(len(tasks)))
+            measured = {size: sweep_once(tasks, task_dir, k, seed, scratch / "out", steps, size) for size in sizes}
+            base = measured["1"][1]
+            for size, (wall, cpu) in measured.items():
+                rows.append([name, len(tasks), size, fmt(cpu), fmt(wall), f"{base / cpu:.2f}x"])
+    finally:
+        remove_tree(scratch)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,14 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"{base_own / own:.2f}x", goal])
     header = ["stage", "G", "CPU s (process)", "wall s", "CPU ratio vs G=1", "stage's own s", "own ratio vs G=1",
               "goal (process CPU)"]
+    sweep_header = ["tune.py sweep", "tasks", "--group_size", "CPU s (process)", "wall s", "CPU ratio vs 1"]
+    sweep = sweep_rows(steps, a.quick)
     write_report(a.results_dir, "grouped", "Grouped stages: G modules per forward pass vs one at a time",
-                 command_line("bench/grouped.py", argv), [markdown_table(header, rows)],
+                 command_line("bench/grouped.py", argv),
+                 [markdown_table(header, rows), markdown_table(sweep_header, sweep)],
                  [f"{n} random LoRA sources (r=8, alpha 16) of target {TARGET} on the embedded default backbone, CPU",
                   f"tune-all: {steps} steps at batch 8 per source; similarity: Loss, KL, EL2N, LogitsCos and GraNd "
                   f"on {examples} dev examples",
                   "CPU s = user + system time of the whole child (start-up included), median of "
                   f"{reps} run(s); stage's own s = the time the script prints for its loop (tune-all: all pairs; "
-                  "similarity: per source x sources)"])
+                  "similarity: per source x sources)",
+                  "sweep: one tune.py process per row, one run per task; auto must never cost more than 1"])
     return 0
 
 

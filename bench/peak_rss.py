@@ -53,7 +53,7 @@ def peak_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file for the measurements")
     p.add_argument("--preload", default="", help="comma-separated modules imported before the baseline")
     p.add_argument("-m", dest="module", required=True, help="module to run as __main__")

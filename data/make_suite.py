@@ -16,12 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import write_suite  # noqa: E402
 from utils.io import staged_dir  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "synthetic"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     with staged_dir(out) as tmp:  # the old suite stays in place until the new one is complete
         files = write_suite(tmp)

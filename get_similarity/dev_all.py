@@ -32,7 +32,6 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
@@ -55,7 +54,8 @@ from models.seq2seq import encode_examples, longest_example
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
-from utils.params import config_from, field_defaults
+from utils.params import HelpFormatter, config_from, field_defaults
+from utils.progress import progress_bar
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
@@ -67,10 +67,11 @@ class DevAllConfig(PairsConfig):
     output: str
     tuneall_ckpt_path: str | None = None
     merge: bool = False
+    resume: bool = False  # score only the pairs --output lacks (or holds without the tuned score that now exists)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
     p.add_argument("--source_tasks", nargs="+",
                    help="sources (default: --tasks); a target is never scored with its own module")
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="replace this run's rows in an existing --output and keep its other rows (under a file "
                         "lock): parallel jobs that each score some pairs share one table")
+    p.add_argument("--resume", action="store_true",
+                   help="score only the pairs that --output lacks, or holds with dev_after '-' where a tuned module "
+                        "now exists; its other rows are kept (implies --merge)")
     add_group_size_arg(p)
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(DevAllConfig))
@@ -112,6 +116,18 @@ def check_no_earlier_rows(path: Path, pairs: list[tuple[str, str]], merge: bool)
         if (row[0], row[1]) in wanted:
             raise UserInputError(f"{path}:{line}: already holds the row of (target={row[0]}, source={row[1]}) from "
                                  "an earlier run; pass --overwrite to replace it or choose another --output")
+
+
+def unfinished_pairs(output: Path, pairs: list[tuple[str, str]],
+                     tuneall_ckpt_path: str | None) -> list[tuple[str, str]]:
+    """The pairs a resumed run scores: those without a row in ``output``, or whose row lacks the tuned score
+    (``dev_after`` '-') of a tune-all module that exists now."""
+    if not output.is_file():
+        return pairs
+    tuned_root = Path(tuneall_ckpt_path) if tuneall_ckpt_path else None
+    done = {(r[0], r[1]) for r in read_rows(output)
+            if r[3] != "-" or tuned_root is None or not (tuned_root / r[0] / r[1]).is_dir()}
+    return [pair for pair in pairs if pair not in done]
 
 
 def lock_of(path: Path) -> Path:
@@ -162,10 +178,17 @@ def run_dev_all(config: DevAllConfig) -> None:
     output = Path(config.output)
     if output.is_dir():
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
-    if config.merge and output.is_file():
+    merge = config.merge or config.resume
+    if merge and output.is_file():
         read_rows(output)  # refuse a table it cannot merge into before scoring anything
-    if not config.overwrite:
-        check_no_earlier_rows(output, pairs, config.merge)
+    if config.resume and not config.overwrite:
+        pairs = unfinished_pairs(output, pairs, config.tuneall_ckpt_path)
+        if not pairs:
+            print(f"every pair is in {output} already: nothing to score (--resume)", flush=True)
+            return
+        targets = [t for t in targets if any(pt == t for pt, _ in pairs)]
+    elif not config.overwrite:
+        check_no_earlier_rows(output, pairs, merge)
     raw = {t: load_task(task_dir, t, config.k, config.data_seed, ["dev"])["dev"] for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(config.source_ckpt_path, source_names, config.tune_method)
@@ -191,15 +214,17 @@ def run_dev_all(config: DevAllConfig) -> None:
     # share each generation (models.evaluate.predict_group); tuned modules are read when their group runs.
     zero_shot: dict[tuple[str, str], float] = {}
     after: dict[tuple[str, str], float] = {}
-    work = {t: [(zero_shot, s, sources[s].folder) for s in source_names if s != t]
-            + [(after, s, folder) for (target, s), folder in tuned.items() if target == t] for t in targets}
+    todo = set(pairs)
+    work = {t: [(zero_shot, s, sources[s].folder) for s in source_names if (t, s) in todo]
+            + [(after, s, folder) for (target, s), folder in tuned.items() if target == t and (t, s) in todo]
+            for t in targets}
     size, why = pick_group_size(config.group_size, max(len(items) for items in work.values()), model.config, device,
                                 config.predict_batch_size, longest_example(dev.values()), training=False)
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
           f"{cfg.describe()} ({device}); {why}; output {output}", flush=True)
     slots = ensure_slots(model, cfg, size) if size > 1 else [DELTA_NAME]
     decoding = Decoding(config.max_output_length)
-    bar = tqdm(total=len(pairs) + len(tuned), desc="dev scores")
+    bar = progress_bar(total=sum(len(items) for items in work.values()), desc="dev scores")
     for t in targets:
         for chunk in chunks(work[t], size):
             for slot, (table, s, folder) in zip(slots, chunk):
@@ -214,7 +239,7 @@ def run_dev_all(config: DevAllConfig) -> None:
 
     rows = [[t, s, fmt(zero_shot[(t, s)]), fmt(after.get((t, s)))] for t, s in pairs]
     output.parent.mkdir(parents=True, exist_ok=True)
-    if config.merge:
+    if merge:
         merge_rows(output, rows)
     else:
         write_tsv_atomic(output, COLUMNS, rows)

@@ -34,7 +34,6 @@ import argparse  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, load_task  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
@@ -60,6 +59,8 @@ from models.run_folders import resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
+from utils.progress import progress_bar  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
@@ -67,7 +68,7 @@ PLOT_FILE = "importance_layers.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="delta checkpoint, tune.py run folder or tune.py task folder")
     p.add_argument("--task", required=True, help="target task scored with the module")
     p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
@@ -117,7 +118,7 @@ def importance_rows(model: torch.nn.Module, tokenizer, task: EncodedTask, metric
         plan += [(granularity, g, names) for g, names in delta_groups(model, granularity).items()]
     plan.append(("model", "init", everything))
     rows = []
-    for granularity, group, names in tqdm(plan, desc="groups"):
+    for granularity, group, names in progress_bar(plan, desc="groups"):
         load_delta_state(model, reset(tensors, init_state, names), f"{granularity} {group}")
         score, _ = evaluate(model, tokenizer, task, metric, batch_size, max_new_tokens, num_beams)
         rows.append(Row(granularity, group, score, pooled_loss(model, task, tokenizer.pad_token_id, batch_size)))

@@ -49,7 +49,6 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
 from get_similarity.metrics import (  # noqa: E402
@@ -104,7 +103,8 @@ from models.seq2seq import (  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
-from utils.params import config_from, field_defaults  # noqa: E402
+from utils.params import HelpFormatter, config_from, field_defaults  # noqa: E402
+from utils.progress import progress_bar, say  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
@@ -127,12 +127,13 @@ class SimilarityConfig(BackboneDataConfig):
     init_seed: int = 42
     output_dir: str = "runs/similarity"
     overwrite: bool = False
+    resume: bool = False  # score only the rows that result.tsv lacks; the rows it has are kept as they are
     bf16: bool = False
     group_size: int | str = AUTO  # sources scored per forward pass (models/group.py); 1: one at a time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
     p.add_argument("--metric", nargs="+", required=True,
                    help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", help="result.tsv is written (or updated) here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
+    p.add_argument("--resume", action="store_true",
+                   help="score only the (target, source, metric, group) rows that result.tsv lacks; without it (and "
+                        "without --overwrite) a row this run would write that is already there is refused")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (forward and backward passes)")
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(SimilarityConfig))
@@ -328,7 +332,7 @@ def inspect_module(root: str, task: str, flag: str) -> Module:
     except UserInputError as e:
         raise UserInputError(f"{flag}: task {task}: {e}") from None
     if meta.get("task") not in (None, task):
-        tqdm.write(f"warning: {folder} was tuned on task {meta['task']!r}, used here for {task!r}", file=sys.stderr)
+        say(f"warning: {folder} was tuned on task {meta['task']!r}, used here for {task!r}", file=sys.stderr)
     return Module(task, folder, shapes, meta, flag)
 
 
@@ -441,7 +445,16 @@ def run_similarity(config: SimilarityConfig) -> None:
     for module in [*sources.values(), *references.values()]:
         check_delta_shapes(model, module.shapes, str(module.folder))  # keys and shapes, before any scoring
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init_state, config.granularity, config.batch_size, cfg)
-    if not config.overwrite:
+    have: set[tuple[str, ...]] = set()
+    if config.resume and not config.overwrite:  # a pair with every row there is done; a partial one is redone
+        have = {tuple(row[:4]) for row in read_result(Path(config.output_dir) / RESULT_FILE)}
+        plan = {t: [s for s in plan[t] if not all((t, s, m.name, g) in have for m in metrics for g in scorer.groups)]
+                for t in targets}
+        if not any(plan.values()):
+            print(f"every row is in {Path(config.output_dir) / RESULT_FILE} already: nothing to score (--resume)")
+            return
+        targets = [t for t in targets if plan[t]]
+    elif not config.overwrite:
         check_no_earlier_rows(Path(config.output_dir) / RESULT_FILE,
                               {(t, s, m.name, g) for t in targets for s in plan[t] for m in metrics
                                for g in scorer.groups})
@@ -456,12 +469,12 @@ def run_similarity(config: SimilarityConfig) -> None:
 
     rows: list[list] = []
     pairs, seconds = 0, 0.0
-    for t in tqdm(targets, desc="targets", disable=len(targets) == 1):
+    for t in progress_bar(targets, desc="targets", disable=len(targets) == 1):
         with autocast(device, config.bf16):  # the one autocast policy (models.evaluate): CUDA only
             reference = None
             if t in references:
                 reference = scorer.reference(encoded[t], references[t].tensors(), str(references[t].folder))
-            for group in tqdm(chunks(plan[t], size), desc=f"sources -> {t}", leave=False):
+            for group in progress_bar(chunks(plan[t], size), desc=f"sources -> {t}", leave=False):
                 start = time.perf_counter()
                 # Temporaries: the tensors are freed when the group is scored, before the next one is read.
                 scored = scorer.score_group(encoded[t], [(sources[s].tensors(), str(sources[s].folder))
@@ -470,7 +483,8 @@ def run_similarity(config: SimilarityConfig) -> None:
                 pairs += len(group)
                 for s, scores in zip(group, scored):
                     for m in metrics:
-                        rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items())
+                        rows.extend([t, s, m.name, g, f"{v:.10g}"] for g, v in scores[m.name].items()
+                                    if (t, s, m.name, g) not in have)  # resume: an earlier row stays as it was
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

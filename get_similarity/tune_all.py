@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
@@ -57,7 +56,8 @@ from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer, default_
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError, run_cli
 from utils.io import check_output_folder
-from utils.params import config_from, field_defaults, flags_of
+from utils.params import HelpFormatter, config_from, field_defaults, flags_of
+from utils.progress import progress_bar
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
@@ -100,7 +100,7 @@ class TuneAllConfig(PairsConfig):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
     p.add_argument("--source_tasks", nargs="+",
                    help="sources (default: --tasks); a target is never tuned from itself")
@@ -296,7 +296,7 @@ def run_tune_all(config: TuneAllConfig) -> None:
     start = time.time()
     failed = []
     try:
-        for chunk in tqdm(groups, desc="groups", disable=not groups):
+        for chunk in progress_bar(groups, desc="groups", disable=not groups):
             group_start = time.time()
             runs = []
             for t, s in chunk:

@@ -28,7 +28,7 @@ from models.methods import DELTA_NAME, GRANULARITIES, METHODS, REGISTRY, DeltaMe
 from models.methods.adapter import ADAPTER_TYPES
 from models.sizes import METHOD_SIZES
 from utils.errors import UserInputError
-from utils.io import fsync_dir, fsync_file
+from utils.io import fsync_dir, fsync_file, with_umask_mode
 
 __all__ = ["ADAPTER_TYPES", "CONFIG_FILE", "DELTA_NAME", "GRANULARITIES", "METHODS", "SIZE_FLAGS", "WEIGHTS_FILE",
     "DeltaConfig", "add_size_flags", "attach_delta", "backbone_fingerprint", "check_compatible",
@@ -342,6 +342,7 @@ def save_delta_checkpoint(
         # Own copies: safetensors refuses tensors that share storage (e.g. views of one buffer).
         owned = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         save_file(owned, str(tmp / WEIGHTS_FILE))
+        with_umask_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask
         (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
         fsync_file(tmp / WEIGHTS_FILE)
         fsync_file(tmp / CONFIG_FILE)

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import PRETRAIN_TASKS, SUITE, pretraining_stream  # noqa: E402
 from utils.io import staged_dir, write_text_atomic  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0 (also decoder start), eos 1, unk 2
 
@@ -86,8 +87,8 @@ def skill_accuracy(task_accuracy: dict[str, float]) -> dict[str, float]:
     return {family: round(sum(v) / len(v), 3) for family, v in by_skill.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "default"))
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval_every", type=int, default=1000, help="print held-out accuracy every N steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example
+from utils.progress import progress_bar
 
 IGNORE_INDEX = -100
 # Metrics whose gold outputs are class names: only these tasks can have a fixed label set.
@@ -171,7 +171,7 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     if sort_by_length:
         order.sort(key=lambda i: len(task.inputs[i]))
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+    for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[start:start + batch_size]
         batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)

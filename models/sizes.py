@@ -43,7 +43,7 @@ def shell_defaults(profile: str, method: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shell", action="store_true", help="print bash defaults (: \"${LORA_R:=8}\"; ...) to eval")
     p.add_argument("profile", choices=PROFILES)
     p.add_argument("method", choices=sorted(METHOD_SIZES["paper"]))

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example
 from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device
@@ -44,6 +43,7 @@ from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, encode_examples, 
 from utils.errors import UserInputError
 from utils.io import write_tsv_atomic
 from utils.params import config_from
+from utils.progress import progress_bar, say
 
 Batch = tuple[list[list[int]], list[list[int]]]  # (input ids, label ids) of a batch's examples
 
@@ -110,7 +110,7 @@ class RunLog:
     def __call__(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         if self.console:
-            tqdm.write(line)
+            say(line)
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
@@ -391,7 +391,7 @@ class Trainer:
         seen, last_time = 0, time.time()
         first = runs[0]
         label = f"{first.task.name} lr={first.lr:g} bsz={first.bsz}" if len(runs) == 1 else f"{len(runs)} modules"
-        bar = tqdm(range(1, a.train_iters + 1), desc=label, leave=False, disable=not self.ddp.is_main)
+        bar = progress_bar(range(1, a.train_iters + 1), desc=label, leave=False, disable=not self.ddp.is_main)
         for step in bar:
             live = [m for m in members if m.live]
             if not live:

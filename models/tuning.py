@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
@@ -32,6 +31,7 @@ from task_list import resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError
 from utils.io import check_output_folder, staged_dir, staged_dirs, write_text_atomic
 from utils.params import config_from, field_defaults, flags_of
+from utils.progress import progress_bar
 
 
 @dataclass(kw_only=True)
@@ -49,6 +49,7 @@ class TuneConfig(TrainConfig):
     bsz_list: list[int] = field(default_factory=lambda: [8])
     do_train: bool = False
     overwrite: bool = False
+    resume: bool = False  # skip a run whose folder holds a finished run of the same settings (others: refused)
     log_file_only: bool = False  # log lines only to each run's log.txt (for drivers like study.py)
     quiet: bool = False
     export_peft: str = ""  # also write each run's best LoRA module as a PEFT folder: {export_peft}/{task}/{run}
@@ -62,6 +63,42 @@ class TuneConfig(TrainConfig):
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "delta"}
         return [*flags_of(values, field_defaults(TuneConfig)), "--tune_method", self.delta.method,
                 *flags_of(self.delta.sizes())]
+
+
+# What only says where or how a sweep runs, not what a run computes: a resumed run may differ in these. The sweep's
+# lists are replaced by the run's own task, lr and bsz.
+NOT_IDENTITY = ("output_dir", "overwrite", "resume", "quiet", "log_file_only", "group_size", "export_peft", "device",
+                "predict_batch_size", "log_interval", "tasks", "learning_rate_list", "bsz_list", "task_dir")
+
+
+def run_settings(config: TuneConfig, task: str, lr: float, bsz: int) -> dict:
+    """What makes one run what it is, as written in its ``result.json``: a resumed sweep compares these."""
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_IDENTITY}
+    values["delta"] = config.delta.to_dict()
+    values.update(task=task, lr=lr, bsz=bsz)
+    return json.loads(json.dumps(values, default=str))
+
+
+def finished_run(folder: Path, settings: dict) -> bool:
+    """Whether ``folder`` holds a finished run of exactly ``settings`` (resume skips it); a run of other settings,
+    or one that recorded none, is refused: resuming would put two set-ups under one name."""
+    result = folder / "result.json"
+    if not folder.exists():
+        return False
+    try:
+        made = json.loads(result.read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError):
+        made = None
+    if not isinstance(made, dict):
+        raise UserInputError(f"{folder}: a run folder without recorded settings (an older or unfinished run); "
+                             "pass --overwrite (OVERWRITE=1) to redo it or choose another --output_dir")
+    differ = [k for k in sorted(set(made) | set(settings)) if made.get(k) != settings.get(k)]
+    if differ:
+        k = differ[0]
+        raise UserInputError(f"{folder}: holds a run with {k}={made.get(k)!r}, this sweep asks "
+                             f"{k}={settings.get(k)!r}; pass --overwrite (OVERWRITE=1) to replace it or choose "
+                             "another --output_dir")
+    return True
 
 
 def check_config(config: TuneConfig) -> None:
@@ -111,8 +148,9 @@ class SweepInputs:
     splits: list[str]
     raw: dict[str, dict[str, list[Example]]]
     metrics: dict[str, str]
-    runs: list[tuple[str, float, int]]  # (task, lr, bsz) of the sweep
+    runs: list[tuple[str, float, int]]  # (task, lr, bsz) of the sweep that are to run
     output_dir: Path
+    skipped: list[tuple[str, float, int]] = field(default_factory=list)  # finished earlier (--resume)
 
 
 def check_inputs(config: TuneConfig) -> SweepInputs:
@@ -124,6 +162,12 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
     metrics = {t: metric_for_task(t, task_dir) for t in tasks}
     output_dir = check_output_folder(config.output_dir)
     runs = [(t, lr, bsz) for t in tasks for lr in config.learning_rate_list for bsz in config.bsz_list]
+    skipped = []
+    if config.resume and config.do_train and not config.overwrite:
+        skipped = [(t, lr, bsz) for t, lr, bsz in runs
+                   if finished_run(output_dir / t / run_dir_name(lr, bsz, config.data_seed),
+                                   run_settings(config, t, lr, bsz))]
+        runs = [run for run in runs if run not in skipped]
     if not config.overwrite:
         # Per output, so parallel jobs of one sweep can share the folder: training writes the run folders,
         # prediction alone writes {task}/predict.
@@ -141,7 +185,7 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
         export = check_output_folder(config.export_peft, "--export_peft")
         for t, lr, bsz in runs:
             check_destination(export / t / run_dir_name(lr, bsz, config.data_seed), config.overwrite, "--export_peft")
-    return SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir)
+    return SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir, skipped)
 
 
 # What sweeps grouped into one may differ in: everything else is one trainer's configuration.
@@ -168,6 +212,11 @@ def run_sweeps(configs: list[TuneConfig]) -> None:
     if len(configs) > 1 and not first.do_train:
         raise UserInputError("sweeps run as one must train (--do_train)")
     inputs = [check_inputs(c) for c in configs]  # everything that can be wrong is checked before writing
+    skipped = sum(len(i.skipped) for i in inputs)
+    if skipped and not first.log_file_only:
+        print(f"{skipped} run(s) finished earlier with the same settings: skipped (--resume)", flush=True)
+    if first.do_train and not any(i.runs for i in inputs):
+        return
     if first.quiet:
         quiet_libraries()
     ddp, device = init_distributed(first.device)
@@ -176,6 +225,19 @@ def run_sweeps(configs: list[TuneConfig]) -> None:
     finally:
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def sweep_groups(runs: list[tuple], size: int, shared_batches_only: bool) -> list[list[tuple]]:
+    """The sweep's runs (sweep, task, lr, bsz) in groups of at most ``size``.
+
+    With ``shared_batches_only`` (``--group_size auto`` on the CPU) a group holds only runs that draw the same
+    batches (one task, one batch size), which run under ``Parallel``: on the CPU, ``BatchSplit`` pads every slice
+    to the group's longest input and was slower than one run at a time (docs/scale-out.md, bench/grouped.py).
+    """
+    if not shared_batches_only:
+        return chunks(runs, size)
+    keys = list(dict.fromkeys((run[1], run[3]) for run in runs))
+    return [group for key in keys for group in chunks([run for run in runs if (run[1], run[3]) == key], size)]
 
 
 def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> None:
@@ -201,6 +263,8 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
     length = longest_example(d.splits["train"] if "train" in d.splits else d.splits["dev"] for d in data.values())
     size, why = pick_group_size(1 if ddp.world > 1 else config.group_size, len(runs), trainer.model.config,
                                 trainer.device, max(config.bsz_list), length, training=True)
+    if config.group_size == AUTO and trainer.device.type == "cpu" and size > 1:
+        why += "; on the CPU only runs that share their batches (one task and batch size) are grouped"
     outputs = ", ".join(str(s.output_dir) for s in sweeps)
     say(f"{len(raw)} task(s), {count} run(s): method {cfg.describe()} on {trainer.backbone} "
         f"({trainer.device}{processes}); {why}; output in {outputs}", flush=True)
@@ -221,7 +285,8 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
         return sweep.output_dir / t / run_dir_name(lr, bsz, config.data_seed)
 
     failed = []
-    bar = tqdm(chunks(runs, size), desc="groups" if size > 1 else "runs", disable=len(runs) == 1 or not main_rank)
+    groups = sweep_groups(runs, size, config.group_size == AUTO and trainer.device.type == "cpu")
+    bar = progress_bar(groups, desc="groups" if size > 1 else "runs", disable=len(runs) == 1 or not main_rank)
     for group in bar:
         finals = [folder(*run) for run in group]
         with (staged_dirs(finals) if main_rank else nullcontext([None] * len(group))) as temps:
@@ -244,7 +309,8 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
                 elif tmp is not None:
                     write_text_atomic(tmp / "result.json", json.dumps(
                         {"task": t, "lr": lr, "bsz": bsz, "dev": result.dev, "test": result.test,
-                         "best_step": result.best_step}))
+                         "best_step": result.best_step,
+                         "settings": run_settings(sweep.config, t, lr, bsz)}))
         for (sweep, t, lr, bsz), result in zip(group, results):
             if result.failed is not None:
                 say(f"{t} lr={lr:g} bsz={bsz}: not saved ({result.failed})", flush=True)

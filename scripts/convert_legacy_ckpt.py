@@ -34,10 +34,11 @@ from models.delta import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
 from models.formats import read_checkpoint_folder  # noqa: E402
 from models.legacy import convert_to_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("source", help="legacy .pt file, AdapterHub save_adapter folder or PEFT adapter folder")
     p.add_argument("output", help="checkpoint folder to write (must not exist, unless --overwrite)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="backbone to check against (default: embedded)")

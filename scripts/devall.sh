@@ -27,6 +27,8 @@ cd "$(dirname "$0")/.."
 : "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
+# A rerun resumes: what is there with the same settings is kept and only the rest runs; OVERWRITE=1 redoes all.
+if [[ "${OVERWRITE:-0}" == 1 ]]; then rerun=(--overwrite); else rerun=(--resume); fi
 
 tuned=()
 if [[ -d "$OUTPUT_DIR" ]]; then
@@ -45,7 +47,7 @@ cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED"
      --source_ckpt_path "$SOURCE_CKPT_PATH" "${tuned[@]}" --output "$OUTPUT"
      --max_output_length "$MAX_OUTPUT_LENGTH" --predict_batch_size "$PREDICT_BATCH_SIZE" --device "$DEVICE" --group_size "$GROUP_SIZE"
-     $EXTRA_ARGS "$@")
+     "${rerun[@]}" $EXTRA_ARGS "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"
     echo

@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.formats.peft_export import export_peft  # noqa: E402
 from models.run_folders import resolve_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="LoRA checkpoint folder (or a tune.py run or task folder)")
     p.add_argument("out_dir", help="PEFT adapter folder to write (must be new, unless --overwrite)")
     p.add_argument("--base_model", default=None,

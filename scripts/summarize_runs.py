@@ -15,16 +15,20 @@ from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
 from models.run_folders import read_result_tsv  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
+from utils.params import HelpFormatter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="tune.py --output_dir folders (the folder name is the column)")
-    parser.add_argument("--task_dir", default="data/synthetic")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="tune.py --output_dir folders (a column each, named by the folder)")
+    parser.add_argument("--task_dir", default="data/synthetic", help="the tasks' data (for the trivial baseline)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
 
     columns: dict[str, dict[str, tuple[float, float, int]]] = {}
+    # a column is named by its folder, or by the whole path where two folders share a name (runs/*/lora)
+    names = [Path(d).name for d in args.run_dirs]
+    labels = {str(Path(d)): (Path(d).name if names.count(Path(d).name) == 1 else str(Path(d))) for d in args.run_dirs}
     for run_dir in map(Path, args.run_dirs):
         best: dict[str, tuple[float, float, int]] = {}
         rows = read_result_tsv(run_dir / "result.tsv")
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = (float(row["dev"]), float(row["test"]) if row["test"] != "-" else float("nan"), int(row["k"]))
             if row["task"] not in best or entry[0] > best[row["task"]][0]:  # best dev over the sweep
                 best[row["task"]] = entry
-        columns[run_dir.name] = best
+        columns[labels[str(run_dir)]] = best
     tasks = list(dict.fromkeys(t for best in columns.values() for t in best))
     lines = ["| task | metric | trivial | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]

@@ -4,6 +4,8 @@
 #   TASKS=ALL_TASKS LRS="1e-3 3e-3" OUTPUT_DIR=runs/my_sweep bash scripts/lora.sh
 # JOBS=4 runs 4 (task, lr, bsz) runs at once; SLURM=1 (+ SLURM_PARTITION, SLURM_GPUS, ...) submits one Slurm
 # job array (scripts/jobs.sh lists the variables). DRY_RUN=1 prints the command instead of running it.
+# A rerun resumes: finished runs of the same settings are skipped, and a run folder of other settings is refused;
+# OVERWRITE=1 replaces them instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +30,8 @@ cd "$(dirname "$0")/.."
 : "${EXTRA_ARGS:=}"                       # method sizes come from the calling script
 
 # shellcheck disable=SC2206  # LRS, BSZS, TASKS and the size flags are word lists on purpose
-args=(--do_train --do_predict --quiet --overwrite
+if [[ "${OVERWRITE:-0}" == 1 ]]; then rerun=--overwrite; else rerun=--resume; fi
+args=(--do_train --do_predict --quiet "$rerun"
       --tune_method "$TUNE_METHOD" --model "$MODEL" --tokenizer_path "$TOKENIZER"
       --task_dir "$TASK_DIR" --tasks $TASKS --k "$K" --data_seed "$DATA_SEED"
       --output_dir "$OUTPUT_DIR" --device "$DEVICE" --group_size "$GROUP_SIZE" --seed "$SEED"

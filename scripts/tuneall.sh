@@ -3,7 +3,7 @@
 # Euclidean fusion method. The thin scripts {adapter,lora,prefix}_tuneall.sh set DELTA (and LR) and exec this.
 # Every variable below can be overridden from the environment, e.g.
 #   TASKS=SAMPLE_TASKS STEPS=100 bash scripts/lora_tuneall.sh
-# A rerun skips the pairs already tuned (pass --overwrite to redo them). JOBS=4 tunes 4 pairs at once;
+# A rerun skips the pairs already tuned (OVERWRITE=1 redoes them). JOBS=4 tunes 4 pairs at once;
 # SLURM=1 (+ SLURM_PARTITION, SLURM_GPUS, ...) submits one Slurm job array (scripts/jobs.sh lists the
 # variables). DRY_RUN=1 prints the command instead of running it. Relative paths are relative to the
 # repository root.
@@ -31,6 +31,8 @@ cd "$(dirname "$0")/.."
 : "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
+# A rerun resumes: what is there with the same settings is kept and only the rest runs; OVERWRITE=1 redoes all.
+rerun=(); [[ "${OVERWRITE:-0}" == 1 ]] && rerun=(--overwrite)
 
 # JOBS=N or SLURM=1: one process per (target, source) pair, through sweep.py (see scripts/jobs.sh).
 source scripts/jobs.sh
@@ -45,7 +47,7 @@ cmd=("$PYTHON" "${entry[@]}" --quiet --tune_method "$DELTA"
      --source_ckpt_path "$SOURCE_CKPT_PATH" --output_dir "$OUTPUT_DIR"
      --steps "$STEPS" --learning_rate "$LR" --bsz "$BSZ" --seed "$SEED"
      --max_output_length "$MAX_OUTPUT_LENGTH" --predict_batch_size "$PREDICT_BATCH_SIZE" --device "$DEVICE" --group_size "$GROUP_SIZE"
-     $EXTRA_ARGS "$@")
+     "${rerun[@]}" $EXTRA_ARGS "$@")
 [[ -n "$WARMUP_STEPS" ]] && cmd+=(--warmup_steps "$WARMUP_STEPS")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"

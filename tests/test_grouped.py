@@ -269,3 +269,13 @@ def test_chunks_are_as_few_and_as_even_as_the_size_allows():
     assert chunks(list(range(4)), 8) == [[0, 1, 2, 3]]
     assert chunks([], 4) == []
     assert [len(c) for c in chunks(list(range(19)), 1)] == [1] * 19
+
+
+def test_auto_on_the_cpu_groups_only_runs_that_share_their_batches():
+    from models.tuning import sweep_groups
+
+    runs = [("s", t, lr, bsz) for t in ("a", "b") for lr in (1e-3, 3e-3) for bsz in (4, 8)]
+    groups = sweep_groups(runs, 8, shared_batches_only=True)
+    assert all(len({(r[1], r[3]) for r in g}) == 1 for g in groups)  # one task and batch size each: Parallel
+    assert sorted(r for g in groups for r in g) == sorted(runs) and len(groups) == 4
+    assert sweep_groups(runs, 8, shared_batches_only=False) == [runs]  # a number, or a GPU: as given

@@ -48,6 +48,7 @@ class FusionConfig:
     granularity: str = "model"
     average_tuned: bool = False  # Performance: average the sources tuned on the target (the original's)
     overwrite: bool = False
+    resume: bool = False  # outputs of the same settings are kept and the run does nothing; others are refused
     export_peft: str = ""  # also write each fused LoRA module as a PEFT folder: {export_peft}/without_{target}
     # --tem auto only: the backbone and the targets' few-shot dev splits that the temperature is chosen on
     model: str = ""  # "": the embedded default

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -53,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
@@ -82,7 +82,8 @@ from unit_model.weightings import (
 )
 from utils import params as utils_params
 from utils.errors import UserInputError
-from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic
+from utils.io import check_output_folder, read_json_object, save_figure_atomic, write_text_atomic, write_tsv_atomic
+from utils.progress import progress_bar, say
 
 __all__ = ["DEFAULT_LORA_COMBINE", "FusionConfig", "check_config", "fused_dir_name", "parse_params", "run_fusion",
            "write_fusion"]
@@ -94,7 +95,10 @@ SEARCH_FILE = "search.tsv"
 TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
 # The merge operator and its parameters, top-k selection and the PEFT export: added to every fusion script's block.
 MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0,
-                "export_peft": ""}
+                "export_peft": "", "resume": False}
+SETTINGS_FILE = "fusion_settings.json"  # the settings a save folder's outputs were made with (--resume compares)
+# What only says where or how a run writes, not what it computes
+NOT_SETTINGS = ("overwrite", "resume", "export_peft", "device")
 HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 
@@ -138,6 +142,30 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
+
+
+def fusion_settings(method: str, config: FusionConfig) -> dict:
+    """What a fusion's outputs depend on: the weighting and every setting but where and how it writes."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_SETTINGS}
+    return json.loads(json.dumps({"method": method, **values}, default=str))
+
+
+def already_fused(save: Path, method: str, config: FusionConfig) -> bool:
+    """--resume: whether ``save`` holds this very fusion, whole (then nothing is redone); outputs of other settings
+    are refused in one line naming the first setting that differs."""
+    path = save / SETTINGS_FILE
+    if not path.is_file():
+        return False
+    made = read_json_object(path)
+    wanted = fusion_settings(method, config)
+    differ = [k for k in sorted(set(made) | set(wanted)) if made.get(k) != wanted.get(k)]
+    if differ:
+        k = differ[0]
+        raise UserInputError(f"{path}: these outputs were made with {k}={made.get(k)!r}, this run asks "
+                             f"{k}={wanted.get(k)!r}; pass --overwrite true to replace them or choose another "
+                             "--save_ckpt_path")
+    outputs = [save / fused_dir_name(t) / CONFIG_FILE for t in config.target_list] + [save / WEIGHTS_FILE]
+    return all(p.is_file() for p in outputs)
 
 
 def check_destination(save: Path, plans: list[Plan], overwrite: bool) -> None:
@@ -235,8 +263,38 @@ def weight_rows(plans: list[Plan], effective: Mapping[str, Mapping[str, float]])
     return header, rows
 
 
+def weights_summary(plans: list[Plan], effective: Mapping[str, Mapping[str, float]]) -> str:
+    """One phrase for a heatmap's title: the mean effective number of sources of a distribution, or, for signed
+    weights (learned ones), that of |w| with the count of negative weights and the mean sum."""
+    mean_effective = _mean({t: _mean(by_group) for t, by_group in effective.items()})
+    weights = [w for p in plans for s in p.sources for w in p.weights[s].values()]
+    negative = sum(1 for w in weights if w < 0)
+    if not negative:
+        return f"{mean_effective:.1f} effective sources"
+    mean_sum = _mean({p.target: math.fsum(_mean(p.weights[s]) for s in p.sources) for p in plans})
+    return (f"{mean_effective:.1f} effective sources by |w|; {negative} of {len(weights)} weights negative, "
+            f"mean sum {mean_sum:.2f}")
+
+
 def write_heatmap(path: Path, plans: list[Plan], title: str) -> None:
-    """Targets in rows, sources in columns (a group-granular weight is shown as its mean over groups)."""
+    """``heatmap_figure`` saved to ``path`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(plans, title)
+    try:
+        save_figure_atomic(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def heatmap_figure(plans: list[Plan], title: str) -> Any:
+    """Targets in rows, sources in columns (a group-granular weight is shown as its mean over groups).
+
+    The figure grows with the grid, and labels shrink with it, so 1 to 100 targets and sources stay readable; a
+    long title wraps. Signed weights get a colour map centred on 0.
+    """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,18 +310,27 @@ def write_heatmap(path: Path, plans: list[Plan], title: str) -> None:
     for i, p in enumerate(plans):
         for s in p.sources:
             grid[i, columns.index(s)] = float(np.mean(list(p.weights[s].values())))
-    annotate = len(columns) <= ANNOTATE_MAX_COLUMNS
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(columns) + 2.5), max(3.0, 0.45 * len(plans) + 1.5)))
-    sns.heatmap(grid, ax=ax, annot=annotate, fmt=".2f", cmap="viridis", xticklabels=columns,
-                yticklabels=[p.target for p in plans], cbar_kws={"label": "weight"})
+    annotate = len(columns) <= ANNOTATE_MAX_COLUMNS and len(plans) <= 3 * ANNOTATE_MAX_COLUMNS
+    longest_row = max(len(p.target) for p in plans)
+    longest_column = max(len(c) for c in columns)
+    label_size = 9 if max(len(columns), len(plans)) <= 30 else 6
+    cell = 0.55 if label_size == 9 else 0.22
+    char = 0.075 * label_size / 9  # inches per label character
+    width = max(6.0, cell * len(columns) + char * longest_row + 2.5)
+    height = max(3.5, cell * len(plans) + char * longest_column + 1.8)
+    fig, ax = plt.subplots(figsize=(width, height))
+    signed = bool(np.nanmin(grid) < 0)
+    sns.heatmap(grid, ax=ax, annot=annotate, fmt=".2f", cmap="RdBu_r" if signed else "viridis",
+                center=0.0 if signed else None, xticklabels=columns, yticklabels=[p.target for p in plans],
+                cbar_kws={"label": "weight"}, annot_kws={"size": 7})
+    ax.tick_params(axis="x", labelsize=label_size, labelrotation=90)
+    ax.tick_params(axis="y", labelsize=label_size, labelrotation=0)
     ax.set_xlabel("source")
     ax.set_ylabel("target")
-    ax.set_title(title + (" (mean over groups)" if _granular(plans) else ""))
+    full = title + (" (mean over groups)" if _granular(plans) else "")
+    ax.set_title("\n".join(textwrap.wrap(full, width=max(40, int(width * 11)))), fontsize=10)
     fig.tight_layout()
-    try:
-        save_figure_atomic(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def write_search(folder: Path, plans: list[Plan]) -> None:
@@ -324,7 +391,7 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
     staging = save.parent / f".{save.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        for plan in tqdm(plans, desc=f"fusing ({method})", disable=len(plans) < 3):
+        for plan in progress_bar(plans, desc=f"fusing ({method})", disable=len(plans) < 3):
             fused, info = fused_module(plan, plan.weights, config, granularity)
             extra: dict[str, Any] = {
                 "fusion": method,
@@ -358,17 +425,20 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
             note = ""
             if "lora_truncation_error" in info:
                 note = f", LoRA truncation error {info['lora_truncation_error']:.4f}"
-            tqdm.write(f"{plan.target}: {len(plan.sources)} sources, largest weight {best} "
+            say(f"{plan.target}: {len(plan.sources)} sources, largest weight {best} "
                        f"({_mean(plan.weights[best]):.3f}){note}")
         header, rows = weight_rows(plans, effective)
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
+        write_text_atomic(staging / SETTINGS_FILE, json.dumps(fusion_settings(method, config), indent=1) + "\n")
         if any(p.search for p in plans):  # learned weights: the objective at every evaluation of the search
             write_search(staging, plans)
         name = weighting.metric or method  # "others": name the similarity metric
-        mean_effective = _mean({t: _mean(by_group) for t, by_group in effective.items()})
+        # T and the score normalisation apply only to weights that are a softmax of scores
+        softmax = any(p.scores is not None for p in plans) and not any(p.search for p in plans)
         temperature = "auto (dev)" if config.tem == AUTO else f"{config.tem:g}"
-        write_heatmap(staging / HEATMAP_FILE, plans, f"{name} fusion weights ({config.delta}, T={temperature}, "
-                                                     f"{config.weight_norm}; {mean_effective:.1f} effective sources)")
+        rule = f", T={temperature}, {config.weight_norm}" if softmax else ""
+        write_heatmap(staging / HEATMAP_FILE, plans,
+                      f"{name} fusion weights ({config.delta}{rule}; {weights_summary(plans, effective)})")
         _commit(staging, save)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -388,6 +458,9 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     config, tasks = check_config(config)
     save = Path(os.path.abspath(config.save_ckpt_path))
     check_output_folder(save, "--save_ckpt_path")  # before any module is opened: the cheapest mistake to report
+    if config.resume and not config.overwrite and already_fused(save, method, config):
+        print(f"{save}: fused earlier with the same settings; nothing to do (--resume)", flush=True)
+        return 0
     cache = ModuleCache()
     # --tem auto: the weightings compute their scores (and placeholder weights at T = 1); the search below
     # then sets each target's weights from its dev split
@@ -476,6 +549,8 @@ HELP = {
     "score_space": "cos, Euclidean: compare task vectors (LoRA: ΔW = B·A·alpha/r) or the raw parameters",
     "weight_norm": "scores before the softmax: zscore (per target), rank (z-score of ranks) or none (as they are)",
     "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
+    "resume": "do nothing where --save_ckpt_path holds this fusion already, made with the same settings (outputs of "
+              "other settings are refused)",
 }
 CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
            "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,

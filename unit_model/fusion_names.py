@@ -44,6 +44,12 @@ class Fusion:
         return self.weighting not in UNIFORM
 
 
+def fusion_file_name(name: str) -> str:
+    """A fusion's folder and file name: its name with ':' (not allowed in Windows file names) spelled out, so
+    ``learned:Loss`` lives in ``learned_from_Loss``."""
+    return name.replace(":", "_from_")
+
+
 def parse_fusion(name: str, operators: tuple[str, ...] | None = None, flag: str = "--fusions") -> Fusion:
     """``Loss+ties@original`` -> Fusion(weighting="Loss", operator="ties", original=True); a clear error for a
     name outside the grammar. ``operators`` (the merge registry's names) is checked when given."""

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from unit_model.weightings import Plan
 from utils.errors import UserInputError
+from utils.progress import progress_bar
 
 LEARNED_STARTS = ("zeros", "uniform")  # or a metric of --result_tsv: its softmax weights
 OPTIMIZERS = ("nevergrad", "gradient")
@@ -69,7 +69,7 @@ def learn_weights(plans: list[Plan], settings: SearchSettings,
         return _descend(plans, settings, gradient_loss)
     import nevergrad as ng
 
-    bar = tqdm(total=len(plans) * settings.budget, desc="learned weights (train split)", leave=False)
+    bar = progress_bar(total=len(plans) * settings.budget, desc="learned weights (train split)", leave=False)
     for plan in plans:
         groups = sorted(next(iter(plan.weights.values())))
         start = np.array([[plan.weights[s][g] for g in groups] for s in plan.sources], dtype=float)
@@ -100,7 +100,7 @@ def learn_weights(plans: list[Plan], settings: SearchSettings,
 
 def _descend(plans: list[Plan], settings: SearchSettings, gradient_loss: GradientObjective) -> None:
     """Projected Adam on each plan's weights; the best objective's weights are kept (the start included)."""
-    bar = tqdm(total=len(plans) * settings.budget, desc="learned weights (train split, gradient)", leave=False)
+    bar = progress_bar(total=len(plans) * settings.budget, desc="learned weights (train split, gradient)", leave=False)
     for plan in plans:
         groups = sorted(next(iter(plan.weights.values())))
         start = [[plan.weights[s][g] for g in groups] for s in plan.sources]

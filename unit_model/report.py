@@ -28,7 +28,7 @@ from scipy.stats import rankdata
 
 from models.run_folders import read_result_tsv
 from unit_model.comparison import PairedComparison, paired_comparison
-from unit_model.fusion_names import parse_fusion
+from unit_model.fusion_names import fusion_file_name, parse_fusion
 from unit_model.html_page import write_index_html
 from utils.io import atomic_file, read_tsv, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
@@ -164,7 +164,8 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
         split_roots = {s: root / delta / seed_dir(s) for s in data_seeds}
         for budget in budgets:
             arms = {"random": {s: test_scores(split_roots[s] / budget / "random") for s in data_seeds}}
-            arms.update({m: {s: test_scores(split_roots[s] / budget / "transfer" / m) for s in data_seeds}
+            arms.update({m: {s: test_scores(split_roots[s] / budget / "transfer" / fusion_file_name(m))
+                             for s in data_seeds}
                          for m in methods})
             columns = ["random", *methods]
             cell = {a: [arms[a][s][t] for t, s in cells] for a in columns}  # one score per (target, seed)
@@ -200,7 +201,8 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                    "| wins / ties / losses | - | " + " | ".join(wtl(paired[m]) for m in methods) + " |",
                    "| Wilcoxon p | - | " + " | ".join(fmt(paired[m].wilcoxon_p) for m in methods) + " |",
                    "| effective sources | - | " + " | ".join(fmt(float(np.nanmean(
-                       [mean_effective_sources(split_roots[s] / "fused" / m / "weights.tsv") for s in data_seeds])))
+                       [mean_effective_sources(split_roots[s] / "fused" / fusion_file_name(m) / "weights.tsv")
+                        for s in data_seeds])))
                        for m in methods) + " |", ""]
 
             # learning curves (first data seed): random vs the best fused initialisation (by mean test score)
@@ -211,7 +213,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
                 auc_random, auc_best = [], []
                 for ax, t in zip(axes[0], targets):
                     for label, run_root, aucs in (("random", first / "random", auc_random),
-                                                  (best, first / "transfer" / best, auc_best)):
+                                                  (best, first / "transfer" / fusion_file_name(best), auc_best)):
                         points = curve(run_root, t)
                         if points:
                             ax.plot(*zip(*points), marker=".", label=label)
@@ -229,9 +231,9 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
 
         for s in data_seeds:
             for m in methods:
-                heatmap = split_roots[s] / "fused" / m / "heatmap.png"
+                heatmap = split_roots[s] / "fused" / fusion_file_name(m) / "heatmap.png"
                 if heatmap.is_file():
-                    with atomic_file(out / "heatmaps" / f"{delta}_{seed_dir(s)}_{m}.png") as tmp:
+                    with atomic_file(out / "heatmaps" / f"{delta}_{seed_dir(s)}_{fusion_file_name(m)}.png") as tmp:
                         shutil.copyfile(heatmap, tmp)
 
         # transferability of each weighting method against single-source transfer (tune-all at the first budget)
@@ -249,7 +251,7 @@ def write_results(root: Path, deltas: list[str], targets: list[str], tasks: list
             for m in methods:
                 if not parse_fusion(m).ranks_sources:
                     continue
-                weights = fusion_weights(split_roots[s] / "fused" / m / "weights.tsv")
+                weights = fusion_weights(split_roots[s] / "fused" / fusion_file_name(m) / "weights.tsv")
                 for t in targets:
                     sources = sorted(single[t])
                     w = {src: weights[t][src] for src in sources}

@@ -13,9 +13,9 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from unit_model.weightings import Plan, group_softmax_weights, keep_top_k
+from utils.progress import progress_bar
 
 AUTO = "auto"
 TEMPERATURE_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -39,7 +39,7 @@ def choose_temperatures(plans: list[Plan], weight_norm: str, fuse_plan: FusePlan
     """Set each scored plan's weights, ``temperature`` and ``temperature_dev`` from the grid search (each T's
     weights cut to the ``top_k`` heaviest sources, as the fusion will)."""
     scored = [p for p in plans if p.scores is not None]
-    bar = tqdm(total=len(scored) * len(grid), desc="--tem auto (dev split)", leave=False,
+    bar = progress_bar(total=len(scored) * len(grid), desc="--tem auto (dev split)", leave=False,
                disable=len(scored) * len(grid) < 10)
     for plan in scored:
         dev: dict[float, float] = {}

@@ -97,6 +97,18 @@ def read_json_object(path: Path | str) -> dict[str, Any]:
     return data
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: Path | str) -> None:
+    """Give a written file the mode an ordinary ``open`` gives (0666 less the umask): some writers (safetensors,
+    temporary files) create 0600 files, which a collaborator sharing the machine could not read."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextmanager
 def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; it replaces ``path`` only if the block completes."""
@@ -106,6 +118,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
+        with_umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from utils.errors import UserInputError
+from utils.progress import progress_bar
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_MINUTES = 240  # submitit's own default (5 minutes) is too short for any training run
@@ -273,7 +272,7 @@ def _run_local(jobs: list[Job], options: LaunchOptions, log_dir: Path, name: str
 
     results: dict[int, JobResult] = {}
     pool = ThreadPoolExecutor(max_workers=options.jobs, thread_name_prefix="job")
-    bar = tqdm(total=len(jobs), desc=f"{name} jobs", unit="job")
+    bar = progress_bar(total=len(jobs), desc=f"{name} jobs", unit="job")
     try:
         futures: dict[Future, int] = {pool.submit(one, job): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
@@ -328,7 +327,7 @@ def _run_slurm(jobs: list[Job], options: LaunchOptions, log_dir: Path, name: str
 
     index = {id(s): i for i, s in enumerate(submitted)}
     results: dict[int, JobResult] = {}
-    bar = tqdm(total=len(jobs), desc=f"{name} array {array_id}", unit="job")
+    bar = progress_bar(total=len(jobs), desc=f"{name} array {array_id}", unit="job")
     try:
         # A real scheduler is polled sparingly; submitit's local executor is just processes on this machine.
         poll = options.poll_s if cluster == "slurm" else min(options.poll_s, 0.5)

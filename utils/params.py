@@ -2,19 +2,75 @@
 
 The fusion scripts (``unit_model/unit_model_*.py``) and ``study.py`` define their knobs as module globals;
 ``block_params(globals())`` collects them and ``build_parser`` gives each one a flag typed after its default.
+
+A relative path written in a block resolves against the repository root, wherever the script is run from
+(``cd unit_model && python unit_model_average.py`` reads and writes what ``python unit_model/...`` does); a
+path given on the command line resolves against the current directory, as any command line's does.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Parameters that hold a path: these suffixes, and these names. ``model`` may also be a hub id, so it resolves
+# against the repository root only where that folder exists there.
+PATH_SUFFIXES = ("_path", "_dir", "_tsv", "_library")
+PATH_NAMES = ("output", "export_peft", "model", "tokenizer_path")
+
+
+class BadBlockValue:
+    """A block variable of a type no flag takes (a list, a dict, ...): refused when the block is parsed."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def block_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The plain variables (str, int, float, bool, None) of a script's globals, in definition order."""
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and (v is None or isinstance(v, str | int | float | bool))}
+    """The plain variables (str, int, float, bool, None) of a script's globals, in definition order.
+
+    A list, tuple, set or dict is kept as a ``BadBlockValue`` so that parsing refuses it in one line (a list of
+    targets would otherwise be silently dropped and every task fused).
+    """
+    out: dict[str, Any] = {}
+    for k, v in namespace.items():
+        if k.startswith("_"):
+            continue
+        if v is None or isinstance(v, str | int | float | bool):
+            out[k] = v
+        elif isinstance(v, list | tuple | set | dict) and not k.isupper():  # upper case: an imported constant
+            out[k] = BadBlockValue(v)
+    return out
+
+
+def is_path_param(name: str) -> bool:
+    return name in PATH_NAMES or name.endswith(PATH_SUFFIXES)
+
+
+def from_repo_root(name: str, value: Any) -> Any:
+    """A block's relative path, made absolute against the repository root (``model`` only where it exists)."""
+    if not isinstance(value, str) or not value or not is_path_param(name) or Path(value).expanduser().is_absolute():
+        return value
+    resolved = REPO_ROOT / value
+    if name == "model" and not resolved.exists():
+        return value  # a hub id, or a folder that is not there: the backbone loader says which
+    return str(resolved)
+
+
+def check_block(params: Mapping[str, Any]) -> None:
+    """Refuse a block variable whose form no flag takes, naming it and the form expected."""
+    from utils.errors import UserInputError
+
+    for name, value in params.items():
+        if isinstance(value, BadBlockValue):
+            raise UserInputError(f"parameter block: {name} = {value!r} is a {type(value.value).__name__}; write it "
+                                 f"as one string of words, e.g. {name} = \"{' '.join(map(str, value.value))}\"")
 
 
 def parse_bool(text: str) -> bool:
@@ -23,6 +79,16 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, once (a help text that states its own default is left as is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(params: Mapping[str, Any], description: str | None, helps: Mapping[str, str] | None = None,
@@ -34,13 +100,12 @@ def build_parser(params: Mapping[str, Any], description: str | None, helps: Mapp
     overrides the type of a parameter whose values are not all of its default's type (``--tem auto``).
     """
 
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
     helps, choices = helps or {}, choices or {}
-    p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for name, default in params.items():
-        kw: dict[str, Any] = {"default": default, "help": helps.get(name, " ")}
+        if isinstance(default, BadBlockValue):
+            default = " ".join(map(str, default.value))
+        kw: dict[str, Any] = {"default": default, "help": helps.get(name, name.replace("_", " "))}
         if isinstance(default, bool):
             kw.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
         elif isinstance(default, int | float):
@@ -59,12 +124,37 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
                  helps: Mapping[str, str] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
                  list_params: Sequence[str] = (),
                  types: Mapping[str, Callable[[str], Any]] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` against a parameter block; a list parameter comes back as one space-separated string."""
+    """Parse ``argv`` against a parameter block; a list parameter comes back as one space-separated string.
+
+    Block values are checked first (``check_block``), and the block's relative paths resolve against the
+    repository root (``from_repo_root``); values given on the command line are taken as they are.
+    """
+    check_block(params)
     args = build_parser(params, description, helps, choices, list_params, types).parse_args(argv)
+    given = given_flags(argv, params)
+    for name in params:
+        if name not in given and hasattr(args, name):
+            setattr(args, name, from_repo_root(name, getattr(args, name)))
     for name in list_params:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))
     return args
+
+
+def given_flags(argv: Sequence[str] | None, params: Mapping[str, Any]) -> set[str]:
+    """The parameters that ``argv`` sets (``--name value``, ``--name=value``, or a prefix argparse accepts)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        flag = token[2:].split("=", 1)[0]
+        matches = [n for n in params if n == flag] or [n for n in params if n.startswith(flag)]
+        if len(matches) == 1:
+            given.add(matches[0])
+    return given
 
 
 def flags_of(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:

@@ -17,7 +17,7 @@ from models.delta import DeltaConfig
 from models.formats import load_delta_checkpoint
 from models.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, peft_config_for, peft_state
 from utils.errors import UserInputError
-from utils.io import staged_dir
+from utils.io import staged_dir, with_umask_mode
 
 REFUSED = {
     "prefix": "PEFT's T5 prefix tuning reaches only the decoder's self-attention and is wrong under generate(), "
@@ -54,5 +54,6 @@ def export_peft(checkpoint: str | Path, out_dir: str | Path, *, base_model: str 
     config = peft_config_for(cfg, base_model or str(meta.get("backbone") or "unknown"))
     with staged_dir(out_dir) as tmp:
         save_file(peft_state(tensors), str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt"})
+        with_umask_mode(tmp / PEFT_WEIGHTS[0])  # safetensors writes 0600 whatever the umask
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir

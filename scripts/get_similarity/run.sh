@@ -12,21 +12,29 @@ cd "$(dirname "$0")/../.."
 : "${MODEL:=models/default}"                      # backbone folder or hub id
 : "${TOKENIZER:=$MODEL}"
 : "${TASK_DIR:=data/synthetic}"
-: "${TASKS:=ALL_TASKS}"                           # targets: task names or a list from task_list.py
-: "${SOURCE_TASKS:=$TASKS}"                       # leave-one-out: a target is never its own source
 : "${K:=16}"
 : "${DATA_SEED:=100}"
 : "${SPLIT:=dev}"
 : "${SOURCE_CKPT_PATH:=runs/sources/${DELTA}}"    # tune.py output (scripts/${DELTA}.sh): one folder per task
 : "${RANDOM_TUNED_CKPT_PATH:=runs/random/${DELTA}}"  # KL only: tune.py on the targets' K-shot train split
+# The tasks of a tune.py output folder (its result.tsv), in the order they were first written.
+tasks_in() { [[ -f "$1/result.tsv" ]] && awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/result.tsv"; }
+# targets: task names or a list from task_list.py; default: the targets the baseline trained (RANDOM_TUNED_CKPT_PATH)
+: "${TASKS:=$(tasks_in "$RANDOM_TUNED_CKPT_PATH" || true)}"
+: "${TASKS:=ALL_TASKS}"
+# sources (leave-one-out: a target is never its own source); default: the tasks of SOURCE_CKPT_PATH
+: "${SOURCE_TASKS:=$(tasks_in "$SOURCE_CKPT_PATH" || true)}"
+: "${SOURCE_TASKS:=ALL_TASKS}"
 : "${GRANULARITY:=model}"                         # model, block or layer
 : "${MAX_EXAMPLES:=}"                             # empty: the whole split
 : "${BATCH_SIZE:=32}"
-: "${OUTPUT_DIR:=runs/similarity/${DELTA}}"        # result.tsv there: this run adds its rows (--overwrite: replaces them)
+: "${OUTPUT_DIR:=runs/similarity/${DELTA}}"        # result.tsv there: this run adds its rows (OVERWRITE=1: replaces them)
 : "${DEVICE:=auto}"
 : "${GROUP_SIZE:=auto}"                          # modules per forward pass (auto: what fits); 1: one at a time
 : "${PYTHON:=.venv/bin/python}"
 : "${EXTRA_ARGS:=}"
+# A rerun resumes: what is there with the same settings is kept and only the rest runs; OVERWRITE=1 redoes all.
+if [[ "${OVERWRITE:-0}" == 1 ]]; then rerun=(--overwrite); else rerun=(--resume); fi
 
 # shellcheck disable=SC2206  # METRIC, TASKS, SOURCE_TASKS and EXTRA_ARGS are word lists on purpose
 cmd=("$PYTHON" -m get_similarity.score --quiet --delta "$DELTA" --metric $METRIC
@@ -34,7 +42,7 @@ cmd=("$PYTHON" -m get_similarity.score --quiet --delta "$DELTA" --metric $METRIC
      --tasks $TASKS --source_tasks $SOURCE_TASKS --k "$K" --data_seed "$DATA_SEED" --split "$SPLIT"
      --source_ckpt_path "$SOURCE_CKPT_PATH" --random_tuned_ckpt_path "$RANDOM_TUNED_CKPT_PATH"
      --granularity "$GRANULARITY" --batch_size "$BATCH_SIZE" --output_dir "$OUTPUT_DIR" --device "$DEVICE" --group_size "$GROUP_SIZE"
-     ${MAX_EXAMPLES:+--max_examples "$MAX_EXAMPLES"} $EXTRA_ARGS "$@")
+     ${MAX_EXAMPLES:+--max_examples "$MAX_EXAMPLES"} "${rerun[@]}" $EXTRA_ARGS "$@")
 if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"
     echo

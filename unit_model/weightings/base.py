@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from models.methods import param_group
 from models.run_folders import source_path
@@ -29,6 +28,7 @@ from unit_model.config import FusionConfig
 from unit_model.sources import Module, ModuleCache, leave_one_out
 from utils.errors import UserInputError
 from utils.io import read_tsv
+from utils.progress import progress_bar
 
 DIRECTIONS = ("lower", "higher")
 WEIGHT_NORMS = ("zscore", "rank", "none")
@@ -191,7 +191,7 @@ def plans_from_module_scores(
         prepare(plans)  # open and check the other modules the scores need, before any tensor is read
     cache.check(config.delta)
     pairs = [(p, i) for p in plans for i in range(len(p.sources))]
-    for plan, i in tqdm(pairs, desc=desc, leave=False, disable=len(pairs) < 20):
+    for plan, i in progress_bar(pairs, desc=desc, leave=False, disable=len(pairs) < 20):
         plan.scores[plan.sources[i]] = score_fn(plan, i)
     for plan in plans:
         plan.weights = group_softmax_weights(plan.scores, direction, config.tem, plan.target, config.weight_norm)

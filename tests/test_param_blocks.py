@@ -1,0 +1,105 @@
+"""Parameter blocks: the original code's way of working (`cd unit_model && python unit_model_average.py` after
+editing the block) reads and writes what it would from the repository root; a block value of a form no flag
+takes is refused; every flag's help shows its default."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from utils.errors import UserInputError
+from utils.params import BadBlockValue, block_params, from_repo_root, given_flags, parse_params
+
+LIBRARY = "models/default-sources/lora"
+
+
+def test_block_paths_resolve_against_the_repository_root_and_flags_against_the_cwd():
+    params = block_params({"save_ckpt_path": "runs/x", "model": "models/default", "tasks": "a b", "k": 16,
+                           "export_peft": "", "source_library": "/abs/lib"})
+    args = parse_params(params, ["--tasks", "c"], None)
+    assert args.save_ckpt_path == str(REPO / "runs" / "x")
+    assert args.model == str(REPO / "models" / "default")  # it exists there
+    assert args.export_peft == "" and args.source_library == "/abs/lib"  # empty and absolute stay
+    args = parse_params(params, ["--save_ckpt_path", "runs/y", "--model", "google/t5-base"], None)
+    assert args.save_ckpt_path == "runs/y" and args.model == "google/t5-base"  # command line: as given
+    assert from_repo_root("model", "google/t5-base-lm-adapt") == "google/t5-base-lm-adapt"  # a hub id
+    assert from_repo_root("tasks", "runs/x") == "runs/x"  # not a path parameter
+
+
+def test_given_flags_knows_prefixes_and_equals():
+    params = {"save_ckpt_path": "", "source_ckpt_path": "", "tem": 1.0}
+    assert given_flags(["--save_ckpt=x", "--tem", "2"], params) == {"save_ckpt_path", "tem"}
+    assert given_flags(["x", "-h"], params) == set()
+
+
+def test_a_list_in_a_block_is_refused_in_one_line():
+    params = block_params({"targets": ["sent_review", "topic_news"], "SOME_CONSTANT": ("a", "b"), "k": 1})
+    assert isinstance(params["targets"], BadBlockValue) and "SOME_CONSTANT" not in params
+    with pytest.raises(UserInputError, match=r'targets = "sent_review topic_news"'):
+        parse_params(params, [], None)
+
+
+def test_help_shows_each_default_once():
+    from utils.params import build_parser
+
+    text = build_parser({"tem": 1.0, "tasks": "ALL_TASKS", "note": None},
+                        None, {"tem": "softmax temperature", "tasks": "the pool (default: every task)"}).format_help()
+    assert "softmax temperature (default: 1.0)" in " ".join(text.split())
+    assert text.count("(default: every task)") == 1 and "(default: ALL_TASKS)" not in text
+
+
+def edited_copy(script: str, replacements: dict[str, str]) -> Path:
+    """A copy of a fusion script beside it, with its parameter block edited as a user would edit it."""
+    source = REPO / "unit_model" / script
+    text = source.read_text(encoding="utf-8")
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    copy = source.with_name(f"unit_model_edited_{uuid.uuid4().hex[:8]}.py")
+    copy.write_text(text, encoding="utf-8")
+    return copy
+
+
+@pytest.mark.cli
+def test_cd_unit_model_and_run_the_edited_block(tmp_path):
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    copy = edited_copy("unit_model_average.py", {
+        'tasks = "ALL_TASKS"': 'tasks = "sent_review topic_news sent_tweet"',
+        'targets = None': 'targets = "sent_review"',
+        'source_ckpt_path = "runs/sources/lora"': f'source_ckpt_path = "{LIBRARY}"',
+        'save_ckpt_path = "runs/fused/lora/average"': f'save_ckpt_path = "runs/{name}/average"'})
+    out = REPO / "runs" / name
+    try:
+        done = subprocess.run([sys.executable, copy.name], cwd=REPO / "unit_model", capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (out / "average" / "without_sent_review" / "delta.safetensors").is_file()
+        rows = (out / "average" / "weights.tsv").read_text().splitlines()[1:]
+        assert sorted(r.split("\t")[1] for r in rows) == ["sent_tweet", "topic_news"]
+        assert not (REPO / "unit_model" / "runs").exists()  # nothing written inside the code tree
+    finally:
+        copy.unlink()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.cli
+def test_a_python_list_in_an_edited_block_is_refused(tmp_path):
+    copy = edited_copy("unit_model_average.py", {'targets = None': 'targets = ["sent_review", "topic_news"]',
+                                                 'save_ckpt_path = "runs/fused/lora/average"':
+                                                 f'save_ckpt_path = "{tmp_path}/out"'})
+    try:
+        done = subprocess.run([sys.executable, copy.name], cwd=REPO / "unit_model", capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        copy.unlink()
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        'error: parameter block: targets = [\'sent_review\', \'topic_news\'] is a list; write it as one string of '
+        'words, e.g. targets = "sent_review topic_news"']
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,66 @@
+"""The committed source library of the embedded default (models/default-sources/lora), which `make demo` reads:
+built as the study's source stage trains its modules, for this backbone, and rebuilt the same by its script."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import study
+from models.formats import load_delta_checkpoint
+from models.sizes import METHOD_SIZES
+from models.source_library import read_settings, train_modules
+from task_list import resolve_tasks
+from tests.conftest import REPO
+
+LIBRARY = REPO / "models" / "default-sources" / "lora"
+
+
+def test_the_library_was_built_with_the_study_source_stage_settings():
+    settings = read_settings(LIBRARY)
+    p = study.parse_args([])
+    assert settings.tasks == resolve_tasks(["ALL_TASKS"])
+    assert (settings.k, settings.data_seed, settings.train_iters, settings.learning_rate, settings.bsz,
+            settings.valid_interval, settings.early_stop, settings.seed, settings.max_input_length,
+            settings.max_output_length) == (p.source_k, p.source_data_seed, p.source_iters, p.source_lr, p.source_bsz,
+                                            p.source_valid_interval, p.source_early_stop, p.seed, p.max_input_length,
+                                            p.max_output_length)
+    assert settings.method == "lora" and settings.sizes == METHOD_SIZES["default"]["lora"]
+    assert (settings.sizes["lora_r"], settings.sizes["lora_alpha"]) == (p.lora_r, p.lora_alpha)
+    assert settings.model == "models/default" and settings.task_dir == "data/synthetic"
+
+
+def test_the_demo_study_accepts_the_library_and_every_module_is_of_this_backbone():
+    from models.backbone import load_backbone
+    from models.delta import backbone_fingerprint
+
+    p = study.parse_args(["--source_library", str(LIBRARY), "--targets", "sent_review topic_places nli_entail"])
+    study.check_library(p, resolve_tasks(study.words(p.tasks)), study.words(p.targets))  # method, sizes, every task
+    model, _ = load_backbone(str(REPO / "models" / "default"), None, "cpu")
+    fingerprint = backbone_fingerprint(model)
+    for task in read_settings(LIBRARY).tasks:
+        tensors, meta = load_delta_checkpoint(LIBRARY / task)
+        assert meta["task"] == task and meta["backbone_fingerprint"] == fingerprint
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.slow
+def test_a_module_rebuilt_alone_equals_the_committed_one(tmp_path):
+    """One module, trained again from the manifest's settings (one module at a time, as the script builds them):
+    the same module. Both run on one thread; another CPU's kernels (AVX2 against AVX-512) round otherwise, and 200
+    Adam steps carry that into differences of a few percent in the smallest tensors, so tensors are compared by
+    their norm and scores within a few examples."""
+    settings = dataclasses.replace(read_settings(LIBRARY), tasks=["topic_places"])
+    made = train_modules(settings, ["topic_places"], tmp_path)["topic_places"]
+    rebuilt, _ = load_delta_checkpoint(made["checkpoint"])
+    committed, meta = load_delta_checkpoint(LIBRARY / "topic_places")
+    assert rebuilt.keys() == committed.keys()
+    for name in committed:
+        relative = float(torch.linalg.norm(rebuilt[name] - committed[name]) / torch.linalg.norm(committed[name]))
+        assert relative < 1e-2, (name, relative)
+    scores = json.loads((LIBRARY / "manifest.json").read_text())["scores"]["topic_places"]
+    for split in ("dev", "test"):
+        assert abs(float(made[split]) - float(scores[split])) <= 0.05
