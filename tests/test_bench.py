@@ -84,7 +84,10 @@ def test_similarity_quick(tmp_path: Path) -> None:
 
 def test_grouped_quick(tmp_path: Path) -> None:
     assert grouped.main(["--quick", "--results_dir", str(tmp_path)]) == 0
-    [table] = read_tables(tmp_path / "grouped.md")
+    table, sweep = read_tables(tmp_path / "grouped.md")
+    assert [(row[0], row[2]) for row in sweep[1]] == [("similar lengths (suite)", "1"),
+                                                     ("similar lengths (suite)", "auto")]
+    assert column(sweep, "CPU ratio vs 1")[0] == "1.00x"
     assert table[0][:5] == ["stage", "G", "CPU s (process)", "wall s", "CPU ratio vs G=1"]
     assert [(row[0], row[1]) for row in table[1]] == [("tune-all", "1"), ("tune-all", "3"), ("similarity", "1"),
                                                       ("similarity", "3")]

@@ -328,7 +328,8 @@ def common(root: Path, out: str, *extra: str) -> list[str]:
 
 
 def check_outputs(save_dir: Path) -> list[dict[str, str]]:
-    assert {p.name for p in save_dir.iterdir()} == {*(f"without_{t}" for t in TASKS), "weights.tsv", "heatmap.png"}
+    assert {p.name for p in save_dir.iterdir()} == {*(f"without_{t}" for t in TASKS), "weights.tsv", "heatmap.png",
+                                                   "fusion_settings.json"}
     assert (save_dir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in save_dir.parent.iterdir() if p.name.startswith(f".{save_dir.name}.")]  # no staging left
     rows = read_weights(save_dir / "weights.tsv")

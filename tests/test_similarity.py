@@ -406,8 +406,10 @@ def test_script_entry_points(tiny_backbone_dir: Path, modules: Path, tmp_path: P
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_rows(tmp_path / "via_script" / "result.tsv")
+    # the sources default to the modules of SOURCE_CKPT_PATH (its subfolders here, having no result.tsv)
     assert [(r["target"], r["source"], r["metric"], r["group"]) for r in rows] == [
-        (t, s, "EL2N", g) for t, s in [("sent_review", "topic_news"), ("topic_news", "sent_review")]
+        (t, s, "EL2N", g) for t, s in [("sent_review", "sent_tweet"), ("sent_review", "topic_news"),
+                                       ("topic_news", "sent_review"), ("topic_news", "sent_tweet")]
         for g in ("encoder", "decoder")]
 
 

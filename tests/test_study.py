@@ -18,6 +18,7 @@ from scipy.stats import bootstrap, wilcoxon
 
 import study
 from tests.conftest import REPO, small_study_argv
+from unit_model.fusion_names import fusion_file_name
 from utils.errors import run_cli
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def finished(tiny_backbone_dir, tmp_path_factory):
 def arm_scores(root: Path, delta: str, seed: int, budget: str, arm: str) -> dict[str, float]:
     """Test score per target of one arm (random or a fusion method) on one split at one budget."""
     folder = root / delta / f"seed_{seed}" / budget
-    folder = folder / "random" if arm == "random" else folder / "transfer" / arm
+    folder = folder / "random" if arm == "random" else folder / "transfer" / fusion_file_name(arm)
     return {r["task"]: float(r["test"]) for r in rows(folder / "result.tsv")}
 
 
@@ -69,7 +70,8 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
         assert (results / name).is_file(), name
     methods = FUSIONS.split()
     assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
-        f"{d}_seed_{s}_{m}.png" for d in DELTAS for s in SEEDS for m in methods)
+        f"{d}_seed_{s}_{fusion_file_name(m)}.png" for d in DELTAS for s in SEEDS for m in methods)
+    assert "learned_from_Loss" in {fusion_file_name(m) for m in methods}  # no ':' in a file name
     summary = rows(results / "summary.tsv")
     md = (results / "summary.md").read_text()
     targets = TARGETS.split()

@@ -17,14 +17,24 @@ cd "$(dirname "$0")/../.."
 : "${SPLIT:=dev}"
 : "${SOURCE_CKPT_PATH:=runs/sources/${DELTA}}"    # tune.py output (scripts/${DELTA}.sh): one folder per task
 : "${RANDOM_TUNED_CKPT_PATH:=runs/random/${DELTA}}"  # KL only: tune.py on the targets' K-shot train split
-# The tasks of a tune.py output folder (its result.tsv), in the order they were first written.
-tasks_in() { [[ -f "$1/result.tsv" ]] && awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/result.tsv"; }
+# The tasks of a folder of modules, in the order they were first written: its result.tsv (tune.py), its
+# sources.tsv (a module library), else its subfolders.
+tasks_in() {
+    if [[ -f "$1/result.tsv" ]]; then
+        awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/result.tsv"
+    elif [[ -f "$1/sources.tsv" ]]; then
+        awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/sources.tsv"
+    elif [[ -d "$1" ]]; then
+        for d in "$1"/*/; do [[ -d "$d" ]] && printf '%s ' "$(basename "$d")"; done
+    fi
+    return 0
+}
 # targets: task names or a list from task_list.py; default: the targets the baseline trained (RANDOM_TUNED_CKPT_PATH)
-: "${TASKS:=$(tasks_in "$RANDOM_TUNED_CKPT_PATH" || true)}"
+: "${TASKS:=$(tasks_in "$RANDOM_TUNED_CKPT_PATH")}"
 : "${TASKS:=ALL_TASKS}"
-# sources (leave-one-out: a target is never its own source); default: the tasks of SOURCE_CKPT_PATH
-: "${SOURCE_TASKS:=$(tasks_in "$SOURCE_CKPT_PATH" || true)}"
-: "${SOURCE_TASKS:=ALL_TASKS}"
+# sources (leave-one-out: a target is never its own source); default: the modules of SOURCE_CKPT_PATH
+: "${SOURCE_TASKS:=$(tasks_in "$SOURCE_CKPT_PATH")}"
+: "${SOURCE_TASKS:=$TASKS}"
 : "${GRANULARITY:=model}"                         # model, block or layer
 : "${MAX_EXAMPLES:=}"                             # empty: the whole split
 : "${BATCH_SIZE:=32}"
