@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--early_stop", type=int, default=D.early_stop,
                      help="stop after N validations without gain (0: never)")
     run.add_argument("--predict_batch_size", type=int, default=D.predict_batch_size, help="batch size of generation")
-    run.add_argument("--weight_decay", type=float, default=D.weight_decay)
-    run.add_argument("--max_grad_norm", type=float, default=D.max_grad_norm)
+    run.add_argument("--weight_decay", type=float, default=D.weight_decay, help="AdamW weight decay")
+    run.add_argument("--max_grad_norm", type=float, default=D.max_grad_norm,
+                     help="clip the delta parameters' gradient to this norm")
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
     run.add_argument("--resume", action="store_true",
                      help="skip each run whose folder holds a finished run of the same settings (a run of other "
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--model", default=D.model, help="T5 folder or hub id (default: embedded)")
     paths.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
     paths.add_argument("--task_dir", default=D.task_dir, help="CrossFit-layout data folder")
-    paths.add_argument("--output_dir", default=D.output_dir)
+    paths.add_argument("--output_dir", default=D.output_dir,
+                       help="run folders {output_dir}/{task}/lr_*_bsz_*_seed_*/ and result.tsv go here")
     paths.add_argument("--train_checkpoint", default=None,
                        help="initialise the delta module from this checkpoint (a fused one too)")
     paths.add_argument("--test_checkpoint", default=None, help="predict with this checkpoint")
@@ -79,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--k", type=int, default=D.k, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
     data.add_argument("--data_seed", type=int, default=D.data_seed, help="data seed: picks the few-shot files")
     data.add_argument("--seed", type=int, default=D.seed, help="seed of initialisation, batching and dropout")
-    data.add_argument("--max_input_length", type=int, default=D.max_input_length)
-    data.add_argument("--max_output_length", type=int, default=D.max_output_length)
-    data.add_argument("--num_beams", type=int, default=D.num_beams)
+    data.add_argument("--max_input_length", type=int, default=D.max_input_length, help="truncate inputs to N tokens")
+    data.add_argument("--max_output_length", type=int, default=D.max_output_length,
+                      help="truncate answers to N tokens (and generate at most N)")
+    data.add_argument("--num_beams", type=int, default=D.num_beams,
+                      help="beam width at validation and test (1: greedy)")
     data.add_argument("--max_new_tokens", default=D.max_new_tokens,
                       help="generation budget at validation and test: auto (label tasks: the longest label + EOS, "
                            "which cuts only outputs that are not labels; other tasks: --max_output_length) "

@@ -21,7 +21,8 @@ from utils.params import HelpFormatter  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "synthetic"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "synthetic"),
+                        help="the suite's folder (written whole)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     with staged_dir(out) as tmp:  # the old suite stays in place until the new one is complete

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune_method",
                    help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
     p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int)
+    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (with --merge: the rows of this run's pairs)")

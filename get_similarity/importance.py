@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
     p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
     p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass / generation batch")
-    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--num_beams", type=int, default=1, help="beam width of the generation (1: greedy)")
     p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
     p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
     p.add_argument("--overwrite", action="store_true", help="replace importance.tsv and the plot of an earlier run")

@@ -175,7 +175,7 @@ def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task_dir", default=D.task_dir, help="CrossFit-layout data folder")
     p.add_argument("--k", type=int, default=D.k, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
     p.add_argument("--data_seed", type=int, default=D.data_seed, help="data seed: picks the few-shot files")
-    p.add_argument("--max_input_length", type=int, default=D.max_input_length)
+    p.add_argument("--max_input_length", type=int, default=D.max_input_length, help="truncate inputs to N tokens")
     p.add_argument("--max_output_length", type=int, default=D.max_output_length, help="also the generation length")
     p.add_argument("--device", default=D.device, help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="silence library warnings")

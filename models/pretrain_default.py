@@ -89,14 +89,15 @@ def skill_accuracy(task_accuracy: dict[str, float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "default"))
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--warmup_steps", type=int, default=300)
-    parser.add_argument("--vocab_size", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "default"),
+                        help="the backbone's folder (written whole)")
+    parser.add_argument("--steps", type=int, default=5000, help="pre-training steps")
+    parser.add_argument("--batch_size", type=int, default=64, help="examples per step")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW peak learning rate")
+    parser.add_argument("--warmup_steps", type=int, default=300, help="linear warm-up steps")
+    parser.add_argument("--vocab_size", type=int, default=2000, help="BPE vocabulary size asked of the trainer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer, the weights and the data stream")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch")
     parser.add_argument("--eval_every", type=int, default=1000, help="print held-out accuracy every N steps")
     args = parser.parse_args(argv)
 

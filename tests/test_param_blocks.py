@@ -103,3 +103,53 @@ def test_a_python_list_in_an_edited_block_is_refused(tmp_path):
         'error: parameter block: targets = [\'sent_review\', \'topic_news\'] is a list; write it as one string of '
         'words, e.g. targets = "sent_review topic_news"']
     assert not (tmp_path / "out").exists()
+
+
+def test_block_comments_become_the_flags_help(tmp_path):
+    from utils.params import block_comments
+
+    script = tmp_path / "s.py"
+    script.write_text('x = 1\n# ---- parameters (...) ----\nalpha = 1  # the first one\n# explains beta\n'
+                      '# over two lines\nbeta = "b"\ngamma = 3\n# -----\ndelta = 4  # after the block\n',
+                      encoding="utf-8")
+    assert block_comments(script) == {"alpha": "the first one", "beta": "explains beta over two lines"}
+    params = block_params({"__file__": str(script), "alpha": 1, "beta": "b", "gamma": 3})
+    from utils.params import build_parser
+
+    text = " ".join(build_parser({k: v for k, v in params.items() if not k.startswith("_")}, None,
+                                 params["__help__"]).format_help().split())
+    assert "the first one (default: 1)" in text and "explains beta over two lines (default: b)" in text
+    assert "gamma (default: 3)" in text  # no comment: the name in words
+
+
+def test_every_flag_of_every_entry_point_has_help():
+    import argparse
+    import importlib.util
+
+    scripts = ["tune.py", "study.py", "sweep.py", "get_similarity/score.py", "get_similarity/tune_all.py",
+               "get_similarity/dev_all.py", "get_similarity/importance.py", "scripts/export_peft.py",
+               "scripts/convert_legacy_ckpt.py", "scripts/summarize_runs.py", "scripts/build_default_sources.py",
+               *(f"unit_model/unit_model_{n}.py" for n in ("average", "cos", "Euclidean", "Performance", "others",
+                                                            "learned"))]
+    captured = {}
+
+    def grab(self, args=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        for script in scripts:
+            spec = importlib.util.spec_from_file_location(f"help_{script.replace('/', '_')[:-3]}", REPO / script)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            captured.clear()
+            with pytest.raises(SystemExit):
+                module.main([])
+            bare = [a.option_strings[0] for a in captured["parser"]._actions
+                    if a.option_strings and a.dest != "help" and not (a.help or "").strip()]
+            assert bare == [], script
+    finally:
+        argparse.ArgumentParser.parse_args = original

@@ -159,7 +159,7 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm", action="store_true", help="submit one Slurm job array (through submitit), one task "
                    "per job, and wait for it")
     g.add_argument("--no_wait", action="store_true", help="with --slurm: print the array's job id and return")
-    g.add_argument("--slurm_partition", default=None)
+    g.add_argument("--slurm_partition", default=None, help="Slurm partition of the array (default: the cluster's)")
     g.add_argument("--slurm_time", default=str(DEFAULT_SLURM_MINUTES),
                    help="time limit of each array task: minutes, HH:MM:SS or D-HH:MM:SS")
     g.add_argument("--slurm_gpus", type=int, default=0, help="GPUs per array task")

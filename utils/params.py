@@ -32,13 +32,45 @@ class BadBlockValue:
         return repr(self.value)
 
 
+HELP_KEY = "__help__"  # block_params' entry holding the block's comments (no parameter starts with "_")
+
+
+def block_comments(path: str | Path) -> dict[str, str]:
+    """Each parameter's comment in a block (between ``# ---- parameters`` and the next ``# -----`` line): its
+    inline comment, else the comment lines right above it."""
+    import re
+
+    helps: dict[str, str] = {}
+    inside, above = False, []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("# ---- parameters"):
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line.startswith("# -----"):
+            break
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"^(\w+)\s*=.*?(?:\s#\s*(.*))?$", line)
+        if match:
+            helps[match.group(1)] = (match.group(2) or "").strip() or " ".join(above)
+        above = []
+    return {k: v for k, v in helps.items() if v}
+
+
 def block_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The plain variables (str, int, float, bool, None) of a script's globals, in definition order.
+    """The plain variables (str, int, float, bool, None) of a script's globals, in definition order, and under
+    ``HELP_KEY`` the block's comments (the flags' help).
 
     A list, tuple, set or dict is kept as a ``BadBlockValue`` so that parsing refuses it in one line (a list of
     targets would otherwise be silently dropped and every task fused).
     """
     out: dict[str, Any] = {}
+    if isinstance(namespace.get("__file__"), str) and Path(namespace["__file__"]).is_file():
+        out[HELP_KEY] = block_comments(namespace["__file__"])
     for k, v in namespace.items():
         if k.startswith("_"):
             continue
@@ -88,6 +120,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         text = action.help or ""
         if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.option_strings == []:
             return text
+        if action.default == "":
+            return f"{text} (default: empty)"
         return super()._get_help_string(action)
 
 
@@ -129,7 +163,10 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
     Block values are checked first (``check_block``), and the block's relative paths resolve against the
     repository root (``from_repo_root``); values given on the command line are taken as they are.
     """
+    params = dict(params)
+    comments = params.pop(HELP_KEY, {})
     check_block(params)
+    helps = {**(helps or {}), **comments}  # the block's own comment says most about its parameter
     args = build_parser(params, description, helps, choices, list_params, types).parse_args(argv)
     given = given_flags(argv, params)
     for name in params:
