@@ -46,7 +46,7 @@ test-portable: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Benchmarks (bench/README.md), one BLAS thread; each writes its table to bench/results/ (15 min on 2 CPU cores).
+# Benchmarks (bench/README.md), one BLAS thread (threads.py sets its own); each writes its table to bench/results/ (15 min on 2 CPU cores).
 # bench/gpu.sh is not part of it: it needs a GPU machine.
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/trainer_overhead.py
@@ -55,3 +55,5 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/eval_speed.py
 	OMP_NUM_THREADS=1 $(PY) bench/load_sources.py
 	OMP_NUM_THREADS=1 $(PY) bench/grouped.py
+	$(PY) bench/threads.py
+	$(PY) bench/cli_startup.py

@@ -24,6 +24,7 @@ Parameters are the plain variables below; each can be overridden on the command 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -128,11 +129,11 @@ PARAMS = block_params(globals())
 
 
 
-def say(line: str) -> None:
+def say(line: str, file=None) -> None:
     """A progress line that does not collide with the bars of the stage underneath (bars only on a terminal)."""
     from utils.progress import say as say_line
 
-    say_line(line)
+    say_line(line, file)
 
 
 def clock(seconds: float) -> str:
@@ -216,18 +217,30 @@ class Study:
         ``run_group`` (models/group.py: one forward pass for all its modules).
         """
         todo = [n for n in names if not self.done(f"{title}.{n}")]
-        say(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run")
+        out = sys.stdout  # the stage's own lines go to its log; this one line per stage to the console
+        say(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run", out)
         start = time.time()
-        if todo and jobs is not None and self.launch is not None:
-            self.dispatch(title, todo, outputs, jobs, finish)
-        elif groups is not None and run_group is not None:
-            for group in groups:
-                self.group_step(title, group, outputs, run_group)
-        else:
-            for n in todo:
-                self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
+        with self.stage_log(title) as log, contextlib.redirect_stdout(log):
+            if todo and jobs is not None and self.launch is not None:
+                self.dispatch(title, todo, outputs, jobs, finish)
+            elif groups is not None and run_group is not None:
+                for group in groups:
+                    self.group_step(title, group, outputs, run_group)
+            else:
+                for n in todo:
+                    self.step(f"{title}.{n}", outputs(n), lambda n=n: run(n))
         if todo:
-            say(f"[{index}/8] {title}: finished in {clock(time.time() - start)} ({self.progress()})")
+            say(f"[{index}/8] {title}: finished in {clock(time.time() - start)} ({self.progress()})", out)
+
+    @contextlib.contextmanager
+    def stage_log(self, title: str):
+        """``{output}/logs/{stage}.log``: what a stage's steps print (appended, so a resumed stage adds to it)."""
+        path = self.root / "logs" / f"{title.replace('/', '-')}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n")
+            log.flush()
+            yield log
 
     def group_step(self, title: str, group: list[str], outputs: Callable[[str], list[Path]],
                    run_group: Callable[[list[str]], None]) -> None:
@@ -309,7 +322,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     from models.delta import DeltaConfig
     from models.group import chunks
     from models.run_folders import run_dir_name
-    from models.tuning import TuneConfig, run_sweep, run_sweeps
+    from models.settings import TuneConfig
+    from models.tuning import run_sweep, run_sweeps
     from unit_model.fusion import FusionConfig, run_fusion
     from unit_model.report import budget_dir, seed_dir
     from unit_model.sources import fused_dir_name
@@ -726,8 +740,8 @@ def resolve_group_size(p, task_pool: list[str], target_list: list[str]) -> tuple
 def parse_args(argv: list[str] | None):
     """The parameter block with the command line's overrides; list parameters as one space-separated string,
     so params.json spells them one way however the words were given."""
-    from models.group import parse_group_size
-    from unit_model.fusion import CHOICES, HELP, LIST_PARAMS, TYPES
+    from models.settings import parse_group_size
+    from unit_model.config import CHOICES, HELP, LIST_PARAMS, TYPES
     from utils.params import parse_params
 
     types = {**TYPES, "group_size": lambda v: str(parse_group_size(v))}  # params.json: "auto" or "8"
@@ -736,10 +750,10 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     from task_list import resolve_tasks, task_categories
-    from unit_model.report import budget_dir, write_results
     from utils.errors import UserInputError
 
-    p = parse_args(argv)
+    p = parse_args(argv)  # before the heavy imports: --help and a refused flag answer at once
+    from unit_model.report import budget_dir, write_results
     for name in ("source_iters", "source_bsz", "target_bsz", "source_valid_interval",
                  "target_valid_interval", "max_examples"):
         if getattr(p, name) <= 0:
@@ -767,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(MergeSettings(lam=p.lam, density=p.density, majority_sign=p.majority_sign, seed=p.merge_seed))
     if p.top_k < 0:
         raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {p.top_k}")
-    from unit_model.learned import OPTIMIZERS
+    from unit_model.config import OPTIMIZERS
     if p.learned_optimizer not in OPTIMIZERS:
         raise UserInputError(f"--learned_optimizer: expected one of {', '.join(OPTIMIZERS)}, found "
                              f"{p.learned_optimizer!r}")

@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
-from models.backbone import add_allow_other_backbone_arg
-from models.delta import METHODS, DeltaConfig, add_size_flags
-from models.group import add_group_size_arg
+# Only declarations here (no torch): --help and a refused flag answer before the heavy libraries load.
+from models.methods import METHODS, add_size_flags
+from models.settings import TuneConfig, add_allow_other_backbone_arg, add_group_size_arg
 from models.sizes import METHOD_SIZES
-from models.tuning import TuneConfig, check_config, run_sweep
 from utils.errors import UserInputError, run_cli
-from utils.params import HelpFormatter
+from utils.params import HelpFormatter, field_defaults
+
+if TYPE_CHECKING:
+    from models.delta import DeltaConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    D = TuneConfig(delta=DeltaConfig("adapter"))  # the library's defaults are the flags' defaults
+    D = argparse.Namespace(**field_defaults(TuneConfig))  # the library's defaults are the flags' defaults
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     run = p.add_argument_group("runs and sweeps")
     run.add_argument("--do_train", action="store_true", help="train a delta module on each task")
@@ -110,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         except ValueError:
             raise UserInputError(f"--max_new_tokens: expected auto or a positive integer, found "
                                  f"{max_new_tokens!r}") from None
+    from models.delta import DeltaConfig
+
     delta = DeltaConfig.from_flags(args.tune_method, vars(args))
     values = {f.name: getattr(args, f.name) for f in fields(TuneConfig) if f.name != "delta"}
     return TuneConfig(**{**values, "max_new_tokens": max_new_tokens}, delta=delta)
@@ -117,13 +122,18 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 def check_args(args: argparse.Namespace) -> DeltaConfig:
     """Validate flags before anything is loaded or written; the delta method they ask for."""
+    from models.tuning import check_config
+
     config = config_from_args(args)
     check_config(config)
     return config.delta
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_sweep(config_from_args(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    from models.tuning import run_sweep
+
+    run_sweep(config_from_args(args))
     return 0
 
 

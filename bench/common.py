@@ -28,9 +28,9 @@ if str(REPO) not in sys.path:  # run as a file (python bench/x.py): make the rep
 
 import torch  # noqa: E402
 
-from models.backbone import DEFAULT_MODEL_DIR  # noqa: E402
 from models.delta import DeltaConfig, save_delta_checkpoint  # noqa: E402
 from models.run_folders import CHECKPOINT_SUBDIR, RESULT_COLUMNS, run_dir_name  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.io import write_text_atomic, write_tsv_atomic  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402

@@ -52,11 +52,12 @@ from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.metrics import metric_for_task, score  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models import seq2seq  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from models.backbone import load_backbone  # noqa: E402
 from models.delta import attach_delta, load_delta_state  # noqa: E402
 from models.formats import load_delta_checkpoint  # noqa: E402
 from models.run_folders import read_result_tsv, resolve_checkpoint  # noqa: E402
-from models.trainer import TrainConfig, Trainer  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR, TrainConfig
+from models.trainer import Trainer  # noqa: E402
 from task_list import resolve_tasks  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 

@@ -49,7 +49,7 @@ from bench.common import (  # noqa: E402
     write_sources,
 )
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 
 TASK, SOURCE_TASK, K, DATA_SEED = "gpu_task", "sent_review", 512, 100
@@ -105,7 +105,8 @@ def grouped_rate(model_dir: Path, method: str, size: int, bsz: int, steps: int, 
     per step on a shared batch), all modules counted; the median of blocks 2-6 of the trainer's own log."""
     from dataloader.crossfit import load_task
     from models.delta import DeltaConfig
-    from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
+    from models.settings import TrainConfig
+    from models.trainer import Run, RunLog, TaskData, Trainer
 
     block = max(1, steps // 6)
     config = TrainConfig(model=str(model_dir), device=device, bf16=True, train_iters=block * 6, log_interval=block,

@@ -61,9 +61,10 @@ from bench.common import (  # noqa: E402
 )
 from dataloader.crossfit import read_split  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
-from models.backbone import DEFAULT_MODEL_DIR, load_backbone  # noqa: E402
+from models.backbone import load_backbone  # noqa: E402
 from models.delta import attach_delta  # noqa: E402
 from models.seq2seq import encode_examples, training_batches  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR
 from models.trainer import RunLog  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 

@@ -39,12 +39,7 @@ from dataloader.crossfit import SPLITS, load_task  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
-from models.backbone import (  # noqa: E402
-    add_backbone_and_data_args,
-    load_backbone,
-    pick_device,  # noqa: E402
-    quiet_libraries,
-)
+from models.backbone import load_backbone, pick_device, quiet_libraries
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -57,6 +52,7 @@ from models.evaluate import evaluate  # noqa: E402
 from models.formats import load_delta_checkpoint
 from models.run_folders import resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
+from models.settings import add_backbone_and_data_args
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402

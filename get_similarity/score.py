@@ -58,13 +58,7 @@ from get_similarity.metrics import (  # noqa: E402
     per_example_grad_norms,
     resolve_metrics,
 )
-from models.backbone import (  # noqa: E402
-    BackboneDataConfig,
-    add_backbone_and_data_args,
-    load_backbone,
-    pick_device,  # noqa: E402
-    quiet_libraries,
-)
+from models.backbone import load_backbone, pick_device, quiet_libraries
 from models.delta import (
     GRANULARITIES,
     METHODS,
@@ -80,17 +74,7 @@ from models.delta import (
 )
 from models.evaluate import autocast  # noqa: E402
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
-from models.group import (  # noqa: E402
-    AUTO,
-    active,
-    add_group_size_arg,
-    channel_rows,
-    chunks,
-    ensure_slots,
-    load_slot_state,
-    pick_group_size,
-    slot_params,
-)
+from models.group import active, channel_rows, chunks, ensure_slots, load_slot_state, pick_group_size, slot_params
 from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
 from models.seq2seq import (  # noqa: E402
     IGNORE_INDEX,
@@ -100,6 +84,7 @@ from models.seq2seq import (  # noqa: E402
     longest_example,
     to_device,
 )
+from models.settings import AUTO, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402

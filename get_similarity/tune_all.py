@@ -39,7 +39,7 @@ import torch
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
-from models.backbone import BackboneDataConfig, add_backbone_and_data_args, quiet_libraries
+from models.backbone import quiet_libraries
 from models.delta import (
     CONFIG_FILE,
     METHODS,
@@ -49,10 +49,18 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.formats import load_delta_checkpoint
-from models.group import AUTO, add_group_size_arg, chunks, pick_group_size
+from models.group import chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
 from models.seq2seq import longest_example
-from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer, default_warmup
+from models.settings import (
+    AUTO,
+    BackboneDataConfig,
+    TrainConfig,
+    add_backbone_and_data_args,
+    add_group_size_arg,
+    default_warmup,
+)
+from models.trainer import Run, RunLog, TaskData, Trainer
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError, run_cli
 from utils.io import check_output_folder

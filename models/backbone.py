@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +10,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditiona
 
 from utils.errors import UserInputError, first_line
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
@@ -144,44 +141,3 @@ def quiet_libraries() -> None:
     logging.getLogger("adapters").setLevel(logging.ERROR)
 
 
-def default_task_dir() -> str:
-    """The bundled synthetic suite (imported late: loading a backbone needs no data module)."""
-    from dataloader.synthetic import SUITE_DIR
-
-    return str(SUITE_DIR)
-
-
-@dataclass(kw_only=True)
-class BackboneDataConfig:
-    """The settings every entry point that loads the backbone and reads few-shot files shares."""
-
-    model: str = str(DEFAULT_MODEL_DIR)
-    tokenizer_path: str | None = None
-    task_dir: str = field(default_factory=default_task_dir)
-    k: int = 16
-    data_seed: int = 100
-    max_input_length: int = 256
-    max_output_length: int = 32
-    device: str = "auto"
-    quiet: bool = False
-    allow_other_backbone: bool = False  # accept modules made on a same-shaped backbone with other weights
-
-
-def add_backbone_and_data_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``BackboneDataConfig``, with its defaults."""
-    D = BackboneDataConfig()
-    p.add_argument("--model", default=D.model, help="T5 folder or hub id (default: embedded)")
-    p.add_argument("--tokenizer_path", default=D.tokenizer_path, help="tokenizer folder or hub id (default: --model)")
-    p.add_argument("--task_dir", default=D.task_dir, help="CrossFit-layout data folder")
-    p.add_argument("--k", type=int, default=D.k, help="shots: picks {task}_{k}_{seed}_{split}.tsv")
-    p.add_argument("--data_seed", type=int, default=D.data_seed, help="data seed: picks the few-shot files")
-    p.add_argument("--max_input_length", type=int, default=D.max_input_length, help="truncate inputs to N tokens")
-    p.add_argument("--max_output_length", type=int, default=D.max_output_length, help="also the generation length")
-    p.add_argument("--device", default=D.device, help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="silence library warnings")
-    add_allow_other_backbone_arg(p)
-
-
-def add_allow_other_backbone_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow_other_backbone", action="store_true",
-                   help="use modules made on a backbone of the same shape but other weights (refused otherwise)")

@@ -24,7 +24,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.backbone import backbone_name
-from models.methods import DELTA_NAME, GRANULARITIES, METHODS, REGISTRY, DeltaMethod, get_method, param_group
+from models.methods import (
+    DELTA_NAME,
+    GRANULARITIES,
+    METHODS,
+    REGISTRY,
+    SIZE_FLAGS,
+    DeltaMethod,
+    add_size_flags,
+    get_method,
+    param_group,
+)
 from models.methods.adapter import ADAPTER_TYPES
 from models.sizes import METHOD_SIZES
 from utils.errors import UserInputError
@@ -36,7 +46,6 @@ __all__ = ["ADAPTER_TYPES", "CONFIG_FILE", "DELTA_NAME", "GRANULARITIES", "METHO
     "library_config", "load_delta_state", "param_group", "save_delta_checkpoint"]
 
 PAPER_SIZES = METHOD_SIZES["paper"]
-SIZE_FLAGS = tuple(f.name for m in REGISTRY.values() for f in m.size_fields)  # every method's size names
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
@@ -135,20 +144,6 @@ class DeltaConfig:
         if not isinstance(sizes, dict):
             raise UserInputError(f"delta checkpoint meta: expected 'sizes' to be an object, found {sizes!r}")
         return cls.from_dict({"method": meta.get("method"), **sizes})
-
-
-def add_size_flags(group: Any, defaults: dict[str, dict[str, Any]] | None = None) -> list[str]:
-    """Add ``--<size>`` for every size of every registered method to an argparse group; return their names.
-
-    ``defaults`` maps method -> size -> value (a profile of models/sizes.py); None leaves every flag at None,
-    for commands that read the sizes from a file and only check the flags given.
-    """
-    for spec in REGISTRY.values():
-        for f in spec.size_fields:
-            default = None if defaults is None else defaults[spec.name][f.name]
-            extra = {"choices": f.choices} if f.choices else {}
-            group.add_argument(f"--{f.name}", type=f.kind, default=default, help=f"{spec.name}: {f.help}", **extra)
-    return list(SIZE_FLAGS)
 
 
 def describe(method: Any, sizes: Any) -> str:

@@ -25,11 +25,9 @@ from torch import nn
 
 from models.delta import DeltaConfig, check_delta_shapes, library_config
 from models.methods import DELTA_NAME, REGISTRY
+from models.settings import AUTO
 
 _STORAGES = "|".join(sorted({re.escape(m.storage) for m in REGISTRY.values()}))
-AUTO = "auto"
-
-
 def slot_name(index: int) -> str:
     """Slot 0 is the module every single run uses; the others are numbered after it."""
     return DELTA_NAME if index == 0 else f"{DELTA_NAME}{index}"
@@ -129,21 +127,6 @@ def channel_rows(tensor: torch.Tensor, channels: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Group sizes
 
-def parse_group_size(value: str | int, flag: str = "--group_size") -> int | str:
-    """``auto`` or a positive integer."""
-    from utils.errors import UserInputError
-
-    if value == AUTO:
-        return AUTO
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        size = 0
-    if size <= 0 or str(value).strip() != str(size):
-        raise UserInputError(f"{flag}: expected auto or a positive integer, found {value!r}")
-    return size
-
-
 MAX_AUTO_GROUP = 32  # beyond this the per-module optimiser steps and bookkeeping dominate a step
 AUTO_MEMORY_FRACTION = 0.25  # of the device's total memory
 
@@ -194,13 +177,6 @@ def pick_group_size(requested: int | str, runs: int, model_config, device: torch
     size = min(fits, runs, MAX_AUTO_GROUP)
     return size, (f"group size {size} (auto: {memory_fraction:.0%} of {total / 2**30:.1f} GiB on {device.type} "
                   f"at about {per_slot / 2**20:.0f} MiB per module holds {fits}; at most {min(runs, MAX_AUTO_GROUP)})")
-
-
-def add_group_size_arg(parser, default: int | str | None = None) -> None:
-    """The ``--group_size`` flag every entry point that runs many modules shares."""
-    parser.add_argument("--group_size", type=parse_group_size, default=default,
-                        help="modules per forward pass: auto (the largest group that fits a quarter of the "
-                             "device's memory, at most 32) or a number; 1 runs one module at a time")
 
 
 def chunks(items: Sequence, size: int) -> list[list]:

@@ -4,6 +4,7 @@ and updating result.tsv under a file lock, and run folder names."""
 from __future__ import annotations
 
 import fcntl
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,6 +159,11 @@ def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
         listed = ", ".join(f"k {k} data_seed {s} method {m}" for k, s, m in splits)
         raise UserInputError(f"{path}: runs of {len(splits)} data splits or methods ({listed}); pass the run folder "
                              f"you mean, e.g. {candidates[0][1].parent}")
-    # Best dev score; ties go to the first row written (the first lr/bsz of the sweep).
-    best = max(range(len(candidates)), key=lambda i: (candidates[i][0], -i))
+    # Best dev score; ties go to the first row written (the first lr/bsz of the sweep). A score that is not a
+    # number (nan, inf) is unknown, never the best: max() with a NaN would pick whichever came first.
+    known = [i for i, c in enumerate(candidates) if math.isfinite(c[0])]
+    if not known:
+        raise UserInputError(f"{path}: no run of task {task!r} has a finite dev score in {result_tsv}; pass the run "
+                             f"folder you mean, e.g. {candidates[0][1].parent}")
+    best = max(known, key=lambda i: (candidates[i][0], -i))
     return candidates[best][1]

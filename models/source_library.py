@@ -21,7 +21,8 @@ import torch
 
 from models.delta import DeltaConfig
 from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name
-from models.tuning import TuneConfig, run_sweep
+from models.settings import TuneConfig
+from models.tuning import run_sweep
 from utils.errors import UserInputError
 from utils.io import read_json_object, staged_dir, write_text_atomic
 from utils.params import from_repo_root  # the manifest names the repository's folders relative to it

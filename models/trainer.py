@@ -18,13 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dataloader.crossfit import Example
-from models.backbone import DEFAULT_MODEL_DIR, backbone_name, load_backbone, pick_device
+from models.backbone import backbone_name, load_backbone, pick_device
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -34,70 +33,18 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
-from models.evaluate import Decoding, autocast, plan_decoding, predict_group, predict_split, score_predictions
+from models.evaluate import Decoding, autocast, predict_group, predict_split, score_predictions
 from models.formats import load_delta_checkpoint
 from models.group import activate, channel_rows, ensure_slots, load_slot_state, slot_params, slot_state
 from models.methods import DELTA_NAME
 from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
 from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, encode_examples, to_device, training_examples
+from models.settings import TrainConfig, default_warmup
 from utils.errors import UserInputError
 from utils.io import write_tsv_atomic
-from utils.params import config_from
 from utils.progress import progress_bar, say
 
 Batch = tuple[list[list[int]], list[list[int]]]  # (input ids, label ids) of a batch's examples
-
-
-def default_warmup(train_iters: int) -> int:
-    """Warm-up steps when none is given: the first tenth of training. tune.py, tune-all, the bash sweeps and
-    the study all use this one rule, so their defaults cannot drift apart."""
-    return train_iters // 10
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the delta method and the data; the defaults are tune.py's."""
-
-    # backbone and device
-    model: str = str(DEFAULT_MODEL_DIR)
-    tokenizer_path: str | None = None
-    device: str = "auto"
-    bf16: bool = False
-    allow_other_backbone: bool = False  # modules from a same-shaped backbone with other weights
-    # initialisation and prediction
-    seed: int = 42
-    train_checkpoint: str | None = None
-    test_checkpoint: str | None = None
-    do_predict: bool = False
-    # data (recorded in the checkpoint's meta) and encoding
-    k: int = 16
-    data_seed: int = 100
-    max_input_length: int = 256
-    max_output_length: int = 32
-    # decoding at validation and test
-    predict_batch_size: int = 64
-    num_beams: int = 1
-    max_new_tokens: int | str = "auto"
-    rank_classification: bool = False
-    # optimisation and selection
-    train_iters: int = 1000
-    warmup_steps: int | None = None  # None: a tenth of train_iters (default_warmup)
-    valid_interval: int = 100
-    log_interval: int = 20
-    early_stop: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_last: bool = False
-
-    def plan_decoding(self, tokenizer, metric: str, examples: list[Example]) -> Decoding:
-        """How a task with these train and dev ``examples`` is predicted under this config."""
-        return plan_decoding(tokenizer, metric, examples, self.max_output_length, self.max_new_tokens,
-                             self.num_beams, self.rank_classification)
-
-    @classmethod
-    def from_values(cls, values: Any) -> TrainConfig:
-        """The fields of this config taken from any object with those attributes (e.g. parsed flags)."""
-        return config_from(cls, values)
 
 
 class RunLog:

@@ -20,50 +20,18 @@ import torch.distributed as dist
 
 from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
-from models.backbone import default_task_dir, quiet_libraries
-from models.delta import DeltaConfig, load_delta_state
+from models.backbone import quiet_libraries
+from models.delta import load_delta_state
 from models.formats.peft_export import check_destination, check_exportable, export_peft
-from models.group import AUTO, chunks, pick_group_size
+from models.group import chunks, pick_group_size
 from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
 from models.seq2seq import longest_example
-from models.trainer import Distributed, Run, RunLog, TaskData, TrainConfig, Trainer, fmt_score, init_distributed
+from models.settings import AUTO, TuneConfig
+from models.trainer import Distributed, Run, RunLog, TaskData, Trainer, fmt_score, init_distributed
 from task_list import resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError
 from utils.io import check_output_folder, staged_dir, staged_dirs, write_text_atomic
-from utils.params import config_from, field_defaults, flags_of
 from utils.progress import progress_bar
-
-
-@dataclass(kw_only=True)
-class TuneConfig(TrainConfig):
-    """One sweep: the trainer's settings plus the delta method, the tasks and the (lr, bsz) grid.
-
-    Field names are tune.py's flag names, so a config and a command line translate into each other.
-    """
-
-    delta: DeltaConfig
-    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
-    task_dir: str = field(default_factory=default_task_dir)
-    output_dir: str = "runs/tune"
-    learning_rate_list: list[float] = field(default_factory=lambda: [5e-4])
-    bsz_list: list[int] = field(default_factory=lambda: [8])
-    do_train: bool = False
-    overwrite: bool = False
-    resume: bool = False  # skip a run whose folder holds a finished run of the same settings (others: refused)
-    log_file_only: bool = False  # log lines only to each run's log.txt (for drivers like study.py)
-    quiet: bool = False
-    export_peft: str = ""  # also write each run's best LoRA module as a PEFT folder: {export_peft}/{task}/{run}
-    group_size: int | str = AUTO  # runs trained together, one forward pass (models/group.py); 1: one at a time
-
-    def train_config(self) -> TrainConfig:
-        return config_from(TrainConfig, self)
-
-    def to_argv(self) -> list[str]:
-        """tune.py flags that give this config back (flags left at their default are left out)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "delta"}
-        return [*flags_of(values, field_defaults(TuneConfig)), "--tune_method", self.delta.method,
-                *flags_of(self.delta.sizes())]
-
 
 # What only says where or how a sweep runs, not what a run computes: a resumed run may differ in these. The sweep's
 # lists are replaced by the run's own task, lr and bsz.

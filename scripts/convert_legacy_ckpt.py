@@ -29,10 +29,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.backbone import DEFAULT_MODEL_DIR, quiet_libraries  # noqa: E402
+from models.backbone import quiet_libraries  # noqa: E402
 from models.delta import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
 from models.formats import read_checkpoint_folder  # noqa: E402
 from models.legacy import convert_to_checkpoint  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR
 from utils.errors import run_cli  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
 

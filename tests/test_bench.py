@@ -8,11 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from bench import eval_speed, fusion, gpu_bench, grouped, load_sources, similarity, trainer_overhead
+from bench import (
+    cli_startup,
+    eval_speed,
+    fusion,
+    gpu_bench,
+    grouped,
+    load_sources,
+    similarity,
+    threads,
+    trainer_overhead,
+)
 from tests.conftest import REPO
 from utils.errors import run_cli
 
-BENCHES = [trainer_overhead, similarity, fusion, eval_speed, load_sources, gpu_bench, grouped]
+BENCHES = [trainer_overhead, similarity, fusion, eval_speed, load_sources, gpu_bench, grouped, threads, cli_startup]
 
 
 def read_tables(path: Path) -> list[tuple[list[str], list[list[str]]]]:
@@ -165,3 +175,20 @@ def test_gpu_bench_needs_cuda_without_dry_run(tmp_path: Path, capsys) -> None:
         pytest.skip("this machine has CUDA")
     assert run_cli(gpu_bench.main, ["--methods", "lora", "--results_dir", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_threads_quick(tmp_path: Path) -> None:
+    assert threads.main(["--quick", "--results_dir", str(tmp_path)]) == 0
+    [table] = read_tables(tmp_path / "threads.md")
+    assert [(row[0], row[1]) for row in table[1]] == [("alone", "default (one per core)"), ("alone", "1"),
+                                                     ("beside a neighbour", "default (one per core)"),
+                                                     ("beside a neighbour", "1")]
+    assert column(table, "vs alone at the same threads")[:2] == ["1.00x", "1.00x"]
+    assert all(number(w) > 0 for w in column(table, "wall s"))
+
+
+def test_cli_startup_quick(tmp_path: Path) -> None:
+    assert cli_startup.main(["--quick", "--results_dir", str(tmp_path)]) == 0
+    [table] = read_tables(tmp_path / "cli_startup.md")
+    assert column(table, "entry point") == ["tune.py"]
+    assert number(column(table, "--help s")[0]) > 0 and column(table, "goal")[0].startswith("<= 1.5: ")

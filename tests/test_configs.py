@@ -5,7 +5,7 @@ from __future__ import annotations
 import tune
 from get_similarity import dev_all, score, tune_all
 from models.delta import DeltaConfig
-from models.tuning import TuneConfig
+from models.settings import TuneConfig
 from utils.params import config_from, flags_of
 
 

@@ -25,7 +25,8 @@ from models.seq2seq import (
     rank_scores,
     training_examples,
 )
-from models.trainer import TrainConfig, Trainer
+from models.settings import TrainConfig
+from models.trainer import Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
 from utils.errors import run_cli
 

@@ -33,7 +33,8 @@ from models.group import (
     slot_state,
     total_memory_bytes,
 )
-from models.trainer import Run, RunLog, TaskData, TrainConfig, Trainer
+from models.settings import TrainConfig
+from models.trainer import Run, RunLog, TaskData, Trainer
 from tests.conftest import SUITE_DIR
 from utils.errors import run_cli
 

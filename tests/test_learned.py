@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import nevergrad  # noqa: F401  (a requirement: a broken install fails here rather than skipping)
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_
 from unit_model import unit_model_learned
 from unit_model.merging import fuse
 from utils.errors import UserInputError, run_cli
-
-pytest.importorskip("nevergrad")
 
 LORA = DeltaConfig("lora", lora_r=4, lora_alpha=8)
 SOURCES = ["s_one", "s_two", "s_three", "s_four"]

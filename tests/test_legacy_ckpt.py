@@ -19,7 +19,8 @@ from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_
 from models.formats import load_delta_checkpoint
 from models.legacy import read_legacy_pt
 from models.run_folders import resolve_checkpoint
-from models.trainer import TrainConfig, Trainer
+from models.settings import TrainConfig
+from models.trainer import Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, REPO
 from utils.errors import UserInputError, run_cli
 

@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from peft.utils import merge_utils  # a requirement, the oracle: imported plainly, never skipped
 
 from unit_model.merges import MERGES, MergeSettings, check_settings
 from unit_model.merges.base import drop, elect_and_merge, trim
 from unit_model.merging import fuse
 from unit_model.weightings import keep_top_k
 from utils.errors import UserInputError
-
-merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
 
 def task_vectors(n: int = 4, shape: tuple[int, ...] = (6, 5), seed: int = 0) -> list[torch.Tensor]:

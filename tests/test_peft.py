@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import peft  # a requirement: a broken install fails here rather than skipping
 import pytest
 import torch
 
@@ -25,8 +26,6 @@ from models.formats.peft import read_peft_folder
 from models.formats.peft_export import export_peft
 from tests.conftest import DEFAULT_MODEL_DIR
 from utils.errors import UserInputError, run_cli
-
-peft = pytest.importorskip("peft")
 
 LORA = DeltaConfig("lora", lora_r=4, lora_alpha=8)
 TEXTS = ["review: the film was a delight", "topic: the match ended in a draw", "is it true? the sky is green"]

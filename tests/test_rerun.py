@@ -134,3 +134,24 @@ def test_written_files_follow_the_umask(tiny_backbone_dir, task_dir, tmp_path, c
     weights = next(out.glob("alpha/lr_*/checkpoint/delta.safetensors"))
     for path in (weights, out / "result.tsv", weights.parent / "delta_config.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
+
+
+def test_a_nan_dev_score_is_never_the_best_run(tiny_backbone_dir, task_dir, tmp_path, capsys):
+    from models.run_folders import resolve_checkpoint
+    from utils.errors import UserInputError
+
+    out = tmp_path / "out"
+    argv = tune_argv(tiny_backbone_dir, task_dir, out, ["alpha"], "--learning_rate_list", "1e-3", "2e-3")
+    assert run_cli(tune.main, argv) == 0
+    table = out / "result.tsv"
+    lines = table.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [line.split("\t") for line in lines[1:]]
+    rows[0][header.index("dev")] = "nan"  # the first run: max() would keep it, NaN comparing False to everything
+    rows[1][header.index("dev")] = "0.25"
+    table.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    assert resolve_checkpoint(out / "alpha").parent.name == "lr_0.002_bsz_4_seed_100"
+    rows[1][header.index("dev")] = "inf"
+    table.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    with pytest.raises(UserInputError, match="no run of task 'alpha' has a finite dev score"):
+        resolve_checkpoint(out / "alpha")

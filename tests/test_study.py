@@ -310,7 +310,6 @@ def test_categories_from_the_task_folder_and_unrequested_stages_skipped(tiny_bac
 def test_a_library_of_peft_adapters_is_the_source_pool(tiny_backbone_dir, tmp_path, capsys):
     """source_library: ready PEFT modules (named peft-{task}, mapped by sources.tsv) replace stage 1; the pool's
     large splits are not read, and every later stage takes its sources from the library."""
-    pytest.importorskip("peft")
     from models.backbone import load_backbone
     from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
     from models.formats.peft_export import export_peft

@@ -1,9 +1,44 @@
-"""The typed configuration of one fusion run: what the five unit_model_*.py scripts and study.py pass in."""
+"""The typed configuration of one fusion run and the fusion flags' declarations (names, defaults, choices,
+help): what the unit_model_*.py scripts and study.py parse and pass in. Importable without torch, so that a
+script's --help and a refused flag answer before the heavy libraries load; the modules that compute import these
+declarations from here, so each has one owner.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+from models.methods import GRANULARITIES, METHODS
+from models.settings import default_task_dir
+from unit_model.merges import MAJORITY_SIGNS, MERGES
+from utils import params as utils_params
+
+WEIGHT_NORMS = ("zscore", "rank", "none")
+DEFAULT_WEIGHT_NORM = "zscore"
+# What cos and Euclidean compare: each module's task vector (LoRA's ΔW per pair, which training determines;
+# its factors are only determined up to B·M, M⁻¹·A, and every module starts from the same seeded A), or
+# the stored parameters as they are (the original's choice).
+SCORE_SPACES = ("task_vector", "params")
+COS_MODES = ("flat", "per_tensor")
+LORA_COMBINES = ("params", "delta_w")
+DEFAULT_LORA_COMBINE = "delta_w"
+OPTIMIZERS = ("nevergrad", "gradient")  # learned weights: LoraHub's NGOpt search, or Adam through the linear merge
+AUTO = "auto"  # --tem auto
+
+
+def parse_temperature(text: str | float) -> float | str:
+    """``auto`` or a positive finite number (the type of every script's ``--tem``)."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, found {text!r}") from None
+
+
 
 
 @dataclass
@@ -65,3 +100,65 @@ class FusionConfig:
         """The fields that ``args`` has (a script's parameter block); the others keep their defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
+# The merge operator and its parameters, top-k selection and the PEFT export: added to every fusion script's block.
+MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0,
+                "export_peft": "", "resume": False}
+
+HELP = {
+    "delta": "delta method of the modules; every checkpoint must have it",
+    "tasks": "the task pool (names or task_list.py lists); the sources of a target are the other tasks of this list",
+    "targets": "targets to fuse for (default: every task of --tasks)",
+    "TASK_LIST": "sources: 'all' (leave-one-out), 'manual' (the target's own category) or a category name",
+    "manual": "'manual division': average the target's own category (same as --TASK_LIST manual)",
+    "source_ckpt_path": "folder with one source module per task: {source_ckpt_path}/{task}",
+    "random_tuned_ckpt_path": "folder with the target modules tuned from random init: {path}/{target}",
+    "tuneall_ckpt_path": "folder with every source tuned on every target: {path}/{target}/{source}",
+    "devall_tsv": "dev-all table: target, source, dev_zero_shot, dev_after",
+    "result_tsv": "zero-shot similarity table: target, source, metric, group, score",
+    "metric": "similarity metric of --result_tsv to use (needed when the file holds several)",
+    "save_ckpt_path": "output folder: without_{target}/, weights.tsv, heatmap.png",
+    "tem": "softmax temperature T > 0 (large T: uniform average), or auto: per target, the T of "
+           "{0.1, 0.25, 0.5, 1, 2, 4} whose fused module scores best zero-shot on the target's dev split",
+    "model": "--tem auto: the backbone the fused modules are scored on (default: the embedded one)",
+    "task_dir": "the targets' data folder: its task_categories.tsv (manual) and dev splits (--tem auto)",
+    "k": "--tem auto: shots of the target's dev file {task}_{k}_{seed}_dev.tsv",
+    "data_seed": "--tem auto: data seed of the target's dev file",
+    "lora_combine": "LoRA only: 'delta_w' averages B·A and factors back by SVD, 'params' averages A and B",
+    "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
+    "lam": "scales the merged task vector: fused = origin + lam * merged (task arithmetic's lambda)",
+    "density": "ties, dare_*, magnitude_prune: fraction of each tensor's entries kept, in (0, 1]",
+    "majority_sign": "ties, dare_ties: elect each entry's sign by total weighted mass or by weighted count",
+    "merge_seed": "dare_*: seed of the random drops (with each tensor's name)",
+    "top_k": "keep the K heaviest sources of each target (per group), renormalised; 0: every source",
+    "learned_start": "learned weights start from zeros (LoraHub's), uniform, or a metric of --result_tsv's weights",
+    "budget": "learned weights: evaluations of the merged module's train loss (Nevergrad NGOpt)",
+    "bound": "learned weights: each weight is searched in [-bound, bound]",
+    "l1": "learned weights: objective = mean train cross-entropy + l1 * mean |w|",
+    "search_seed": "learned weights: seed of the search",
+    "optimizer": "learned weights: nevergrad (LoraHub's NGOpt search) or gradient (Adam through the linear merge, "
+                 "budget steps)",
+    "search_lr": "learned weights, --optimizer gradient: Adam's step size on the weights",
+    "export_peft": "also write each fused LoRA module as a PEFT adapter folder, {export_peft}/without_{target}",
+    "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
+    "granularity": "model, block or layer: one weight per group of parameters",
+    "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
+    "score_space": "cos, Euclidean: compare task vectors (LoRA: ΔW = B·A·alpha/r) or the raw parameters",
+    "weight_norm": "scores before the softmax: zscore (per target), rank (z-score of ranks) or none (as they are)",
+    "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
+    "resume": "do nothing where --save_ckpt_path holds this fusion already, made with the same settings (outputs of "
+              "other settings are refused)",
+}
+CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
+           "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
+           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS,
+           "optimizer": OPTIMIZERS}
+LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
+TYPES = {"tem": parse_temperature}  # a number or auto
+
+
+def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None) -> argparse.Namespace:
+    """A fusion script's parameter block parsed with the fusion flags' help and choices."""
+    return utils_params.parse_params(params, argv, description, HELP, CHOICES, LIST_PARAMS, TYPES)

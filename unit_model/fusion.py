@@ -55,24 +55,19 @@ from typing import Any
 
 import torch
 
-from models.backbone import default_task_dir
 from models.delta import CONFIG_FILE, GRANULARITIES, METHODS, DeltaConfig, save_delta_checkpoint
 from models.formats.peft_export import check_destination as check_peft_destination
 from models.formats.peft_export import check_exportable, export_peft
 from models.methods import param_group
 from task_list import resolve_tasks
-from unit_model.config import FusionConfig
-from unit_model.learned import OPTIMIZERS, SearchSettings, learn_weights
-from unit_model.merges import MAJORITY_SIGNS, MERGES, MergeSettings, check_settings, get_merge
-from unit_model.merging import DEFAULT_LORA_COMBINE, LORA_COMBINES, check_merge, fuse, linear_merge_graph
+from unit_model.config import AUTO, COS_MODES, LORA_COMBINES, SCORE_SPACES, WEIGHT_NORMS, FusionConfig
+from unit_model.learned import SearchSettings, learn_weights
+from unit_model.merges import MERGES, MergeSettings, check_settings, get_merge
+from unit_model.merging import check_merge, fuse, linear_merge_graph
 from unit_model.on_target import OnTarget
 from unit_model.sources import ModuleCache, fused_dir_name, materialise
-from unit_model.temperature import AUTO, choose_temperatures, parse_temperature
+from unit_model.temperature import choose_temperatures
 from unit_model.weightings import (
-    COS_MODES,
-    DEFAULT_WEIGHT_NORM,  # noqa: F401 (the scripts' parameter blocks read it from here)
-    SCORE_SPACES,
-    WEIGHT_NORMS,
     WEIGHTINGS,
     Plan,
     Weighting,
@@ -80,22 +75,16 @@ from unit_model.weightings import (
     effective_sources,
     keep_top_k,
 )
-from utils import params as utils_params
 from utils.errors import UserInputError
 from utils.io import check_output_folder, read_json_object, save_figure_atomic, write_text_atomic, write_tsv_atomic
 from utils.progress import progress_bar, say
 
-__all__ = ["DEFAULT_LORA_COMBINE", "FusionConfig", "check_config", "fused_dir_name", "parse_params", "run_fusion",
-           "write_fusion"]
+__all__ = ["FusionConfig", "check_config", "fused_dir_name", "run_fusion", "write_fusion"]
 
 WEIGHTS_FILE = "weights.tsv"
 SEARCH_FILE = "search.tsv"
 # The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added
 # to the parameter block of those fusion scripts: overridable as --name value like the block's own.
-TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
-# The merge operator and its parameters, top-k selection and the PEFT export: added to every fusion script's block.
-MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0,
-                "export_peft": "", "resume": False}
 SETTINGS_FILE = "fusion_settings.json"  # the settings a save folder's outputs were made with (--resume compares)
 # What only says where or how a run writes, not what it computes
 NOT_SETTINGS = ("overwrite", "resume", "export_peft", "device")
@@ -507,59 +496,3 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # nanoGPT-style parameter blocks: plain variables at the top of a script, each overridable as --name value
-
-HELP = {
-    "delta": "delta method of the modules; every checkpoint must have it",
-    "tasks": "the task pool (names or task_list.py lists); the sources of a target are the other tasks of this list",
-    "targets": "targets to fuse for (default: every task of --tasks)",
-    "TASK_LIST": "sources: 'all' (leave-one-out), 'manual' (the target's own category) or a category name",
-    "manual": "'manual division': average the target's own category (same as --TASK_LIST manual)",
-    "source_ckpt_path": "folder with one source module per task: {source_ckpt_path}/{task}",
-    "random_tuned_ckpt_path": "folder with the target modules tuned from random init: {path}/{target}",
-    "tuneall_ckpt_path": "folder with every source tuned on every target: {path}/{target}/{source}",
-    "devall_tsv": "dev-all table: target, source, dev_zero_shot, dev_after",
-    "result_tsv": "zero-shot similarity table: target, source, metric, group, score",
-    "metric": "similarity metric of --result_tsv to use (needed when the file holds several)",
-    "save_ckpt_path": "output folder: without_{target}/, weights.tsv, heatmap.png",
-    "tem": "softmax temperature T > 0 (large T: uniform average), or auto: per target, the T of "
-           "{0.1, 0.25, 0.5, 1, 2, 4} whose fused module scores best zero-shot on the target's dev split",
-    "model": "--tem auto: the backbone the fused modules are scored on (default: the embedded one)",
-    "task_dir": "the targets' data folder: its task_categories.tsv (manual) and dev splits (--tem auto)",
-    "k": "--tem auto: shots of the target's dev file {task}_{k}_{seed}_dev.tsv",
-    "data_seed": "--tem auto: data seed of the target's dev file",
-    "lora_combine": "LoRA only: 'delta_w' averages B·A and factors back by SVD, 'params' averages A and B",
-    "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
-    "lam": "scales the merged task vector: fused = origin + lam * merged (task arithmetic's lambda)",
-    "density": "ties, dare_*, magnitude_prune: fraction of each tensor's entries kept, in (0, 1]",
-    "majority_sign": "ties, dare_ties: elect each entry's sign by total weighted mass or by weighted count",
-    "merge_seed": "dare_*: seed of the random drops (with each tensor's name)",
-    "top_k": "keep the K heaviest sources of each target (per group), renormalised; 0: every source",
-    "learned_start": "learned weights start from zeros (LoraHub's), uniform, or a metric of --result_tsv's weights",
-    "budget": "learned weights: evaluations of the merged module's train loss (Nevergrad NGOpt)",
-    "bound": "learned weights: each weight is searched in [-bound, bound]",
-    "l1": "learned weights: objective = mean train cross-entropy + l1 * mean |w|",
-    "search_seed": "learned weights: seed of the search",
-    "optimizer": "learned weights: nevergrad (LoraHub's NGOpt search) or gradient (Adam through the linear merge, "
-                 "budget steps)",
-    "search_lr": "learned weights, --optimizer gradient: Adam's step size on the weights",
-    "export_peft": "also write each fused LoRA module as a PEFT adapter folder, {export_peft}/without_{target}",
-    "cos_mode": "'flat': cosine of the flattened modules; 'per_tensor': mean of per-tensor cosines (the original)",
-    "granularity": "model, block or layer: one weight per group of parameters",
-    "average_tuned": "Performance: average the sources tuned on the target (the original's; twice the target budget)",
-    "score_space": "cos, Euclidean: compare task vectors (LoRA: ΔW = B·A·alpha/r) or the raw parameters",
-    "weight_norm": "scores before the softmax: zscore (per target), rank (z-score of ranks) or none (as they are)",
-    "overwrite": "replace fused checkpoints, weights.tsv and heatmap.png of an earlier run in --save_ckpt_path",
-    "resume": "do nothing where --save_ckpt_path holds this fusion already, made with the same settings (outputs of "
-              "other settings are refused)",
-}
-CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
-           "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
-           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS,
-           "optimizer": OPTIMIZERS}
-LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
-TYPES = {"tem": parse_temperature}  # a number or auto
-
-
-def parse_params(params: Mapping[str, Any], argv: list[str] | None, description: str | None) -> argparse.Namespace:
-    """A fusion script's parameter block parsed with the fusion flags' help and choices."""
-    return utils_params.parse_params(params, argv, description, HELP, CHOICES, LIST_PARAMS, TYPES)

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unit_model.config import OPTIMIZERS
 from unit_model.weightings import Plan
 from utils.errors import UserInputError
 from utils.progress import progress_bar
 
 LEARNED_STARTS = ("zeros", "uniform")  # or a metric of --result_tsv: its softmax weights
-OPTIMIZERS = ("nevergrad", "gradient")
 GradientObjective = Callable[[Plan, torch.Tensor, list[str]], torch.Tensor]  # (plan, weights, groups) -> loss
 
 

@@ -21,12 +21,10 @@ import torch
 from models.methods import DeltaMethod, method_of, param_group
 from models.methods.base import pair_update
 from models.methods.lora import lora_factor
+from unit_model.config import DEFAULT_LORA_COMBINE, LORA_COMBINES
 from unit_model.merges import DEFAULT_MERGE, MergeOperator, MergeSettings, check_settings, get_merge
 from unit_model.sources import ModuleSource, materialise, read_tensors
 from utils.errors import UserInputError
-
-LORA_COMBINES = ("params", "delta_w")
-DEFAULT_LORA_COMBINE = "delta_w"
 
 
 def weight_by_group(weight: float | Mapping[str, float], groups: set[str], label: str) -> dict[str, float]:

@@ -19,9 +19,9 @@ class OnTarget:
     def __init__(self, config: FusionConfig, delta_meta: dict, split: str) -> None:
         from dataloader.crossfit import load_task
         from dataloader.metrics import metric_for_task
-        from models.backbone import DEFAULT_MODEL_DIR
         from models.delta import DeltaConfig
-        from models.trainer import TaskData, TrainConfig, Trainer
+        from models.settings import DEFAULT_MODEL_DIR, TrainConfig
+        from models.trainer import TaskData, Trainer
 
         self.split = split
         train = TrainConfig(model=config.model or str(DEFAULT_MODEL_DIR), device=config.device, bf16=config.bf16,

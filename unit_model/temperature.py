@@ -9,7 +9,6 @@ of a target is never opened here, so it cannot leak into the choice.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -17,20 +16,9 @@ import torch
 from unit_model.weightings import Plan, group_softmax_weights, keep_top_k
 from utils.progress import progress_bar
 
-AUTO = "auto"
 TEMPERATURE_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 FusePlan = Callable[[Plan, dict[str, dict[str, float]]], dict[str, torch.Tensor]]
-
-
-def parse_temperature(text: str | float) -> float | str:
-    """``auto`` or a positive finite number (the type of every script's ``--tem``)."""
-    if isinstance(text, str) and text.strip().lower() == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or auto, found {text!r}") from None
 
 
 def choose_temperatures(plans: list[Plan], weight_norm: str, fuse_plan: FusePlan,

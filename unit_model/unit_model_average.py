@@ -13,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unit_model import fusion  # noqa: E402
+from unit_model import config  # noqa: E402  (declarations only: --help needs no torch)
 from utils.errors import run_cli  # noqa: E402
 from utils.params import block_params  # noqa: E402
 
@@ -26,14 +26,17 @@ manual = False
 source_ckpt_path = "runs/sources/lora"
 save_ckpt_path = "runs/fused/lora/average"
 tem = 1.0  # recorded only: uniform weights do not depend on it
-lora_combine = fusion.DEFAULT_LORA_COMBINE
+lora_combine = config.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
-PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS}  # + --merge, --lam, --density, ..., --top_k
+PARAMS = {**block_params(globals()), **config.MERGE_PARAMS}  # + --merge, --lam, --density, ..., --top_k
 
 
 def main(argv: list[str] | None = None) -> int:
-    return fusion.run_fusion("average", fusion.parse_params(PARAMS, argv, __doc__))
+    args = config.parse_params(PARAMS, argv, __doc__)
+    from unit_model.fusion import run_fusion
+
+    return run_fusion("average", args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unit_model import fusion  # noqa: E402
+from unit_model import config  # noqa: E402  (declarations only: --help needs no torch)
 from utils.errors import run_cli  # noqa: E402
 from utils.params import block_params  # noqa: E402
 
@@ -36,17 +36,20 @@ search_seed = 0
 optimizer = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge; budget = steps)
 search_lr = 0.05  # gradient only: Adam's step size on the weights
 tem = 1.0  # the starting weights' temperature, when they come from a metric
-weight_norm = fusion.DEFAULT_WEIGHT_NORM
+weight_norm = config.DEFAULT_WEIGHT_NORM
 granularity = "model"
-lora_combine = fusion.DEFAULT_LORA_COMBINE
+lora_combine = config.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 # + the merge knobs (--merge, --lam, ...) and the backbone and target files (--model, --task_dir, --k, ...)
-PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS, **fusion.TARGET_DATA_PARAMS}
+PARAMS = {**block_params(globals()), **config.MERGE_PARAMS, **config.TARGET_DATA_PARAMS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return fusion.run_fusion("learned", fusion.parse_params(PARAMS, argv, __doc__))
+    args = config.parse_params(PARAMS, argv, __doc__)
+    from unit_model.fusion import run_fusion
+
+    return run_fusion("learned", args)
 
 
 if __name__ == "__main__":

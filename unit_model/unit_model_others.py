@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python unit_model/...py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unit_model import fusion  # noqa: E402
+from unit_model import config  # noqa: E402  (declarations only: --help needs no torch)
 from utils.errors import run_cli  # noqa: E402
 from utils.params import block_params  # noqa: E402
 
@@ -28,16 +28,19 @@ metric = None  # None: the only metric of result_tsv
 granularity = "model"
 save_ckpt_path = "runs/fused/lora/others"
 tem = 1.0  # or "auto": per target, the T whose fused module scores best zero-shot on its dev split
-weight_norm = fusion.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
-lora_combine = fusion.DEFAULT_LORA_COMBINE
+weight_norm = config.DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original: raw scores)
+lora_combine = config.DEFAULT_LORA_COMBINE
 overwrite = False  # True: replace this run's outputs from an earlier run
 # -----------------------------------------------------------------------------------------------------
 # + the merge knobs (--merge, --lam, --density, ..., --top_k) and --tem auto's (--model, --task_dir, ...)
-PARAMS = {**block_params(globals()), **fusion.MERGE_PARAMS, **fusion.TARGET_DATA_PARAMS}
+PARAMS = {**block_params(globals()), **config.MERGE_PARAMS, **config.TARGET_DATA_PARAMS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return fusion.run_fusion("others", fusion.parse_params(PARAMS, argv, __doc__))
+    args = config.parse_params(PARAMS, argv, __doc__)
+    from unit_model.fusion import run_fusion
+
+    return run_fusion("others", args)
 
 
 if __name__ == "__main__":

@@ -246,10 +246,18 @@ def run_jobs(jobs: Sequence[Job], options: LaunchOptions, log_dir: Path | str, *
     return report
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a cgroup's cpuset or taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def job_env(options: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ)
-    if options.jobs > 1:  # N processes each taking every core would slow all of them down
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.jobs)))
+    if options.jobs > 1:  # N processes each taking every core would spin threads for cores they never get
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // options.jobs)))
     env.setdefault("TQDM_MININTERVAL", "5")  # progress bars go to log files: fewer redraws
     return env
 

@@ -8,6 +8,7 @@ vector), register it on the ``METHODS`` line below, and give its sizes in ``mode
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from models.methods.adapter import Adapter
 from models.methods.base import DELTA_NAME, GRANULARITIES, DeltaMethod, SizeField, block_group
@@ -18,9 +19,10 @@ from utils.errors import UserInputError
 
 REGISTRY: dict[str, DeltaMethod] = {m.name: m for m in (Adapter(), LoRA(), Prefix(), IA3())}
 METHODS = tuple(REGISTRY)
+SIZE_FLAGS = tuple(f.name for m in REGISTRY.values() for f in m.size_fields)  # every method's size names
 
-__all__ = ["DELTA_NAME", "GRANULARITIES", "METHODS", "REGISTRY", "DeltaMethod", "SizeField", "block_group",
-           "get_method", "method_of", "owner", "param_group"]
+__all__ = ["DELTA_NAME", "GRANULARITIES", "METHODS", "REGISTRY", "SIZE_FLAGS", "DeltaMethod", "SizeField",
+           "add_size_flags", "block_group", "get_method", "method_of", "owner", "param_group"]
 
 
 def get_method(name: str, flag: str = "--method") -> DeltaMethod:
@@ -53,3 +55,17 @@ def param_group(name: str, granularity: str) -> str:
     """Group of a delta parameter at ``model``, ``block`` or ``layer`` granularity, as its method defines it."""
     m = owner(name)
     return (m.param_group if m is not None else block_group)(name, granularity)
+
+
+def add_size_flags(group: Any, defaults: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Add ``--<size>`` for every size of every registered method to an argparse group; return their names.
+
+    ``defaults`` maps method -> size -> value (a profile of models/sizes.py); None leaves every flag at None,
+    for commands that read the sizes from a file and only check the flags given.
+    """
+    for spec in REGISTRY.values():
+        for f in spec.size_fields:
+            default = None if defaults is None else defaults[spec.name][f.name]
+            extra = {"choices": f.choices} if f.choices else {}
+            group.add_argument(f"--{f.name}", type=f.kind, default=default, help=f"{spec.name}: {f.help}", **extra)
+    return list(SIZE_FLAGS)

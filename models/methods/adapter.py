@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a function needs it: the registry loads without it
+    import torch
+    from torch import nn
+
 
 from models.methods.base import DELTA_NAME, DeltaMethod, Shapes, SizeField, one_size
 
@@ -58,4 +60,6 @@ class Adapter(DeltaMethod):
 
     def neutral_state(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The residual adds adapter_up(...): with its weight and bias at zero the block's output is untouched.
+        import torch
+
         return {k: torch.zeros_like(v) if ".adapter_up." in k else v.clone() for k, v in tensors.items()}

@@ -7,9 +7,11 @@ starts it at ones, so the module starts as the identity. It has no sizes to choo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the registry loads without it
+    import torch
+
 
 from models.methods.base import DeltaMethod, Shapes
 from utils.errors import UserInputError
@@ -37,4 +39,6 @@ class IA3(DeltaMethod):
         return {}
 
     def neutral_state(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
         return {k: torch.ones_like(v) for k, v in tensors.items()}

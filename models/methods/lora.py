@@ -9,9 +9,11 @@ invertible M), so ΔW per pair is LoRA's task vector, and ``factor`` turns a ΔW
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the registry loads without it
+    import torch
+
 
 from models.methods.base import DeltaMethod, Shapes, SizeField, one_size
 from utils.errors import UserInputError
@@ -35,6 +37,8 @@ def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
 def lora_factor(delta_w: torch.Tensor, r: int, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B', A') of shapes (out, r), (r, in) with B'·A'·scaling the best rank-r approximation of ``delta_w``
     (Eckart-Young): sqrt of the singular values into each factor, and /scaling undoes the module's alpha/r."""
+    import torch
+
     u, s, vh = torch.linalg.svd(delta_w, full_matrices=False)
     k = min(r, s.numel())
     root = (s[:k] / scaling).sqrt()
@@ -72,6 +76,8 @@ class LoRA(DeltaMethod):
         return {"lora_r": one_size(shapes, ".lora_A", 0, "LoRA rank", source)}
 
     def neutral_state(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
         return {k: torch.zeros_like(v) if k.endswith(".lora_B") else v.clone() for k, v in tensors.items()}
 
     def factor_pairs(self, names: Any) -> dict[str, tuple[str, str]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
+    import torch
 
 MAJORITY_SIGNS = ("total", "frequency")
 
@@ -27,12 +29,14 @@ class MergeSettings:
 
     def generator(self, key: str) -> torch.Generator:
         """A generator for tensor ``key``: a run's drops are reproducible and do not depend on tensor order."""
+        import torch
+
         return torch.Generator().manual_seed(self.seed + zlib.crc32(key.encode()))
 
 
 # combine(vectors, weights, settings, key) -> merged: one tensor's task vectors (float64, one per source,
 # same shape), the sources' weights for that tensor's parameter group, the settings and the tensor's name.
-Combine = Callable[[Sequence[torch.Tensor], Sequence[float], MergeSettings, str], torch.Tensor]
+Combine = Callable[[Sequence["torch.Tensor"], Sequence[float], "MergeSettings", str], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class MergeOperator:
 
 
 def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    import torch
+
     total = torch.zeros_like(vectors[0], dtype=torch.float64)
     for v, w in zip(vectors, weights, strict=True):
         total.add_(v.to(torch.float64), alpha=float(w))
@@ -55,6 +61,8 @@ def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 
 def trim(vector: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries largest in magnitude (int(density·n) of them), zero the rest."""
+    import torch
+
     flat = vector.reshape(-1)
     keep = int(density * flat.numel())
     if keep >= flat.numel():
@@ -66,6 +74,8 @@ def trim(vector: torch.Tensor, density: float) -> torch.Tensor:
 
 def drop(vector: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and rescale the kept ones by 1/density."""
+    import torch
+
     if density >= 1:
         return vector
     mask = torch.bernoulli(torch.full_like(vector, density), generator=generator)
@@ -79,6 +89,8 @@ def elect_and_merge(vectors: Sequence[torch.Tensor], weights: Sequence[float], m
     merged entry is Σ_{s agrees} w_s τ_s / Σ_{s agrees} w_s (0 where no source agrees). With uniform weights
     this is TIES's disjoint mean.
     """
+    import torch
+
     stacked = torch.stack([v.to(torch.float64) for v in vectors])
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64).reshape(-1, *([1] * (stacked.dim() - 1)))
     signs = stacked.sign()

@@ -5,13 +5,17 @@ The drops are drawn from --merge_seed and the tensor's name, so a run is reprodu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
+    import torch
 
 from unit_model.merges.base import MergeOperator, MergeSettings, drop, elect_and_merge, weighted_sum
 
 
 def dropped(vectors: Sequence[torch.Tensor], settings: MergeSettings, key: str) -> list[torch.Tensor]:
+    import torch
+
     generator = settings.generator(key)
     return [drop(v.to(torch.float64), settings.density, generator) for v in vectors]
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
+    import torch
 
 from unit_model.merges.base import MergeOperator, MergeSettings, weighted_sum
 

@@ -4,8 +4,10 @@ magnitude; TIES then elects a sign per entry and averages the sources that agree
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
+    import torch
 
 from unit_model.merges.base import MergeOperator, MergeSettings, elect_and_merge, trim, weighted_sum
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from unit_model.config import FusionConfig
+from unit_model.config import COS_MODES, DEFAULT_WEIGHT_NORM, SCORE_SPACES, WEIGHT_NORMS, FusionConfig
 from unit_model.sources import ModuleCache
 from unit_model.weightings.average import plan_average
 from unit_model.weightings.base import (
-    DEFAULT_WEIGHT_NORM,
     DIRECTIONS,
-    SCORE_SPACES,
-    WEIGHT_NORMS,
     Plan,
     Weighting,
     check_temperature,
@@ -26,7 +23,7 @@ from unit_model.weightings.base import (
     keep_top_k,
     softmax_weights,
 )
-from unit_model.weightings.cos import COS_MODES, cosine_by_group, plan_cos
+from unit_model.weightings.cos import cosine_by_group, plan_cos
 from unit_model.weightings.euclidean import distance_by_group, plan_euclidean
 from unit_model.weightings.learned import plan_learned_start
 from unit_model.weightings.performance import plan_performance, read_devall_tsv

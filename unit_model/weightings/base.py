@@ -24,19 +24,13 @@ import torch
 
 from models.methods import param_group
 from models.run_folders import source_path
-from unit_model.config import FusionConfig
+from unit_model.config import SCORE_SPACES, WEIGHT_NORMS, FusionConfig
 from unit_model.sources import Module, ModuleCache, leave_one_out
 from utils.errors import UserInputError
 from utils.io import read_tsv
 from utils.progress import progress_bar
 
 DIRECTIONS = ("lower", "higher")
-WEIGHT_NORMS = ("zscore", "rank", "none")
-DEFAULT_WEIGHT_NORM = "zscore"
-# What cos and Euclidean compare: each module's task vector (LoRA's ΔW per pair, which training determines;
-# its factors are only determined up to B·M, M⁻¹·A, and every module starts from the same seeded A), or
-# the stored parameters as they are (the original's choice).
-SCORE_SPACES = ("task_vector", "params")
 
 
 def score_vectors(module: Module, space: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from unit_model.config import FusionConfig
+from unit_model.config import COS_MODES, FusionConfig
 from unit_model.sources import Module, ModuleCache
 from unit_model.weightings.base import (
     Plan,
@@ -20,7 +20,6 @@ from unit_model.weightings.base import (
 )
 from utils.errors import UserInputError
 
-COS_MODES = ("flat", "per_tensor")
 
 def cosine_by_group(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], granularity: str = "model", mode: str = "flat"
