@@ -54,6 +54,7 @@ from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models import seq2seq  # noqa: E402
 from models.backbone import load_backbone  # noqa: E402
 from models.delta import attach_delta, load_delta_state  # noqa: E402
+from models.evaluate import decoding_for  # noqa: E402
 from models.formats import load_delta_checkpoint  # noqa: E402
 from models.run_folders import read_result_tsv, resolve_checkpoint  # noqa: E402
 from models.settings import DEFAULT_MODEL_DIR, TrainConfig
@@ -129,7 +130,7 @@ def load_dev_sets(tasks: list[str], tokenizer) -> dict[str, dict]:
         examples = raw["train"] + raw["dev"]
         out[t] = {"encoded": seq2seq.encode_examples(tokenizer, raw["dev"], MAX_INPUT, MAX_OUTPUT),
                   "metric": metric, "labels": seq2seq.label_set(examples, metric),
-                  "decoding": config.plan_decoding(tokenizer, metric, examples)}
+                  "decoding": decoding_for(config, tokenizer, metric, examples)}
     return out
 
 

@@ -9,6 +9,7 @@ asked for and only on CUDA; on the CPU everything runs in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,3 +102,9 @@ def evaluate(model, tokenizer, task: EncodedTask, metric: str, batch_size: int, 
     predictions = predict_split(model, tokenizer, task, Decoding(max_new_tokens, rank_labels=labels), batch_size,
                                 num_beams, bf16, desc)
     return score_predictions(metric, predictions, task), predictions
+
+
+def decoding_for(config: Any, tokenizer, metric: str, examples: list) -> Decoding:
+    """How a task with these train and dev ``examples`` is predicted under a run's settings (a ``TrainConfig``)."""
+    return plan_decoding(tokenizer, metric, examples, config.max_output_length, config.max_new_tokens,
+                         config.num_beams, config.rank_classification)

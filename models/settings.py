@@ -11,14 +11,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from utils.params import config_from, field_defaults, flags_of
-
-if TYPE_CHECKING:
-    from dataloader.crossfit import Example
-    from models.delta import DeltaConfig
-    from models.evaluate import Decoding
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 AUTO = "auto"  # --group_size auto
@@ -130,13 +125,6 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     save_last: bool = False
 
-    def plan_decoding(self, tokenizer, metric: str, examples: list[Example]) -> Decoding:
-        """How a task with these train and dev ``examples`` is predicted under this config."""
-        from models.evaluate import plan_decoding
-
-        return plan_decoding(tokenizer, metric, examples, self.max_output_length, self.max_new_tokens,
-                             self.num_beams, self.rank_classification)
-
     @classmethod
     def from_values(cls, values: Any) -> TrainConfig:
         """The fields of this config taken from any object with those attributes (e.g. parsed flags)."""
@@ -150,7 +138,7 @@ class TuneConfig(TrainConfig):
     Field names are tune.py's flag names, so a config and a command line translate into each other.
     """
 
-    delta: DeltaConfig
+    delta: Any  # a models.delta.DeltaConfig (not imported here: that module loads torch)
     tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
     task_dir: str = field(default_factory=default_task_dir)
     output_dir: str = "runs/tune"

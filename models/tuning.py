@@ -22,6 +22,7 @@ from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
 from models.backbone import quiet_libraries
 from models.delta import load_delta_state
+from models.evaluate import decoding_for
 from models.formats.peft_export import check_destination, check_exportable, export_peft
 from models.group import chunks, pick_group_size
 from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
@@ -217,7 +218,7 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
     metrics = {t: sweep.metrics[t] for sweep in sweeps for t in sweep.tasks}
     data = {}
     for t in raw:
-        decoding = trainer.config.plan_decoding(trainer.tokenizer, metrics[t],
+        decoding = decoding_for(trainer.config, trainer.tokenizer, metrics[t],
                                                 [ex for s in ("train", "dev") if s in raw[t] for ex in raw[t][s]])
         data[t] = TaskData(t, metrics[t], {s: trainer.encode(raw[t][s]) for s in sweeps[0].splits}, decoding)
     main_rank = ddp.is_main

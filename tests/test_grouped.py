@@ -21,6 +21,7 @@ from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from get_similarity import dev_all, score, tune_all
 from models.delta import DeltaConfig, save_delta_checkpoint
+from models.evaluate import decoding_for
 from models.formats import load_delta_checkpoint
 from models.group import (
     chunks,
@@ -52,7 +53,7 @@ def make_trainer(backbone: Path, method: str, **overrides) -> Trainer:
 def task_data(trainer: Trainer, name: str) -> TaskData:
     raw = load_task(SUITE_DIR, name, 16, 100, ["train", "dev", "test"])
     metric = metric_for_task(name, SUITE_DIR)
-    decoding = trainer.config.plan_decoding(trainer.tokenizer, metric, raw["train"] + raw["dev"])
+    decoding = decoding_for(trainer.config, trainer.tokenizer, metric, raw["train"] + raw["dev"])
     return TaskData(name, metric, {s: trainer.encode(raw[s]) for s in raw}, decoding)
 
 

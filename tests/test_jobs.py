@@ -296,7 +296,10 @@ def test_study_with_jobs_2_writes_the_sequential_outputs(tiny_backbone_dir, refe
     monkeypatch.setattr(utils.jobs, "run_command", in_process)
     one, split = reference_study, tmp_path / "split"
     assert run_cli(study.main, [*small_study_argv(split, tiny_backbone_dir), "--jobs", "2"]) == 0
-    out = capsys.readouterr().out
+    console = capsys.readouterr().out
+    assert "jobs:" not in console  # one line per stage on the console; what a stage prints goes to its log
+    logs = sorted((split / "logs").glob("*.log"))
+    out = "".join(log.read_text() for log in logs)
     # sources (4 jobs), random (2), tune-all (2 targets, their 3 sources in one group), dev-all (6 pairs),
     # transfer (2 fusions x 2)
     for n in (4, 2, 2, 6, 4):

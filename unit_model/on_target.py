@@ -20,6 +20,7 @@ class OnTarget:
         from dataloader.crossfit import load_task
         from dataloader.metrics import metric_for_task
         from models.delta import DeltaConfig
+        from models.evaluate import decoding_for
         from models.settings import DEFAULT_MODEL_DIR, TrainConfig
         from models.trainer import TaskData, Trainer
 
@@ -32,7 +33,7 @@ class OnTarget:
         for t in config.target_list:  # every target's split is read (and checked) before anything is scored
             examples = load_task(config.task_dir, t, config.k, config.data_seed, [split])[split]
             metric = metric_for_task(t, config.task_dir)
-            decoding = train.plan_decoding(self.trainer.tokenizer, metric, examples)
+            decoding = decoding_for(train, self.trainer.tokenizer, metric, examples)
             self.tasks[t] = TaskData(t, metric, {split: self.trainer.encode(examples)}, decoding)
 
     def load(self, target: str, tensors: dict[str, torch.Tensor]) -> None:
