@@ -29,14 +29,24 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/dev_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-from dataclasses import dataclass
+
+from get_similarity.settings import DevAllConfig, dev_all_parser
+from utils.errors import answer_flags_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return dev_all_parser(__doc__)
+
+
+if __name__ == "__main__":  # --help and a refused flag answer here, before torch and the models load
+    answer_flags_early(build_parser)
+
 
 import torch
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from get_similarity.tune_all import (
-    PairsConfig,
     check_positive,
     check_sources_fit,
     leave_one_out,
@@ -51,53 +61,13 @@ from models.group import chunks, ensure_slots, load_slot_state, pick_group_size
 from models.methods import DELTA_NAME
 from models.run_folders import file_lock
 from models.seq2seq import encode_examples, longest_example
-from models.settings import add_backbone_and_data_args, add_group_size_arg
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import read_table, write_tsv_atomic
-from utils.params import HelpFormatter, config_from, field_defaults
+from utils.params import config_from
 from utils.progress import progress_bar
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
-
-
-@dataclass(kw_only=True)
-class DevAllConfig(PairsConfig):
-    """One dev-all run: the dev score of every source module on every target, zero-shot and after tune-all."""
-
-    output: str
-    tuneall_ckpt_path: str | None = None
-    merge: bool = False
-    resume: bool = False  # score only the pairs --output lacks (or holds without the tuned score that now exists)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+",
-                   help="sources (default: --tasks); a target is never scored with its own module")
-    p.add_argument("--source_ckpt_path", required=True,
-                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
-    p.add_argument("--tuneall_ckpt_path",
-                   help="tune_all.py's --output_dir: tuned modules at {tuneall_ckpt_path}/{target}/{source}")
-    p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
-    p.add_argument("--tune_method",
-                   help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --output (with --merge: the rows of this run's pairs)")
-    p.add_argument("--merge", action="store_true",
-                   help="replace this run's rows in an existing --output and keep its other rows (under a file "
-                        "lock): parallel jobs that each score some pairs share one table")
-    p.add_argument("--resume", action="store_true",
-                   help="score only the pairs that --output lacks, or holds with dev_after '-' where a tuned module "
-                        "now exists; its other rows are kept (implies --merge)")
-    add_group_size_arg(p)
-    add_backbone_and_data_args(p)
-    p.set_defaults(**field_defaults(DevAllConfig))
-    return p
 
 
 def read_rows(path: Path) -> list[list[str]]:

@@ -1,3 +1,4 @@
+# ruff: noqa: E402
 """Which parts of a delta module matter on a task: reset one group at a time and re-score.
 
 For a module (--checkpoint: a checkpoint, a tune.py run folder or a tune.py task folder) and a target
@@ -30,12 +31,24 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python get_similarity/importance.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
+
+from get_similarity.settings import importance_parser
+from utils.errors import answer_flags_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return importance_parser(__doc__)
+
+
+if __name__ == "__main__":  # --help and a refused flag answer here, before torch and the models load
+    answer_flags_early(build_parser)
+
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from dataloader.crossfit import SPLITS, load_task  # noqa: E402
+from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
@@ -52,30 +65,13 @@ from models.evaluate import evaluate  # noqa: E402
 from models.formats import load_delta_checkpoint
 from models.run_folders import resolve_checkpoint  # noqa: E402
 from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
-from models.settings import add_backbone_and_data_args
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
-from utils.params import HelpFormatter  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
 PLOT_FILE = "importance_layers.png"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="delta checkpoint, tune.py run folder or tune.py task folder")
-    p.add_argument("--task", required=True, help="target task scored with the module")
-    p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
-    p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
-    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass / generation batch")
-    p.add_argument("--num_beams", type=int, default=1, help="beam width of the generation (1: greedy)")
-    p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
-    p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
-    p.add_argument("--overwrite", action="store_true", help="replace importance.tsv and the plot of an earlier run")
-    add_backbone_and_data_args(p)
-    return p
 
 
 @dataclass

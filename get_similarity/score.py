@@ -1,3 +1,4 @@
+# ruff: noqa: E402
 """Score source delta modules against target tasks with zero-shot similarity metrics.
 
 For every target t of --tasks and every source s of --source_tasks other than t (leave-one-out), the
@@ -43,14 +44,26 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python get_similarity/score.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
+import argparse
+
+from get_similarity.settings import SimilarityConfig, similarity_parser
+from utils.errors import answer_flags_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return similarity_parser(__doc__)
+
+
+if __name__ == "__main__":  # --help and a refused flag answer here, before torch and the models load
+    answer_flags_early(build_parser)
+
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from dataloader.crossfit import SPLITS, Example, load_task  # noqa: E402
+from dataloader.crossfit import Example, load_task  # noqa: E402
 from get_similarity.metrics import (  # noqa: E402
     Metric,
     TokenMean,
@@ -60,8 +73,6 @@ from get_similarity.metrics import (  # noqa: E402
 )
 from models.backbone import load_backbone, pick_device, quiet_libraries
 from models.delta import (
-    GRANULARITIES,
-    METHODS,
     DeltaConfig,
     attach_delta,
     backbone_fingerprint,
@@ -84,73 +95,14 @@ from models.seq2seq import (  # noqa: E402
     longest_example,
     to_device,
 )
-from models.settings import AUTO, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
-from utils.params import HelpFormatter, config_from, field_defaults  # noqa: E402
+from utils.params import config_from  # noqa: E402
 from utils.progress import progress_bar, say  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
-
-
-@dataclass(kw_only=True)
-class SimilarityConfig(BackboneDataConfig):
-    """One scoring run: ``metric`` of every source module on every target's ``split``, leave-one-out."""
-
-    delta: str
-    metric: list[str]
-    source_ckpt_path: str
-    tasks: list[str] = field(default_factory=lambda: ["ALL_TASKS"])
-    source_tasks: list[str] | None = None
-    random_tuned_ckpt_path: str | None = None
-    split: str = "dev"
-    max_examples: int | None = None
-    batch_size: int = 32
-    granularity: str = "model"
-    init_seed: int = 42
-    output_dir: str = "runs/similarity"
-    overwrite: bool = False
-    resume: bool = False  # score only the rows that result.tsv lacks; the rows it has are kept as they are
-    bf16: bool = False
-    group_size: int | str = AUTO  # sources scored per forward pass (models/group.py); 1: one at a time
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
-    p.add_argument("--metric", nargs="+", required=True,
-                   help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
-    p.add_argument("--tasks", nargs="+", help="target tasks or named lists (task_list.py)")
-    p.add_argument("--source_tasks", nargs="+",
-                   help="source tasks (default: --tasks); a target is never its own source")
-    p.add_argument("--source_ckpt_path", required=True,
-                   help="folder holding one checkpoint (or tune.py task folder) per source task: PATH/{task}")
-    p.add_argument("--random_tuned_ckpt_path",
-                   help="KL only: PATH/{target} holds the module tuned from random init on the target")
-    p.add_argument("--split", choices=SPLITS, help="the target split to score on (D_t)")
-    p.add_argument("--max_examples", type=int, help="use only the first N examples of the split")
-    p.add_argument("--batch_size", type=int, help="examples per forward pass")
-    add_group_size_arg(p)
-    p.add_argument("--granularity", choices=GRANULARITIES,
-                   help="score the whole module (model), per stack (block) or per layer")
-    p.add_argument("--init_seed", type=int,
-                   help="seed of the initial delta state that groups outside the scored one are reset to")
-    p.add_argument("--output_dir", help="result.tsv is written (or updated) here")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
-    p.add_argument("--resume", action="store_true",
-                   help="score only the (target, source, metric, group) rows that result.tsv lacks; without it (and "
-                        "without --overwrite) a row this run would write that is already there is refused")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (forward and backward passes)")
-    add_backbone_and_data_args(p)
-    p.set_defaults(**field_defaults(SimilarityConfig))
-    return p
-
-
-# --------------------------------------------------------------------------------------------------
-# Scoring
 
 
 def delta_groups(model: torch.nn.Module, granularity: str) -> dict[str, list[str]]:

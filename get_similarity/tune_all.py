@@ -29,10 +29,22 @@ if __package__ in (None, ""):  # run as a file (python get_similarity/tune_all.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+
+from get_similarity.settings import TuneAllConfig, tune_all_parser
+from utils.errors import answer_flags_early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return tune_all_parser(__doc__)
+
+
+if __name__ == "__main__":  # --help and a refused flag answer here, before torch and the models load
+    answer_flags_early(build_parser)
+
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,87 +65,19 @@ from models.group import chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
 from models.seq2seq import longest_example
 from models.settings import (
-    AUTO,
-    BackboneDataConfig,
     TrainConfig,
-    add_backbone_and_data_args,
-    add_group_size_arg,
     default_warmup,
 )
 from models.trainer import Run, RunLog, TaskData, Trainer
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError, run_cli
 from utils.io import check_output_folder
-from utils.params import HelpFormatter, config_from, field_defaults, flags_of
+from utils.params import config_from
 from utils.progress import progress_bar
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
 SETTINGS = ("steps", "lr", "bsz", "warmup_steps", "seed", "k", "data_seed")
-
-
-@dataclass(kw_only=True)
-class PairsConfig(BackboneDataConfig):
-    """What tune-all and dev-all share: the (target, source) pairs of ``tasks`` x ``source_tasks``
-    (leave-one-out), the source modules, and how the dev split is predicted."""
-
-    source_ckpt_path: str
-    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
-    source_tasks: list[str] | None = None
-    tune_method: str | None = None  # expected method of the sources; None: whatever they are
-    predict_batch_size: int = 64
-    num_beams: int = 1
-    bf16: bool = False
-    overwrite: bool = False
-    group_size: int | str = AUTO  # modules per forward pass (models/group.py); 1: one at a time
-
-    def to_argv(self) -> list[str]:
-        """The entry point's flags that give this config back (those left at their default are left out)."""
-        return flags_of(vars(self), field_defaults(type(self)))
-
-
-@dataclass(kw_only=True)
-class TuneAllConfig(PairsConfig):
-    """One tune-all run: every pair tuned from its source for ``steps`` steps, the last module kept."""
-
-    output_dir: str
-    steps: int = 200
-    learning_rate: float = 5e-4
-    bsz: int = 8
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    log_file_only: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+",
-                   help="sources (default: --tasks); a target is never tuned from itself")
-    p.add_argument("--source_ckpt_path", required=True,
-                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
-    p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
-    p.add_argument("--tune_method",
-                   help=f"expected method of the sources ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--steps", type=int, help="training steps per (target, source) pair")
-    p.add_argument("--learning_rate", type=float, help="AdamW learning rate of every pair")
-    p.add_argument("--bsz", type=int, help="training batch size")
-    p.add_argument("--warmup_steps", type=int,
-                   help="linear warm-up steps, then linear decay to 0 (default: a tenth of --steps)")
-    p.add_argument("--weight_decay", type=float, help="AdamW weight decay")
-    p.add_argument("--max_grad_norm", type=float, help="clip each module's gradient to this norm")
-    p.add_argument("--seed", type=int, help="seed of batching and dropout (same for every pair)")
-    p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
-    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
-    add_group_size_arg(p)
-    add_backbone_and_data_args(p)
-    p.set_defaults(**field_defaults(TuneAllConfig))
-    return p
 
 
 def check_positive(flags: dict[str, float]) -> None:

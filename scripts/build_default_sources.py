@@ -31,12 +31,12 @@ HELP = {"output": "the library folder (written whole, once every module is train
 
 
 def main(argv: list[str] | None = None) -> int:
+    p = parse_params(PARAMS, argv, __doc__, HELP, list_params=("tasks",))  # before torch loads: --help at once
     from models.source_library import LibrarySettings, build_library
     from task_list import resolve_tasks
     from utils.errors import UserInputError
     from utils.io import check_output_folder
 
-    p = parse_params(PARAMS, argv, __doc__, HELP, list_params=("tasks",))
     out = Path(p.output)
     if out.exists() and not p.overwrite:
         raise UserInputError(f"--output {out}: exists; pass --overwrite true to rebuild it")

@@ -29,11 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.backbone import quiet_libraries  # noqa: E402
-from models.delta import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
-from models.formats import read_checkpoint_folder  # noqa: E402
-from models.legacy import convert_to_checkpoint  # noqa: E402
-from models.settings import DEFAULT_MODEL_DIR
+from models.methods import METHODS, SIZE_FLAGS, add_size_flags  # noqa: E402
+from models.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
 
@@ -61,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help answers at once
+    from models.backbone import quiet_libraries
+    from models.formats import read_checkpoint_folder
+    from models.legacy import convert_to_checkpoint
+
     if args.quiet:
         quiet_libraries()
     given = {k: getattr(args, k) for k in ("tune_method", *SIZE_FLAGS)}

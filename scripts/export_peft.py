@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.formats.peft_export import export_peft  # noqa: E402
-from models.run_folders import resolve_checkpoint  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
 
@@ -31,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help answers at once
+    from models.formats.peft_export import export_peft
+    from models.run_folders import resolve_checkpoint
+
     out = export_peft(resolve_checkpoint(args.checkpoint), args.out_dir, base_model=args.base_model,
                       overwrite=args.overwrite)
     print(f"wrote PEFT adapter {out}")

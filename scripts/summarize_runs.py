@@ -10,9 +10,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataloader.crossfit import load_task  # noqa: E402
-from dataloader.metrics import metric_for_task, trivial_baseline  # noqa: E402
-from models.run_folders import read_result_tsv  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.io import write_text_atomic  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
@@ -23,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="tune.py --output_dir folders (a column each, named by the folder)")
     parser.add_argument("--task_dir", default="data/synthetic", help="the tasks' data (for the trivial baseline)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # before the heavy imports: --help answers at once
+    from dataloader.crossfit import load_task
+    from dataloader.metrics import metric_for_task, trivial_baseline
+    from models.run_folders import read_result_tsv
+
 
     columns: dict[str, dict[str, tuple[float, float, int]]] = {}
     # a column is named by its folder, or by the whole path where two folders share a name (runs/*/lora)

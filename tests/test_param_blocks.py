@@ -153,3 +153,25 @@ def test_every_flag_of_every_entry_point_has_help():
             assert bare == [], script
     finally:
         argparse.ArgumentParser.parse_args = original
+
+
+HELP_SCRIPTS = ["tune.py", "study.py", "sweep.py", "get_similarity/score.py", "get_similarity/tune_all.py",
+                "get_similarity/dev_all.py", "get_similarity/importance.py", "scripts/export_peft.py",
+                "scripts/convert_legacy_ckpt.py", "scripts/summarize_runs.py", "scripts/build_default_sources.py",
+                *(f"unit_model/unit_model_{n}.py" for n in ("average", "cos", "Euclidean", "Performance", "others",
+                                                             "learned"))]
+
+
+@pytest.mark.cli
+def test_help_and_a_refused_flag_answer_before_torch_loads():
+    """Which modules are loaded when --help has printed, or a bad flag was refused (bench/cli_startup.py times it)."""
+    probe = ("import runpy, sys\nsys.argv = [sys.argv[1], *sys.argv[2:]]\ntry:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+             "    code = e.code\n"
+             "heavy = [m for m in ('torch', 'transformers', 'adapters', 'sklearn') if m in sys.modules]\n"
+             "print('EXIT', code, 'HEAVY', ' '.join(heavy) or '-', file=sys.stderr)\n")
+    for script in HELP_SCRIPTS:
+        for flags, code in ((["--help"], 0), (["--no_such_flag"], 2)):
+            done = subprocess.run([sys.executable, "-c", probe, script, *flags], cwd=REPO, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.stderr.strip().splitlines()[-1] == f"EXIT {code} HEAVY -", (script, flags, done.stderr[-500:])

@@ -58,3 +58,13 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         return 130
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def answer_flags_early(build_parser) -> None:
+    """Parse the command line once before a script's heavy imports: ``--help`` prints and exits 0, a refused flag
+    prints one line and exits 2, without waiting for torch to load. The script parses again in its ``main``."""
+    import sys
+
+    code = run_cli(lambda argv: build_parser().parse_args(argv) and 0)
+    if code:
+        sys.exit(code)

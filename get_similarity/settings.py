@@ -1,0 +1,190 @@
+"""The settings and command lines of the get_similarity entry points (score, tune-all, dev-all, importance),
+importable without torch: each script parses its flags from here before its heavy imports load, so ``--help`` and
+a refused flag answer at once. The scripts re-export their configuration classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from dataloader.crossfit import SPLITS
+from models.methods import GRANULARITIES, METHODS
+from models.settings import AUTO, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
+from utils.params import HelpFormatter, field_defaults, flags_of
+
+
+@dataclass(kw_only=True)
+class SimilarityConfig(BackboneDataConfig):
+    """One scoring run: ``metric`` of every source module on every target's ``split``, leave-one-out."""
+
+    delta: str
+    metric: list[str]
+    source_ckpt_path: str
+    tasks: list[str] = field(default_factory=lambda: ["ALL_TASKS"])
+    source_tasks: list[str] | None = None
+    random_tuned_ckpt_path: str | None = None
+    split: str = "dev"
+    max_examples: int | None = None
+    batch_size: int = 32
+    granularity: str = "model"
+    init_seed: int = 42
+    output_dir: str = "runs/similarity"
+    overwrite: bool = False
+    resume: bool = False  # score only the rows that result.tsv lacks; the rows it has are kept as they are
+    bf16: bool = False
+    group_size: int | str = AUTO  # sources scored per forward pass (models/group.py); 1: one at a time
+
+
+def similarity_parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
+    p.add_argument("--metric", nargs="+", required=True,
+                   help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
+    p.add_argument("--tasks", nargs="+", help="target tasks or named lists (task_list.py)")
+    p.add_argument("--source_tasks", nargs="+",
+                   help="source tasks (default: --tasks); a target is never its own source")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one checkpoint (or tune.py task folder) per source task: PATH/{task}")
+    p.add_argument("--random_tuned_ckpt_path",
+                   help="KL only: PATH/{target} holds the module tuned from random init on the target")
+    p.add_argument("--split", choices=SPLITS, help="the target split to score on (D_t)")
+    p.add_argument("--max_examples", type=int, help="use only the first N examples of the split")
+    p.add_argument("--batch_size", type=int, help="examples per forward pass")
+    add_group_size_arg(p)
+    p.add_argument("--granularity", choices=GRANULARITIES,
+                   help="score the whole module (model), per stack (block) or per layer")
+    p.add_argument("--init_seed", type=int,
+                   help="seed of the initial delta state that groups outside the scored one are reset to")
+    p.add_argument("--output_dir", help="result.tsv is written (or updated) here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace rows of result.tsv that this run would write (same target, source, metric, group)")
+    p.add_argument("--resume", action="store_true",
+                   help="score only the (target, source, metric, group) rows that result.tsv lacks; without it (and "
+                        "without --overwrite) a row this run would write that is already there is refused")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (forward and backward passes)")
+    add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(SimilarityConfig))
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(kw_only=True)
+class PairsConfig(BackboneDataConfig):
+    """What tune-all and dev-all share: the (target, source) pairs of ``tasks`` x ``source_tasks``
+    (leave-one-out), the source modules, and how the dev split is predicted."""
+
+    source_ckpt_path: str
+    tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
+    source_tasks: list[str] | None = None
+    tune_method: str | None = None  # expected method of the sources; None: whatever they are
+    predict_batch_size: int = 64
+    num_beams: int = 1
+    bf16: bool = False
+    overwrite: bool = False
+    group_size: int | str = AUTO  # modules per forward pass (models/group.py); 1: one at a time
+
+    def to_argv(self) -> list[str]:
+        """The entry point's flags that give this config back (those left at their default are left out)."""
+        return flags_of(vars(self), field_defaults(type(self)))
+
+
+@dataclass(kw_only=True)
+class TuneAllConfig(PairsConfig):
+    """One tune-all run: every pair tuned from its source for ``steps`` steps, the last module kept."""
+
+    output_dir: str
+    steps: int = 200
+    learning_rate: float = 5e-4
+    bsz: int = 8
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_file_only: bool = False
+
+
+def tune_all_parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+",
+                   help="sources (default: --tasks); a target is never tuned from itself")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
+    p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
+    p.add_argument("--tune_method",
+                   help=f"expected method of the sources ({', '.join(METHODS)}); default: whatever they are")
+    p.add_argument("--steps", type=int, help="training steps per (target, source) pair")
+    p.add_argument("--learning_rate", type=float, help="AdamW learning rate of every pair")
+    p.add_argument("--bsz", type=int, help="training batch size")
+    p.add_argument("--warmup_steps", type=int,
+                   help="linear warm-up steps, then linear decay to 0 (default: a tenth of --steps)")
+    p.add_argument("--weight_decay", type=float, help="AdamW weight decay")
+    p.add_argument("--max_grad_norm", type=float, help="clip each module's gradient to this norm")
+    p.add_argument("--seed", type=int, help="seed of batching and dropout (same for every pair)")
+    p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
+    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
+    add_group_size_arg(p)
+    add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(TuneAllConfig))
+    return p
+
+
+@dataclass(kw_only=True)
+class DevAllConfig(PairsConfig):
+    """One dev-all run: the dev score of every source module on every target, zero-shot and after tune-all."""
+
+    output: str
+    tuneall_ckpt_path: str | None = None
+    merge: bool = False
+    resume: bool = False  # score only the pairs --output lacks (or holds without the tuned score that now exists)
+
+
+def dev_all_parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
+    p.add_argument("--source_tasks", nargs="+",
+                   help="sources (default: --tasks); a target is never scored with its own module")
+    p.add_argument("--source_ckpt_path", required=True,
+                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
+    p.add_argument("--tuneall_ckpt_path",
+                   help="tune_all.py's --output_dir: tuned modules at {tuneall_ckpt_path}/{target}/{source}")
+    p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
+    p.add_argument("--tune_method",
+                   help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
+    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (with --merge: the rows of this run's pairs)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace this run's rows in an existing --output and keep its other rows (under a file "
+                        "lock): parallel jobs that each score some pairs share one table")
+    p.add_argument("--resume", action="store_true",
+                   help="score only the pairs that --output lacks, or holds with dev_after '-' where a tuned module "
+                        "now exists; its other rows are kept (implies --merge)")
+    add_group_size_arg(p)
+    add_backbone_and_data_args(p)
+    p.set_defaults(**field_defaults(DevAllConfig))
+    return p
+
+
+def importance_parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="delta checkpoint, tune.py run folder or tune.py task folder")
+    p.add_argument("--task", required=True, help="target task scored with the module")
+    p.add_argument("--split", default="dev", choices=SPLITS, help="the split to score on")
+    p.add_argument("--max_examples", type=int, default=None, help="use only the first N examples of the split")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per forward pass / generation batch")
+    p.add_argument("--num_beams", type=int, default=1, help="beam width of the generation (1: greedy)")
+    p.add_argument("--init_seed", type=int, default=42, help="seed of the initial delta state groups are reset to")
+    p.add_argument("--output_dir", default="runs/importance", help="importance.tsv and the plot are written here")
+    p.add_argument("--overwrite", action="store_true", help="replace importance.tsv and the plot of an earlier run")
+    add_backbone_and_data_args(p)
+    return p
