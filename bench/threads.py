@@ -19,7 +19,6 @@ threads spinning for cores they do not get. Wall time of the measured process is
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from bench.common import (  # noqa: E402
 )
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.threads import usable_cores  # noqa: E402
 
 TARGET = "sent_review"
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     n, steps = a.sources or (2 if a.quick else 10), a.steps or (2 if a.quick else 20)
     check_positive("--sources/--steps", [n, steps])
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     scratch = scratch_dir("threads")
     rows = []
     try:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from utils.errors import UserInputError, first_line
+from utils.threads import limit_torch_threads
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
@@ -64,8 +65,10 @@ def load_backbone(
 
     ``model`` is a local folder (``save_pretrained`` layout) or a hub id. Problems the user can fix (a
     missing folder, a hub id that is not cached while offline, no tokenizer files) become one-line
-    UserInputErrors instead of library tracebacks.
+    UserInputErrors instead of library tracebacks. Every stage loads its backbone here, so this is also where
+    torch's threads are capped at the cores the process may use (``utils.threads``).
     """
+    limit_torch_threads()
     dev = checked_device(device)
     arg = str(model)
     local = Path(arg).expanduser()

@@ -32,6 +32,7 @@ from typing import Any
 
 from utils.errors import UserInputError
 from utils.progress import progress_bar
+from utils.threads import threads_per_job
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_MINUTES = 240  # submitit's own default (5 minutes) is too short for any training run
@@ -246,18 +247,10 @@ def run_jobs(jobs: Sequence[Job], options: LaunchOptions, log_dir: Path | str, *
     return report
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a cgroup's cpuset or taskset), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def job_env(options: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ)
     if options.jobs > 1:  # N processes each taking every core would spin threads for cores they never get
-        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // options.jobs)))
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_job(options.jobs)))
     env.setdefault("TQDM_MININTERVAL", "5")  # progress bars go to log files: fewer redraws
     return env
 
