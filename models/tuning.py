@@ -32,6 +32,7 @@ from models.trainer import Distributed, Run, RunLog, TaskData, Trainer, fmt_scor
 from task_list import resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError
 from utils.io import check_output_folder, staged_dir, staged_dirs, write_text_atomic
+from utils.params import first_difference
 from utils.progress import progress_bar
 
 # What only says where or how a sweep runs, not what a run computes: a resumed run may differ in these. The sweep's
@@ -61,9 +62,8 @@ def finished_run(folder: Path, settings: dict) -> bool:
     if not isinstance(made, dict):
         raise UserInputError(f"{folder}: a run folder without recorded settings (an older or unfinished run); "
                              "pass --overwrite (OVERWRITE=1) to redo it or choose another --output_dir")
-    differ = [k for k in sorted(set(made) | set(settings)) if made.get(k) != settings.get(k)]
-    if differ:
-        k = differ[0]
+    k = first_difference(made, settings)
+    if k is not None:
         raise UserInputError(f"{folder}: holds a run with {k}={made.get(k)!r}, this sweep asks "
                              f"{k}={settings.get(k)!r}; pass --overwrite (OVERWRITE=1) to replace it or choose "
                              "another --output_dir")

@@ -77,6 +77,7 @@ from unit_model.weightings import (
 )
 from utils.errors import UserInputError
 from utils.io import check_output_folder, read_json_object, save_figure_atomic, write_text_atomic, write_tsv_atomic
+from utils.params import first_difference
 from utils.progress import progress_bar, say
 
 __all__ = ["FusionConfig", "check_config", "fused_dir_name", "run_fusion", "write_fusion"]
@@ -147,9 +148,8 @@ def already_fused(save: Path, method: str, config: FusionConfig) -> bool:
         return False
     made = read_json_object(path)
     wanted = fusion_settings(method, config)
-    differ = [k for k in sorted(set(made) | set(wanted)) if made.get(k) != wanted.get(k)]
-    if differ:
-        k = differ[0]
+    k = first_difference(made, wanted)
+    if k is not None:
         raise UserInputError(f"{path}: these outputs were made with {k}={made.get(k)!r}, this run asks "
                              f"{k}={wanted.get(k)!r}; pass --overwrite true to replace them or choose another "
                              "--save_ckpt_path")

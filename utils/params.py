@@ -214,6 +214,13 @@ def flags_of(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = Non
     return argv
 
 
+def first_difference(made: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """The first setting (in name order) on which two recorded settings differ, or None when they are the same:
+    what a resumed run names when it refuses outputs made with other settings."""
+    differ = [k for k in sorted(set(made) | set(wanted)) if made.get(k) != wanted.get(k)]
+    return differ[0] if differ else None
+
+
 def field_defaults(cls: type) -> dict[str, Any]:
     """A dataclass's field defaults (factories called), for ``parser.set_defaults``: one set of defaults."""
     from dataclasses import MISSING, fields
