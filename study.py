@@ -689,6 +689,10 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     checked_device(pick_device(p.device))
     root = check_output_folder(p.output, "--output")
     params = root / "params.json"
+    if not params.is_file() and (root / ".steps").is_dir() and any((root / ".steps").iterdir()):
+        raise UserInputError(f"{root}: holds finished steps (.steps/) but no params.json, so the settings they were "
+                             "made with are unknown; resuming would give them this run's: choose another --output "
+                             "or remove the folder")
     if params.is_file():
         earlier = read_json_object(params)
         now = json.loads(json.dumps(vars(p)))  # as it would be written: tuples become lists

@@ -408,6 +408,12 @@ def _study_other_params(w: World, tmp: Path):
     return study_argv(w, tmp), [str(path), "source_iters=7"]
 
 
+def _study_steps_without_params(w: World, tmp: Path):
+    """Finished steps whose settings are unknown (params.json lost) are never resumed under this run's settings."""
+    write(tmp / "out" / ".steps" / "lora__sources.alpha.json", json.dumps({"outputs": [], "seconds": 1.0}))
+    return study_argv(w, tmp), [str(tmp / "out"), "no params.json"]
+
+
 def _study_other_early_stop(w: World, tmp: Path):
     """A budget's early stopping is part of its outputs: a resumed study may add budgets, not change one's."""
     params = dict(vars(study.parse_args(study_argv(w, tmp))))
@@ -533,6 +539,7 @@ CASES: dict[str, Case] = {
     "study/unknown-fusion-metric": Case(study.main, _flag(study_argv, "--fusions", "average Perplexity",
                                                           words=("--fusions", "Perplexity"))),
     "study/output-of-another-study": Case(study.main, _study_other_params),
+    "study/steps-without-params": Case(study.main, _study_steps_without_params),
     "study/unknown-merge-operator": Case(study.main, _flag(study_argv, "--fusions", "average Loss+median",
                                                            words=("--fusions", "'median'", "ties"))),
     "study/learned-from-an-unknown-metric": Case(study.main, _flag(
