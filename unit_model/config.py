@@ -39,8 +39,6 @@ def parse_temperature(text: str | float) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a positive number or auto, found {text!r}") from None
 
 
-
-
 @dataclass
 class FusionConfig:
     """Every parameter a weighting, a merge or the outputs may read; a script sets the ones it has.
@@ -62,8 +60,8 @@ class FusionConfig:
     metric: str | None = None
     save_ckpt_path: str = ""
     tem: float | str = 1.0  # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
-    weight_norm: str = "zscore"  # zscore | rank | none (the original's raw scores): see unit_model/weightings/base.py
-    lora_combine: str = "delta_w"
+    weight_norm: str = DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original's raw scores): weightings/base.py
+    lora_combine: str = DEFAULT_LORA_COMBINE
     merge: str = "linear"  # merge operator (unit_model/merges/) and its parameters
     lam: float = 1.0
     density: float = 0.2
@@ -102,10 +100,14 @@ class FusionConfig:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-TARGET_DATA_PARAMS = {"model": "", "task_dir": default_task_dir(), "k": 16, "data_seed": 100, "device": "auto"}
-# The merge operator and its parameters, top-k selection and the PEFT export: added to every fusion script's block.
-MERGE_PARAMS = {"merge": "linear", "lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0, "top_k": 0,
-                "export_peft": "", "resume": False}
+# The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added to the
+# parameter block of those fusion scripts (the task folder defaults to the bundled suite there).
+TARGET_DATA_PARAMS = {**utils_params.field_defaults(FusionConfig, ("model",)), "task_dir": default_task_dir(),
+                      **utils_params.field_defaults(FusionConfig, ("k", "data_seed", "device"))}
+# The merge operator and its parameters, top-k selection, the PEFT export and --resume: added to every fusion
+# script's block, with FusionConfig's defaults.
+MERGE_PARAMS = utils_params.field_defaults(FusionConfig, ("merge", "lam", "density", "majority_sign", "merge_seed",
+                                                          "top_k", "export_peft", "resume"))
 
 HELP = {
     "delta": "delta method of the modules; every checkpoint must have it",

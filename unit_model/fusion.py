@@ -84,8 +84,6 @@ __all__ = ["FusionConfig", "check_config", "fused_dir_name", "run_fusion", "writ
 
 WEIGHTS_FILE = "weights.tsv"
 SEARCH_FILE = "search.tsv"
-# The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added
-# to the parameter block of those fusion scripts: overridable as --name value like the block's own.
 SETTINGS_FILE = "fusion_settings.json"  # the settings a save folder's outputs were made with (--resume compares)
 # What only says where or how a run writes, not what it computes
 NOT_SETTINGS = ("overwrite", "resume", "export_peft", "device")
@@ -415,7 +413,7 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
             if "lora_truncation_error" in info:
                 note = f", LoRA truncation error {info['lora_truncation_error']:.4f}"
             say(f"{plan.target}: {len(plan.sources)} sources, largest weight {best} "
-                       f"({_mean(plan.weights[best]):.3f}){note}")
+                f"({_mean(plan.weights[best]):.3f}){note}")
         header, rows = weight_rows(plans, effective)
         write_tsv_atomic(staging / WEIGHTS_FILE, header, rows)
         write_text_atomic(staging / SETTINGS_FILE, json.dumps(fusion_settings(method, config), indent=1) + "\n")
@@ -492,7 +490,3 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
                         overwrite=config.overwrite, flag="--export_peft")
         print(f"wrote {len(weighting.plans)} PEFT adapter(s) in {config.export_peft}", flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# nanoGPT-style parameter blocks: plain variables at the top of a script, each overridable as --name value

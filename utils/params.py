@@ -221,12 +221,14 @@ def first_difference(made: Mapping[str, Any], wanted: Mapping[str, Any]) -> str 
     return differ[0] if differ else None
 
 
-def field_defaults(cls: type) -> dict[str, Any]:
-    """A dataclass's field defaults (factories called), for ``parser.set_defaults``: one set of defaults."""
+def field_defaults(cls: type, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """A dataclass's field defaults (factories called), for ``parser.set_defaults``: one set of defaults. With
+    ``names``, only those fields, in that order."""
     from dataclasses import MISSING, fields
 
     out = {}
-    for f in fields(cls):
+    by_name = {f.name: f for f in fields(cls)}
+    for f in (by_name[n] for n in names) if names is not None else fields(cls):
         if f.default is not MISSING:
             out[f.name] = f.default
         elif f.default_factory is not MISSING:
