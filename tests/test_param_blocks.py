@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 from utils.errors import UserInputError
-from utils.params import BadBlockValue, block_params, from_repo_root, given_flags, parse_params
+from utils.params import BadBlockValue, block_params, from_repo_root, parse_params
 
 LIBRARY = "models/default-sources/lora"
 
@@ -32,10 +32,11 @@ def test_block_paths_resolve_against_the_repository_root_and_flags_against_the_c
     assert from_repo_root("tasks", "runs/x") == "runs/x"  # not a path parameter
 
 
-def test_given_flags_knows_prefixes_and_equals():
-    params = {"save_ckpt_path": "", "source_ckpt_path": "", "tem": 1.0}
-    assert given_flags(["--save_ckpt=x", "--tem", "2"], params) == {"save_ckpt_path", "tem"}
-    assert given_flags(["x", "-h"], params) == set()
+def test_a_flag_given_as_a_prefix_or_with_equals_is_taken_as_given():
+    params = block_params({"save_ckpt_path": "runs/x", "source_ckpt_path": "runs/s", "tem": 1.0})
+    args = parse_params(params, ["--save_ckpt=runs/y", "--tem", "2"], None)
+    assert args.save_ckpt_path == "runs/y" and args.tem == 2.0  # given: as typed
+    assert args.source_ckpt_path == str(REPO / "runs" / "s")  # not given: the block's, from the repository root
 
 
 def test_a_list_in_a_block_is_refused_in_one_line():

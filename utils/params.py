@@ -167,8 +167,13 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
     comments = params.pop(HELP_KEY, {})
     check_block(params)
     helps = {**(helps or {}), **comments}  # the block's own comment says most about its parameter
-    args = build_parser(params, description, helps, choices, list_params, types).parse_args(argv)
-    given = given_flags(argv, params)
+    parser = build_parser(params, description, helps, choices, list_params, types)
+    args = parser.parse_args(argv)
+    # The flags argv gave, as argparse itself matched them (prefixes, --name=value): parsed again into a namespace
+    # that already holds a marker for every parameter, argparse replaces only the markers of the given ones.
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(params, unset)))
+    given = {name for name in params if getattr(probe, name) is not unset}
     for name in params:
         if name not in given and hasattr(args, name):
             setattr(args, name, from_repo_root(name, getattr(args, name)))
@@ -176,22 +181,6 @@ def parse_params(params: Mapping[str, Any], argv: list[str] | None, description:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))
     return args
-
-
-def given_flags(argv: Sequence[str] | None, params: Mapping[str, Any]) -> set[str]:
-    """The parameters that ``argv`` sets (``--name value``, ``--name=value``, or a prefix argparse accepts)."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    given = set()
-    for token in argv:
-        if not token.startswith("--"):
-            continue
-        flag = token[2:].split("=", 1)[0]
-        matches = [n for n in params if n == flag] or [n for n in params if n.startswith(flag)]
-        if len(matches) == 1:
-            given.add(matches[0])
-    return given
 
 
 def flags_of(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
