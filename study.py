@@ -44,6 +44,7 @@ from unit_model.fusion_names import (  # noqa: E402
 )
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
+from utils.progress import say  # noqa: E402  (progress lines that never collide with a stage's bars)
 
 _SIZES = METHOD_SIZES["default"]
 
@@ -129,13 +130,6 @@ PARAMS = block_params(globals())
 
 
 
-def say(line: str, file=None) -> None:
-    """A progress line that does not collide with the bars of the stage underneath (bars only on a terminal)."""
-    from utils.progress import say as say_line
-
-    say_line(line, file)
-
-
 def clock(seconds: float) -> str:
     """A duration as a person reads it: 42s, 3m05s, 1h02m."""
     seconds = int(round(seconds))
@@ -163,9 +157,17 @@ class Study:
         self.group_size = 1  # modules per forward pass, resolved from p.group_size (resolve_group_size)
         # progress: the study's start, and the target sides (a delta method on a data seed) left and their times
         self.started = time.time()
-        self.sides_left = 0
+        self.sides_left = 0  # set once the study knows its delta methods and data seeds
         self.side_started = time.time()
         self.side_seconds: list[float] = []
+
+    @contextlib.contextmanager
+    def target_side(self):
+        """Time one target side (a delta method on one data seed): what ``progress`` estimates the rest from."""
+        self.side_started = time.time()
+        self.sides_left -= 1
+        yield
+        self.side_seconds.append(time.time() - self.side_started)
 
     def progress(self) -> str:
         """Elapsed time, and what is left once a target side has been timed (each later one takes about as long)."""
@@ -523,10 +525,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
                     lambda _: score_pairs(p, delta, tuneall, target_list, task_pool, data_seed, pairs, size))
 
     for data_seed in data_seeds_of(p):
-        study.side_started = time.time()
-        study.sides_left -= 1
-        target_side(data_seed)
-        study.side_seconds.append(time.time() - study.side_started)
+        with study.target_side():
+            target_side(data_seed)
 
 
 AXES = ("target_data_seeds", "target_budgets", "target_early_stop")  # list parameters of the study itself
@@ -581,12 +581,11 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     from models.methods import DELTA_NAME
     from models.seq2seq import encode_examples
     from utils.io import write_tsv_atomic
+    from utils.progress import progress_bar
 
     device = pick_device(p.device)
     net, tokenizer = load_backbone(p.model, None, device)
     rows, slots = [], []
-    from utils.progress import progress_bar
-
     bar = progress_bar(total=len(target_list) * (len(task_pool) - 1), desc=f"{delta} single-source test scores",
                        leave=False)
     for t in target_list:

@@ -52,11 +52,10 @@ def run_settings(config: TuneConfig, task: str, lr: float, bsz: int) -> dict:
 def finished_run(folder: Path, settings: dict) -> bool:
     """Whether ``folder`` holds a finished run of exactly ``settings`` (resume skips it); a run of other settings,
     or one that recorded none, is refused: resuming would put two set-ups under one name."""
-    result = folder / "result.json"
     if not folder.exists():
         return False
     try:
-        made = json.loads(result.read_text(encoding="utf-8")).get("settings")
+        made = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("settings")
     except (OSError, ValueError):
         made = None
     if not isinstance(made, dict):
@@ -232,7 +231,8 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
     length = longest_example(d.splits["train"] if "train" in d.splits else d.splits["dev"] for d in data.values())
     size, why = pick_group_size(1 if ddp.world > 1 else config.group_size, len(runs), trainer.model.config,
                                 trainer.device, max(config.bsz_list), length, training=True)
-    if config.group_size == AUTO and trainer.device.type == "cpu" and size > 1:
+    shared_batches_only = config.group_size == AUTO and trainer.device.type == "cpu"  # see sweep_groups
+    if shared_batches_only and size > 1:
         why += "; on the CPU only runs that share their batches (one task and batch size) are grouped"
     outputs = ", ".join(str(s.output_dir) for s in sweeps)
     say(f"{len(raw)} task(s), {count} run(s): method {cfg.describe()} on {trainer.backbone} "
@@ -254,7 +254,7 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
         return sweep.output_dir / t / run_dir_name(lr, bsz, config.data_seed)
 
     failed = []
-    groups = sweep_groups(runs, size, config.group_size == AUTO and trainer.device.type == "cpu")
+    groups = sweep_groups(runs, size, shared_batches_only)
     bar = progress_bar(groups, desc="groups" if size > 1 else "runs", disable=len(runs) == 1 or not main_rank)
     for group in bar:
         finals = [folder(*run) for run in group]
