@@ -64,10 +64,7 @@ from models.formats import load_delta_checkpoint
 from models.group import chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
 from models.seq2seq import longest_example
-from models.settings import (
-    TrainConfig,
-    default_warmup,
-)
+from models.settings import TrainConfig, default_warmup
 from models.trainer import Run, RunLog, TaskData, Trainer
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import TrainingFailed, UserInputError, run_cli

@@ -20,11 +20,14 @@ cd "$(dirname "$0")/../.."
 # The tasks of a folder of modules, in the order they were first written: its result.tsv (tune.py), its
 # sources.tsv (a module library), else its subfolders.
 tasks_in() {
-    if [[ -f "$1/result.tsv" ]]; then
-        awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/result.tsv"
-    elif [[ -f "$1/sources.tsv" ]]; then
-        awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$1/sources.tsv"
-    elif [[ -d "$1" ]]; then
+    local table
+    for table in "$1/result.tsv" "$1/sources.tsv"; do  # both have the task in their first column
+        if [[ -f "$table" ]]; then
+            awk -F'\t' 'NR > 1 && !seen[$1]++ { printf "%s ", $1 }' "$table"
+            return 0
+        fi
+    done
+    if [[ -d "$1" ]]; then
         for d in "$1"/*/; do [[ -d "$d" ]] && printf '%s ' "$(basename "$d")"; done
     fi
     return 0
