@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -42,9 +41,22 @@ from unit_model.fusion_names import (  # noqa: E402
     fusion_file_name,
     parse_fusion,
 )
+from utils.errors import UserInputError  # noqa: E402
 from utils.io import check_output_folder, read_json_object, write_text_atomic  # noqa: E402
 from utils.params import block_params  # noqa: E402  (the same parameter-block reader as the fusion scripts)
 from utils.progress import say  # noqa: E402  (progress lines that never collide with a stage's bars)
+from utils.ranges import (  # noqa: E402
+    ANY_INT,
+    DEVICE,
+    FINITE,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Range,
+    check_ranges,
+)
 
 _SIZES = METHOD_SIZES["default"]
 
@@ -127,6 +139,18 @@ slurm_array_parallelism = 0  # array tasks running at once; 0: submitit's defaul
 slurm_log_dir = ""  # submitit's files; default {output}/logs/{stage}/slurm
 # -----------------------------------------------------------------------------------------------------
 PARAMS = block_params(globals())
+# The valid range of each number of the block, checked before anything is read or written (utils/ranges.py);
+# the list parameters (target_data_seeds, target_budgets, target_early_stop) are checked by check_axes.
+RANGES = {**{name: POSITIVE_INT for name in (
+              "source_k", "source_iters", "source_bsz", "source_valid_interval", "target_k", "target_bsz",
+              "target_valid_interval", "max_input_length", "max_output_length", "adapter_size", "lora_r",
+              "prefix_length", "prefix_mlp", "prefix_iters_scale", "learned_budget", "max_examples", "jobs")},
+          **{name: POSITIVE for name in ("source_lr", "target_lr", "cos_tem", "lora_alpha", "ia3_lr_scale")},
+          **{name: NON_NEGATIVE_INT for name in ("source_early_stop", "top_k", "slurm_gpus", "slurm_cpus",
+                                                 "slurm_array_parallelism")},
+          **{name: ANY_INT for name in ("seed", "source_data_seed", "merge_seed")},
+          "tem": Range(low=0, low_open=True, special=("auto",)), "lam": FINITE, "density": FRACTION,
+          "slurm_mem": NON_NEGATIVE, "device": DEVICE}
 
 
 
@@ -160,6 +184,8 @@ class Study:
         self.sides_left = 0  # set once the study knows its delta methods and data seeds
         self.side_started = time.time()
         self.side_seconds: list[float] = []
+        self.task_pool: list[str] = []  # set by main once resolved: what inputs_digest hashes
+        self.target_list: list[str] = []
 
     @contextlib.contextmanager
     def target_side(self):
@@ -182,17 +208,61 @@ class Study:
     def marker(self, name: str) -> Path:
         return self.markers / f"{name.replace('/', '__')}.json"
 
+    def recorded(self, name: str) -> dict | None:
+        """A step's marker (None when missing or unreadable: the step is then not done)."""
+        try:
+            made = read_json_object(self.marker(name))
+        except UserInputError:
+            return None
+        return made if isinstance(made.get("outputs"), list) else None
+
     def done(self, name: str) -> bool:
-        marker = self.marker(name)
-        if not marker.is_file():
-            return False
-        outputs = json.loads(marker.read_text())["outputs"]
-        return all((self.root / o).exists() for o in outputs)
+        made = self.recorded(name)
+        return made is not None and all((self.root / o).exists() for o in made["outputs"])
+
+    def inputs_digest(self, title: str) -> str:
+        """A hash of what a stage reads besides the study's settings: the backbone's weight files; for the sources
+        stage the pool's large splits; for a target side (``{delta}/seed_{s}/...``) the targets' splits of that
+        seed and every source module. A finished step whose inputs hash otherwise now is redone."""
+        from dataloader.crossfit import split_path
+        from utils.io import files_digest
+
+        p = self.p
+        model = Path(p.model)
+        files = sorted(f for f in model.glob("*") if f.suffix in (".safetensors", ".bin")) if model.is_dir() else []
+        delta, side = title.split("/")[:2]
+        if side == "sources":
+            files += [split_path(p.task_dir, t, p.source_k, p.source_data_seed, split)
+                      for t in self.task_pool for split in ("train", "dev", "test")]
+        else:
+            seed = int(side.removeprefix("seed_"))
+            files += [split_path(p.task_dir, t, p.target_k, seed, split)
+                      for t in self.target_list for split in ("train", "dev", "test")]
+            sources = Path(p.source_library) if p.source_library else self.root / delta / "sources"
+            files += sorted(sources.rglob("*.safetensors"))
+        return files_digest(files)
+
+    def stale(self, title: str, name: str) -> bool:
+        """A step that finished, on inputs that have changed since (or that an older version did not record)."""
+        made = self.recorded(f"{title}.{name}")
+        return made is not None and made.get("inputs") != self.inputs_digest(title)
+
+    def forget(self, title: str, name: str, outputs: list[Path]) -> None:
+        """Remove a stale step's marker and outputs, so that it runs again from scratch."""
+        import shutil
+
+        self.marker(f"{title}.{name}").unlink(missing_ok=True)
+        for o in outputs:
+            if o.is_dir():
+                shutil.rmtree(o)
+            else:
+                o.unlink(missing_ok=True)
 
     def mark(self, name: str, outputs: list[Path], seconds: float) -> None:
         self.markers.mkdir(parents=True, exist_ok=True)
         marker = self.marker(name)
         write_text_atomic(marker, json.dumps({"outputs": [str(o.relative_to(self.root)) for o in outputs],
+                                              "inputs": self.inputs_digest(name.split(".")[0]),
                                               "seconds": round(seconds, 1)}))
 
     def step(self, name: str, outputs: list[Path], run: Callable[[], None]) -> bool:
@@ -218,8 +288,14 @@ class Study:
         ``groups`` (its steps in fixed groups) runs each group that has a step left as one call of
         ``run_group`` (models/group.py: one forward pass for all its modules).
         """
-        todo = [n for n in names if not self.done(f"{title}.{n}")]
         out = sys.stdout  # the stage's own lines go to its log; this one line per stage to the console
+        stale = [n for n in names if self.stale(title, n)]
+        if stale:
+            say(f"[{index}/8] {title}: what {len(stale)} finished step(s) read has changed since they ran (a split "
+                "file, a source module or the backbone): redoing them", out)
+            for n in stale:
+                self.forget(title, n, outputs(n))
+        todo = [n for n in names if not self.done(f"{title}.{n}")]
         say(f"[{index}/8] {title}: {len(names) - len(todo)}/{len(names)} done, {len(todo)} to run", out)
         start = time.time()
         with self.stage_log(title) as log, contextlib.redirect_stdout(log):
@@ -323,9 +399,8 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     from get_similarity.tune_all import TuneAllConfig, run_tune_all
     from models.delta import DeltaConfig
     from models.group import chunks
-    from models.run_folders import run_dir_name
     from models.settings import TuneConfig
-    from models.tuning import run_sweep, run_sweeps
+    from models.tuning import run_folder, run_sweep, run_sweeps
     from unit_model.fusion import FusionConfig, run_fusion
     from unit_model.report import budget_dir, seed_dir
     from unit_model.sources import fused_dir_name
@@ -353,12 +428,19 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
     # shared result.tsv files are then put in the order these steps would have written them.
     from sweep import order_result_tsv, script_job
 
-    def in_order(out: Path, k: int, data_seed: int, lr: float, bsz: int) -> Callable[[list[str]], None]:
-        return lambda tasks: order_result_tsv(out, [(t, str(k), str(data_seed), f"{lr:g}", str(bsz)) for t in tasks])
-
     def run_dir(config: TuneConfig) -> Path:  # the one run folder of a one-task, one-(lr, bsz) sweep
-        return Path(config.output_dir) / config.tasks[0] / run_dir_name(config.learning_rate_list[0],
-                                                                          config.bsz_list[0], config.data_seed)
+        return run_folder(config, config.tasks[0], config.learning_rate_list[0], config.bsz_list[0])
+
+    def in_order(config: Callable[[str], TuneConfig]) -> Callable[[list[str]], None]:
+        """Put the rows of the steps done into the order of the steps, in each output folder's result.tsv."""
+        def finish(steps: list[str]) -> None:
+            by_output: dict[str, list[tuple[str, str]]] = {}
+            for step in steps:
+                c = config(step)
+                by_output.setdefault(c.output_dir, []).append((c.tasks[0], run_dir(c).name))
+            for out, keys in by_output.items():
+                order_result_tsv(Path(out), keys)
+        return finish
 
     def tune_stage(index: int, name: str, steps: list[str], config: Callable[[str], TuneConfig],
                    finish: Callable[[list[str]], None], order: list[str] | None = None) -> None:
@@ -376,9 +458,10 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         say(f"[1/8] {delta}/sources: skipped (source modules from {src})")
     else:
         src = root / "sources"
-        tune_stage(1, "sources", task_pool,
-                   lambda t: TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src)),
-                   finish=in_order(src, p.source_k, p.source_data_seed, source_lr, p.source_bsz))
+        def source_config(t: str) -> TuneConfig:
+            return TuneConfig(**sweep, **source_budget, tasks=[t], output_dir=str(src))
+
+        tune_stage(1, "sources", task_pool, source_config, finish=in_order(source_config))
 
     budgets = budgets_of(p)
 
@@ -395,9 +478,12 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
 
         def random_stage(budget: tuple[int, int]) -> None:
             out = base / budget_dir(budget[0]) / "random"
-            tune_stage(2, f"{split}/{budget_dir(budget[0])}/random", target_list,
-                       lambda t: TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(out)),
-                       finish=in_order(out, p.target_k, data_seed, target_lr, p.target_bsz))
+
+            def random_config(t: str) -> TuneConfig:
+                return TuneConfig(**sweep, **target_budget(*budget), tasks=[t], output_dir=str(out))
+
+            tune_stage(2, f"{split}/{budget_dir(budget[0])}/random", target_list, random_config,
+                       finish=in_order(random_config))
 
         # The first budget's random-init modules are the reference of KL and cos, and tune-all runs it.
         first_iters = iters_of(p, delta, budgets[0][0])
@@ -496,11 +582,6 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
         def transfer_stage(budget: tuple[int, int]) -> None:
             transfer = base / budget_dir(budget[0]) / "transfer"
 
-            def transfer_in_order(done: list[str]) -> None:
-                for m in dict.fromkeys(mt.split(".")[0] for mt in done):
-                    in_order(transfer / fusion_file_name(m), p.target_k, data_seed, target_lr, p.target_bsz)(
-                        [mt.split(".")[1] for mt in done if mt.split(".")[0] == m])
-
             def transfer_config(mt: str) -> TuneConfig:
                 m, t = mt.split(".")
                 return TuneConfig(**sweep, **target_budget(*budget), tasks=[t],
@@ -510,7 +591,7 @@ def run_delta(study: Study, delta: str, task_pool: list[str], target_list: list[
             # grouped target by target: a target's fused starts share its batches (Parallel)
             tune_stage(7, f"{split}/{budget_dir(budget[0])}/transfer",
                        [f"{m}.{t}" for m in fusion_list for t in target_list], transfer_config,
-                       finish=transfer_in_order, order=[f"{m}.{t}" for t in target_list for m in fusion_list])
+                       finish=in_order(transfer_config), order=[f"{m}.{t}" for t in target_list for m in fusion_list])
 
         # Every budget tunes random init and every fused initialisation on the same split, seed and rule.
         for budget in budgets:
@@ -620,7 +701,7 @@ RESUMABLE_CHANGES = ("output", "device", "quiet", "fusions", "deltas", "target_d
 def check_library(p, task_pool: list[str], target_list: list[str]) -> None:
     """Every source a target needs is in ``source_library``, of the study's one delta method and its sizes."""
     from models.delta import DeltaConfig
-    from models.formats import inspect_delta_checkpoint
+    from models.formats import load_delta_checkpoint
     from models.run_folders import resolve_checkpoint, source_path
     from utils.errors import UserInputError
 
@@ -632,7 +713,8 @@ def check_library(p, task_pool: list[str], target_list: list[str]) -> None:
         if all(s == t for t in target_list):
             continue  # a target's own module is never its source
         try:
-            _, meta = inspect_delta_checkpoint(resolve_checkpoint(source_path(p.source_library, s), task=s))
+            # read whole: a module with a NaN is refused now, not after stages that read it wrote their outputs
+            _, meta = load_delta_checkpoint(resolve_checkpoint(source_path(p.source_library, s), task=s))
         except UserInputError as e:
             raise UserInputError(f"--source_library: task {s}: {e}") from None
         made = DeltaConfig.from_checkpoint_meta(meta)
@@ -683,10 +765,15 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     model = Path(p.model).expanduser()
     if model.exists() and not (model / "config.json").is_file():
         raise UserInputError(f"--model {p.model}: expected a model folder with config.json")
+    if model.exists():
+        from models.backbone import check_architecture
+
+        check_architecture(str(model), p.model)
     if not model.exists() and looks_like_path(p.model):
         raise UserInputError(f"--model {p.model}: folder not found")
     checked_device(pick_device(p.device))
-    root = check_output_folder(p.output, "--output")
+    root = check_output_folder(p.output, "--output", {"--task_dir": p.task_dir, "--model": p.model,
+                                                      "--source_library": p.source_library})
     params = root / "params.json"
     if not params.is_file() and (root / ".steps").is_dir() and any((root / ".steps").iterdir()):
         raise UserInputError(f"{root}: holds finished steps (.steps/) but no params.json, so the settings they were "
@@ -757,19 +844,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = parse_args(argv)  # before the heavy imports: --help and a refused flag answer at once
     from unit_model.report import budget_dir, write_results
-    for name in ("source_iters", "source_bsz", "target_bsz", "source_valid_interval",
-                 "target_valid_interval", "max_examples"):
-        if getattr(p, name) <= 0:
-            raise UserInputError(f"--{name}: expected a positive integer, found {getattr(p, name)}")
+    check_ranges(vars(p), RANGES)
     check_axes(p)
     if p.target_warmup != "auto" and not (p.target_warmup.isdigit()):
         raise UserInputError(f"--target_warmup: expected auto or a number of steps, found {p.target_warmup!r}")
-    for name in ("tem", "cos_tem", "source_lr", "target_lr"):
-        value = getattr(p, name)
-        if name == "tem" and value == "auto":
-            continue
-        if not math.isfinite(value) or value <= 0:
-            raise UserInputError(f"--{name}: expected a positive number, found {value}")
     task_pool = resolve_tasks(words(p.tasks), flag="--tasks")
     target_list = resolve_tasks(words(p.targets), flag="--targets")
     outside = [t for t in target_list if t not in task_pool]
@@ -782,8 +860,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"--deltas: unknown delta method {d!r}; expected some of {', '.join(METHODS)}")
     from unit_model.merges import MERGES, MergeSettings, check_settings
     check_settings(MergeSettings(lam=p.lam, density=p.density, majority_sign=p.majority_sign, seed=p.merge_seed))
-    if p.top_k < 0:
-        raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {p.top_k}")
     from unit_model.config import OPTIMIZERS
     if p.learned_optimizer not in OPTIMIZERS:
         raise UserInputError(f"--learned_optimizer: expected one of {', '.join(OPTIMIZERS)}, found "
@@ -797,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(p, task_pool, target_list)
 
     study = Study(p)
+    study.task_pool, study.target_list = task_pool, target_list
     if p.jobs != 1 or p.slurm:
         from utils.jobs import LaunchOptions
         study.launch = LaunchOptions(

@@ -52,8 +52,9 @@ def script_job(name: str, script: str, argv: list) -> Job:
     return Job(name, [sys.executable, str(REPO / script), *map(str, argv)])
 
 
-def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]]) -> None:
-    """Put ``keys``' rows (task, k, data_seed, lr, bsz) of ``result.tsv`` last and in this order, under its lock.
+def order_result_tsv(output_dir: Path, keys: list[tuple[str, str]]) -> None:
+    """Put ``keys``' rows ((task, run folder name), models.run_folders.result_key) of ``result.tsv`` last and in
+    this order, under its lock.
 
     A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
     (models.run_folders.resolve_checkpoint); parallel jobs append them in the order they finish.
@@ -73,22 +74,23 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str, str, str, str]
 
 def plan_tune(argv: list[str]) -> Plan:
     import tune
-    from models.run_folders import run_dir_name
-    from models.tuning import check_inputs
+    from models.tuning import check_inputs, run_folder
 
     config = tune.config_from_args(tune.build_parser().parse_args(argv))
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.
     inputs = check_inputs(config)
-    out, k, seed = inputs.output_dir, str(config.k), str(config.data_seed)
+    out = inputs.output_dir
     if not config.do_train:
-        jobs = [script_job(f"{t}/predict", "tune.py", [*argv, "--tasks", t]) for t in inputs.tasks]
-        keys = [(t, k, seed, "-", "-") for t in inputs.tasks]
+        folders = [run_folder(config, t) for t in inputs.tasks]
+        jobs = [script_job(f"{t}/{f.name}", "tune.py", [*argv, "--tasks", t]) for t, f in zip(inputs.tasks, folders)]
+        keys = [(t, f.name) for t, f in zip(inputs.tasks, folders)]
     else:
         # The last --tasks/--learning_rate_list/--bsz_list on a command line wins: each job keeps one of each.
-        jobs = [script_job(f"{t}/{run_dir_name(lr, bsz, config.data_seed)}", "tune.py",
+        folders = [run_folder(config, t, lr, bsz) for t, lr, bsz in inputs.runs]
+        jobs = [script_job(f"{t}/{f.name}", "tune.py",
                            [*argv, "--tasks", t, "--learning_rate_list", repr(lr), "--bsz_list", bsz])
-                for t, lr, bsz in inputs.runs]
-        keys = [(t, k, seed, f"{lr:g}", str(bsz)) for t, lr, bsz in inputs.runs]
+                for (t, lr, bsz), f in zip(inputs.runs, folders)]
+        keys = [(t, f.name) for (t, _, _), f in zip(inputs.runs, folders)]
     return Plan(jobs, out / "logs", lambda: order_result_tsv(out, keys))
 
 

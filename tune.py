@@ -5,8 +5,9 @@ with AdamW and linear warmup/decay, validate by generation + the task's metric e
 ``--valid_interval`` steps, keep the best module, stop after ``--early_stop`` validations without
 gain, then predict on test with the best module (or with ``--test_checkpoint``).
 
-Writes ``{output_dir}/{task}/lr_{lr}_bsz_{bsz}_seed_{data_seed}/`` (log.txt, curve.tsv, checkpoint/, predictions)
-and one ``{output_dir}/result.tsv`` with a row per run. A run folder appears only once complete.
+Writes ``{output_dir}/{task}/lr_{lr}_bsz_{bsz}_k_{k}_data_{data_seed}_seed_{seed}_{hash}/`` (log.txt, curve.tsv,
+checkpoint/, predictions; the hash covers every other setting) and one ``{output_dir}/result.tsv`` with a row per
+run. A run folder appears only once complete, and two runs of different settings never share one.
 
     python tune.py --do_train --do_predict --tune_method lora --tasks SAMPLE_TASKS --output_dir runs/lora
 """
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--tokenizer_path", default=None, help="tokenizer folder or hub id (default: --model)")
     paths.add_argument("--task_dir", default=D.task_dir, help="CrossFit-layout data folder")
     paths.add_argument("--output_dir", default=D.output_dir,
-                       help="run folders {output_dir}/{task}/lr_*_bsz_*_seed_*/ and result.tsv go here")
+                       help="run folders {output_dir}/{task}/lr_*_..._{hash}/ and result.tsv go here")
     paths.add_argument("--train_checkpoint", default=None,
                        help="initialise the delta module from this checkpoint (a fused one too)")
     paths.add_argument("--test_checkpoint", default=None, help="predict with this checkpoint")

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # run as a file (python bench/x.py): make the rep
 import torch  # noqa: E402
 
 from models.delta import DeltaConfig, save_delta_checkpoint  # noqa: E402
-from models.run_folders import CHECKPOINT_SUBDIR, RESULT_COLUMNS, run_dir_name  # noqa: E402
+from models.run_folders import CHECKPOINT_SUBDIR, RESULT_COLUMNS  # noqa: E402
 from models.settings import DEFAULT_MODEL_DIR  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.io import write_text_atomic, write_tsv_atomic  # noqa: E402
@@ -140,7 +140,7 @@ def delta_shapes(config, cfg: DeltaConfig) -> dict[str, tuple[int, ...]]:
 
 def write_sources(root: Path, names: Sequence[str], cfg: DeltaConfig, config, seed: int = 0,
                   backbone: str = "default", lr: float = 3e-3, bsz: int = 16) -> list[Path]:
-    """Random delta modules laid out like a tune.py output: ``root/{name}/lr_*_bsz_*_seed_*/checkpoint`` + result.tsv.
+    """Random delta modules laid out like a tune.py output: ``root/{name}/{run}/checkpoint`` + result.tsv.
 
     Values are N(0, 0.02) everywhere (LoRA's B included, so no module is neutral); score.py and the fusion
     scripts resolve each ``root/{name}`` task folder to its run through ``root/result.tsv``.
@@ -151,10 +151,10 @@ def write_sources(root: Path, names: Sequence[str], cfg: DeltaConfig, config, se
     paths, rows = [], []
     for i, name in enumerate(names):
         tensors = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes.items()}
-        run = root / name / run_dir_name(lr, bsz, 100)
+        run = root / name / f"lr_{lr!r}_bsz_{bsz}_random_{seed}"
         paths.append(save_delta_checkpoint(run / CHECKPOINT_SUBDIR, tensors, cfg, backbone, fingerprint, task=name,
                                            metric="ACC", score=0.5 + 0.001 * i, step=100))
-        rows.append([name, 16, 100, f"{lr:g}", bsz, 42, cfg.method, f"{0.5 + 0.001 * i:.4f}", "-", 100])
+        rows.append([name, 16, 100, repr(lr), bsz, 42, cfg.method, run.name, f"{0.5 + 0.001 * i:.4f}", "-", 100])
     write_tsv_atomic(root / "result.tsv", RESULT_COLUMNS, rows)
     return paths
 

@@ -92,7 +92,7 @@ def train_rate(model_dir: Path, method: str, bsz: int, steps: int, device: str, 
         code = tune.main(argv)
     if code != 0:
         raise RuntimeError(f"tune.main exited with {code}")
-    log = (out / TASK / f"lr_0.0001_bsz_{bsz}_seed_{DATA_SEED}" / "log.txt").read_text(encoding="utf-8")
+    log = next((out / TASK).glob(f"lr_0.0001_bsz_{bsz}_*/log.txt")).read_text(encoding="utf-8")
     rates = [float(m.group(2)) for m in LOG_RATE.finditer(log)]
     if len(rates) != 6:
         raise RuntimeError(f"expected 6 examples/s lines in {out}, found {len(rates)}")

@@ -1,7 +1,7 @@
 """Similarity scoring: N sources in one process (one backbone load) vs N processes of one source each.
 
 The sources are random LoRA modules of the default size (r=8, alpha 16 on the embedded default backbone),
-laid out like a tune.py output (``{root}/{source}/lr_0.003_bsz_16_seed_100/checkpoint`` + ``{root}/result.tsv``).
+laid out like a tune.py output (``{root}/{source}/{run}/checkpoint`` + ``{root}/result.tsv``).
 Each is scored with ``Loss`` on the dev split of one bundled target (sent_review; 16 examples at ``--k 16``,
 64 at ``--k 64``) by ``python -m get_similarity.score``:
 

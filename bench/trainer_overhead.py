@@ -127,7 +127,7 @@ def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
         code = tune.main(argv)
     if code != 0:
         raise RuntimeError(f"tune.main exited with {code}")
-    log = (out_dir / TASK / f"lr_{LR:g}_bsz_{bsz}_seed_{DATA_SEED}" / "log.txt").read_text(encoding="utf-8")
+    log = next((out_dir / TASK).glob(f"lr_{LR!r}_bsz_{bsz}_*/log.txt")).read_text(encoding="utf-8")
     if len(marks) != steps // block + 1 or len(LOG_RATE.findall(log)) != steps // block:
         raise RuntimeError(f"{out_dir}: expected {steps // block} examples/s lines, found {len(marks) - 1}")
     return block_rates(marks, block * bsz)

@@ -67,12 +67,23 @@ def _describe_available(task_folder: Path, task: str) -> str:
     return f"available for {task}: " + "; ".join(parts)
 
 
+# Column names a first line of a TSV exported with a header would hold: read as data, it would be one more example.
+HEADER_INPUTS = ("input", "inputs", "text", "sentence", "source", "question", "prompt")
+HEADER_OUTPUTS = ("output", "outputs", "label", "labels", "target", "answer", "answers", "completion")
+
+
+def looks_like_header(line: str) -> bool:
+    fields = [f.strip().lower() for f in line.split("\t")]
+    return len(fields) >= 2 and fields[0] in HEADER_INPUTS and all(f in HEADER_OUTPUTS for f in fields[1:] if f)
+
+
 def read_split(path: str | Path) -> list[Example]:
     """Parse one split file strictly.
 
     CRLF endings and trailing blank lines are tolerated; fields are stripped of surrounding
     whitespace (CrossFit strips each line too). Extra empty answer fields are dropped, but a line
-    whose answers are all empty is an error.
+    whose answers are all empty is an error, and so are lone CR line breaks and a header row (each would be
+    read as something other than what the file holds).
     """
     path = Path(path)
     if not path.is_file():
@@ -104,6 +115,12 @@ def read_split(path: str | Path) -> list[Example]:
                 f"{path}:{lineno}: line has {len(line):,} characters, more than the limit of "
                 f"{MAX_LINE_CHARS:,}"
             )
+        if "\r" in line:  # lone CRs as line breaks (classic Mac) would glue lines into one example
+            raise UserInputError(f"{path}:{lineno}: a carriage return inside a line (CR line endings?); save the "
+                                 "file with LF or CRLF line endings")
+        if lineno == 1 and looks_like_header(line):
+            raise UserInputError(f"{path}:1: looks like a header row ({line.strip()!r}); CrossFit split files have "
+                                 "none, every line is an example: remove it")
         if "\t" not in line:
             found = "an empty line" if not line.strip() else "no tab"
             raise UserInputError(f"{path}:{lineno}: expected 'input<TAB>output', found {found}")

@@ -47,7 +47,6 @@ import torch
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
 from get_similarity.tune_all import (
-    check_positive,
     check_sources_fit,
     leave_one_out,
     load_sources,
@@ -63,9 +62,10 @@ from models.run_folders import file_lock
 from models.seq2seq import encode_examples, longest_example
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
-from utils.io import read_table, write_tsv_atomic
+from utils.io import check_output_path, read_table, write_tsv_atomic
 from utils.params import config_from
 from utils.progress import progress_bar
+from utils.ranges import check_ranges
 
 COLUMNS = ["target", "source", "dev_zero_shot", "dev_after"]
 
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_dev_all(config: DevAllConfig) -> None:
     """Score every pair and write the table; everything that can be wrong is checked before the first generation."""
-    check_positive({"--k": config.k, "--max_input_length": config.max_input_length,
-                    "--max_output_length": config.max_output_length, "--predict_batch_size": config.predict_batch_size,
-                    "--num_beams": config.num_beams})
+    check_ranges(config)  # every number against the range its field declares (get_similarity/settings.py)
     if config.tune_method is not None and config.tune_method not in METHODS:
         raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
     if config.quiet:
@@ -146,7 +144,12 @@ def run_dev_all(config: DevAllConfig) -> None:
     task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
     source_names = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
     pairs = leave_one_out(targets, source_names)
-    output = Path(config.output)
+    output = check_output_path(config.output, "--output", {
+        "--task_dir": config.task_dir, "--model": config.model, "--tokenizer_path": config.tokenizer_path,
+        "--source_ckpt_path": config.source_ckpt_path,
+        # the table may sit beside the tuned modules (runs/tuneall/lora/dev_all.tsv), not among them
+        "--tuneall_ckpt_path": [Path(config.tuneall_ckpt_path) / t for t in targets] if config.tuneall_ckpt_path
+        else None})
     if output.is_dir():
         raise UserInputError(f"--output {output}: is a folder; expected a TSV file name")
     merge = config.merge or config.resume

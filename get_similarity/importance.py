@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (python get_similarity/importan
 
 import argparse
 
-from get_similarity.settings import importance_parser
+from get_similarity.settings import IMPORTANCE_RANGES, importance_parser
 from utils.errors import answer_flags_early
 
 
@@ -68,6 +68,7 @@ from models.seq2seq import EncodedTask, encode_examples, first_output_batches, t
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
+from utils.ranges import check_ranges  # noqa: E402
 
 COLUMNS = ["granularity", "group", "dev_score", "dev_loss", "delta_score", "delta_loss"]
 TSV_FILE = "importance.tsv"
@@ -151,13 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
         quiet_libraries()
-    for flag, value in {"--k": args.k, "--batch_size": args.batch_size, "--max_input_length": args.max_input_length,
-                        "--max_output_length": args.max_output_length, "--num_beams": args.num_beams}.items():
-        if value <= 0:
-            raise UserInputError(f"{flag}: expected a positive integer, found {value}")
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise UserInputError(f"--max_examples: expected a positive integer, found {args.max_examples}")
-    out = check_output_folder(args.output_dir)
+    check_ranges(vars(args), IMPORTANCE_RANGES)
+    out = check_output_folder(args.output_dir, "--output_dir", {
+        "--task_dir": args.task_dir, "--model": args.model, "--tokenizer_path": args.tokenizer_path,
+        "--checkpoint": args.checkpoint})
     for name in (TSV_FILE, PLOT_FILE):
         if (out / name).is_dir():
             raise UserInputError(f"--output_dir: {out / name} is a folder, expected a file or nothing")

@@ -100,6 +100,7 @@ from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
 from utils.params import config_from  # noqa: E402
 from utils.progress import progress_bar, say  # noqa: E402
+from utils.ranges import check_ranges  # noqa: E402
 
 COLUMNS = ["target", "source", "metric", "group", "score"]
 RESULT_FILE = "result.tsv"
@@ -275,18 +276,14 @@ def inspect_module(root: str, task: str, flag: str) -> Module:
 
 def check_args(config: SimilarityConfig) -> list[Metric]:
     metrics = resolve_metrics(config.metric)
-    for flag, value in {"--k": config.k, "--batch_size": config.batch_size,
-                        "--max_input_length": config.max_input_length,
-                        "--max_output_length": config.max_output_length}.items():
-        if value <= 0:
-            raise UserInputError(f"{flag}: expected a positive integer, found {value}")
-    if config.max_examples is not None and config.max_examples <= 0:
-        raise UserInputError(f"--max_examples: expected a positive integer, found {config.max_examples}")
+    check_ranges(config)  # every number against the range its field declares (get_similarity/settings.py)
     needs_ref = [m.name for m in metrics if m.needs_reference]
     if needs_ref and not config.random_tuned_ckpt_path:
         raise UserInputError(f"--random_tuned_ckpt_path is required for {', '.join(needs_ref)} (the module tuned "
                              "from random init on each target gives the reference distribution)")
-    out = check_output_folder(config.output_dir)
+    out = check_output_folder(config.output_dir, "--output_dir", {
+        "--task_dir": config.task_dir, "--model": config.model, "--tokenizer_path": config.tokenizer_path,
+        "--source_ckpt_path": config.source_ckpt_path, "--random_tuned_ckpt_path": config.random_tuned_ckpt_path})
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
     read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring

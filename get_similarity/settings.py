@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from dataloader.crossfit import SPLITS
 from models.methods import GRANULARITIES, METHODS
-from models.settings import AUTO, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
+from models.settings import AUTO, GROUP_SIZE, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
 from utils.params import HelpFormatter, field_defaults, flags_of
+from utils.ranges import ANY_INT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Range, ranges_of, setting
 
 
 @dataclass(kw_only=True)
@@ -25,15 +26,15 @@ class SimilarityConfig(BackboneDataConfig):
     source_tasks: list[str] | None = None
     random_tuned_ckpt_path: str | None = None
     split: str = "dev"
-    max_examples: int | None = None
-    batch_size: int = 32
+    max_examples: int | None = setting(None, Range(low=0, low_open=True, integer=True, special=(None,)))
+    batch_size: int = setting(32, POSITIVE_INT)
     granularity: str = "model"
-    init_seed: int = 42
+    init_seed: int = setting(42, ANY_INT)
     output_dir: str = "runs/similarity"
     overwrite: bool = False
     resume: bool = False  # score only the rows that result.tsv lacks; the rows it has are kept as they are
     bf16: bool = False
-    group_size: int | str = AUTO  # sources scored per forward pass (models/group.py); 1: one at a time
+    group_size: int | str = setting(AUTO, GROUP_SIZE)  # sources per forward pass (models/group.py); 1: one at a time
 
 
 def similarity_parser(description: str | None) -> argparse.ArgumentParser:
@@ -81,11 +82,11 @@ class PairsConfig(BackboneDataConfig):
     tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
     source_tasks: list[str] | None = None
     tune_method: str | None = None  # expected method of the sources; None: whatever they are
-    predict_batch_size: int = 64
-    num_beams: int = 1
+    predict_batch_size: int = setting(64, POSITIVE_INT)
+    num_beams: int = setting(1, POSITIVE_INT)
     bf16: bool = False
     overwrite: bool = False
-    group_size: int | str = AUTO  # modules per forward pass (models/group.py); 1: one at a time
+    group_size: int | str = setting(AUTO, GROUP_SIZE)  # modules per forward pass (models/group.py); 1: one at a time
 
     def to_argv(self) -> list[str]:
         """The entry point's flags that give this config back (those left at their default are left out)."""
@@ -97,13 +98,13 @@ class TuneAllConfig(PairsConfig):
     """One tune-all run: every pair tuned from its source for ``steps`` steps, the last module kept."""
 
     output_dir: str
-    steps: int = 200
-    learning_rate: float = 5e-4
-    bsz: int = 8
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    steps: int = setting(200, POSITIVE_INT)
+    learning_rate: float = setting(5e-4, POSITIVE)
+    bsz: int = setting(8, POSITIVE_INT)
+    warmup_steps: int | None = setting(None, Range(low=0, integer=True, special=(None,)))  # None: default_warmup
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, POSITIVE)
+    seed: int = setting(42, ANY_INT)
     log_file_only: bool = False
 
 
@@ -173,6 +174,12 @@ def dev_all_parser(description: str | None) -> argparse.ArgumentParser:
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(DevAllConfig))
     return p
+
+
+# importance.py parses into a namespace, not a dataclass: the ranges of its own flags, beside the shared ones
+IMPORTANCE_RANGES = {**ranges_of(BackboneDataConfig), "batch_size": POSITIVE_INT, "num_beams": POSITIVE_INT,
+                     "init_seed": ANY_INT,
+                     "max_examples": Range(low=0, low_open=True, integer=True, special=(None,))}
 
 
 def importance_parser(description: str | None) -> argparse.ArgumentParser:

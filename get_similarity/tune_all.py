@@ -42,7 +42,6 @@ if __name__ == "__main__":  # --help and a refused flag answer here, before torc
     answer_flags_early(build_parser)
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,17 +70,11 @@ from utils.errors import TrainingFailed, UserInputError, run_cli
 from utils.io import check_output_folder
 from utils.params import config_from
 from utils.progress import progress_bar
+from utils.ranges import check_ranges
 
 # The training settings a tuned module records in its meta's "extra"; a rerun only reuses a module whose
 # settings all match (otherwise the table would silently mix two set-ups).
 SETTINGS = ("steps", "lr", "bsz", "warmup_steps", "seed", "k", "data_seed")
-
-
-def check_positive(flags: dict[str, float]) -> None:
-    """Refuse non-positive (or non-finite) values of the given flags."""
-    for flag, v in flags.items():
-        if not math.isfinite(v) or v <= 0:
-            raise UserInputError(f"{flag}: expected a positive number, found {v:g}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,16 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_tune_all(config: TuneAllConfig) -> None:
     """Tune every pair not tuned yet; everything that can be wrong is checked before the first step."""
-    check_positive({"--steps": config.steps, "--learning_rate": config.learning_rate, "--bsz": config.bsz,
-                    "--k": config.k, "--max_input_length": config.max_input_length,
-                    "--max_output_length": config.max_output_length, "--predict_batch_size": config.predict_batch_size,
-                    "--num_beams": config.num_beams})
+    check_ranges(config)  # every number against the range its field declares (get_similarity/settings.py)
     if config.warmup_steps is None:  # the trainer's rule, made explicit: the modules record it
         config = dataclasses.replace(config, warmup_steps=default_warmup(config.steps))
-    for flag, v in {"--warmup_steps": config.warmup_steps, "--weight_decay": config.weight_decay,
-                    "--max_grad_norm": config.max_grad_norm}.items():
-        if not math.isfinite(v) or v < 0:
-            raise UserInputError(f"{flag}: expected zero or more, found {v:g}")
     if config.tune_method is not None and config.tune_method not in METHODS:
         raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
     if config.quiet:
@@ -206,7 +192,9 @@ def run_tune_all(config: TuneAllConfig) -> None:
     raw = {t: load_task(task_dir, t, config.k, config.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(config.source_ckpt_path, source_names, config.tune_method)
-    output_dir = check_output_folder(config.output_dir)
+    output_dir = check_output_folder(config.output_dir, "--output_dir", {
+        "--task_dir": config.task_dir, "--model": config.model, "--tokenizer_path": config.tokenizer_path,
+        "--source_ckpt_path": config.source_ckpt_path})
     settings = {"steps": config.steps, "lr": config.learning_rate, "bsz": config.bsz,
                 "warmup_steps": config.warmup_steps, "seed": config.seed, "k": config.k, "data_seed": config.data_seed}
     # With --overwrite an existing module is replaced unread (it may be the broken one being redone).

@@ -83,6 +83,7 @@ def load_backbone(
     else:
         source = arg
 
+    check_architecture(source, arg)
     try:
         net = T5ForConditionalGeneration.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -93,7 +94,7 @@ def load_backbone(
             ) from None
         raise UserInputError(f"--model {arg}: could not load a T5 model ({first_line(e)})") from None
 
-    flag = "--tokenizer" if tokenizer_path is not None else "--model"
+    flag = "--tokenizer_path" if tokenizer_path is not None else "--model"
     tok_arg = str(tokenizer_path) if tokenizer_path is not None else source
     tok_local = Path(tok_arg).expanduser()
     if tok_local.is_dir():
@@ -113,11 +114,45 @@ def load_backbone(
     except (OSError, ValueError, TypeError, ImportError) as e:
         raise UserInputError(f"{flag} {tok_arg}: could not load a tokenizer ({first_line(e)})") from None
 
+    check_vocabulary(net, tokenizer, flag, tok_arg)
     net.to(dev)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tokenizer
+
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5")  # T5ForConditionalGeneration loads these (Flan-T5 and T5 v1.1 are "t5")
+
+
+def check_architecture(source: str, arg: str) -> None:
+    """A local model folder of another architecture (GPT-2, BERT, ...) is refused by name before loading: loading
+    it as T5 would fail deep inside transformers or AdapterHub."""
+    config_file = Path(source) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: transformers reads its config
+    from utils.io import read_json_object
+
+    model_type = read_json_object(config_file).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserInputError(f"--model {arg}: a {model_type or 'model of unknown type'} model ({config_file}: "
+                             f"model_type {model_type!r}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+# T5 pads its embedding matrix past the tokenizer's base vocabulary (32128 rows for 32000 pieces and 100 sentinels);
+# more than this many unused rows means the tokenizer belongs to another model.
+VOCAB_SLACK = 256
+
+
+def check_vocabulary(net, tokenizer, flag: str, tok_arg: str) -> None:
+    """The tokenizer must belong to the model: every id it makes must index the embedding matrix (else an
+    IndexError mid-run), and a vocabulary far smaller than the matrix means ids that mean other tokens."""
+    rows = net.get_input_embeddings().num_embeddings
+    size = tokenizer.vocab_size  # the base vocabulary: added special tokens (T5's sentinels) may lie past it
+    if size > rows or size < rows - VOCAB_SLACK:
+        raise UserInputError(f"{flag} {tok_arg}: a tokenizer of {size} tokens for a model with {rows} embedding "
+                             "rows; the tokenizer and the model do not belong together (pass the model's own "
+                             "tokenizer)")
 
 
 def load_backbone_config(model: str | Path):

@@ -4,56 +4,113 @@ and updating result.tsv under a file lock, and run folder names."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from models.delta import CONFIG_FILE
 from models.formats import checkpoint_format
+from models.settings import TuneConfig
 from utils.errors import UserInputError
-from utils.io import read_tsv, write_tsv_atomic
+from utils.io import files_digest, read_tsv, write_tsv_atomic
 
-# A run is identified by its first five columns (one row per run folder); ``seed`` is the training seed and
-# ``method`` the delta method. Files written before those two columns existed still read: they show "-".
-RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "seed", "method", "dev", "test", "best_step"]
-RESULT_KEY = RESULT_COLUMNS[:5]
-LEGACY_RESULT_COLUMNS = [c for c in RESULT_COLUMNS if c not in ("seed", "method")]
+# One row per run folder: ``run`` is the folder's name, which carries the run's whole identity (below), so two
+# runs that differ in any setting never share a row or a folder. Files written by older versions (without the
+# ``run`` column, or also without ``seed`` and ``method``) still read: their missing columns show "-".
+RESULT_COLUMNS = ["task", "k", "data_seed", "lr", "bsz", "seed", "method", "run", "dev", "test", "best_step"]
+OLDER_RESULT_COLUMNS = ([c for c in RESULT_COLUMNS if c != "run"],
+                        [c for c in RESULT_COLUMNS if c not in ("seed", "method", "run")])
+LEGACY_KEY = ("task", "k", "data_seed", "lr", "bsz")  # a row's identity in files without the run column
 CHECKPOINT_SUBDIR = "checkpoint"
 
+# What only says where or how a sweep runs, not what a run computes: two runs that differ only in these are the same
+# run (a resumed one may differ in them). The sweep's lists are replaced by the run's own task, lr and bsz.
+NOT_IDENTITY = ("output_dir", "overwrite", "resume", "quiet", "log_file_only", "group_size", "export_peft", "device",
+                "predict_batch_size", "log_interval", "tasks", "learning_rate_list", "bsz_list", "task_dir")
 
-def run_dir_name(lr: float, bsz: int, data_seed: int) -> str:
-    """A run folder's name; ``seed`` is the data split's seed (CrossFit's ``{task}_{k}_{seed}_*.tsv``), so
-    runs on several splits of one task share an output folder without overwriting each other."""
-    return f"lr_{lr:g}_bsz_{bsz}_seed_{data_seed}"
+
+# Checkpoints a run starts from or predicts with: where they lie is not what they are. Their content's hash is part
+# of the run's settings (a resumed run checks it); their path is recorded but left out of the folder name's hash.
+CHECKPOINT_SETTINGS = ("train_checkpoint", "test_checkpoint")
 
 
-def legacy_run_dir_name(lr: float, bsz: int) -> str:
-    """The run folder name of older tune.py outputs, which had no seed in it (still found when reading)."""
-    return f"lr_{lr:g}_bsz_{bsz}"
+def run_settings(config: TuneConfig, task: str, lr: float | None = None, bsz: int | None = None) -> dict:
+    """What makes one run what it is, as written in its ``result.json`` and hashed into its folder's name (a
+    resumed sweep compares these). Without ``lr`` and ``bsz``: a prediction of a checkpoint, no training."""
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_IDENTITY}
+    values["delta"] = config.delta.to_dict()
+    values.update(task=task, lr=lr, bsz=bsz)
+    for name in CHECKPOINT_SETTINGS:
+        if values.get(name):
+            values[f"{name}_sha256"] = checkpoint_digest(values[name])
+    return json.loads(json.dumps(values, default=str))
+
+
+def settings_digest(settings: dict) -> str:
+    """A short hash of the settings that make a run (checkpoints by content, not path): 8 hex digits, so that
+    names stay readable."""
+    identity = {k: v for k, v in settings.items() if k not in CHECKPOINT_SETTINGS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A hash of a checkpoint's tensor files (its metadata may name folders and is left out); "-" where ``path``
+    is not a readable checkpoint (the reader that loads it says why, in its own words)."""
+    try:
+        folder = resolve_checkpoint(path)
+    except UserInputError:
+        return "-"
+    return files_digest(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()))
+
+
+def run_dir_name(settings: dict) -> str:
+    """A run folder's name: the settings a reader sorts by, written losslessly (``repr`` of the learning rate:
+    0.001 and 0.0010000001 differ), then the hash of everything else (method sizes, budget, checkpoint, ...)."""
+    s = settings
+    if s.get("lr") is None:
+        return f"predict_{settings_digest(s)}"
+    return (f"lr_{float(s['lr'])!r}_bsz_{s['bsz']}_k_{s['k']}_data_{s['data_seed']}_seed_{s['seed']}_"
+            f"{settings_digest(s)}")
+
+
+def legacy_run_dir_names(lr: float, bsz: int, data_seed: int) -> tuple[str, str]:
+    """The run folder names of older tune.py outputs (still found when reading): with the data seed, and without."""
+    return f"lr_{lr:g}_bsz_{bsz}_seed_{data_seed}", f"lr_{lr:g}_bsz_{bsz}"
 
 
 def result_key(row: dict[str, str] | list[str]) -> tuple[str, ...]:
-    """(task, k, data_seed, lr, bsz) of a result.tsv row, as a dict or a list in RESULT_COLUMNS order."""
-    if isinstance(row, dict):
-        return tuple(str(row[c]) for c in RESULT_KEY)
-    return tuple(row[:len(RESULT_KEY)])
+    """A result.tsv row's identity, as a dict or a list in RESULT_COLUMNS order: (task, run), or for a row of an
+    older file (no run name) its (task, k, data_seed, lr, bsz)."""
+    if not isinstance(row, dict):
+        row = dict(zip(RESULT_COLUMNS, row, strict=True))
+    if row["run"] != "-":
+        return row["task"], row["run"]
+    return tuple(str(row[c]) for c in LEGACY_KEY)
 
 
 def read_result_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a result.tsv, current or legacy header; a legacy row's seed and method are "-"."""
+    """(line number, row) of a result.tsv, current or older header; the columns an older file lacks are "-"."""
     try:
-        numbered = read_tsv(path, RESULT_COLUMNS, exact=True)
-    except UserInputError:
+        return read_tsv(path, RESULT_COLUMNS, exact=True)
+    except UserInputError as error:
+        current_error = error
+    for columns in OLDER_RESULT_COLUMNS:
         try:
-            numbered = read_tsv(path, LEGACY_RESULT_COLUMNS, exact=True)
-        except UserInputError as legacy_error:
-            if ":1: expected columns" not in str(legacy_error):
-                raise  # a bad row of a legacy file: that message names it
-            numbered = read_tsv(path, RESULT_COLUMNS, exact=True)  # the current header's message
+            numbered = read_tsv(path, columns, exact=True)
+        except UserInputError as older_error:
+            if ":1: expected columns" not in str(older_error):
+                raise  # a bad row of an older file: that message names it
+            continue
         for _, row in numbered:
-            row.update(seed="-", method="-")
-    return numbered
+            for c in RESULT_COLUMNS:
+                row.setdefault(c, "-")
+        return numbered
+    raise current_error  # the current header's message
 
 
 def read_result_tsv(path: Path) -> list[dict[str, str]]:
@@ -124,7 +181,7 @@ def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
     """The checkpoint folder that ``path`` stands for.
 
     ``path`` may be a checkpoint itself, an AdapterHub ``save_adapter`` folder (converted when loaded), a
-    tune.py run folder (``lr_*_bsz_*_seed_*`` holding ``checkpoint/``) or a tune.py task folder, in which case
+    tune.py run folder (``lr_*_bsz_*`` holding ``checkpoint/``) or a tune.py task folder, in which case
     the run with the best dev score in the parent's ``result.tsv`` is taken. A task folder holding runs of
     several data splits or delta methods is refused: which one is meant is the caller's choice, not ours.
     """
@@ -145,8 +202,11 @@ def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
         for row in read_result_tsv(result_tsv):
             if row["task"] != task or row["lr"] == "-":
                 continue
-            lr, bsz = float(row["lr"]), int(row["bsz"])
-            for name in (run_dir_name(lr, bsz, int(row["data_seed"])), legacy_run_dir_name(lr, bsz)):
+            if row["run"] != "-":
+                names: tuple[str, ...] = (row["run"],)
+            else:
+                names = legacy_run_dir_names(float(row["lr"]), int(row["bsz"]), int(row["data_seed"]))
+            for name in names:
                 run = path / name / CHECKPOINT_SUBDIR
                 if (run / CONFIG_FILE).is_file():
                     candidates.append((float(row["dev"]), run, (row["k"], row["data_seed"], row["method"])))
@@ -167,3 +227,55 @@ def resolve_checkpoint(path: str | Path, task: str | None = None) -> Path:
                              f"folder you mean, e.g. {candidates[0][1].parent}")
     best = max(known, key=lambda i: (candidates[i][0], -i))
     return candidates[best][1]
+
+
+def claim_path(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.claim")
+
+
+@contextmanager
+def claimed(folders: list[Path]) -> Iterator[None]:
+    """Hold an exclusive claim on each run folder for the block: a second process making a run of the same
+    identity (same folder) at the same time is refused at once instead of overwriting it.
+
+    A claim is an advisory lock on a hidden ``.{name}.claim`` file beside the folder; the kernel drops it when
+    its process dies, so a killed run leaves no stale claim. The file is removed on release, and so are the
+    folders made for it that are still empty (a run refused after its claim leaves nothing behind).
+    """
+    held: list[tuple[Path, int]] = []
+    made: list[Path] = []  # folders created here, deepest last
+    try:
+        for folder in folders:
+            missing = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            made += reversed(missing)
+            path = claim_path(folder)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise UserInputError(f"{folder}: another process is making this very run now (same settings, "
+                                         "same --output_dir); wait for it to finish, or choose another --output_dir"
+                                         ) from None
+                # The holder before us may have removed the file between our open and our lock: then we hold a
+                # lock on a file nobody else can see, and must take the one at the path now.
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    held.append((path, fd))
+                    break
+                os.close(fd)
+        yield
+    finally:
+        for path, fd in held:
+            path.unlink(missing_ok=True)  # while still locked: the next claimant sees a fresh file
+            os.close(fd)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # holds a run (or another process's claim): kept

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from utils.params import config_from, field_defaults, flags_of
+from utils.ranges import ANY_INT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Range, setting
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 AUTO = "auto"  # --group_size auto
+GROUP_SIZE = Range(low=0, low_open=True, integer=True, special=(AUTO,))
 
 
 def default_task_dir() -> str:
@@ -33,11 +35,11 @@ class BackboneDataConfig:
     model: str = str(DEFAULT_MODEL_DIR)
     tokenizer_path: str | None = None
     task_dir: str = field(default_factory=default_task_dir)
-    k: int = 16
-    data_seed: int = 100
-    max_input_length: int = 256
-    max_output_length: int = 32
-    device: str = "auto"
+    k: int = setting(16, POSITIVE_INT)
+    data_seed: int = setting(100, ANY_INT)
+    max_input_length: int = setting(256, POSITIVE_INT)
+    max_output_length: int = setting(32, POSITIVE_INT)
+    device: str = setting("auto", DEVICE)
     quiet: bool = False
     allow_other_backbone: bool = False  # accept modules made on a same-shaped backbone with other weights
 
@@ -92,37 +94,38 @@ def default_warmup(train_iters: int) -> int:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the delta method and the data; the defaults are tune.py's."""
+    """Everything a run needs besides the delta method and the data; the defaults are tune.py's. Each number
+    declares its valid range (utils/ranges.py), which every entry point checks before it loads anything."""
 
     # backbone and device
     model: str = str(DEFAULT_MODEL_DIR)
     tokenizer_path: str | None = None
-    device: str = "auto"
+    device: str = setting("auto", DEVICE)
     bf16: bool = False
     allow_other_backbone: bool = False  # modules from a same-shaped backbone with other weights
     # initialisation and prediction
-    seed: int = 42
+    seed: int = setting(42, ANY_INT)
     train_checkpoint: str | None = None
     test_checkpoint: str | None = None
     do_predict: bool = False
     # data (recorded in the checkpoint's meta) and encoding
-    k: int = 16
-    data_seed: int = 100
-    max_input_length: int = 256
-    max_output_length: int = 32
+    k: int = setting(16, POSITIVE_INT)
+    data_seed: int = setting(100, ANY_INT)
+    max_input_length: int = setting(256, POSITIVE_INT)
+    max_output_length: int = setting(32, POSITIVE_INT)
     # decoding at validation and test
-    predict_batch_size: int = 64
-    num_beams: int = 1
-    max_new_tokens: int | str = "auto"
+    predict_batch_size: int = setting(64, POSITIVE_INT)
+    num_beams: int = setting(1, POSITIVE_INT)
+    max_new_tokens: int | str = setting("auto", Range(low=0, low_open=True, integer=True, special=("auto",)))
     rank_classification: bool = False
     # optimisation and selection
-    train_iters: int = 1000
-    warmup_steps: int | None = None  # None: a tenth of train_iters (default_warmup)
-    valid_interval: int = 100
-    log_interval: int = 20
-    early_stop: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    train_iters: int = setting(1000, POSITIVE_INT)
+    warmup_steps: int | None = setting(None, Range(low=0, integer=True, special=(None,)))  # None: default_warmup
+    valid_interval: int = setting(100, POSITIVE_INT)
+    log_interval: int = setting(20, POSITIVE_INT)
+    early_stop: int = setting(10, NON_NEGATIVE_INT)  # validations without gain before stopping; 0: never
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, POSITIVE)
     save_last: bool = False
 
     @classmethod
@@ -142,15 +145,16 @@ class TuneConfig(TrainConfig):
     tasks: list[str] = field(default_factory=lambda: ["SAMPLE_TASKS"])
     task_dir: str = field(default_factory=default_task_dir)
     output_dir: str = "runs/tune"
-    learning_rate_list: list[float] = field(default_factory=lambda: [5e-4])
-    bsz_list: list[int] = field(default_factory=lambda: [8])
+    learning_rate_list: list[float] = setting(rule=POSITIVE, factory=lambda: [5e-4])
+    bsz_list: list[int] = setting(rule=POSITIVE_INT, factory=lambda: [8])
     do_train: bool = False
     overwrite: bool = False
     resume: bool = False  # skip a run whose folder holds a finished run of the same settings (others: refused)
     log_file_only: bool = False  # log lines only to each run's log.txt (for drivers like study.py)
     quiet: bool = False
     export_peft: str = ""  # also write each run's best LoRA module as a PEFT folder: {export_peft}/{task}/{run}
-    group_size: int | str = AUTO  # runs trained together, one forward pass (models/group.py); 1: one at a time
+    # runs trained together, one forward pass (models/group.py); 1: one at a time
+    group_size: int | str = setting(AUTO, GROUP_SIZE)
 
     def train_config(self) -> TrainConfig:
         return config_from(TrainConfig, self)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.delta import DeltaConfig
-from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name
+from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv
 from models.settings import TuneConfig
 from models.tuning import run_sweep
 from utils.errors import UserInputError
@@ -75,9 +75,8 @@ def train_modules(settings: LibrarySettings, tasks: list[str], work: Path) -> di
     finally:
         torch.set_num_threads(threads)
     rows = {row["task"]: row for row in read_result_tsv(work / "result.tsv")}
-    run = run_dir_name(settings.learning_rate, settings.bsz, settings.data_seed)
-    return {t: {"checkpoint": work / t / run / CHECKPOINT_SUBDIR, "dev": rows[t]["dev"], "test": rows[t]["test"]}
-            for t in tasks}
+    return {t: {"checkpoint": work / t / rows[t]["run"] / CHECKPOINT_SUBDIR, "dev": rows[t]["dev"],
+                "test": rows[t]["test"]} for t in tasks}
 
 
 def build_library(settings: LibrarySettings, out: Path) -> None:

@@ -10,7 +10,6 @@ in their own process.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -25,7 +24,15 @@ from models.delta import load_delta_state
 from models.evaluate import decoding_for
 from models.formats.peft_export import check_destination, check_exportable, export_peft
 from models.group import chunks, pick_group_size
-from models.run_folders import CHECKPOINT_SUBDIR, read_result_tsv, run_dir_name, update_result_tsv
+from models.run_folders import (
+    CHECKPOINT_SETTINGS,
+    CHECKPOINT_SUBDIR,
+    claimed,
+    read_result_tsv,
+    run_dir_name,
+    run_settings,
+    update_result_tsv,
+)
 from models.seq2seq import longest_example
 from models.settings import AUTO, TuneConfig
 from models.trainer import Distributed, Run, RunLog, TaskData, Trainer, fmt_score, init_distributed
@@ -34,19 +41,7 @@ from utils.errors import TrainingFailed, UserInputError
 from utils.io import check_output_folder, staged_dir, staged_dirs, write_text_atomic
 from utils.params import first_difference
 from utils.progress import progress_bar
-
-# What only says where or how a sweep runs, not what a run computes: a resumed run may differ in these. The sweep's
-# lists are replaced by the run's own task, lr and bsz.
-NOT_IDENTITY = ("output_dir", "overwrite", "resume", "quiet", "log_file_only", "group_size", "export_peft", "device",
-                "predict_batch_size", "log_interval", "tasks", "learning_rate_list", "bsz_list", "task_dir")
-
-
-def run_settings(config: TuneConfig, task: str, lr: float, bsz: int) -> dict:
-    """What makes one run what it is, as written in its ``result.json``: a resumed sweep compares these."""
-    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in NOT_IDENTITY}
-    values["delta"] = config.delta.to_dict()
-    values.update(task=task, lr=lr, bsz=bsz)
-    return json.loads(json.dumps(values, default=str))
+from utils.ranges import check_ranges
 
 
 def finished_run(folder: Path, settings: dict) -> bool:
@@ -56,12 +51,14 @@ def finished_run(folder: Path, settings: dict) -> bool:
         return False
     try:
         made = json.loads((folder / "result.json").read_text(encoding="utf-8")).get("settings")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         made = None
     if not isinstance(made, dict):
         raise UserInputError(f"{folder}: a run folder without recorded settings (an older or unfinished run); "
                              "pass --overwrite (OVERWRITE=1) to redo it or choose another --output_dir")
-    k = first_difference(made, settings)
+    # The checkpoints are compared by content (their *_sha256): the same module moved elsewhere is the same start.
+    k = first_difference({n: v for n, v in made.items() if n not in CHECKPOINT_SETTINGS},
+                         {n: v for n, v in settings.items() if n not in CHECKPOINT_SETTINGS})
     if k is not None:
         raise UserInputError(f"{folder}: holds a run with {k}={made.get(k)!r}, this sweep asks "
                              f"{k}={settings.get(k)!r}; pass --overwrite (OVERWRITE=1) to replace it or choose "
@@ -73,26 +70,7 @@ def check_config(config: TuneConfig) -> None:
     """Values that no run could use, refused before anything is loaded or written."""
     if not (config.do_train or config.do_predict):
         raise UserInputError("nothing to do: give --do_train and/or --do_predict")
-    for lr in config.learning_rate_list:
-        if not math.isfinite(lr) or lr <= 0:
-            raise UserInputError(f"--learning_rate_list: expected positive finite numbers, found {lr}")
-    positive = {"--bsz_list": config.bsz_list, "--train_iters": [config.train_iters],
-                "--valid_interval": [config.valid_interval], "--log_interval": [config.log_interval],
-                "--predict_batch_size": [config.predict_batch_size], "--k": [config.k],
-                "--max_input_length": [config.max_input_length], "--max_output_length": [config.max_output_length],
-                "--num_beams": [config.num_beams]}
-    for flag, values in positive.items():
-        for v in values:
-            if v <= 0:
-                raise UserInputError(f"{flag}: expected a positive integer, found {v}")
-    if config.max_new_tokens != "auto" and (not isinstance(config.max_new_tokens, int) or config.max_new_tokens <= 0):
-        raise UserInputError(f"--max_new_tokens: expected auto or a positive integer, found {config.max_new_tokens}")
-    zero_or_more = {"--early_stop": config.early_stop}
-    if config.warmup_steps is not None:
-        zero_or_more["--warmup_steps"] = config.warmup_steps
-    for flag, v in zero_or_more.items():
-        if v < 0:
-            raise UserInputError(f"{flag}: expected zero or more, found {v}")
+    check_ranges(config)  # every number against the range its field declares (models/settings.py)
     if (len(set(config.learning_rate_list)) != len(config.learning_rate_list)
             or len(set(config.bsz_list)) != len(config.bsz_list)):
         raise UserInputError("--learning_rate_list/--bsz_list: a value is listed twice")
@@ -128,32 +106,48 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
     splits = (["train", "dev"] if config.do_train else ["dev"]) + (["test"] if config.do_predict else [])
     raw = {t: load_task(task_dir, t, config.k, config.data_seed, splits) for t in tasks}
     metrics = {t: metric_for_task(t, task_dir) for t in tasks}
-    output_dir = check_output_folder(config.output_dir)
+    reads = {"--task_dir": config.task_dir, "--model": config.model, "--tokenizer_path": config.tokenizer_path,
+             "--train_checkpoint": config.train_checkpoint, "--test_checkpoint": config.test_checkpoint}
+    output_dir = check_output_folder(config.output_dir, "--output_dir", reads)
     runs = [(t, lr, bsz) for t in tasks for lr in config.learning_rate_list for bsz in config.bsz_list]
     skipped = []
     if config.resume and config.do_train and not config.overwrite:
         skipped = [(t, lr, bsz) for t, lr, bsz in runs
-                   if finished_run(output_dir / t / run_dir_name(lr, bsz, config.data_seed),
-                                   run_settings(config, t, lr, bsz))]
+                   if finished_run(run_folder(config, t, lr, bsz), run_settings(config, t, lr, bsz))]
         runs = [run for run in runs if run not in skipped]
-    if not config.overwrite:
-        # Per output, so parallel jobs of one sweep can share the folder: training writes the run folders,
-        # prediction alone writes {task}/predict.
-        if config.do_train:
-            existing, kind = [output_dir / t / run_dir_name(lr, bsz, config.data_seed) for t, lr, bsz in runs], "run"
-        else:
-            existing, kind = [output_dir / t / "predict" for t in tasks], "prediction"
-        existing = [d for d in existing if d.exists()]
-        if existing:
-            raise UserInputError(f"{existing[0]}: {kind} folder exists (from an earlier run); pass --overwrite to "
-                                 "replace it or choose another --output_dir")
+    inputs = SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir, skipped)
+    refuse_existing(inputs)  # checked again once the folders are claimed (another process may be making one)
     if (output_dir / "result.tsv").is_file():
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
     if config.export_peft:
-        export = check_output_folder(config.export_peft, "--export_peft")
+        export = check_output_folder(config.export_peft, "--export_peft", reads, {"--output_dir": output_dir})
         for t, lr, bsz in runs:
-            check_destination(export / t / run_dir_name(lr, bsz, config.data_seed), config.overwrite, "--export_peft")
-    return SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir, skipped)
+            check_destination(export / t / run_folder(config, t, lr, bsz).name, config.overwrite, "--export_peft")
+    return inputs
+
+
+def run_folder(config: TuneConfig, task: str, lr: float | None = None, bsz: int | None = None) -> Path:
+    """Where one run of the sweep is written; without ``lr`` and ``bsz``, a prediction of a checkpoint."""
+    return Path(config.output_dir) / task / run_dir_name(run_settings(config, task, lr, bsz))
+
+
+def output_folders(sweep: SweepInputs) -> list[Path]:
+    """The folders the sweep writes: its run folders, or without training each task's prediction folder."""
+    if sweep.config.do_train:
+        return [run_folder(sweep.config, t, lr, bsz) for t, lr, bsz in sweep.runs]
+    return [run_folder(sweep.config, t) for t in sweep.tasks]
+
+
+def refuse_existing(sweep: SweepInputs) -> None:
+    """Without --overwrite, a folder this sweep would write that exists already is refused (per folder, so that
+    parallel jobs of one sweep can share the output folder)."""
+    if sweep.config.overwrite:
+        return
+    existing = [d for d in output_folders(sweep) if d.exists()]
+    if existing:
+        kind = "run" if sweep.config.do_train else "prediction"
+        raise UserInputError(f"{existing[0]}: {kind} folder exists (from an earlier run, or one made meanwhile); "
+                             "pass --resume to keep it, --overwrite to replace it, or choose another --output_dir")
 
 
 # What sweeps grouped into one may differ in: everything else is one trainer's configuration.
@@ -189,7 +183,13 @@ def run_sweeps(configs: list[TuneConfig]) -> None:
         quiet_libraries()
     ddp, device = init_distributed(first.device)
     try:
-        run_checked(inputs, ddp, device)
+        if ddp.is_main:  # only rank 0 writes; it claims every folder first, then checks them again
+            with claimed([folder for i in inputs for folder in output_folders(i)]):
+                for i in inputs:
+                    refuse_existing(i)
+                run_checked(inputs, ddp, device)
+        else:
+            run_checked(inputs, ddp, device)
     finally:
         if ddp.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -251,7 +251,7 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
         starts[id(sweep)] = trainer.load_checkpoint(path) if path else (trainer.init_state, trainer.init_source)
 
     def folder(sweep: SweepInputs, t: str, lr: float, bsz: int) -> Path:
-        return sweep.output_dir / t / run_dir_name(lr, bsz, config.data_seed)
+        return run_folder(sweep.config, t, lr, bsz)
 
     failed = []
     groups = sweep_groups(runs, size, shared_batches_only)
@@ -286,8 +286,9 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
                 continue
             if main_rank:
                 update_result_tsv(sweep.output_dir, {
-                    "task": t, "k": config.k, "data_seed": config.data_seed, "lr": f"{lr:g}", "bsz": bsz,
-                    "seed": config.seed, "method": cfg.method, "dev": fmt_score(result.dev),
+                    "task": t, "k": config.k, "data_seed": config.data_seed, "lr": repr(lr), "bsz": bsz,
+                    "seed": config.seed, "method": cfg.method, "run": folder(sweep, t, lr, bsz).name,
+                    "dev": fmt_score(result.dev),
                     "test": fmt_score(result.test), "best_step": result.best_step})
             say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
                 f"(best step {result.best_step})", flush=True)
@@ -301,12 +302,13 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
 
 
 def predict_only(sweep: SweepInputs, trainer: Trainer, data: dict[str, TaskData], run_log, main_rank: bool) -> None:
-    """Without training: each task's dev and test scores of the given checkpoint, in ``{task}/predict``."""
+    """Without training: each task's dev and test scores of the given checkpoint, in ``{task}/predict_{hash}``."""
     config, cfg = sweep.config, sweep.config.delta
     if trainer.test_state is None:  # --train_checkpoint only: predict with it
         trainer.test_state = trainer.init_state
     for t in sweep.tasks:
-        with staged_dir(sweep.output_dir / t / "predict") if main_rank else nullcontext(None) as tmp:
+        folder = run_folder(config, t)
+        with staged_dir(folder) if main_rank else nullcontext(None) as tmp:
             log = run_log(tmp)
             load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
             log(f"{t}: {data[t].decoding.describe()}")
@@ -316,5 +318,6 @@ def predict_only(sweep: SweepInputs, trainer: Trainer, data: dict[str, TaskData]
             log.close()
         if main_rank:
             update_result_tsv(sweep.output_dir, {"task": t, "k": config.k, "data_seed": config.data_seed, "lr": "-",
-                                                 "bsz": "-", "seed": "-", "method": cfg.method, "dev": fmt_score(dev),
+                                                 "bsz": "-", "seed": "-", "method": cfg.method, "run": folder.name,
+                                                 "dev": fmt_score(dev),
                                                  "test": fmt_score(test), "best_step": "-"})

@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.errors import UserInputError
     from utils.io import check_output_folder
 
-    out = Path(p.output)
+    out = check_output_folder(p.output, "--output", {"--model": p.model, "--task_dir": p.task_dir})
     if out.exists() and not p.overwrite:
         raise UserInputError(f"--output {out}: exists; pass --overwrite true to rebuild it")
-    check_output_folder(out.parent, "--output")
+
     def portable(path: str) -> str:  # the manifest names the repository's own folders relative to it
         resolved = Path(path).resolve()
         return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else path

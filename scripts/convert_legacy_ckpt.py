@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from models.backbone import quiet_libraries
     from models.formats import read_checkpoint_folder
     from models.legacy import convert_to_checkpoint
+    from utils.io import check_output_folder
 
+    check_output_folder(args.output, "OUTPUT", {"SOURCE": args.source, "--model": args.model,
+                                                "--tokenizer_path": args.tokenizer_path})
     if args.quiet:
         quiet_libraries()
     given = {k: getattr(args, k) for k in ("tune_method", *SIZE_FLAGS)}

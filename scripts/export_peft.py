@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help answers at once
     from models.formats.peft_export import export_peft
     from models.run_folders import resolve_checkpoint
+    from utils.io import check_output_folder
 
+    check_output_folder(args.out_dir, "OUT_DIR", {"CHECKPOINT": args.checkpoint})
     out = export_peft(resolve_checkpoint(args.checkpoint), args.out_dir, base_model=args.base_model,
                       overwrite=args.overwrite)
     print(f"wrote PEFT adapter {out}")

@@ -17,6 +17,18 @@ DEFAULT_MODEL_DIR = REPO / "models" / "default"
 REAL_DATA_DIR = REPO.parent / "shared" / "data" / "crossfit-real"
 
 
+def runs_in(task_folder: Path, pattern: str = "lr_*") -> list[Path]:
+    """The run folders of a tune.py task folder, by name (their names end in a hash of the settings)."""
+    return sorted(p for p in Path(task_folder).glob(pattern) if p.is_dir())
+
+
+def only_run(task_folder: Path, pattern: str = "lr_*") -> Path:
+    """The one run folder of a tune.py task folder (``predict_*`` for a prediction)."""
+    runs = runs_in(task_folder, pattern)
+    assert len(runs) == 1, f"expected one run folder in {task_folder}, found {[r.name for r in runs]}"
+    return runs[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A random 2+2-layer, d_model=32 T5 with the project's BPE tokenizer, saved like a real backbone.

@@ -33,7 +33,7 @@ import tune
 from get_similarity import dev_all, importance, score, tune_all
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
-from tests.conftest import REPO, SUITE_DIR
+from tests.conftest import REPO, SUITE_DIR, only_run
 from unit_model import unit_model_average, unit_model_cos, unit_model_others
 from utils.errors import run_cli
 
@@ -269,17 +269,25 @@ def _tune_result_short_row(w: World, tmp: Path):
     return tune_argv(w, tmp, "--train_checkpoint", str(runs / "alpha")), [f"{result}:3"]
 
 
+def tune_folder(argv: list[str], task: str = "alpha", lr: float | None = 1e-3, bsz: int | None = 4) -> Path:
+    """The folder tune.py would write for ``argv``'s run (or, without lr and bsz, its prediction)."""
+    from models.tuning import run_folder
+
+    return run_folder(tune.config_from_args(tune.build_parser().parse_args(argv)), task, lr, bsz)
+
+
 def _tune_run_exists(w: World, tmp: Path):
-    run = tmp / "out" / "alpha" / "lr_0.001_bsz_4_seed_100"
+    argv = tune_argv(w, tmp)
+    run = tune_folder(argv)
     write(run / "log.txt", "an earlier run\n")
-    return tune_argv(w, tmp), [str(run), "--overwrite"]
+    return argv, [str(run), "--overwrite"]
 
 
 def _tune_predict_exists(w: World, tmp: Path):
-    folder = tmp / "out" / "alpha" / "predict"
-    write(folder / "log.txt", "an earlier prediction\n")
     argv = tune_argv(w, tmp, "--test_checkpoint", str(w.src / "alpha"))
     argv.remove("--do_train")
+    folder = tune_folder(argv, lr=None, bsz=None)
+    write(folder / "log.txt", "an earlier prediction\n")
     return argv, [str(folder), "--overwrite"]
 
 
@@ -631,10 +639,11 @@ def test_crlf_split_trains_exactly_like_lf(world: World, tmp_path: Path, capsys)
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
     outs = []
     for data in (lf, crlf):
-        argv = tune_argv(world, tmp_path / data.name, data=data)
+        argv = tune_argv(world, tmp_path / f"{data.name}_runs", data=data)
         assert run_cli(tune.main, argv) == 0, capsys.readouterr().err
-        outs.append(tmp_path / data.name / "out")
-    run = Path("alpha") / "lr_0.001_bsz_4_seed_100"
+        outs.append(tmp_path / f"{data.name}_runs" / "out")
+    run = only_run(outs[0] / "alpha").relative_to(outs[0])
+    assert only_run(outs[1] / "alpha").relative_to(outs[1]) == run
     for name in ("result.tsv", run / "curve.tsv", run / "test_predictions.tsv",
                  run / "checkpoint" / "delta.safetensors"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

@@ -35,3 +35,48 @@ def test_degenerate_cells_give_unknowns_not_numbers() -> None:
     assert shifted.ci_low == pytest.approx(0.1) and shifted.ci_excludes_zero
     with pytest.raises(ValueError, match="2 method scores against 3"):
         paired_comparison([0.1, 0.2], [0.1, 0.2, 0.3])
+
+
+# ---- independent checks: not the same scipy call with the same arguments
+
+
+def test_the_ci_agrees_with_a_hand_written_percentile_bootstrap() -> None:
+    """On symmetric cells BCa's bias and acceleration corrections are small: its interval is the percentile
+    interval of the resampled means, computed here from fixed resamples with plain numpy, within a few percent
+    of the spread."""
+    rng = np.random.default_rng(11)
+    diffs = rng.normal(0.05, 0.1, size=40)
+    result = paired_comparison(list(diffs), [0.0] * len(diffs), resamples=20_000, seed=5)
+    draws = np.random.default_rng(7).integers(0, len(diffs), size=(20_000, len(diffs)))
+    means = diffs[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    spread = high - low
+    assert abs(result.ci_low - low) < 0.05 * spread and abs(result.ci_high - high) < 0.05 * spread
+    # and both are near the normal-theory interval mean ± 1.96 s / sqrt(n)
+    half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    assert abs(result.ci_low - (diffs.mean() - half)) < 0.1 * spread
+    assert abs(result.ci_high - (diffs.mean() + half)) < 0.1 * spread
+
+
+@pytest.mark.slow
+def test_the_ci_covers_the_true_gain_about_95_percent_of_the_time() -> None:
+    """Planted cells: 300 studies of 15 normal cells with true gain 0.05; the 95% interval should hold 0.05 in
+    about 95% of them (BCa on small samples runs a little under; binomial noise at n=300 is about 1.3%)."""
+    rng = np.random.default_rng(2024)
+    covered = 0
+    studies = 300
+    for i in range(studies):
+        diffs = rng.normal(0.05, 0.1, size=15)
+        result = paired_comparison(list(diffs), [0.0] * 15, resamples=2_000, seed=i)
+        covered += result.ci_low <= 0.05 <= result.ci_high
+    assert 0.88 <= covered / studies <= 0.99, covered / studies
+
+
+def test_wilcoxon_p_by_hand_on_five_cells() -> None:
+    """Five gains, all positive, no ties: the signed-rank statistic's exact null puts 1 of 2^5 sign patterns at
+    the extreme on each side, so the two-sided p is 2/32."""
+    result = paired_comparison([0.6, 0.7, 0.9, 0.8, 0.95], [0.5, 0.5, 0.5, 0.5, 0.5])
+    assert result.wilcoxon_p == pytest.approx(2 / 32)
+    # one loss of the smallest rank among five: 2 of 32 patterns are as extreme on each side, so p = 4/32
+    mixed = paired_comparison([0.45, 0.7, 0.9, 0.8, 0.95], [0.5, 0.5, 0.5, 0.5, 0.5])
+    assert mixed.wilcoxon_p == pytest.approx(4 / 32)

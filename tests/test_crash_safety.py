@@ -20,7 +20,7 @@ import pytest
 import study
 import tune
 from models.formats import load_delta_checkpoint
-from tests.conftest import REPO, small_study_argv
+from tests.conftest import REPO, only_run, small_study_argv
 from utils.errors import run_cli
 
 # Runs a script as __main__ after wrapping the renames: the (SKIP+1)-th rename whose source path matches
@@ -97,7 +97,7 @@ def test_tune_killed_while_saving_its_checkpoint(tiny_backbone_dir: Path, tmp_pa
     out = tmp_path / "killed"
     blocked = kill_while_renaming(REPO / "tune.py", argv(out), "*/.checkpoint.tmp-*", tmp_path / "marker")
     # It was killed with the checkpoint complete in its temporary folder, before the rename.
-    assert blocked.parent.parent == out / "alpha" and blocked.parent.name.startswith(".lr_0.01_bsz_2_seed_100.tmp-")
+    assert blocked.parent.parent == out / "alpha" and blocked.parent.name.startswith(".lr_0.01_bsz_2_k_")
     assert sorted(p.name for p in blocked.iterdir()) == ["delta.safetensors", "delta_config.json"]
     # Nothing is visible under a final name: no run folder, no result.tsv, only the (empty) task folder.
     assert visible(out) == [out / "alpha"]
@@ -105,7 +105,7 @@ def test_tune_killed_while_saving_its_checkpoint(tiny_backbone_dir: Path, tmp_pa
     assert run_cli(tune.main, argv(out)) == 0, capsys.readouterr().err  # the rerun is not refused
     reference = tmp_path / "reference"
     assert run_cli(tune.main, argv(reference)) == 0
-    run = Path("alpha") / "lr_0.01_bsz_2_seed_100"
+    run = only_run(reference / "alpha").relative_to(reference)
     names = ["result.tsv", run / "curve.tsv", run / "result.json", run / "test_predictions.tsv",
              run / "checkpoint" / "delta.safetensors", run / "checkpoint" / "delta_config.json"]
     for name in names:
@@ -158,17 +158,15 @@ def test_study_killed_in_a_grouped_tune_stage(tiny_backbone_dir: Path, reference
                                               capsys) -> None:
     """SIGKILL while the sources stage, its four tasks in one group, commits its second run folder; the rerun
     trains the group again and ends with the uninterrupted study's outputs."""
-    from models.run_folders import run_dir_name
-
     out = tmp_path / "killed"
     sources = out / "lora" / "sources"
-    run = run_dir_name(3e-3, 16, 100)  # the small study's source lr, batch size and data seed
-    # the run folder's own temporary name (12 characters after .tmp-, no slash): not the files inside it
-    pattern = f"{sources}/*/.{run}.tmp-" + "[!/]" * 12
+    # a run folder's own temporary name (the small study's source run, its 8-digit hash, 12 characters after .tmp-,
+    # no slash): not the files inside it
+    pattern = f"{sources}/*/.lr_0.003_bsz_16_k_16_data_100_seed_42_" + "[!/]" * 8 + ".tmp-" + "[!/]" * 12
     blocked = kill_while_renaming(REPO / "study.py", small_study_argv(out, tiny_backbone_dir), pattern,
                                   tmp_path / "marker", skip=1)
     assert blocked.parent.name == "sent_tweet"
-    assert [p.parent.name for p in sources.glob(f"*/{run}")] == ["sent_review"]  # the first one committed
+    assert [p.parent.name for p in sources.glob("*/lr_*")] == ["sent_review"]  # the first one committed
     assert not (out / ".steps").exists() or not [p for p in (out / ".steps").iterdir() if "sources" in p.name]
 
     capsys.readouterr()

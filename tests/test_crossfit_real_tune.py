@@ -35,4 +35,4 @@ def test_five_real_tasks_produce_result_rows(method, tmp_path, capsys):
     for row in rows:
         low = -1.0 if row["task"] == "glue-cola" else 0.0  # Matthews correlation can be negative
         assert low <= float(row["test"]) <= 1.0 and low <= float(row["dev"]) <= 1.0
-        assert (out / row["task"] / "lr_0.001_bsz_4_seed_100" / "test_predictions.tsv").is_file()
+        assert (out / row["task"] / row["run"] / "test_predictions.tsv").is_file()

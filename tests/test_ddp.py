@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from models.formats import load_delta_checkpoint
-from tests.conftest import DEFAULT_MODEL_DIR, REPO
+from tests.conftest import DEFAULT_MODEL_DIR, REPO, only_run
 
 TASK = "ext_animals"  # outputs of different lengths, so the token weighting of the shares matters
 BSZ = 5  # 16 train examples: batches of 5, 5, 5, 1; shares of 2 and 3, and one empty share per epoch
 ARGS = ["--do_train", "--do_predict", "--tune_method", "lora", "--lora_r", "4", "--tasks", TASK,
         "--train_iters", "10", "--valid_interval", "5", "--log_interval", "1", "--warmup_steps", "2",
         "--learning_rate_list", "3e-3", "--bsz_list", str(BSZ), "--save_last", "--quiet", "--log_file_only"]
-RUN = Path(TASK) / f"lr_0.003_bsz_{BSZ}_seed_100"
 
 
 def free_port() -> int:
@@ -92,7 +91,8 @@ def test_two_cpu_processes_match_one_process(tmp_path):
         done = launch([*ARGS, "--model", str(model), "--output_dir", str(out)], n)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    one, two = outs[1] / RUN, outs[2] / RUN
+    one, two = only_run(outs[1] / TASK), only_run(outs[2] / TASK)
+    assert one.name == two.name
     # Rank 0 alone writes: one complete run folder, each log line once, no temporary leftovers.
     assert {p.name for p in two.iterdir()} == {"log.txt", "curve.tsv", "checkpoint", "test_predictions.tsv",
                                                "result.json"}

@@ -363,7 +363,7 @@ def test_load_backbone_local_folder_and_errors(tmp_path: Path) -> None:
         load_backbone(folder)
     _, tok2 = load_backbone(folder, tokenizer_path=tmp_path / "tok")
     assert tok2("w3 w4").input_ids[:2] == [3, 4]
-    with pytest.raises(UserInputError, match="--tokenizer .*: folder not found"):
+    with pytest.raises(UserInputError, match="--tokenizer_path .*: folder not found"):
         load_backbone(folder, tokenizer_path=tmp_path / "no-tok")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, backbone_fingerprint, delta_state_dict, save_delta_checkpoint
-from tests.conftest import DEFAULT_MODEL_DIR, REPO, SUITE_DIR
+from tests.conftest import DEFAULT_MODEL_DIR, REPO, SUITE_DIR, only_run
 
 TASKS = ["sent_review", "sent_tweet", "topic_news"]
 
@@ -54,12 +54,12 @@ def test_tune_twice_gives_identical_scores_and_checkpoints(tmp_path: Path) -> No
         "--quiet"])
     names: list[Path | str] = ["result.tsv"]
     for task in ("sent_review", "topic_news"):
-        run = Path(task) / "lr_0.003_bsz_4_seed_100"
+        run = only_run(outs[0] / task).relative_to(outs[0])
         names += [run / "curve.tsv", run / "result.json", run / "test_predictions.tsv",
                   run / "checkpoint" / "delta.safetensors", run / "checkpoint" / "delta_config.json"]
     same_bytes(outs, names)
     # Training ran (the loss moved), so the comparison covers optimiser steps with dropout, not just loading.
-    curve = (outs[0] / "sent_review" / "lr_0.003_bsz_4_seed_100" / "curve.tsv").read_text().splitlines()
+    curve = (only_run(outs[0] / "sent_review") / "curve.tsv").read_text().splitlines()
     assert len(curve) == 4 and curve[2].split("\t")[2] != curve[3].split("\t")[2]
 
 

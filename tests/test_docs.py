@@ -233,8 +233,8 @@ def test_the_workflow_runs_as_written(tmp_path):
     runs = copy / "runs"
     for target in ("sent_review", "topic_news"):
         assert (runs / "fused" / "lora" / "others" / f"without_{target}" / "delta.safetensors").is_file()
-        assert list((runs / "transfer" / "lora" / target).glob("lr_0.003_bsz_8_seed_100/checkpoint"))
-        assert list((runs / "random" / "lora" / target).glob("lr_0.003_bsz_8_seed_100/checkpoint"))
+        assert list((runs / "transfer" / "lora" / target).glob("lr_0.003_bsz_8_k_16_data_100_seed_42_*/checkpoint"))
+        assert list((runs / "random" / "lora" / target).glob("lr_0.003_bsz_8_k_16_data_100_seed_42_*/checkpoint"))
     similarity = (runs / "similarity" / "lora" / "result.tsv").read_text().splitlines()[1:]
     assert {line.split("\t")[0] for line in similarity} == {"sent_review", "topic_news"}  # the baseline's targets
     assert {line.split("\t")[2] for line in similarity} == {"Loss", "KL"}

@@ -27,11 +27,10 @@ from models.seq2seq import (
 )
 from models.settings import TrainConfig
 from models.trainer import Trainer
-from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
+from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR, only_run
 from utils.errors import run_cli
 
 TASK = "sent_review"
-RUN = Path(TASK) / "lr_0.003_bsz_8_seed_100"
 TRAIN = ["--do_train", "--do_predict", "--tune_method", "lora", "--lora_r", "8", "--tasks", TASK,
          "--train_iters", "60", "--valid_interval", "20", "--log_interval", "20", "--warmup_steps", "5",
          "--learning_rate_list", "3e-3", "--bsz_list", "8", "--quiet", "--log_file_only"]
@@ -112,15 +111,18 @@ def trained(tmp_path_factory) -> Path:
 def test_auto_budget_changes_no_prediction(trained, tmp_path):
     """Same run with --max_new_tokens auto (2 on sent_review: one label token + EOS) and with the full 32:
     identical dev curve, checkpoint and test predictions (every prediction of this run is a label)."""
-    log = (trained / RUN / "log.txt").read_text()
+    run = only_run(trained / TASK)
+    log = (run / "log.txt").read_text()
     assert "validation: generation, max_new_tokens 2 (label task: the longest label + EOS)" in log
     full = tmp_path / "full"
     assert run_cli(tune.main, [*TRAIN, "--output_dir", str(full), "--max_new_tokens", "32"]) == 0
-    assert "validation: generation, max_new_tokens 32\n" in (full / RUN / "log.txt").read_text()
-    assert read_rows(full / RUN / "curve.tsv") == read_rows(trained / RUN / "curve.tsv")
-    assert read_rows(full / RUN / "test_predictions.tsv") == read_rows(trained / RUN / "test_predictions.tsv")
-    a, _ = load_delta_checkpoint(trained / RUN / "checkpoint")
-    b, _ = load_delta_checkpoint(full / RUN / "checkpoint")
+    full_run = only_run(full / TASK)  # another decoding budget: another run, in a folder of its own name
+    assert full_run.name != run.name
+    assert "validation: generation, max_new_tokens 32\n" in (full_run / "log.txt").read_text()
+    assert read_rows(full_run / "curve.tsv") == read_rows(run / "curve.tsv")
+    assert read_rows(full_run / "test_predictions.tsv") == read_rows(run / "test_predictions.tsv")
+    a, _ = load_delta_checkpoint(run / "checkpoint")
+    b, _ = load_delta_checkpoint(full_run / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -128,7 +130,7 @@ def test_auto_budget_changes_no_prediction(trained, tmp_path):
 def load_trained(trained: Path):
     model, tokenizer = load_backbone(DEFAULT_MODEL_DIR)
     attach_delta(model, DeltaConfig("lora", lora_r=8, lora_alpha=16))
-    tensors, _ = load_delta_checkpoint(trained / RUN / "checkpoint")
+    tensors, _ = load_delta_checkpoint(only_run(trained / TASK) / "checkpoint")
     load_delta_state(model, tensors, "trained")
     return model, tokenizer
 
@@ -182,12 +184,13 @@ def test_tune_rank_classification_flag(trained, tmp_path):
             "--tasks", TASK, "qa_which", "--rank_classification", "--quiet", "--log_file_only",
             "--output_dir", str(out)]
     assert run_cli(tune.main, argv) == 0
-    assert "rank classification over 2 labels (negative, positive)" in (out / TASK / "predict" / "log.txt").read_text()
-    assert "generation, max_new_tokens 32" in (out / "qa_which" / "predict" / "log.txt").read_text()
+    log = (only_run(out / TASK, "predict_*") / "log.txt").read_text()
+    assert "rank classification over 2 labels (negative, positive)" in log
+    assert "generation, max_new_tokens 32" in (only_run(out / "qa_which", "predict_*") / "log.txt").read_text()
     rows = {r["task"]: r for r in read_rows(out / "result.tsv")}
     trained_row = read_rows(trained / "result.tsv")[0]
-    ranked = read_rows(out / TASK / "predict" / "test_predictions.tsv")
-    generated = read_rows(trained / RUN / "test_predictions.tsv")
+    ranked = read_rows(only_run(out / TASK, "predict_*") / "test_predictions.tsv")
+    generated = read_rows(only_run(trained / TASK) / "test_predictions.tsv")
     assert [r["input"] for r in ranked] == [r["input"] for r in generated]
     # Two decoders of one module: they agree on most of the 200 test examples (all of them on the machine this
     # was written on), and so do their scores; which examples differ depends on the CPU's kernels.

@@ -24,6 +24,7 @@ from models.delta import (
 )
 from models.formats import load_delta_checkpoint
 from task_list import MANUAL_CATEGORIES
+from tests.conftest import only_run
 from unit_model import (
     merging,
     sources,
@@ -453,6 +454,58 @@ def test_euclidean_weights_and_averages_the_original_sources(world: dict) -> Non
         assert all("/sources/" in p for p in meta["extra"]["source_checkpoints"])
 
 
+def zscore_softmax(scores: dict[str, float], temperature: float, lower_is_better: bool = False) -> dict[str, float]:
+    """softmax(±z / T) of a target's scores, by hand: z-scores with the population std, as weight_norm zscore."""
+    mean = sum(scores.values()) / len(scores)
+    std = math.sqrt(sum((v - mean) ** 2 for v in scores.values()) / len(scores))
+    sign = -1.0 if lower_is_better else 1.0
+    e = {s: math.exp(sign * (v - mean) / std / temperature) for s, v in scores.items()}
+    return {s: v / sum(e.values()) for s, v in e.items()}
+
+
+def task_vector_of(folder: Path) -> dict[str, torch.Tensor]:
+    tensors, meta = load_delta_checkpoint(folder)
+    cfg = DeltaConfig.from_checkpoint_meta(meta)
+    return cfg.spec.task_vector(tensors, cfg.sizes())
+
+
+def test_euclidean_weights_exactly(world: dict) -> None:
+    """Each weight by hand: the distance between a source's task vector (LoRA: ΔW per pair) and that of the same
+    source tuned on the target, z-scored over the target's sources, lower is better, softmax at T = 0.5."""
+    root = world["root"]
+    assert run(unit_model_Euclidean, common(root, "euc_x", "--tuneall_ckpt_path", str(root / "tuneall"), "--tem",
+                                            "0.5", "--lora_combine", "params")) == 0
+    rows = read_weights(root / "euc_x" / "weights.tsv")
+    for t in TASKS:
+        distance = {}
+        for s in (s for s in TASKS if s != t):
+            a, b = task_vector_of(root / "sources" / s), task_vector_of(root / "tuneall" / t / s)
+            distance[s] = math.sqrt(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a))
+        assert weights_of(rows, t) == pytest.approx(zscore_softmax(distance, 0.5, lower_is_better=True), rel=1e-6)
+
+
+def test_per_layer_cos_weights_exactly(world: dict) -> None:
+    """--granularity layer: a weight per (source, layer) from the cosine of that layer's task vectors alone,
+    z-scored over the target's sources within the layer, softmax at T = 0.1."""
+    root = world["root"]
+    assert run(unit_model_cos, common(root, "cos_lx", "--random_tuned_ckpt_path", str(root / "random_tuned"),
+                                      "--tem", "0.1", "--granularity", "layer", "--lora_combine", "params")) == 0
+    rows = read_weights(root / "cos_lx" / "weights.tsv")
+    t = TASKS[1]
+    reference = task_vector_of(root / "random_tuned" / t)
+    vectors = {s: task_vector_of(root / "sources" / s) for s in TASKS if s != t}
+    for group in world["groups"]:
+        keys = [k for k in reference if param_group(k, "layer") == group]
+        assert keys, group
+        cos = {}
+        for s, v in vectors.items():
+            dot = sum(float((reference[k].double() * v[k].double()).sum()) for k in keys)
+            na = math.sqrt(sum(float((reference[k].double() ** 2).sum()) for k in keys))
+            nb = math.sqrt(sum(float((v[k].double() ** 2).sum()) for k in keys))
+            cos[s] = dot / (na * nb)
+        assert weights_of(rows, t, group) == pytest.approx(zscore_softmax(cos, 0.1), rel=1e-6), group
+
+
 def test_performance_averages_the_original_sources_unless_asked(world: dict) -> None:
     """By default Performance averages the original sources (its arm sees the target only in its own tuning);
     --average_tuned is the original code's choice. --weight_norm none: the original's raw-gain softmax."""
@@ -558,7 +611,7 @@ def test_fused_checkpoint_trains_in_tune_py(world: dict, tiny_backbone_dir: Path
            "--output_dir", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (tmp_path / "out" / "tiny" / "lr_0.0005_bsz_2_seed_1" / "log.txt").read_text()
+    text = (only_run(tmp_path / "out" / "tiny") / "log.txt").read_text()
     assert "without_sent_review" in text  # initialised from the fused checkpoint
 
 

@@ -19,7 +19,7 @@ import sweep
 import tune
 from get_similarity import dev_all, tune_all
 from models.formats import load_delta_checkpoint
-from tests.conftest import DEFAULT_MODEL_DIR, REPO, STUDY_POOL, STUDY_TARGETS, SUITE_DIR, small_study_argv
+from tests.conftest import DEFAULT_MODEL_DIR, REPO, STUDY_POOL, STUDY_TARGETS, SUITE_DIR, runs_in, small_study_argv
 from tests.test_tuneall_devall import DEV, LORA, TASKS, TRAIN, make_sources
 from utils.errors import UserInputError, run_cli
 from utils.jobs import Job, LaunchOptions, parse_minutes, run_jobs
@@ -31,7 +31,7 @@ SWEEP = ["--do_train", "--do_predict", "--quiet", "--tune_method", "lora", "--lo
          "--learning_rate_list", "1e-3", "3e-2", "--bsz_list", "4", "--train_iters", "4", "--warmup_steps", "1",
          "--valid_interval", "2", "--log_interval", "2", "--max_output_length", "6", "--predict_batch_size", "100",
          "--save_last"]
-RUNS = [(t, lr) for t in ("sent_review", "topic_news") for lr in ("lr_0.001_bsz_4_seed_100", "lr_0.03_bsz_4_seed_100")]
+SWEEP_TASKS = ("sent_review", "topic_news")
 
 
 @pytest.fixture()
@@ -65,7 +65,9 @@ def same_tensors(a: Path, b: Path, roots: tuple[Path, Path] | None = None) -> No
 def same_sweep(out: Path, reference: Path) -> None:
     """Same result.tsv bytes, bit-identical checkpoints, same curves and predictions, one log per job."""
     assert (out / "result.tsv").read_bytes() == (reference / "result.tsv").read_bytes()
-    for task, run in RUNS:
+    runs = [(task, run.name) for task in SWEEP_TASKS for run in runs_in(reference / task)]
+    assert [(task, run.name) for task in SWEEP_TASKS for run in runs_in(out / task)] == runs and len(runs) == 4
+    for task, run in runs:
         same_tensors(out / task / run / "checkpoint", reference / task / run / "checkpoint")
         for name in ("curve.tsv", "test_predictions.tsv", "result.json"):
             assert (out / task / run / name).read_bytes() == (reference / task / run / name).read_bytes()
@@ -81,8 +83,9 @@ def sequential(tmp_path_factory) -> Path:
     rows = (out / "result.tsv").read_text().splitlines()
     assert len(rows) == 5 and rows[1].startswith("sent_review\t16\t100\t0.001\t4\t")
     # The trained modules differ between learning rates: the comparison below is not of untouched inits.
-    a, _ = load_delta_checkpoint(out / "sent_review" / RUNS[0][1] / "checkpoint")
-    b, _ = load_delta_checkpoint(out / "sent_review" / RUNS[1][1] / "checkpoint")
+    first, second = runs_in(out / "sent_review")  # lr 0.001 and 0.03, in name order
+    a, _ = load_delta_checkpoint(first / "checkpoint")
+    b, _ = load_delta_checkpoint(second / "checkpoint")
     assert any(not torch.equal(a[n], b[n]) for n in a)
     return out
 
@@ -154,8 +157,9 @@ def test_no_wait_prints_the_array_id_and_returns(tmp_path, capsys):
 
 def test_tune_plan_has_one_job_per_task_lr_bsz(tmp_path):
     plan = sweep.plan_tune([*SWEEP, "--bsz_list", "4", "8", "--output_dir", str(tmp_path / "out")])
-    assert [j.name for j in plan.jobs] == [f"{t}/lr_{lr}_bsz_{b}_seed_100" for t in ("sent_review", "topic_news")
-                                           for lr in ("0.001", "0.03") for b in (4, 8)]
+    assert [j.name.split("_k_")[0] for j in plan.jobs] == [f"{t}/lr_{lr}_bsz_{b}" for t in SWEEP_TASKS
+                                                          for lr in ("0.001", "0.03") for b in (4, 8)]
+    assert len({j.name for j in plan.jobs}) == 8
     parsed = [tune.build_parser().parse_args(j.argv[2:]) for j in plan.jobs]
     assert all(j.argv[:2] == [sys.executable, str(REPO / "tune.py")] for j in plan.jobs)
     assert [(a.tasks, a.learning_rate_list, a.bsz_list) for a in parsed][:2] == [
@@ -182,10 +186,11 @@ def test_bad_input_exits_2_before_any_job_starts(argv, message, tmp_path, capsys
 
 def test_existing_run_folder_is_refused_up_front(tmp_path, capsys):
     out = tmp_path / "out"
-    (out / "sent_review" / "lr_0.03_bsz_4_seed_100").mkdir(parents=True)
+    run = sweep.plan_tune([*SWEEP, "--output_dir", str(out)]).jobs[1].name  # sent_review at lr 0.03
+    (out / run).mkdir(parents=True)
     assert run_cli(sweep.main, ["--jobs", "2", "tune", *SWEEP, "--output_dir", str(out)]) == 2
-    assert "lr_0.03_bsz_4_seed_100: run folder exists" in capsys.readouterr().err
-    assert sorted(p.name for p in out.rglob("*")) == ["lr_0.03_bsz_4_seed_100", "sent_review"]
+    assert f"{Path(run).name}: run folder exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == sorted([Path(run).name, "sent_review"])
 
 
 @pytest.mark.cli
@@ -195,33 +200,40 @@ def test_cli_exit_code_is_1_when_jobs_fail(tiny_backbone_dir, tmp_path, capsys):
             "--train_iters", "1", "--train_checkpoint", str(tmp_path / "missing"), "--output_dir", str(out)]
     assert run_cli(sweep.main, ["--jobs", "2", "tune", *argv]) == 1
     summary = capsys.readouterr().out
-    log = out / "logs" / "sent_review" / "lr_0.0005_bsz_8_seed_100.log"
+    (log,) = (out / "logs" / "sent_review").glob("lr_*.log")
     assert "jobs: 0 of 1 succeeded" in summary
-    assert (f"FAILED sent_review/lr_0.0005_bsz_8_seed_100: exit code 2 (error: {tmp_path / 'missing'}: "
+    assert (f"FAILED sent_review/{log.stem}: exit code 2 (error: {tmp_path / 'missing'}: "
             "checkpoint not found" in summary and summary.rstrip().endswith(f"log {log}"))
     assert "checkpoint not found" in log.read_text()
     assert not (out / "result.tsv").exists()
 
 
 def test_order_result_tsv_puts_the_sweep_rows_last_in_sweep_order(tmp_path):
-    header = "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\tdev\ttest\tbest_step\n"
-    b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t42\tlora\t0.5\t0.5\t2\n",
-                      "old\t16\t100\t0.001\t8\t42\tlora\t1.0\t1.0\t4\n",
-                      "a\t16\t100\t0.003\t8\t42\tlora\t0.1\t0.2\t0\n", "a\t16\t100\t0.001\t8\t42\tlora\t0.3\t0.3\t2\n")
+    header = "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\trun\tdev\ttest\tbest_step\n"
+    b, old, a3, a1 = ("b\t16\t100\t0.001\t8\t42\tlora\tr1\t0.5\t0.5\t2\n",
+                      "old\t16\t100\t0.001\t8\t42\tlora\tr1\t1.0\t1.0\t4\n",
+                      "a\t16\t100\t0.003\t8\t42\tlora\tr3\t0.1\t0.2\t0\n",
+                      "a\t16\t100\t0.001\t8\t42\tlora\tr1\t0.3\t0.3\t2\n")
     (tmp_path / "result.tsv").write_text(header + b + old + a3 + a1)  # as parallel jobs may leave it
-    sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8"), ("a", "16", "100", "0.003", "8"),
-                                      ("b", "16", "100", "0.001", "8")])
+    sweep.order_result_tsv(tmp_path, [("a", "r1"), ("a", "r3"), ("b", "r1")])
     assert (tmp_path / "result.tsv").read_text() == header + old + a1 + a3 + b
 
 
-def test_a_legacy_result_tsv_is_rewritten_with_unknown_seed_and_method(tmp_path):
-    """A result.tsv from before the seed and method columns reads, and its rows say "-" for them."""
-    (tmp_path / "result.tsv").write_text("task\tk\tdata_seed\tlr\tbsz\tdev\ttest\tbest_step\n"
-                                         "b\t16\t100\t0.001\t8\t0.5\t0.5\t2\na\t16\t100\t0.001\t8\t0.3\t0.3\t2\n")
+@pytest.mark.parametrize("dropped", [("run",), ("run", "seed", "method")])
+def test_an_older_result_tsv_is_rewritten_with_unknown_columns(tmp_path, dropped):
+    """A result.tsv from before the run column (or also the seed and method columns) reads; its rows say "-" for
+    them, and keep their old identity (task, k, data_seed, lr, bsz)."""
+    from models.run_folders import RESULT_COLUMNS
+
+    columns = [c for c in RESULT_COLUMNS if c not in dropped]
+    values = {"k": "16", "data_seed": "100", "lr": "0.001", "bsz": "8", "seed": "42", "method": "lora", "dev": "0.5",
+              "test": "0.5", "best_step": "2"}
+    rows = ["\t".join([task, *(values[c] for c in columns[1:])]) + "\n" for task in ("b", "a")]
+    (tmp_path / "result.tsv").write_text("\t".join(columns) + "\n" + "".join(rows))
     sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8")])
-    assert (tmp_path / "result.tsv").read_text() == (
-        "task\tk\tdata_seed\tlr\tbsz\tseed\tmethod\tdev\ttest\tbest_step\n"
-        "b\t16\t100\t0.001\t8\t-\t-\t0.5\t0.5\t2\na\t16\t100\t0.001\t8\t-\t-\t0.3\t0.3\t2\n")
+    full = {**values, **{c: "-" for c in dropped}}
+    assert (tmp_path / "result.tsv").read_text() == "\t".join(RESULT_COLUMNS) + "\n" + "".join(
+        "\t".join([task, *(full[c] for c in RESULT_COLUMNS[1:])]) + "\n" for task in ("b", "a"))
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1), ("2-00:00:00", 2880),

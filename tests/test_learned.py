@@ -113,8 +113,8 @@ def test_the_search_reads_only_the_train_split_and_is_deterministic(planted, tin
     assert read(planted["root"] / "second" / "search.tsv") == read(planted["root"] / "first" / "search.tsv")
 
 
-@pytest.mark.parametrize("flag, value, message", [("--budget", "-3", "--budget: expected a positive number"),
-                                                  ("--l1", "-1", "--l1: expected zero or a positive number"),
+@pytest.mark.parametrize("flag, value, message", [("--budget", "-3", "--budget: expected a positive integer"),
+                                                  ("--l1", "-1", "--l1: expected zero or a positive finite number"),
                                                   ("--top_k", "2", "--top_k and --tem auto apply"),
                                                   ("--search_lr", "0", "--search_lr: expected a positive")])
 def test_bad_settings_are_refused_before_anything_is_written(planted, tiny_backbone_dir, flag, value, message):

@@ -102,6 +102,61 @@ def test_ties_by_hand() -> None:
     assert flipped[1, 1] == -3.0 and flipped[0, 0] == -2.0
 
 
+def test_ties_with_unequal_weights_and_trimming_by_hand() -> None:
+    """Density 1/3 (3 of 9 entries kept per source) and weights 0.25, 0.75: the trims, the weighted sign
+    election and the weighted mean of the agreeing entries, worked out entry by entry."""
+    b2 = torch.tensor([[2.5, 0.0, 0.0], [0.0, -3.0, -1.0], [0.0, 0.0, 0.1]], dtype=torch.float64)
+    # trim(A): 3, 2, -4 kept; trim(b2): 2.5, -3, -1 kept (0.1 is the fourth largest)
+    merged = combine("ties", [A, b2], [0.25, 0.75], density=1 / 3, majority_sign="total")
+    expected = torch.tensor([
+        [(0.25 * 3 + 0.75 * 2.5) / 1.0, 0.0, 0.0],  # both positive: the weighted mean 2.625
+        [0.0, -3.0, (0.25 * -4 + 0.75 * -1) / 1.0],  # 2 vs -3: mass -1.75, b2 wins; -4 and -1 agree: -1.75
+        [0.0, 0.0, 0.0],  # trimmed away in both
+    ], dtype=torch.float64)
+    torch.testing.assert_close(merged, expected)
+    # the same weights the other way round: (1, 1) is 0.75·2 - 0.25·3 = +0.75, so A's 2 wins there
+    swapped = combine("ties", [A, b2], [0.75, 0.25], density=1 / 3, majority_sign="total")
+    assert swapped[1, 1] == 2.0 and swapped[0, 0] == pytest.approx((0.75 * 3 + 0.25 * 2.5) / 1.0)
+
+
+def reference_election(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES's election and weighted disjoint mean, entry by entry in plain Python (sign of Σ w·τ, ties positive)."""
+    out = torch.zeros_like(vectors[0])
+    for index in range(vectors[0].numel()):
+        values = [float(v.reshape(-1)[index]) for v in vectors]
+        mass = sum(w * x for w, x in zip(weights, values))
+        sign = 1.0 if mass >= 0 else -1.0
+        agree = [(w, x) for w, x in zip(weights, values) if x != 0 and math.copysign(1.0, x) == sign]
+        total = sum(w for w, _ in agree)
+        out.reshape(-1)[index] = sum(w * x for w, x in agree) / total if total > 0 else 0.0
+    return out
+
+
+def reference_trim(vector: torch.Tensor, density: float) -> torch.Tensor:
+    flat = [float(x) for x in vector.reshape(-1)]
+    keep = int(density * len(flat))
+    kept = set(sorted(range(len(flat)), key=lambda i: -abs(flat[i]))[:keep])
+    return torch.tensor([x if i in kept else 0.0 for i, x in enumerate(flat)], dtype=vector.dtype).reshape(
+        vector.shape)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.7])
+def test_ties_and_dare_ties_with_unequal_weights_against_a_plain_reference(density: float) -> None:
+    """Random task vectors, unequal weights, real trimming: TIES against a reference written from the
+    definition; DARE-TIES against the same reference applied to its drops (drawn as DARE draws them)."""
+    vectors, weights = task_vectors(4, (5, 7), seed=3), [0.5, 0.1, 0.3, 0.1]
+    expected = reference_election([reference_trim(v, density) for v in vectors], weights)
+    torch.testing.assert_close(combine("ties", vectors, weights, density=density), expected)
+
+    settings = MergeSettings(density=density, seed=11)
+    key = "encoder.block.1.layer.0.SelfAttention.v"
+    generator = settings.generator(key)
+    drops = [drop(v, density, generator) for v in vectors]
+    assert any(float((d == 0).sum()) > 0 for d in drops)  # entries were dropped
+    ours = MERGES["dare_ties"].combine(vectors, weights, settings, key)
+    torch.testing.assert_close(ours, reference_election(drops, weights))
+
+
 def test_dare_keeps_about_density_of_the_entries_and_preserves_the_mean() -> None:
     g = torch.Generator().manual_seed(0)
     big = torch.ones(200, 200, dtype=torch.float64)

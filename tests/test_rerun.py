@@ -12,6 +12,7 @@ import pytest
 
 import tune
 from get_similarity import dev_all, score
+from models.run_folders import read_result_tsv
 from tests.test_tune import FAST, GOOD, make_task
 from utils.errors import run_cli
 
@@ -50,16 +51,18 @@ def test_tune_resume_skips_finished_runs_and_trains_the_rest(tiny_backbone_dir, 
     assert settings["delta"] == {"method": "lora", "lora_r": 2, "lora_alpha": 16}
 
 
-def test_tune_resume_refuses_a_run_of_other_settings(tiny_backbone_dir, task_dir, tmp_path, capsys):
+def test_tune_resume_with_another_seed_is_another_run_beside_the_first(tiny_backbone_dir, task_dir, tmp_path, capsys):
+    """Settings are part of a run's identity: a resumed sweep with another --seed trains its own run, in its own
+    folder and row, and the first run stays as it was."""
     out = tmp_path / "out"
     assert run_cli(tune.main, tune_argv(tiny_backbone_dir, task_dir, out, ["alpha"], "--resume")) == 0
-    before = snapshot(out)
-    capsys.readouterr()
-    code = run_cli(tune.main, tune_argv(tiny_backbone_dir, task_dir, out, ["alpha"], "--resume", "--seed", "7"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1
-    assert "seed=42" in err[0] and "seed=7" in err[0] and "--overwrite" in err[0]
-    assert snapshot(out) == before
+    first = snapshot(out / "alpha")
+    assert run_cli(tune.main, tune_argv(tiny_backbone_dir, task_dir, out, ["alpha"], "--resume", "--seed", "7")) == 0
+    assert {k: v for k, v in snapshot(out / "alpha").items() if k in first} == first
+    rows = read_result_tsv(out / "result.tsv")
+    assert [r["seed"] for r in rows] == ["42", "7"] and all(f"_seed_{r['seed']}_" in r["run"] for r in rows)
+    assert sorted(p.name for p in (out / "alpha").iterdir()) == sorted(r["run"] for r in rows)
+    assert all((out / "alpha" / r["run"] / "checkpoint").is_dir() for r in rows)
 
 
 def test_tune_resume_refuses_a_folder_without_recorded_settings(tiny_backbone_dir, task_dir, tmp_path, capsys):
@@ -150,7 +153,7 @@ def test_a_nan_dev_score_is_never_the_best_run(tiny_backbone_dir, task_dir, tmp_
     rows[0][header.index("dev")] = "nan"  # the first run: max() would keep it, NaN comparing False to everything
     rows[1][header.index("dev")] = "0.25"
     table.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
-    assert resolve_checkpoint(out / "alpha").parent.name == "lr_0.002_bsz_4_seed_100"
+    assert resolve_checkpoint(out / "alpha").parent.name == rows[1][header.index("run")]  # lr 0.002
     rows[1][header.index("dev")] = "inf"
     table.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
     with pytest.raises(UserInputError, match="no run of task 'alpha' has a finite dev score"):

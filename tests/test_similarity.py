@@ -278,6 +278,33 @@ def test_cli_loss_equals_independent_pooled_loss(tiny_backbone_dir: Path, module
     assert groups == {"encoder.0", "encoder.1", "decoder.0", "decoder.1"}
 
 
+def test_cli_kl_equals_a_hand_computed_kl_to_the_reference_module(tiny_backbone_dir: Path, modules: Path,
+                                                                  tmp_path: Path) -> None:
+    """KL end to end: the reference distribution P_t from the target's random-init tuned module, the source's p_s,
+    Σ_v P_t(v) (log P_t(v) - log p_s(v)) written out per answer token and pooled over the tokens."""
+    out = tmp_path / "sim"
+    args = cli_args(tiny_backbone_dir, modules, out, metric="KL", tasks=["sent_review", "sent_tweet"])
+    assert score_cli.main(args) == 0
+    got = {(r["target"], r["source"]): float(r["score"]) for r in read_rows(out / "result.tsv")}
+    model, tokenizer = tiny_with_delta(tiny_backbone_dir, "lora")
+    task = dev_task(tokenizer, "sent_review")
+    reference, _ = load_delta_checkpoint(modules / "random" / "lora" / "sent_review")
+    source, _ = load_delta_checkpoint(modules / "sources" / "lora" / "sent_tweet")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, batch in first_output_batches(task, 1, tokenizer.pad_token_id):
+            load_delta_state(model, reference, "reference")
+            p_ref = torch.softmax(model(**batch).logits[0].double(), -1)
+            load_delta_state(model, source, "source")
+            p_src = torch.softmax(model(**batch).logits[0].double(), -1)
+            answer = batch["labels"][0] != -100
+            per_token = (p_ref * (p_ref.log() - p_src.log())).sum(-1)
+            total += float(per_token[answer].sum())
+            count += int(answer.sum())
+    assert count > 0 and total > 0  # the two modules disagree: a KL of 0 would check nothing
+    assert got[("sent_review", "sent_tweet")] == pytest.approx(total / count, rel=1e-4)
+
+
 def test_layer_granularity_one_row_per_group(tiny_backbone_dir: Path, modules: Path, tmp_path: Path) -> None:
     out = tmp_path / "sim"
     args = cli_args(tiny_backbone_dir, modules, out, method="prefix", metric="Loss GraNd",

@@ -17,7 +17,7 @@ import torch
 from scipy.stats import bootstrap, wilcoxon
 
 import study
-from tests.conftest import REPO, small_study_argv
+from tests.conftest import REPO, only_run, small_study_argv
 from unit_model.fusion_names import fusion_file_name
 from utils.errors import run_cli
 
@@ -75,6 +75,7 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
     summary = rows(results / "summary.tsv")
     md = (results / "summary.md").read_text()
     targets = TARGETS.split()
+    checked = dict.fromkeys(("ci", "unknown ci", "constant", "p", "no p"), 0)  # which branches the cells took
     for delta in DELTAS:
         for n in BUDGETS:
             budget = f"iters_{n}"
@@ -98,10 +99,19 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
                     if np.isfinite(ci.low):
                         assert float(mine["gain_ci_low"][m]) == pytest.approx(ci.low, abs=2e-4)
                         assert float(mine["gain_ci_high"][m]) == pytest.approx(ci.high, abs=2e-4)
+                        checked["ci"] += 1
+                    else:  # BCa undefined on these cells: unknown, never a number
+                        assert mine["gain_ci_low"][m] == mine["gain_ci_high"][m] == "-"
+                        checked["unknown ci"] += 1
+                else:  # every cell gained the same: the interval is that gain
+                    assert float(mine["gain_ci_low"][m]) == pytest.approx(diffs.mean(), abs=2e-4)
+                    checked["constant"] += 1
                 if wins + losses:
                     assert float(mine["wilcoxon_p"][m]) == pytest.approx(wilcoxon(diffs).pvalue, abs=1e-4)
+                    checked["p"] += 1
                 else:
                     assert mine["wilcoxon_p"][m] == "-"
+                    checked["no p"] += 1
             columns = ["random", *methods]
             for a in columns:  # a better mean never has a worse rank; equal means share a rank
                 for b in columns:
@@ -113,6 +123,8 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
             t = targets[0]
             values = [random[s][t] for s in SEEDS]
             assert f"| {t} | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} |" in md
+    # the CI and the p-value were compared as numbers in some cells at least, not only skipped
+    assert checked["ci"] > 0 and checked["p"] > 0, checked
     # scores.tsv holds every cell the summary is computed from
     cells = rows(results / "scores.tsv")
     assert len(cells) == len(DELTAS) * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
@@ -131,7 +143,7 @@ def test_the_data_seeds_are_different_splits_with_their_own_runs(finished):
     for s in SEEDS:
         run_root = finished / "lora" / f"seed_{s}" / "iters_2" / "random"
         assert [r["data_seed"] for r in rows(run_root / "result.tsv")] == [str(s)] * len(TARGETS.split())
-        assert (run_root / "sent_review" / f"lr_0.003_bsz_8_seed_{s}" / "checkpoint").is_dir()
+        assert (only_run(run_root / "sent_review", f"lr_0.003_bsz_8_k_16_data_{s}_seed_*") / "checkpoint").is_dir()
     a, b = (rows(finished / "lora" / f"seed_{s}" / "similarity" / "result.tsv") for s in SEEDS)
     assert [r["score"] for r in a] != [r["score"] for r in b]  # scored on different few-shot examples
 
@@ -194,6 +206,42 @@ def test_resume_reruns_only_the_deleted_step(finished, tiny_backbone_dir, capsys
     assert (finished / "results" / "summary.tsv").read_text() == summary_before
 
 
+@pytest.mark.slow
+def test_a_split_edited_after_its_steps_ran_redoes_them(tiny_backbone_dir, tmp_path, capsys):
+    """Each step's marker records the hash of what it read; a target's split edited after the study ran makes
+    the rerun redo that data seed's target side (and say so), while the sources, whose inputs did not change,
+    stay as they were."""
+    from tests.conftest import SUITE_DIR
+
+    data = tmp_path / "data"
+    shutil.copytree(SUITE_DIR, data)
+    out = tmp_path / "study"
+    # the sources read split 13, the targets split 100: editing a target's split leaves the sources' inputs alone
+    argv = [*small_study_argv(out, tiny_backbone_dir), "--task_dir", str(data), "--source_data_seed", "13"]
+    assert run_cli(study.main, argv) == 0
+    sources = {p: p.stat().st_mtime_ns for p in (out / "lora" / "sources").rglob("delta.safetensors")}
+    random = out / "lora" / "seed_100" / "iters_2" / "random"
+    trained = {p: p.stat().st_mtime_ns for p in random.glob("*/*/result.json")}
+    assert len(trained) == 2
+    capsys.readouterr()
+    assert run_cli(study.main, argv) == 0  # nothing changed: nothing is redone
+    printed = capsys.readouterr().out
+    assert "has changed" not in printed and "lora/seed_100/iters_2/random: 2/2 done, 0 to run" in printed
+
+    split = data / "sent_review" / "sent_review_16_100_train.tsv"
+    lines = split.read_text(encoding="utf-8").splitlines()
+    split.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # the same examples, reordered
+    assert run_cli(study.main, argv) == 0
+    printed = capsys.readouterr().out
+    assert "lora/sources: 4/4 done, 0 to run" in printed  # the sources read the large splits: unchanged
+    assert "[2/8] lora/seed_100/iters_2/random: what 2 finished step(s) read has changed" in printed
+    assert "lora/seed_100/iters_2/random: 0/2 done, 2 to run" in printed
+    assert {p: p.stat().st_mtime_ns for p in sources} == sources
+    # the random arm was trained again, on what the split now holds
+    again = {p: p.stat().st_mtime_ns for p in random.glob("*/*/result.json")}
+    assert len(again) == 2 and all(again.get(p) != t for p, t in trained.items())
+
+
 def test_kill_mid_stage_leaves_nothing_taken_for_finished(tiny_backbone_dir, reference_study, tmp_path):
     """SIGKILL during the sources stage; the rerun completes and matches an uninterrupted run."""
     out = tmp_path / "killed"
@@ -228,7 +276,7 @@ def test_end_to_end_on_the_embedded_default(tmp_path):
     split = out / "lora" / "seed_100"
     fused, meta = load_delta_checkpoint(split / "fused" / "Loss" / "without_sent_review")
     assert meta["task"] == "sent_review" and "sent_review" not in meta["extra"]["sources"]
-    run = split / "iters_4" / "transfer" / "Loss" / "sent_review" / "lr_0.003_bsz_8_seed_100"
+    run = only_run(split / "iters_4" / "transfer" / "Loss" / "sent_review")
     curve = rows(run / "curve.tsv")
     log = (run / "log.txt").read_text()
     assert "initialisation from" in log and "fused" in log and curve[0]["step"] == "0"

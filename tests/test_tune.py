@@ -14,7 +14,7 @@ import torch
 import tune
 from models.formats import load_delta_checkpoint
 from models.run_folders import RESULT_COLUMNS
-from tests.conftest import REPO, SUITE_DIR
+from tests.conftest import REPO, SUITE_DIR, only_run
 from utils.errors import run_cli
 
 FAST = ["--train_iters", "4", "--valid_interval", "2", "--log_interval", "2", "--warmup_steps", "1",
@@ -60,7 +60,8 @@ def test_train_predict_writes_run_folders_and_rows(method, tiny_backbone_dir, ta
     assert [r["task"] for r in rows] == ["alpha", "beta"]
     assert list(rows[0]) == RESULT_COLUMNS
     for row in rows:
-        run_dir = out / row["task"] / "lr_0.001_bsz_4_seed_100"
+        run_dir = out / row["task"] / row["run"]
+        assert row["run"].startswith("lr_0.001_bsz_4_k_16_data_100_seed_42_")
         assert {p.name for p in run_dir.iterdir()} == {"log.txt", "curve.tsv", "checkpoint", "test_predictions.tsv",
                                                        "result.json"}
         tensors, meta = load_delta_checkpoint(run_dir / "checkpoint")
@@ -83,7 +84,7 @@ def test_train_checkpoint_round_trip_and_predict_only(tiny_backbone_dir, task_di
     base = ["--tune_method", "lora", "--lora_r", "2", "--model", str(tiny_backbone_dir), "--task_dir", str(task_dir),
             "--tasks", "alpha", *FAST]
     assert run(["--do_train", "--do_predict", "--output_dir", str(out), *base], capsys)[0] == 0
-    ckpt = out / "alpha" / "lr_0.001_bsz_4_seed_100" / "checkpoint"
+    ckpt = only_run(out / "alpha") / "checkpoint"
     out2 = tmp_path / "predict"
     code, err = run(["--do_predict", "--test_checkpoint", str(out / "alpha"), "--output_dir", str(out2), *base], capsys)
     assert code == 0, err
@@ -92,7 +93,7 @@ def test_train_checkpoint_round_trip_and_predict_only(tiny_backbone_dir, task_di
     # --train_checkpoint starts from the checkpoint: step 0 of the curve is its dev score
     out3 = tmp_path / "continued"
     assert run(["--do_train", "--train_checkpoint", str(ckpt), "--output_dir", str(out3), *base], capsys)[0] == 0
-    curve = read_rows(out3 / "alpha" / "lr_0.001_bsz_4_seed_100" / "curve.tsv")
+    curve = read_rows(only_run(out3 / "alpha") / "curve.tsv")
     assert curve[0]["dev"] == first["dev"]
 
 
@@ -118,8 +119,8 @@ def test_same_seed_gives_identical_checkpoints(tiny_backbone_dir, task_dir, tmp_
     for out in outs:
         assert run(["--do_train", "--tune_method", "lora", "--lora_r", "2", "--model", str(tiny_backbone_dir),
                     "--task_dir", str(task_dir), "--tasks", "alpha", "--output_dir", str(out), *FAST], capsys)[0] == 0
-    a, _ = load_delta_checkpoint(outs[0] / "alpha" / "lr_0.001_bsz_4_seed_100" / "checkpoint")
-    b, _ = load_delta_checkpoint(outs[1] / "alpha" / "lr_0.001_bsz_4_seed_100" / "checkpoint")
+    a, _ = load_delta_checkpoint(only_run(outs[0] / "alpha") / "checkpoint")
+    b, _ = load_delta_checkpoint(only_run(outs[1] / "alpha") / "checkpoint")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -134,7 +135,7 @@ def test_two_data_seeds_in_one_output_folder_keep_both_runs(tiny_backbone_dir, t
     rows = read_rows(out / "result.tsv")
     assert [(r["data_seed"], r["seed"], r["method"]) for r in rows] == [("100", "7", "lora"), ("13", "7", "lora")]
     for data_seed in ("100", "13"):
-        tensors, meta = load_delta_checkpoint(out / "alpha" / f"lr_0.001_bsz_4_seed_{data_seed}" / "checkpoint")
+        tensors, meta = load_delta_checkpoint(only_run(out / "alpha", f"lr_*_data_{data_seed}_*") / "checkpoint")
         assert meta["extra"]["data_seed"] == int(data_seed)
     code, err = run(["--do_predict", "--test_checkpoint", str(out / "alpha"), "--tune_method", "lora", "--lora_r",
                      "2", "--model", str(tiny_backbone_dir), "--task_dir", str(task_dir), "--tasks", "alpha",
@@ -143,20 +144,24 @@ def test_two_data_seeds_in_one_output_folder_keep_both_runs(tiny_backbone_dir, t
 
 
 def test_a_legacy_run_folder_still_resolves(tiny_backbone_dir, task_dir, tmp_path, capsys):
-    """An output of older versions (lr_*_bsz_* folders, no seed or method column) still loads as a checkpoint."""
+    """Outputs of older versions (lr_*_bsz_*_seed_* and lr_*_bsz_* folders, no run column, no seed or method column)
+    still load as a checkpoint."""
     out = tmp_path / "out"
     base = ["--tune_method", "lora", "--lora_r", "2", "--model", str(tiny_backbone_dir), "--task_dir", str(task_dir),
             "--tasks", "alpha", *FAST]
     assert run(["--do_train", "--do_predict", "--output_dir", str(out), *base], capsys)[0] == 0
-    (out / "alpha" / "lr_0.001_bsz_4_seed_100").rename(out / "alpha" / "lr_0.001_bsz_4")
     rows = read_rows(out / "result.tsv")
-    legacy = [c for c in RESULT_COLUMNS if c not in ("seed", "method")]
-    (out / "result.tsv").write_text("\t".join(legacy) + "\n" + "".join(
-        "\t".join(r[c] for c in legacy) + "\n" for r in rows))
-    code, err = run(["--do_predict", "--test_checkpoint", str(out / "alpha"), "--output_dir", str(tmp_path / "p"),
-                     *base], capsys)
-    assert code == 0, err
-    assert read_rows(tmp_path / "p" / "result.tsv")[0]["test"] == rows[0]["test"]
+    run_folder = out / "alpha" / rows[0]["run"]
+    for name, dropped in (("lr_0.001_bsz_4_seed_100", ("run",)), ("lr_0.001_bsz_4", ("run", "seed", "method"))):
+        run_folder = run_folder.rename(out / "alpha" / name)
+        legacy = [c for c in RESULT_COLUMNS if c not in dropped]
+        (out / "result.tsv").write_text("\t".join(legacy) + "\n" + "".join(
+            "\t".join(r[c] for c in legacy) + "\n" for r in rows))
+        predicted = tmp_path / f"p_{len(dropped)}"
+        code, err = run(["--do_predict", "--test_checkpoint", str(out / "alpha"), "--output_dir", str(predicted),
+                         *base], capsys)
+        assert code == 0, err
+        assert read_rows(predicted / "result.tsv")[0]["test"] == rows[0]["test"]
 
 
 def test_a_module_of_a_same_shaped_backbone_with_other_weights_is_refused(tiny_backbone_dir, task_dir, tmp_path,
@@ -185,7 +190,7 @@ def test_a_module_of_a_same_shaped_backbone_with_other_weights_is_refused(tiny_b
     out = tmp_path / "out"
     base = ["--tune_method", "lora", "--lora_r", "2", "--task_dir", str(task_dir), "--tasks", "alpha", *FAST]
     assert run(["--do_train", "--model", str(tiny_backbone_dir), "--output_dir", str(out), *base], capsys)[0] == 0
-    ckpt = out / "alpha" / "lr_0.001_bsz_4_seed_100" / "checkpoint"
+    ckpt = only_run(out / "alpha") / "checkpoint"
     again = ["--do_train", "--train_checkpoint", str(ckpt), "--model", str(other), *base]
     code, err = run([*again, "--output_dir", str(tmp_path / "refused")], capsys)
     assert code == 2 and not (tmp_path / "refused").exists()

@@ -15,6 +15,18 @@ from models.methods import GRANULARITIES, METHODS
 from models.settings import default_task_dir
 from unit_model.merges import MAJORITY_SIGNS, MERGES
 from utils import params as utils_params
+from utils.ranges import (
+    ANY_INT,
+    DEVICE,
+    FINITE,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Range,
+    setting,
+)
 
 WEIGHT_NORMS = ("zscore", "rank", "none")
 DEFAULT_WEIGHT_NORM = "zscore"
@@ -59,23 +71,24 @@ class FusionConfig:
     result_tsv: str = ""
     metric: str | None = None
     save_ckpt_path: str = ""
-    tem: float | str = 1.0  # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
+    # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
+    tem: float | str = setting(1.0, Range(low=0, low_open=True, special=(AUTO,)))
     weight_norm: str = DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original's raw scores): weightings/base.py
     lora_combine: str = DEFAULT_LORA_COMBINE
     merge: str = "linear"  # merge operator (unit_model/merges/) and its parameters
-    lam: float = 1.0
-    density: float = 0.2
+    lam: float = setting(1.0, FINITE)
+    density: float = setting(0.2, FRACTION)
     majority_sign: str = "total"
-    merge_seed: int = 0
-    top_k: int = 0  # keep the K heaviest sources of each target (and group), renormalised; 0: all
+    merge_seed: int = setting(0, ANY_INT)
+    top_k: int = setting(0, NON_NEGATIVE_INT)  # keep the K heaviest sources of each target (group), renormalised; 0 all
     # learned weights (unit_model/learned.py): where the search starts, and its settings
     learned_start: str = "zeros"  # zeros | uniform | a metric of result_tsv
-    budget: int = 40
-    bound: float = 1.5
-    l1: float = 0.05
-    search_seed: int = 0
+    budget: int = setting(40, POSITIVE_INT)
+    bound: float = setting(1.5, POSITIVE)
+    l1: float = setting(0.05, NON_NEGATIVE)
+    search_seed: int = setting(0, ANY_INT)
     optimizer: str = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge)
-    search_lr: float = 0.05  # gradient only: Adam's step size on the weights
+    search_lr: float = setting(0.05, POSITIVE)  # gradient only: Adam's step size on the weights
     cos_mode: str = "flat"
     score_space: str = "task_vector"  # cos, Euclidean: task_vector (LoRA's ΔW) or params (raw factors)
     granularity: str = "model"
@@ -85,12 +98,12 @@ class FusionConfig:
     export_peft: str = ""  # also write each fused LoRA module as a PEFT folder: {export_peft}/without_{target}
     # --tem auto only: the backbone and the targets' few-shot dev splits that the temperature is chosen on
     model: str = ""  # "": the embedded default
-    k: int = 16
-    data_seed: int = 100
-    device: str = "auto"
+    k: int = setting(16, POSITIVE_INT)
+    data_seed: int = setting(100, ANY_INT)
+    device: str = setting("auto", DEVICE)
     bf16: bool = False
-    max_input_length: int = 256
-    max_output_length: int = 32
+    max_input_length: int = setting(256, POSITIVE_INT)
+    max_output_length: int = setting(32, POSITIVE_INT)
     target_list: list[str] = field(default_factory=list)
 
     @classmethod

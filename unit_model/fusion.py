@@ -71,7 +71,6 @@ from unit_model.weightings import (
     WEIGHTINGS,
     Plan,
     Weighting,
-    check_temperature,
     effective_sources,
     keep_top_k,
 )
@@ -79,6 +78,7 @@ from utils.errors import UserInputError
 from utils.io import check_output_folder, read_json_object, save_figure_atomic, write_text_atomic, write_tsv_atomic
 from utils.params import first_difference
 from utils.progress import progress_bar, say
+from utils.ranges import check_ranges
 
 __all__ = ["FusionConfig", "check_config", "fused_dir_name", "run_fusion", "write_fusion"]
 
@@ -95,17 +95,14 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     """Check the parameters every weighting shares; return the config with its target list, and the pool."""
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
+    check_ranges(config)  # every number against the range its field declares (unit_model/config.py)
     check_settings(merge_settings(config))
     search_settings(config).check()
     if config.optimizer == "gradient" and config.merge in MERGES and not get_merge(config.merge).linear:
         raise UserInputError(f"--optimizer gradient: --merge {config.merge} has no gradient in its weights "
                              "(it trims, elects signs or drops entries); use linear or task_arithmetic, or "
                              "--optimizer nevergrad")
-    if not isinstance(config.top_k, int) or config.top_k < 0:
-        raise UserInputError(f"--top_k: expected 0 (every source) or a positive number, found {config.top_k!r}")
-    if config.tem != AUTO:
-        check_temperature(config.tem)
-    elif not config.task_dir:
+    if config.tem == AUTO and not config.task_dir:
         raise UserInputError("--tem auto: needs --task_dir (the targets' dev splits choose the temperature)")
     for flag, value, known in (("lora_combine", config.lora_combine, LORA_COMBINES),
                                ("granularity", config.granularity, GRANULARITIES),
@@ -443,8 +440,12 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     if method not in WEIGHTINGS:
         raise UserInputError(f"fusion method: expected one of {', '.join(WEIGHTINGS)}, found {method!r}")
     config, tasks = check_config(config)
+    # before any module is opened: the cheapest mistake to report
+    reads = {f"--{name}": getattr(config, name) for name in ("source_ckpt_path", "random_tuned_ckpt_path",
+                                                             "tuneall_ckpt_path", "devall_tsv", "result_tsv",
+                                                             "task_dir", "model")}
+    check_output_folder(config.save_ckpt_path, "--save_ckpt_path", reads)
     save = Path(os.path.abspath(config.save_ckpt_path))
-    check_output_folder(save, "--save_ckpt_path")  # before any module is opened: the cheapest mistake to report
     if config.resume and not config.overwrite and already_fused(save, method, config):
         print(f"{save}: fused earlier with the same settings; nothing to do (--resume)", flush=True)
         return 0
@@ -459,7 +460,7 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
                 config.lora_combine, first.shapes)
     check_destination(save, weighting.plans, config.overwrite)
     if config.export_peft:
-        export = check_output_folder(config.export_peft, "--export_peft")
+        export = check_output_folder(config.export_peft, "--export_peft", reads, {"--save_ckpt_path": save})
         for plan in weighting.plans:
             check_peft_destination(export / fused_dir_name(plan.target), config.overwrite, "--export_peft")
     if method == "learned":

@@ -130,6 +130,8 @@ def fuse(
                 acc = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in ref.items()}
         elif {k: tuple(v.shape) for k, v in tensors.items()} != {k: s for k, (s, _) in ref.items()}:
             raise UserInputError(f"{label}: tensor names or shapes differ from the first source's")
+        else:  # computed in float64; written in the widest dtype of the sources, never the first one's alone
+            ref = {k: (shape, torch.promote_types(dtype, tensors[k].dtype)) for k, (shape, dtype) in ref.items()}
         w = weight_by_group(weights[i], set(group_of.values()), label)
         source_weights.append(w)
         if op.linear:

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from models.delta import WEIGHTS_FILE
-from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
+from models.formats import check_tensors, inspect_delta_checkpoint, load_delta_checkpoint
 from models.run_folders import resolve_checkpoint
 from utils.errors import UserInputError
 
@@ -133,9 +133,8 @@ def materialise(src: ModuleSource, index: int) -> tuple[Mapping[str, torch.Tenso
     if isinstance(src, str | Path):
         folder = resolve_checkpoint(src)
         return load_delta_checkpoint(folder)[0], str(folder)
-    if callable(src):
-        return src(), f"source #{index}"
-    return src, f"source #{index}"
+    tensors = src() if callable(src) else src
+    return check_tensors(dict(tensors), f"source #{index}"), f"source #{index}"
 
 
 def read_tensors(src: ModuleSource, keys: Sequence[str], index: int) -> dict[str, torch.Tensor]:

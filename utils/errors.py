@@ -15,6 +15,24 @@ class TrainingFailed(Exception):
     """
 
 
+BUG_EXIT = 3  # an unexpected exception: a bug of this project, reported as one
+
+
+def environment_failure(e: OSError) -> str:
+    """One line for a failure of the machine rather than of the input (disk full, permission denied, a
+    read-only file system): what happened and the path it happened to."""
+    import errno
+
+    what = e.strerror or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    hint = {errno.ENOSPC: "free some space and rerun: finished work is kept",
+            errno.EDQUOT: "free some space and rerun: finished work is kept",
+            errno.EACCES: "check the folder's permissions", errno.EPERM: "check the folder's permissions",
+            errno.EROFS: "write somewhere else"}.get(e.errno or 0, "")
+    where = f"{' -> '.join(paths)}: " if paths else ""
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The gist of a library error for a one-line message: its first non-blank line, at most ``limit`` characters."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -27,7 +45,9 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 
     ``--debug`` anywhere on the command line lets the traceback through instead. Command-line parsing
     errors (an unknown flag, ``--train_iters abc``) become the same single line instead of argparse's usage
-    block.
+    block. A failure of the machine (``OSError``: disk full, permission denied) is one line naming the path,
+    exit 1; any other exception is a bug of this project, and says so in one line (exit 3) with how to get
+    the traceback for a report.
     """
     import argparse
     import sys
@@ -56,6 +76,23 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug:
+            raise
+        print(f"error: {environment_failure(e)}", file=sys.stderr)
+        return 1
+    except RecursionError:
+        if debug:
+            raise
+        print("error: an input nested too deeply to read (a JSON or TSV file?); rerun with --debug to see where",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback reaches the user unasked
+        if debug:
+            raise
+        print(f"error: internal error, a bug in this project ({type(e).__name__}: {first_line(e, 160)}); please "
+              f"report it with the output of the same command plus --debug", file=sys.stderr)
+        return BUG_EXIT
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 

@@ -7,11 +7,12 @@ reader (or a rerun after SIGKILL) never sees half a file; a crash leaves at most
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_output_folder(path: Path | str, flag: str = "--output_dir") -> Path:
-    """``path`` as a folder this run may create or fill: refused in one line if it, or a folder above it, is a file."""
+Reads = Mapping[str, "str | Path | Iterable[str | Path] | None"]
+
+
+def check_output_path(path: Path | str, flag: str, reads: Reads | None = None, writes: Reads | None = None) -> Path:
+    """``path`` as an output of a run that reads ``reads`` and writes ``writes`` besides (flag -> path or paths):
+    an empty path is refused (it would write into the current folder), and so is an output that is, or lies
+    inside, an existing input (it could overwrite what the run reads: a split file, a task folder, a source
+    module, the backbone) or another of the run's outputs."""
+    if path is None or not str(path).strip():
+        raise UserInputError(f"{flag}: expected a path, found an empty string")
     path = Path(path)
+    where = Path(os.path.realpath(path))
+    for kind, given in (("reads", reads), ("writes", writes)):
+        for other_flag, value in (given or {}).items():
+            values = [value] if isinstance(value, str | Path) else list(value or [])
+            for v in values:
+                if v is None or not str(v).strip() or (kind == "reads" and not Path(v).exists()):
+                    continue  # not given, or a hub id: nothing on disk to overwrite
+                other = Path(os.path.realpath(v))
+                if where == other or other in where.parents:
+                    relation = "is" if where == other else "lies inside"
+                    raise UserInputError(f"{flag} {path}: {relation} {other_flag} {v}, which this run {kind[:-1]}s "
+                                         "too; write each output to a place of its own")
+    return path
+
+
+def check_output_folder(path: Path | str, flag: str = "--output_dir", reads: Reads | None = None,
+                        writes: Reads | None = None) -> Path:
+    """``path`` as a folder this run may create or fill: refused in one line if it is empty, if it or a folder
+    above it is a file, or if it is or lies inside an input of ``reads`` or another output of ``writes``
+    (``check_output_path``)."""
+    path = check_output_path(path, flag, reads, writes)
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
@@ -51,6 +81,28 @@ def check_output_folder(path: Path | str, flag: str = "--output_dir") -> Path:
                 raise UserInputError(f"{flag} {path}: not a folder{where}; pass a folder to write into")
             break
     return path
+
+
+_digests: dict[tuple, str] = {}
+
+
+def files_digest(files: Iterable[Path | str]) -> str:
+    """A sha256 of the files' names and bytes, in the order given (16 hex digits); remembered per (path, size,
+    mtime) so that a study asking again in one process does not read gigabytes twice. A missing file counts as
+    its name alone."""
+    files = [Path(f) for f in files]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f), -1, -1) for f in files]
+    key = tuple(stats)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        for f, (_, size, _) in zip(files, stats, strict=True):
+            digest.update(f.name.encode() + b"\0")
+            if size >= 0:
+                with open(f, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+        _digests[key] = digest.hexdigest()[:16]
+    return _digests[key]
 
 
 def read_tsv(path: Path | str, columns: list[str], *, exact: bool = False) -> list[tuple[int, dict[str, str]]]:
@@ -92,6 +144,8 @@ def read_json_object(path: Path | str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserInputError(f"{path}: not a readable JSON file ({str(e).splitlines()[0] if str(e) else e})") from None
+    except RecursionError:  # hostile input: thousands of nested brackets
+        raise UserInputError(f"{path}: JSON nested too deeply to be a settings file") from None
     if not isinstance(data, dict):
         raise UserInputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from models.formats.native import inspect_native, is_native_folder, read_native
+from models.formats.native import check_tensors, inspect_native, is_native_folder, read_native
 from models.formats.peft import is_peft_folder, read_peft_folder
 from models.legacy import is_adapterhub_folder, read_adapterhub_folder
 from utils.errors import UserInputError
@@ -75,14 +75,16 @@ def read_checkpoint_folder(path: str | Path) -> tuple[Tensors, Meta]:
     fmt = checkpoint_format(path)
     if fmt is None or fmt.name == "native":
         raise UserInputError(f"{path}: not a PEFT or AdapterHub adapter folder")
-    return fmt.read(path)
+    tensors, meta = fmt.read(path)
+    return check_tensors(tensors, path), meta
 
 
 def load_delta_checkpoint(path: str | Path) -> tuple[Tensors, Meta]:
-    """Read a checkpoint folder of any registered format: (tensors, meta). Every user-fixable problem is a
-    UserInputError."""
+    """Read a checkpoint folder of any registered format: (tensors, meta), every tensor checked to be floating
+    point and finite. Every user-fixable problem is a UserInputError."""
     folder, fmt = _checkpoint_folder(path)
-    return fmt.read(folder)
+    tensors, meta = fmt.read(folder)
+    return check_tensors(tensors, folder), meta
 
 
 def inspect_delta_checkpoint(path: str | Path) -> tuple[Shapes, Meta]:

@@ -54,7 +54,7 @@ def peft_config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # not JSON: left to the AdapterHub reader, whose error names the file and the line
     return data if isinstance(data, dict) and "peft_type" in data else None
 
