@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and a refused flag answer here, before torch and the models load
     answer_flags_early(build_parser)
 
+import json  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -97,8 +98,8 @@ from models.seq2seq import (  # noqa: E402
 )
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
-from utils.io import check_output_folder, write_tsv_atomic  # noqa: E402
-from utils.params import config_from  # noqa: E402
+from utils.io import check_output_folder, read_json_object, write_text_atomic, write_tsv_atomic  # noqa: E402
+from utils.params import config_from, first_difference  # noqa: E402
 from utils.progress import progress_bar, say  # noqa: E402
 from utils.ranges import check_ranges  # noqa: E402
 
@@ -287,6 +288,7 @@ def check_args(config: SimilarityConfig) -> list[Metric]:
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
     read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
+    check_same_settings(out, config)
     return metrics
 
 
@@ -339,6 +341,35 @@ def check_modules(modules: list[Module], cfg: DeltaConfig, fingerprint: dict[str
 def main(argv: list[str] | None = None) -> int:
     run_similarity(config_from(SimilarityConfig, build_parser().parse_args(argv)))
     return 0
+
+
+SETTINGS_FILE = "score_settings.json"  # beside result.tsv: the settings its rows were scored with
+# What the scores depend on besides the (target, source, metric, group) of a row: rows of other settings must not
+# share a table, or a resumed or merged table would mix two set-ups under one header.
+# (Metrics and granularities may share a table: the metric and group columns tell their rows apart.)
+SCORE_SETTINGS = ("delta", "split", "max_examples", "init_seed", "k", "data_seed", "max_input_length",
+                  "max_output_length", "model", "tokenizer_path", "bf16")
+
+
+def score_settings(config: SimilarityConfig) -> dict:
+    return json.loads(json.dumps({name: getattr(config, name) for name in SCORE_SETTINGS}, default=str))
+
+
+def check_same_settings(out: Path, config: SimilarityConfig) -> None:
+    """A result.tsv that holds rows may only gain rows of the settings it was scored with."""
+    table, recorded = out / RESULT_FILE, out / SETTINGS_FILE
+    if not table.is_file() or not read_result(table):
+        return
+    if not recorded.is_file():
+        if config.resume:
+            raise UserInputError(f"{table}: rows without recorded settings ({recorded} is missing: an older or "
+                                 "foreign table), so a resumed run cannot tell they match; choose another --output_dir")
+        return
+    made, wanted = read_json_object(recorded), score_settings(config)
+    k = first_difference(made, wanted)
+    if k is not None:
+        raise UserInputError(f"{table}: its rows were scored with {k}={made.get(k)!r}, this run asks {k}="
+                             f"{wanted.get(k)!r}; one table holds one set-up: choose another --output_dir")
 
 
 def run_similarity(config: SimilarityConfig) -> None:
@@ -424,6 +455,7 @@ def run_similarity(config: SimilarityConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / f".{RESULT_FILE}.lock"):  # parallel jobs writing other targets into one file
         merged = merge_rows(read_result(out / RESULT_FILE), rows)
+        write_text_atomic(out / SETTINGS_FILE, json.dumps(score_settings(config), indent=1) + "\n")
         write_tsv_atomic(out / RESULT_FILE, COLUMNS, merged)
     kept = len(merged) - len(rows)
     print(f"{len(rows)} rows -> {out / RESULT_FILE}{f' ({kept} earlier rows kept)' if kept else ''}; "

@@ -612,6 +612,12 @@ def test_bad_input(name: str, world: World, tmp_path: Path, capsys) -> None:
         assert code == 1 and lines[0].startswith("Traceback"), err[-2000:]
         assert all(f in lines[-1] for f in fragments), lines[-1]
         return
+    assert_one_line_refusal(code, out, err, fragments)
+
+
+def assert_one_line_refusal(code: int, out: str, err: str, fragments: list[str]) -> None:
+    """Exit 2, one ``error:`` line holding every fragment, no traceback, nothing on stdout."""
+    lines = err.strip().splitlines()
     assert code == 2, f"exit code {code}; stderr: {err[-2000:]}"
     assert "Traceback" not in err
     assert len(lines) == 1 and err.endswith("\n"), f"expected exactly one line, found:\n{err}"

@@ -34,6 +34,7 @@ from tests.conftest import DEFAULT_MODEL_DIR
 from tests.test_bad_input import (
     Case,
     World,
+    assert_one_line_refusal,
     average_argv,
     copy_data,
     copy_sources,
@@ -294,6 +295,23 @@ def _study_params_not_object(w, t):
     return study_argv(w, t), ["params.json", "expected a JSON object"]
 
 
+SIM_ROW = "target\tsource\tmetric\tgroup\tscore\ngamma\talpha\tLoss\tmodel\t1.5\n"
+
+
+def _score_table_of_other_settings(w, t):
+    write(t / "out" / "result.tsv", SIM_ROW)
+    from get_similarity.score import SCORE_SETTINGS
+
+    settings = {name: None for name in SCORE_SETTINGS}
+    write(t / "out" / "score_settings.json", json.dumps({**settings, "delta": "lora", "max_examples": 99}))
+    return score_argv(w, t), [str(t / "out" / "result.tsv"), "scored with", "another --output_dir"]
+
+
+def _score_resume_without_settings(w, t):
+    write(t / "out" / "result.tsv", SIM_ROW)
+    return score_argv(w, t, "--resume"), [str(t / "out" / "result.tsv"), "without recorded settings"]
+
+
 def _split_case(entry_argv, content: bytes, words: tuple[str, ...], split: str = "train", lineno: int = 1):
     def build(w, t):
         data = copy_data(w, t)
@@ -327,6 +345,8 @@ CASES: dict[str, Case] = {
     "provenance/study-params-json-nested": Case(study.main, _study_nested_params),
     "provenance/study-params-json-not-an-object": Case(study.main, _study_params_not_object),
     "provenance/fusion-settings-nested": Case(unit_model_average.main, _fusion_nested_settings),
+    "provenance/score-table-of-other-settings": Case(score.main, _score_table_of_other_settings),
+    "provenance/score-resume-into-a-table-without-settings": Case(score.main, _score_resume_without_settings),
     # ---- 3. modules
     "modules/tune-train-checkpoint-nan": Case(tune.main, _tune_train_nan),
     "modules/tune-test-checkpoint-inf": Case(tune.main, _tune_test_inf),
@@ -436,14 +456,7 @@ def test_bad_input(name: str, world: World, tmp_path: Path, capsys) -> None:  # 
     before = snapshot(world.root, tmp_path)
     code, out, err = run_case(case, argv, capsys)
     assert snapshot(world.root, tmp_path) == before, "the command changed or left files behind"
-    lines = err.strip().splitlines()
-    assert code == 2, f"exit code {code}; stderr: {err[-2000:]}"
-    assert "Traceback" not in err
-    assert len(lines) == 1 and err.endswith("\n"), f"expected exactly one line, found:\n{err}"
-    assert lines[0].startswith("error: ")
-    missing = [f for f in fragments if f not in lines[0]]
-    assert not missing, f"{missing} not in: {lines[0]}"
-    assert out == "", f"printed before refusing: {out}"
+    assert_one_line_refusal(code, out, err, fragments)
 
 
 def test_the_classes_cover_every_entry_point() -> None:

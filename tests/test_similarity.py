@@ -247,7 +247,8 @@ def test_cli_rows_are_targets_x_other_sources_x_metrics(tiny_backbone_dir: Path,
     assert keys == expected
     assert all(r["target"] != r["source"] for r in rows)
     assert all(math.isfinite(float(r["score"])) for r in rows)
-    assert sorted(p.name for p in out.iterdir() if p.name != ".result.tsv.lock") == ["result.tsv"]
+    written = sorted(p.name for p in out.iterdir() if p.name != ".result.tsv.lock")
+    assert written == ["result.tsv", "score_settings.json"]
 
 
 def test_cli_loss_equals_independent_pooled_loss(tiny_backbone_dir: Path, modules: Path, tmp_path: Path) -> None:

@@ -62,16 +62,10 @@ def arm_scores(root: Path, delta: str, seed: int, budget: str, arm: str) -> dict
     return {r["task"]: float(r["test"]) for r in rows(folder / "result.tsv")}
 
 
-def test_every_output_exists_and_agrees_with_its_parts(finished):
-    results = finished / "results"
-    for name in ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
-                 "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in DELTAS
-                                         for n in BUDGETS)):
-        assert (results / name).is_file(), name
-    methods = FUSIONS.split()
-    assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
-        f"{d}_seed_{s}_{fusion_file_name(m)}.png" for d in DELTAS for s in SEEDS for m in methods)
-    assert "learned_from_Loss" in {fusion_file_name(m) for m in methods}  # no ':' in a file name
+def check_summary_cells(root: Path, methods: list[str]) -> dict[str, int]:
+    """Every figure of summary.tsv recomputed from the (target, seed) cells of the arms' result rows (means with
+    numpy, CI and p-value with scipy); returns how many cells took each branch."""
+    results = root / "results"
     summary = rows(results / "summary.tsv")
     md = (results / "summary.md").read_text()
     targets = TARGETS.split()
@@ -81,9 +75,9 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
             budget = f"iters_{n}"
             mine = {r["target"]: r for r in summary if r["delta"] == delta and r["budget"] == budget}
             assert set(mine) == {*targets, *SUMMARY_ROWS}
-            random = {s: arm_scores(finished, delta, s, budget, "random") for s in SEEDS}
+            random = {s: arm_scores(root, delta, s, budget, "random") for s in SEEDS}
             for m in methods:
-                fused = {s: arm_scores(finished, delta, s, budget, m) for s in SEEDS}
+                fused = {s: arm_scores(root, delta, s, budget, m) for s in SEEDS}
                 for t in targets:  # a target's row is its mean over the data seeds
                     assert float(mine[t][m]) == pytest.approx(np.mean([fused[s][t] for s in SEEDS]), abs=1e-4)
                 # every paired figure, recomputed with scipy from the (target, seed) cells of the result rows
@@ -123,8 +117,21 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
             t = targets[0]
             values = [random[s][t] for s in SEEDS]
             assert f"| {t} | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} |" in md
-    # the CI and the p-value were compared as numbers in some cells at least, not only skipped
-    assert checked["ci"] > 0 and checked["p"] > 0, checked
+    return checked
+
+
+def test_every_output_exists_and_agrees_with_its_parts(finished):
+    results = finished / "results"
+    for name in ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
+                 "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in DELTAS
+                                         for n in BUDGETS)):
+        assert (results / name).is_file(), name
+    methods = FUSIONS.split()
+    assert sorted(p.name for p in (results / "heatmaps").iterdir()) == sorted(
+        f"{d}_seed_{s}_{fusion_file_name(m)}.png" for d in DELTAS for s in SEEDS for m in methods)
+    assert "learned_from_Loss" in {fusion_file_name(m) for m in methods}  # no ':' in a file name
+    check_summary_cells(finished, methods)  # on these tiny runs every arm may score alike: see the planted test
+    targets = TARGETS.split()
     # scores.tsv holds every cell the summary is computed from
     cells = rows(results / "scores.tsv")
     assert len(cells) == len(DELTAS) * len(BUDGETS) * len(SEEDS) * len(targets) * (1 + len(methods))
@@ -136,6 +143,29 @@ def test_every_output_exists_and_agrees_with_its_parts(finished):
     assert len(pairs) == len(DELTAS) * len(SEEDS) * len(targets) * (len(POOL.split()) - 1)
     for r in pairs:
         assert r["source"] != r["target"]
+
+
+def test_summary_ci_and_p_value_on_planted_scores(finished, tiny_backbone_dir, tmp_path, capsys):
+    """The tiny runs above may leave every arm at the same score (no spread: no CI to compare). Here the arms'
+    test scores are replaced by planted ones that differ from cell to cell, the report is rebuilt by resuming the
+    study (every step is done), and its CIs and p-values are compared with scipy's as numbers."""
+    copy = tmp_path / "study"
+    shutil.copytree(finished, copy)
+    rng = np.random.default_rng(5)
+    for table in sorted(copy.glob("lora/seed_*/iters_*/**/result.tsv")):
+        lines = table.read_text().splitlines()
+        header = lines[0].split("\t")
+        column = header.index("test")
+        rewritten = [lines[0]]
+        for line in lines[1:]:
+            cells = line.split("\t")
+            cells[column] = f"{rng.uniform(0.2, 0.9):.4f}"
+            rewritten.append("\t".join(cells))
+        table.write_text("\n".join(rewritten) + "\n")
+    assert run_cli(study.main, small_study(copy, tiny_backbone_dir, " ".join(DELTAS))) == 0
+    assert "to run" in capsys.readouterr().out
+    checked = check_summary_cells(copy, FUSIONS.split())
+    assert checked["ci"] > 0 and checked["p"] > 0, checked
 
 
 def test_the_data_seeds_are_different_splits_with_their_own_runs(finished):

@@ -33,6 +33,20 @@ def environment_failure(e: OSError) -> str:
     return f"{where}{what}" + (f"; {hint}" if hint else "")
 
 
+def explain(e: Exception) -> tuple[str, int]:
+    """The one line and the exit code an entry point gives for ``e``."""
+    if isinstance(e, UserInputError):
+        return str(e), 2
+    if isinstance(e, TrainingFailed):
+        return str(e), 1
+    if isinstance(e, OSError):
+        return environment_failure(e), 1
+    if isinstance(e, RecursionError):
+        return "an input nested too deeply to read (a JSON or TSV file?); rerun with --debug to see where", 2
+    return (f"internal error, a bug in this project ({type(e).__name__}: {first_line(e, 160)}); please report it "
+            "with the output of the same command plus --debug", BUG_EXIT)
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The gist of a library error for a one-line message: its first non-blank line, at most ``limit`` characters."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -63,36 +77,15 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     argparse.ArgumentParser.error = parse_error  # type: ignore[method-assign]
     try:
         return int(main([a for a in argv if a != "--debug"]) or 0)
-    except UserInputError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as e:
-        if debug:
-            raise
-        print(f"error: {environment_failure(e)}", file=sys.stderr)
-        return 1
-    except RecursionError:
-        if debug:
-            raise
-        print("error: an input nested too deeply to read (a JSON or TSV file?); rerun with --debug to see where",
-              file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback reaches the user unasked
         if debug:
             raise
-        print(f"error: internal error, a bug in this project ({type(e).__name__}: {first_line(e, 160)}); please "
-              f"report it with the output of the same command plus --debug", file=sys.stderr)
-        return BUG_EXIT
+        message, code = explain(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 
