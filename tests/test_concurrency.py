@@ -54,7 +54,7 @@ def test_the_same_run_twice_at_once_is_written_once(tiny_backbone_dir, data, tmp
     """Both processes ask for one run: one writes it, the other is refused in one line (the run is claimed by
     the first, or already exists when the second gets there), whatever the timing."""
     out = tmp_path / "out"
-    procs = [start_tune(tiny_backbone_dir, data, out, "--overwrite") for _ in range(2)]
+    procs = [start_tune(tiny_backbone_dir, data, out) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert sorted(p.returncode for p in procs) == [0, 2], [err[-2000:] for _, err in results]
     refused = next(err for p, (_, err) in zip(procs, results) if p.returncode == 2)

@@ -175,6 +175,27 @@ def test_fuse_is_the_exact_weighted_sum() -> None:
     assert fused[ka].dtype == torch.float32 and info == {}
 
 
+def test_a_low_precision_first_source_does_not_round_the_others() -> None:
+    """The first source in bfloat16, the second in float32: the sum is computed in float64 and written in the
+    widest dtype, so the float32 source's 1 + 2^-12 survives (bfloat16 has 8 bits of mantissa: it would be 1)."""
+    ka, kb = lora_keys("encoder", 0)
+    fine = 1.0 + 2.0 ** -12
+    s1 = {ka: torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16), kb: torch.tensor([[4.0], [8.0]], dtype=torch.bfloat16)}
+    s2 = {ka: torch.tensor([[fine, 2.0]]), kb: torch.tensor([[4.0], [8.0]])}
+    fused, _ = merging.fuse([s1, s2], [0.0, 1.0], lora_combine="params")
+    assert fused[ka].dtype == torch.float32 and fused[kb].dtype == torch.float32
+    assert float(fused[ka][0, 0]) == fine
+
+
+def test_a_non_finite_or_integer_source_is_refused_by_fuse() -> None:
+    ka, kb = lora_keys("encoder", 0)
+    good = {ka: torch.ones(1, 2), kb: torch.ones(2, 1)}
+    for bad, words in (({ka: torch.tensor([[float("nan"), 1.0]]), kb: torch.ones(2, 1)}, "NaN or infinite"),
+                       ({ka: torch.ones(1, 2, dtype=torch.int64), kb: torch.ones(2, 1)}, "floating point")):
+        with pytest.raises(UserInputError, match=words):
+            merging.fuse([good, bad], [0.5, 0.5], lora_combine="params")
+
+
 def test_fuse_per_layer_weights_average_each_layer_with_its_own_weights() -> None:
     (ea, eb), (da, db) = lora_keys("encoder", 0), lora_keys("decoder", 1)
     s1 = {ea: torch.ones(1, 2), eb: torch.ones(2, 1), da: torch.ones(1, 2), db: torch.ones(2, 1)}

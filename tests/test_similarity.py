@@ -442,7 +442,8 @@ def test_script_entry_points(tiny_backbone_dir: Path, modules: Path, tmp_path: P
 
 
 def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp_path: Path, capsys) -> None:
-    """A second run adds its metric's rows; a rerun is refused, and with --overwrite replaces its own rows."""
+    """A second run adds its metric's rows; a rerun is refused, and with --overwrite replaces its own rows; rows
+    scored with other settings (fewer examples) never join the table, --overwrite or not."""
     out = tmp_path / "sim"
     two = ["sent_review", "sent_tweet"]
     assert score_cli.main(cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)) == 0
@@ -450,18 +451,20 @@ def test_runs_update_one_result_file(tiny_backbone_dir: Path, modules: Path, tmp
     first = read_rows(out / "result.tsv")
     assert [(r["target"], r["metric"]) for r in first] == [
         ("sent_review", "Loss"), ("sent_tweet", "Loss"), ("sent_review", "EL2N"), ("sent_tweet", "EL2N")]
-    # Rerun Loss on fewer examples: its rows change, EL2N's stay as they were.
     args = cli_args(tiny_backbone_dir, modules, out, metric="Loss", tasks=two)
-    args[args.index("--max_examples") + 1] = "2"
     capsys.readouterr()
     assert run_cli(score_cli.main, args) == 2  # its rows are there already
     assert "result.tsv:2: already holds the score of (target=sent_review" in capsys.readouterr().err
+    fewer = list(args)
+    fewer[fewer.index("--max_examples") + 1] = "2"
+    for extra in ([], ["--overwrite"]):
+        assert run_cli(score_cli.main, [*fewer, *extra]) == 2
+        assert "scored with max_examples=4, this run asks max_examples=2" in capsys.readouterr().err
     assert read_rows(out / "result.tsv") == first
     assert score_cli.main([*args, "--overwrite"]) == 0
     second = read_rows(out / "result.tsv")
-    assert second[:2] == first[2:]
-    assert [(r["target"], r["metric"]) for r in second[2:]] == [("sent_review", "Loss"), ("sent_tweet", "Loss")]
-    assert [r["score"] for r in second[2:]] != [r["score"] for r in first[:2]]
+    assert second[:2] == first[2:]  # the rows it replaces go last, with the same (deterministic) scores
+    assert second[2:] == first[:2]
     # A malformed result.tsv is refused before scoring and left untouched.
     (out / "result.tsv").write_text("target\tsource\tscore\nsent_review\tsent_tweet\t1.0\n")
     assert run_cli(score_cli.main, cli_args(tiny_backbone_dir, modules, out, tasks=two)) == 2
