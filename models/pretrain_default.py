@@ -1,12 +1,19 @@
-"""Pre-train the embedded default backbone: a tiny T5 with a BPE tokenizer, on the synthetic skill mixture.
+"""Pre-train an embedded default backbone on the synthetic skill mixture: a tiny T5 (``--family seq2seq``,
+``models/default/``) or a tiny Llama-architecture decoder (``--family causal``, ``models/default-causal/``), each
+with the same byte-level BPE tokenizer.
 
-A frozen *random* tiny T5 cannot be taught a task by a delta module alone, so the default backbone
+A frozen *random* tiny model cannot be taught a task by a delta module alone, so the default backbone
 is pre-trained on the five skills of the bundled suite, phrased with other prompts and label words
 (``dataloader.synthetic.PRETRAIN_TASKS``), plus a copy task that makes every lexicon word an output.
-Deterministic from ``--seed``; writes ``models/default/`` (safetensors, config, tokenizer.json) and a
+Deterministic from ``--seed``; writes the model folder (safetensors, config, tokenizer.json) and a
 per-task report of the held-out accuracy it reached.
 
-    .venv/bin/python models/pretrain_default.py            # ~10 min on 2 CPU cores
+The causal model reads one sequence per example: the input's tokens and ``</s>`` (the tokenizer's own ending,
+which separates the prompt), then the answer's tokens and ``</s>`` (the end of the answer); the loss is on the
+answer alone.
+
+    .venv/bin/python models/pretrain_default.py                    # T5: ~21 min on 2 CPU cores
+    .venv/bin/python models/pretrain_default.py --family causal    # Llama-style decoder
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import PRETRAIN_TASKS, SUITE, pretraining_stream  # noqa: E402
@@ -54,6 +61,30 @@ def make_config(vocab_size: int) -> T5Config:
                     dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
+def make_causal_config(vocab_size: int) -> LlamaConfig:
+    """About the T5 default's size (2-3M parameters): 8 layers of width 128, rotary positions."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=1)
+
+
+def encode_causal(tokenizer, pairs, max_input: int = 64, max_output: int = 16) -> dict[str, torch.Tensor]:
+    """Prompt (input + </s>) and answer (output + </s>) in one right-padded sequence; labels only on the answer."""
+    prompts = tokenizer([x for x, _ in pairs], max_length=max_input, truncation=True).input_ids
+    answers = tokenizer([y for _, y in pairs], max_length=max_output, truncation=True).input_ids
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    input_ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        n = len(prompt) + len(answer)
+        input_ids[i, :n] = torch.tensor(prompt + answer)
+        labels[i, len(prompt):n] = torch.tensor(answer)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def encode(tokenizer, pairs, max_input: int = 64, max_output: int = 16) -> dict[str, torch.Tensor]:
     inputs = tokenizer([x for x, _ in pairs], max_length=max_input, truncation=True, padding=True,
                        return_tensors="pt")
@@ -67,12 +98,21 @@ def encode(tokenizer, pairs, max_input: int = 64, max_output: int = 16) -> dict[
 def heldout_accuracy(model, tokenizer, n_per_task: int = 64) -> dict[str, float]:
     """Exact-match accuracy by greedy generation on fresh examples of each pre-training task."""
     model.eval()
+    causal = not model.config.is_encoder_decoder
     report = {}
     for spec in PRETRAIN_TASKS:
         rng = random.Random(f"heldout/{spec.name}")
         pairs = [spec.render(rng) for _ in range(n_per_task)]
-        batch = tokenizer([x for x, _ in pairs], padding=True, return_tensors="pt")
-        out = model.generate(**batch, max_new_tokens=12, num_beams=1, do_sample=False)
+        if causal:  # left-padded prompts; the answer is what follows them, up to </s>
+            tokenizer.padding_side = "left"
+            batch = tokenizer([x for x, _ in pairs], padding=True, return_tensors="pt")
+            tokenizer.padding_side = "right"
+            out = model.generate(**batch, max_new_tokens=12, num_beams=1, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = out[:, batch.input_ids.shape[1]:]
+        else:
+            batch = tokenizer([x for x, _ in pairs], padding=True, return_tensors="pt")
+            out = model.generate(**batch, max_new_tokens=12, num_beams=1, do_sample=False)
         preds = [p.strip() for p in tokenizer.batch_decode(out, skip_special_tokens=True)]
         report[spec.name] = sum(p == y for p, (_, y) in zip(preds, pairs)) / n_per_task
     model.train()
@@ -89,8 +129,11 @@ def skill_accuracy(task_accuracy: dict[str, float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "default"),
-                        help="the backbone's folder (written whole)")
+    parser.add_argument("--family", choices=("seq2seq", "causal"), default="seq2seq",
+                        help="seq2seq: a tiny T5 (models/default); causal: a tiny Llama-style decoder "
+                             "(models/default-causal)")
+    parser.add_argument("--output_dir", default=None,
+                        help="the backbone's folder, written whole (default: models/default or models/default-causal)")
     parser.add_argument("--steps", type=int, default=5000, help="pre-training steps")
     parser.add_argument("--batch_size", type=int, default=64, help="examples per step")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW peak learning rate")
@@ -104,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(args.vocab_size, args.seed)
-    model = T5ForConditionalGeneration(make_config(len(tokenizer)))
+    causal = args.family == "causal"
+    model = LlamaForCausalLM(make_causal_config(len(tokenizer))) if causal else \
+        T5ForConditionalGeneration(make_config(len(tokenizer)))
+    encode_batch = encode_causal if causal else encode
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -116,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     start, running = time.time(), 0.0
     for step in range(1, args.steps + 1):
-        batch = encode(tokenizer, [next(stream) for _ in range(args.batch_size)])
+        batch = encode_batch(tokenizer, [next(stream) for _ in range(args.batch_size)])
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     skills = skill_accuracy(accuracy)
     print("held-out accuracy by skill:", json.dumps(skills, indent=1), flush=True)
 
-    out = Path(args.output_dir)
-    report = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seconds": round(seconds),
-              "parameters": n_params, "vocab_size": len(tokenizer), "skill_accuracy": skills,
+    out = Path(args.output_dir or Path(__file__).resolve().parent / ("default-causal" if causal else "default"))
+    report = {"family": args.family, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+              "seconds": round(seconds), "parameters": n_params, "vocab_size": len(tokenizer), "skill_accuracy": skills,
               "task_accuracy": accuracy}
     # Built beside the old backbone and swapped in by renames: a crash never leaves models/default missing.
     with staged_dir(out) as tmp:
