@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import PRETRAIN_TASKS, SUITE, pretraining_stream  # noqa: E402
-from utils.io import staged_dir, write_text_atomic  # noqa: E402
+from utils.io import staged_dir, with_umask_mode, write_text_atomic  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0 (also decoder start), eos 1, unk 2
@@ -188,9 +188,14 @@ def main(argv: list[str] | None = None) -> None:
               "seconds": round(seconds), "parameters": n_params, "vocab_size": len(tokenizer), "skill_accuracy": skills,
               "task_accuracy": accuracy}
     # Built beside the old backbone and swapped in by renames: a crash never leaves models/default missing.
+    # the tokenizer file records the last padding used; both families save the same one (right, batch longest)
+    tokenizer.backend_tokenizer.enable_padding(direction="right", pad_id=tokenizer.pad_token_id,
+                                               pad_token=tokenizer.pad_token)
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with_umask_mode(f)  # save_pretrained writes some files 0600
         write_text_atomic(tmp / "pretrain_report.json", json.dumps(report, indent=1) + "\n")
     print(f"saved {out} after {seconds:.0f}s", flush=True)
 
