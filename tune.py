@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--predict_batch_size", type=int, default=D.predict_batch_size, help="batch size of generation")
     run.add_argument("--weight_decay", type=float, default=D.weight_decay, help="AdamW weight decay")
     run.add_argument("--max_grad_norm", type=float, default=D.max_grad_norm,
-                     help="clip the delta parameters' gradient to this norm")
+                     help="clip the delta parameters' gradient to this norm (0: no clipping)")
     run.add_argument("--overwrite", action="store_true", help="replace run folders that already exist")
     run.add_argument("--resume", action="store_true",
                      help="skip each run whose folder holds a finished run of the same settings (a run of other "

@@ -103,7 +103,7 @@ class TuneAllConfig(PairsConfig):
     bsz: int = setting(8, POSITIVE_INT)
     warmup_steps: int | None = setting(None, Range(low=0, integer=True, special=(None,)))  # None: default_warmup
     weight_decay: float = setting(0.0, NON_NEGATIVE)
-    max_grad_norm: float = setting(1.0, POSITIVE)
+    max_grad_norm: float = setting(1.0, NON_NEGATIVE)  # 0: no clipping
     seed: int = setting(42, ANY_INT)
     log_file_only: bool = False
 
@@ -124,7 +124,7 @@ def tune_all_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=int,
                    help="linear warm-up steps, then linear decay to 0 (default: a tenth of --steps)")
     p.add_argument("--weight_decay", type=float, help="AdamW weight decay")
-    p.add_argument("--max_grad_norm", type=float, help="clip each module's gradient to this norm")
+    p.add_argument("--max_grad_norm", type=float, help="clip each module's gradient to this norm (0: no clipping)")
     p.add_argument("--seed", type=int, help="seed of batching and dropout (same for every pair)")
     p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
     p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")

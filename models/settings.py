@@ -125,7 +125,7 @@ class TrainConfig:
     log_interval: int = setting(20, POSITIVE_INT)
     early_stop: int = setting(10, NON_NEGATIVE_INT)  # validations without gain before stopping; 0: never
     weight_decay: float = setting(0.0, NON_NEGATIVE)
-    max_grad_norm: float = setting(1.0, POSITIVE)
+    max_grad_norm: float = setting(1.0, NON_NEGATIVE)  # 0: no clipping
     save_last: bool = False
 
     @classmethod

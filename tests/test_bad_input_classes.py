@@ -428,8 +428,8 @@ CASES: dict[str, Case] = {
         tune_argv(w, t, "--device", "gpu0"), ["--device", "gpu0"])),
     "flags/tuneall-weight-decay-negative": Case(tune_all.main, lambda w, t: (
         tuneall_argv(w, t, "--weight_decay", "-1"), ["--weight_decay"])),
-    "flags/tuneall-max-grad-norm-zero": Case(tune_all.main, lambda w, t: (
-        tuneall_argv(w, t, "--max_grad_norm", "0"), ["--max_grad_norm", "positive"])),
+    "flags/tuneall-max-grad-norm-nan": Case(tune_all.main, lambda w, t: (
+        tuneall_argv(w, t, "--max_grad_norm", "nan"), ["--max_grad_norm", "nan"])),
     "flags/score-device-unknown": Case(score.main, lambda w, t: (
         _swap(score_argv(w, t), "--device", "tpu"), ["--device", "tpu"])),
     "flags/devall-device-unknown": Case(dev_all.main, lambda w, t: (
