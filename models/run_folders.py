@@ -1,5 +1,6 @@
-"""Run folders and result.tsv: finding a checkpoint (a checkpoint folder, a tune.py run or task folder), reading
-and updating result.tsv under a file lock, and run folder names."""
+"""Run folders and result.tsv: a run's identity (its settings, their hash, its folder's name), the claim a run
+holds on its folder while it trains, reading and updating result.tsv under a file lock, and finding a checkpoint
+(a checkpoint folder, a tune.py run or task folder)."""
 
 from __future__ import annotations
 
