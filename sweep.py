@@ -74,19 +74,18 @@ def order_result_tsv(output_dir: Path, keys: list[tuple[str, str]]) -> None:
 
 def plan_tune(argv: list[str]) -> Plan:
     import tune
-    from models.tuning import check_inputs, run_folder
+    from models.tuning import check_inputs
 
     config = tune.config_from_args(tune.build_parser().parse_args(argv))
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.
     inputs = check_inputs(config)
     out = inputs.output_dir
+    folders = inputs.output_folders()
     if not config.do_train:
-        folders = [run_folder(config, t) for t in inputs.tasks]
         jobs = [script_job(f"{t}/{f.name}", "tune.py", [*argv, "--tasks", t]) for t, f in zip(inputs.tasks, folders)]
         keys = [(t, f.name) for t, f in zip(inputs.tasks, folders)]
     else:
         # The last --tasks/--learning_rate_list/--bsz_list on a command line wins: each job keeps one of each.
-        folders = [run_folder(config, t, lr, bsz) for t, lr, bsz in inputs.runs]
         jobs = [script_job(f"{t}/{f.name}", "tune.py",
                            [*argv, "--tasks", t, "--learning_rate_list", repr(lr), "--bsz_list", bsz])
                 for (t, lr, bsz), f in zip(inputs.runs, folders)]

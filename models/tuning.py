@@ -97,6 +97,19 @@ class SweepInputs:
     runs: list[tuple[str, float, int]]  # (task, lr, bsz) of the sweep that are to run
     output_dir: Path
     skipped: list[tuple[str, float, int]] = field(default_factory=list)  # finished earlier (--resume)
+    # each run's settings (run_settings), computed once: they name its folder and are written in its result.json;
+    # keyed (task, lr, bsz), or (task, None, None) for a prediction without training
+    settings: dict[tuple[str, float | None, int | None], dict] = field(default_factory=dict)
+
+    def folder(self, task: str, lr: float | None = None, bsz: int | None = None) -> Path:
+        """Where one run (or, without lr and bsz, one prediction) of this sweep is written."""
+        return self.output_dir / task / run_dir_name(self.settings[task, lr, bsz])
+
+    def output_folders(self) -> list[Path]:
+        """The folders the sweep writes: its run folders, or without training each task's prediction folder."""
+        if self.config.do_train:
+            return [self.folder(t, lr, bsz) for t, lr, bsz in self.runs]
+        return [self.folder(t) for t in self.tasks]
 
 
 def check_inputs(config: TuneConfig) -> SweepInputs:
@@ -110,32 +123,26 @@ def check_inputs(config: TuneConfig) -> SweepInputs:
              "--train_checkpoint": config.train_checkpoint, "--test_checkpoint": config.test_checkpoint}
     output_dir = check_output_folder(config.output_dir, "--output_dir", reads)
     runs = [(t, lr, bsz) for t in tasks for lr in config.learning_rate_list for bsz in config.bsz_list]
-    skipped = []
+    keys = runs if config.do_train else [(t, None, None) for t in tasks]
+    inputs = SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir,
+                         settings={key: run_settings(config, *key) for key in keys})
     if config.resume and config.do_train and not config.overwrite:
-        skipped = [(t, lr, bsz) for t, lr, bsz in runs
-                   if finished_run(run_folder(config, t, lr, bsz), run_settings(config, t, lr, bsz))]
-        runs = [run for run in runs if run not in skipped]
-    inputs = SweepInputs(config, tasks, splits, raw, metrics, runs, output_dir, skipped)
+        inputs.skipped = [run for run in runs if finished_run(inputs.folder(*run), inputs.settings[run])]
+        inputs.runs = [run for run in runs if run not in inputs.skipped]
     refuse_existing(inputs)  # checked again once the folders are claimed (another process may be making one)
     if (output_dir / "result.tsv").is_file():
         read_result_tsv(output_dir / "result.tsv")  # refuse a malformed one now rather than after training
     if config.export_peft:
         export = check_output_folder(config.export_peft, "--export_peft", reads, {"--output_dir": output_dir})
-        for t, lr, bsz in runs:
-            check_destination(export / t / run_folder(config, t, lr, bsz).name, config.overwrite, "--export_peft")
+        for t, lr, bsz in inputs.runs:
+            check_destination(export / t / inputs.folder(t, lr, bsz).name, config.overwrite, "--export_peft")
     return inputs
 
 
 def run_folder(config: TuneConfig, task: str, lr: float | None = None, bsz: int | None = None) -> Path:
-    """Where one run of the sweep is written; without ``lr`` and ``bsz``, a prediction of a checkpoint."""
+    """Where one run of the sweep is written; without ``lr`` and ``bsz``, a prediction of a checkpoint (for callers
+    that plan a sweep without checking it: ``SweepInputs.folder`` is the same, computed once)."""
     return Path(config.output_dir) / task / run_dir_name(run_settings(config, task, lr, bsz))
-
-
-def output_folders(sweep: SweepInputs) -> list[Path]:
-    """The folders the sweep writes: its run folders, or without training each task's prediction folder."""
-    if sweep.config.do_train:
-        return [run_folder(sweep.config, t, lr, bsz) for t, lr, bsz in sweep.runs]
-    return [run_folder(sweep.config, t) for t in sweep.tasks]
 
 
 def refuse_existing(sweep: SweepInputs) -> None:
@@ -143,7 +150,7 @@ def refuse_existing(sweep: SweepInputs) -> None:
     parallel jobs of one sweep can share the output folder)."""
     if sweep.config.overwrite:
         return
-    existing = [d for d in output_folders(sweep) if d.exists()]
+    existing = [d for d in sweep.output_folders() if d.exists()]
     if existing:
         kind = "run" if sweep.config.do_train else "prediction"
         raise UserInputError(f"{existing[0]}: {kind} folder exists (from an earlier run, or one made meanwhile); "
@@ -184,7 +191,7 @@ def run_sweeps(configs: list[TuneConfig]) -> None:
     ddp, device = init_distributed(first.device)
     try:
         if ddp.is_main:  # only rank 0 writes; it claims every folder first, then checks them again
-            with claimed([folder for i in inputs for folder in output_folders(i)]):
+            with claimed([folder for i in inputs for folder in i.output_folders()]):
                 for i in inputs:
                     refuse_existing(i)
                 run_checked(inputs, ddp, device)
@@ -250,14 +257,11 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
         path = sweep.config.train_checkpoint
         starts[id(sweep)] = trainer.load_checkpoint(path) if path else (trainer.init_state, trainer.init_source)
 
-    def folder(sweep: SweepInputs, t: str, lr: float, bsz: int) -> Path:
-        return run_folder(sweep.config, t, lr, bsz)
-
     failed = []
     groups = sweep_groups(runs, size, shared_batches_only)
     bar = progress_bar(groups, desc="groups" if size > 1 else "runs", disable=len(runs) == 1 or not main_rank)
     for group in bar:
-        finals = [folder(*run) for run in group]
+        finals = [sweep.folder(t, lr, bsz) for sweep, t, lr, bsz in group]
         with (staged_dirs(finals) if main_rank else nullcontext([None] * len(group))) as temps:
             logs = [run_log(tmp) for tmp in temps]
             try:
@@ -279,7 +283,7 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
                     write_text_atomic(tmp / "result.json", json.dumps(
                         {"task": t, "lr": lr, "bsz": bsz, "dev": result.dev, "test": result.test,
                          "best_step": result.best_step,
-                         "settings": run_settings(sweep.config, t, lr, bsz)}))
+                         "settings": sweep.settings[t, lr, bsz]}))
         for (sweep, t, lr, bsz), result in zip(group, results):
             if result.failed is not None:
                 say(f"{t} lr={lr:g} bsz={bsz}: not saved ({result.failed})", flush=True)
@@ -287,13 +291,13 @@ def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> Non
             if main_rank:
                 update_result_tsv(sweep.output_dir, {
                     "task": t, "k": config.k, "data_seed": config.data_seed, "lr": repr(lr), "bsz": bsz,
-                    "seed": config.seed, "method": cfg.method, "run": folder(sweep, t, lr, bsz).name,
+                    "seed": config.seed, "method": cfg.method, "run": sweep.folder(t, lr, bsz).name,
                     "dev": fmt_score(result.dev),
                     "test": fmt_score(result.test), "best_step": result.best_step})
             say(f"{t} lr={lr:g} bsz={bsz}: dev {fmt_score(result.dev)} test {fmt_score(result.test)} "
                 f"(best step {result.best_step})", flush=True)
             if main_rank and sweep.config.export_peft:
-                run = folder(sweep, t, lr, bsz)
+                run = sweep.folder(t, lr, bsz)
                 out = export_peft(run / CHECKPOINT_SUBDIR, Path(sweep.config.export_peft) / t / run.name,
                                   base_model=config.model, overwrite=config.overwrite, flag="--export_peft")
                 say(f"{t}: PEFT adapter {out}", flush=True)
@@ -307,7 +311,7 @@ def predict_only(sweep: SweepInputs, trainer: Trainer, data: dict[str, TaskData]
     if trainer.test_state is None:  # --train_checkpoint only: predict with it
         trainer.test_state = trainer.init_state
     for t in sweep.tasks:
-        folder = run_folder(config, t)
+        folder = sweep.folder(t)
         with staged_dir(folder) if main_rank else nullcontext(None) as tmp:
             log = run_log(tmp)
             load_delta_state(trainer.model, trainer.test_state, "test checkpoint")
