@@ -701,7 +701,7 @@ RESUMABLE_CHANGES = ("output", "device", "quiet", "fusions", "deltas", "target_d
 def check_library(p, task_pool: list[str], target_list: list[str]) -> None:
     """Every source a target needs is in ``source_library``, of the study's one delta method and its sizes."""
     from models.delta import DeltaConfig
-    from models.formats import load_delta_checkpoint
+    from models.formats import inspect_delta_checkpoint
     from models.run_folders import resolve_checkpoint, source_path
     from utils.errors import UserInputError
 
@@ -713,8 +713,8 @@ def check_library(p, task_pool: list[str], target_list: list[str]) -> None:
         if all(s == t for t in target_list):
             continue  # a target's own module is never its source
         try:
-            # read whole: a module with a NaN is refused now, not after stages that read it wrote their outputs
-            _, meta = load_delta_checkpoint(resolve_checkpoint(source_path(p.source_library, s), task=s))
+            # inspection refuses a module with a NaN now, not after the stages that read it wrote their outputs
+            _, meta = inspect_delta_checkpoint(resolve_checkpoint(source_path(p.source_library, s), task=s))
         except UserInputError as e:
             raise UserInputError(f"--source_library: task {s}: {e}") from None
         made = DeltaConfig.from_checkpoint_meta(meta)

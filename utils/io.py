@@ -83,26 +83,28 @@ def check_output_folder(path: Path | str, flag: str = "--output_dir", reads: Rea
     return path
 
 
-_digests: dict[tuple, str] = {}
+_file_digests: dict[tuple[str, int, int], bytes] = {}
 
 
 def files_digest(files: Iterable[Path | str]) -> str:
-    """A sha256 of the files' names and bytes, in the order given (16 hex digits); remembered per (path, size,
-    mtime) so that a study asking again in one process does not read gigabytes twice. A missing file counts as
-    its name alone."""
-    files = [Path(f) for f in files]
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f), -1, -1) for f in files]
-    key = tuple(stats)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        for f, (_, size, _) in zip(files, stats, strict=True):
-            digest.update(f.name.encode() + b"\0")
-            if size >= 0:
-                with open(f, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-        _digests[key] = digest.hexdigest()[:16]
-    return _digests[key]
+    """A sha256 over the files' names and contents, in the order given (16 hex digits). Each file's own hash is
+    remembered per (path, size, mtime), so that a study asking again in one process (every stage, every data seed)
+    does not read a backbone's gigabytes twice. A missing file counts as its name alone."""
+    digest = hashlib.sha256()
+    for f in map(Path, files):
+        digest.update(f.name.encode() + b"\0")
+        if not f.is_file():
+            continue
+        st = f.stat()
+        key = (str(f), st.st_size, st.st_mtime_ns)
+        if key not in _file_digests:
+            content = hashlib.sha256()
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    content.update(block)
+            _file_digests[key] = content.digest()
+        digest.update(_file_digests[key])
+    return digest.hexdigest()[:16]
 
 
 def read_tsv(path: Path | str, columns: list[str], *, exact: bool = False) -> list[tuple[int, dict[str, str]]]:

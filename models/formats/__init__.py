@@ -38,6 +38,7 @@ def _inspect_by_reading(read: Callable[[Path], tuple[Tensors, Meta]]) -> Callabl
     """For a format whose names and sizes come from its tensors: convert in full, keep the shapes."""
     def inspect(path: Path) -> tuple[Shapes, Meta]:
         tensors, meta = read(path)
+        check_tensors(tensors, path)  # what load_delta_checkpoint refuses, inspection refuses too
         return {n: tuple(t.shape) for n, t in tensors.items()}, meta
     return inspect
 
