@@ -287,8 +287,9 @@ def check_args(config: SimilarityConfig) -> list[Metric]:
         "--source_ckpt_path": config.source_ckpt_path, "--random_tuned_ckpt_path": config.random_tuned_ckpt_path})
     if (out / RESULT_FILE).is_dir():
         raise UserInputError(f"--output_dir: {out / RESULT_FILE} is a folder, expected a file or nothing")
-    read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
-    check_same_settings(out, config)
+    earlier = read_result(out / RESULT_FILE)  # refuse a malformed one now rather than after scoring
+    if earlier:
+        check_same_settings(out, config)
     return metrics
 
 
@@ -356,10 +357,9 @@ def score_settings(config: SimilarityConfig) -> dict:
 
 
 def check_same_settings(out: Path, config: SimilarityConfig) -> None:
-    """A result.tsv that holds rows may only gain rows of the settings it was scored with."""
+    """A result.tsv that holds rows (the caller has read them) may only gain rows of the settings it was scored
+    with."""
     table, recorded = out / RESULT_FILE, out / SETTINGS_FILE
-    if not table.is_file() or not read_result(table):
-        return
     if not recorded.is_file():
         if config.resume:
             raise UserInputError(f"{table}: rows without recorded settings ({recorded} is missing: an older or "
