@@ -54,7 +54,6 @@ from utils.ranges import (  # noqa: E402
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
-    Range,
     check_ranges,
 )
 
@@ -149,7 +148,7 @@ RANGES = {**{name: POSITIVE_INT for name in (
           **{name: NON_NEGATIVE_INT for name in ("source_early_stop", "top_k", "slurm_gpus", "slurm_cpus",
                                                  "slurm_array_parallelism")},
           **{name: ANY_INT for name in ("seed", "source_data_seed", "merge_seed")},
-          "tem": Range(low=0, low_open=True, special=("auto",)), "lam": FINITE, "density": FRACTION,
+          "tem": POSITIVE.allowing("auto"), "lam": FINITE, "density": FRACTION,
           "slurm_mem": NON_NEGATIVE, "device": DEVICE}
 
 

@@ -12,7 +12,7 @@ from dataloader.crossfit import SPLITS
 from models.methods import GRANULARITIES, METHODS
 from models.settings import AUTO, GROUP_SIZE, BackboneDataConfig, add_backbone_and_data_args, add_group_size_arg
 from utils.params import HelpFormatter, field_defaults, flags_of
-from utils.ranges import ANY_INT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Range, ranges_of, setting
+from utils.ranges import ANY_INT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ranges_of, setting
 
 
 @dataclass(kw_only=True)
@@ -26,7 +26,7 @@ class SimilarityConfig(BackboneDataConfig):
     source_tasks: list[str] | None = None
     random_tuned_ckpt_path: str | None = None
     split: str = "dev"
-    max_examples: int | None = setting(None, Range(low=0, low_open=True, integer=True, special=(None,)))
+    max_examples: int | None = setting(None, POSITIVE_INT.allowing(None))
     batch_size: int = setting(32, POSITIVE_INT)
     granularity: str = "model"
     init_seed: int = setting(42, ANY_INT)
@@ -101,7 +101,7 @@ class TuneAllConfig(PairsConfig):
     steps: int = setting(200, POSITIVE_INT)
     learning_rate: float = setting(5e-4, POSITIVE)
     bsz: int = setting(8, POSITIVE_INT)
-    warmup_steps: int | None = setting(None, Range(low=0, integer=True, special=(None,)))  # None: default_warmup
+    warmup_steps: int | None = setting(None, NON_NEGATIVE_INT.allowing(None))  # None: default_warmup
     weight_decay: float = setting(0.0, NON_NEGATIVE)
     max_grad_norm: float = setting(1.0, NON_NEGATIVE)  # 0: no clipping
     seed: int = setting(42, ANY_INT)
@@ -179,7 +179,7 @@ def dev_all_parser(description: str | None) -> argparse.ArgumentParser:
 # importance.py parses into a namespace, not a dataclass: the ranges of its own flags, beside the shared ones
 IMPORTANCE_RANGES = {**ranges_of(BackboneDataConfig), "batch_size": POSITIVE_INT, "num_beams": POSITIVE_INT,
                      "init_seed": ANY_INT,
-                     "max_examples": Range(low=0, low_open=True, integer=True, special=(None,))}
+                     "max_examples": POSITIVE_INT.allowing(None)}
 
 
 def importance_parser(description: str | None) -> argparse.ArgumentParser:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from utils.params import config_from, field_defaults, flags_of
-from utils.ranges import ANY_INT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Range, setting
+from utils.ranges import ANY_INT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, setting
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 AUTO = "auto"  # --group_size auto
-GROUP_SIZE = Range(low=0, low_open=True, integer=True, special=(AUTO,))
+GROUP_SIZE = POSITIVE_INT.allowing(AUTO)
 
 
 def default_task_dir() -> str:
@@ -116,11 +116,11 @@ class TrainConfig:
     # decoding at validation and test
     predict_batch_size: int = setting(64, POSITIVE_INT)
     num_beams: int = setting(1, POSITIVE_INT)
-    max_new_tokens: int | str = setting("auto", Range(low=0, low_open=True, integer=True, special=("auto",)))
+    max_new_tokens: int | str = setting("auto", POSITIVE_INT.allowing(AUTO))
     rank_classification: bool = False
     # optimisation and selection
     train_iters: int = setting(1000, POSITIVE_INT)
-    warmup_steps: int | None = setting(None, Range(low=0, integer=True, special=(None,)))  # None: default_warmup
+    warmup_steps: int | None = setting(None, NON_NEGATIVE_INT.allowing(None))  # None: default_warmup
     valid_interval: int = setting(100, POSITIVE_INT)
     log_interval: int = setting(20, POSITIVE_INT)
     early_stop: int = setting(10, NON_NEGATIVE_INT)  # validations without gain before stopping; 0: never

@@ -24,7 +24,6 @@ from utils.ranges import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
-    Range,
     setting,
 )
 
@@ -72,7 +71,7 @@ class FusionConfig:
     metric: str | None = None
     save_ckpt_path: str = ""
     # or "auto": T per target chosen on its dev split (unit_model/temperature.py)
-    tem: float | str = setting(1.0, Range(low=0, low_open=True, special=(AUTO,)))
+    tem: float | str = setting(1.0, POSITIVE.allowing(AUTO))
     weight_norm: str = DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original's raw scores): weightings/base.py
     lora_combine: str = DEFAULT_LORA_COMBINE
     merge: str = "linear"  # merge operator (unit_model/merges/) and its parameters

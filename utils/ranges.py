@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from utils.errors import UserInputError
@@ -42,6 +42,10 @@ class Range:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def allowing(self, *special: Any) -> Range:
+        """This range, with ``special`` values (``None``, ``"auto"``) accepted as they are besides."""
+        return replace(self, special=special)
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
