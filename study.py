@@ -656,10 +656,10 @@ def score_pairs(p, delta: str, tuneall: Path, target_list: list[str], task_pool:
     from models.backbone import load_backbone, pick_device
     from models.delta import DeltaConfig, attach_delta
     from models.evaluate import Decoding, predict_group, score_predictions
+    from models.examples import encode_examples
     from models.formats import load_delta_checkpoint
     from models.group import chunks, ensure_slots, load_slot_state
     from models.methods import DELTA_NAME
-    from models.seq2seq import encode_examples
     from utils.io import write_tsv_atomic
     from utils.progress import progress_bar
 
@@ -809,8 +809,8 @@ def resolve_group_size(p, task_pool: list[str], target_list: list[str]) -> tuple
 
     from dataloader.crossfit import load_task
     from models.backbone import load_backbone_config, pick_device
+    from models.examples import encode_examples, longest_example
     from models.group import pick_group_size
-    from models.seq2seq import encode_examples, longest_example
 
     if p.group_size != "auto":
         return int(p.group_size), f"group size {p.group_size}"

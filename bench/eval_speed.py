@@ -11,7 +11,7 @@ CPU times of this one-thread process (``time.process_time``): on a shared machin
 other people's jobs, where wall times do.
 
 Part B: with the modules that Part A's ``auto`` runs kept (best dev step), each task's 64-example dev split of
-the large split (``k=512``) is predicted with models.seq2seq at batch ``--batch_size``: generation with
+the large split (``k=512``) is predicted with models.examples at batch ``--batch_size``: generation with
 batches in file order vs sorted by input length (full budget), full vs short budget (tune.py's ``auto`` rule,
 label tasks), and generation vs rank classification (label tasks; agreement = share of identical
 predictions). Variants alternate within each repeat, after one untimed round; times are medians over
@@ -51,7 +51,7 @@ from bench.common import (  # noqa: E402
 from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.metrics import metric_for_task, score  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
-from models import seq2seq  # noqa: E402
+from models import examples as seq2seq  # noqa: E402
 from models.backbone import load_backbone  # noqa: E402
 from models.delta import attach_delta, load_delta_state  # noqa: E402
 from models.evaluate import decoding_for  # noqa: E402

@@ -1,7 +1,7 @@
 """Training speed of tune.py's loop against a minimal hand-written loop, per delta method and backbone size.
 
 Both loops train the same ``adapters`` model (models.delta.attach_delta on the same backbone, the sizes of
-scripts/{adapter,lora,prefix}.sh) on the same batches (models.seq2seq.training_batches with the same seed)
+scripts/{adapter,lora,prefix}.sh) on the same batches (models.examples.training_batches with the same seed)
 with AdamW. The hand-written loop does forward, backward, optimizer step and zero_grad, nothing else.
 
 What is timed in tune.py: ``tune.main`` runs in this process with a 1-example dev split, validation only at
@@ -63,7 +63,7 @@ from dataloader.crossfit import read_split  # noqa: E402
 from dataloader.synthetic import SUITE_DIR  # noqa: E402
 from models.backbone import load_backbone  # noqa: E402
 from models.delta import attach_delta  # noqa: E402
-from models.seq2seq import encode_examples, training_batches  # noqa: E402
+from models.examples import encode_examples, training_batches  # noqa: E402
 from models.settings import DEFAULT_MODEL_DIR
 from models.trainer import RunLog  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
@@ -144,7 +144,7 @@ def hand_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int,
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     examples = read_split(task_dir / TASK / f"{TASK}_{K}_{DATA_SEED}_train.tsv")
     encoded = encode_examples(tokenizer, examples, MAX_INPUT, MAX_OUTPUT)
-    batches = training_batches(encoded, bsz, random.Random(SEED), tokenizer.pad_token_id)
+    batches = training_batches(model, encoded, bsz, random.Random(SEED), tokenizer.pad_token_id)
     marks = [(time.process_time(), time.perf_counter())]
     for step in range(1, steps + 1):
         batch = next(batches)

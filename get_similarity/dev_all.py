@@ -55,11 +55,11 @@ from get_similarity.tune_all import (
 from models.backbone import load_backbone, pick_device, quiet_libraries
 from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible
 from models.evaluate import Decoding, predict_group, score_predictions
+from models.examples import encode_examples, longest_example
 from models.formats import load_delta_checkpoint
 from models.group import chunks, ensure_slots, load_slot_state, pick_group_size
 from models.methods import DELTA_NAME
 from models.run_folders import file_lock
-from models.seq2seq import encode_examples, longest_example
 from task_list import resolve_tasks, resolve_tasks_in
 from utils.errors import UserInputError, run_cli
 from utils.io import check_output_path, read_table, write_tsv_atomic

@@ -53,6 +53,7 @@ from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
 from get_similarity.score import delta_groups  # noqa: E402
 from models.backbone import load_backbone, pick_device, quiet_libraries
+from models.backbones import family_of
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -62,9 +63,9 @@ from models.delta import (
     load_delta_state,
 )
 from models.evaluate import evaluate  # noqa: E402
+from models.examples import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from models.formats import load_delta_checkpoint
 from models.run_folders import resolve_checkpoint  # noqa: E402
-from models.seq2seq import EncodedTask, encode_examples, first_output_batches, to_device  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, save_figure_atomic, write_tsv_atomic  # noqa: E402
 from utils.progress import progress_bar  # noqa: E402
@@ -88,9 +89,10 @@ def pooled_loss(model: torch.nn.Module, task: EncodedTask, pad_id: int, batch_si
     """Mean token cross-entropy over all target tokens of ``task`` (first gold outputs)."""
     device = next(model.parameters()).device
     mean = TokenMean()
-    for _, batch in first_output_batches(task, batch_size, pad_id):
+    family = family_of(model)
+    for _, batch in first_output_batches(model, task, batch_size, pad_id):
         batch = to_device(batch, device)
-        mean.add(*token_loss(model(**batch).logits, batch["labels"]))
+        mean.add(*token_loss(family.answer_logits(model, batch), batch["labels"]))
     return mean.value()
 
 

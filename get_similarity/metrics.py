@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, to_device
+from models.backbones import IGNORE_INDEX, family_of
+from models.examples import EncodedTask, collate, to_device
 from utils.errors import UserInputError
 
 DIRECTIONS = ("lower", "higher")
@@ -186,10 +187,12 @@ def per_example_grad_norms(model: nn.Module, task: EncodedTask, pad_id: int,
     whether the adapters library's forward works under torch.func transforms.
     """
     params = dict(model.named_parameters())
-    return modules_grad_norms(task, pad_id, groups, [params], lambda batch: [model(**batch).loss])[0]
+    family = family_of(model)
+    return modules_grad_norms(model, task, pad_id, groups, [params],
+                              lambda batch: [family.answer_loss(model, batch)])[0]
 
 
-def modules_grad_norms(task: EncodedTask, pad_id: int, groups: dict[str, list[str]],
+def modules_grad_norms(model: nn.Module, task: EncodedTask, pad_id: int, groups: dict[str, list[str]],
                        modules: list[dict[str, nn.Parameter]],
                        losses: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]) -> list[dict[str, list[float]]]:
     """``per_example_grad_norms`` of several modules that one forward pass serves (models/group.py).
@@ -208,7 +211,7 @@ def modules_grad_norms(task: EncodedTask, pad_id: int, groups: dict[str, list[st
     flat = [params[n] for params in modules for n in names]
     norms: list[dict[str, list[float]]] = [{g: [] for g in groups} for _ in modules]
     for ids, outputs in zip(task.inputs, task.outputs):
-        batch = to_device(collate([ids], [outputs[0]], pad_id), device)
+        batch = to_device(collate(model, [ids], [outputs[0]], pad_id), device)
         with torch.enable_grad():
             total = torch.stack(losses(batch)).sum()
             grads = torch.autograd.grad(total, flat, allow_unused=True)

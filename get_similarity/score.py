@@ -73,6 +73,7 @@ from get_similarity.metrics import (  # noqa: E402
     resolve_metrics,
 )
 from models.backbone import load_backbone, pick_device, quiet_libraries
+from models.backbones import IGNORE_INDEX, family_of
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -85,17 +86,16 @@ from models.delta import (
     param_group,
 )
 from models.evaluate import autocast  # noqa: E402
-from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
-from models.group import active, channel_rows, chunks, ensure_slots, load_slot_state, pick_group_size, slot_params
-from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
-from models.seq2seq import (  # noqa: E402
-    IGNORE_INDEX,
+from models.examples import (  # noqa: E402
     EncodedTask,
     encode_examples,
     first_output_batches,
     longest_example,
     to_device,
 )
+from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
+from models.group import active, channel_rows, chunks, ensure_slots, load_slot_state, pick_group_size, slot_params
+from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.io import check_output_folder, read_json_object, write_text_atomic, write_tsv_atomic  # noqa: E402
@@ -128,6 +128,7 @@ class SimilarityScorer:
         self.init_state = init_state
         self.groups = delta_groups(model, granularity)
         self.device = next(model.parameters()).device
+        self.family = family_of(model)
         self.cfg = cfg  # the module's config: needed to add slots for score_group
 
     def group_state(self, tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
@@ -139,8 +140,8 @@ class SimilarityScorer:
     def logits(self, task: EncodedTask) -> list[torch.Tensor]:
         """Logits of the current state on each deterministic batch of ``task`` (first gold outputs)."""
         out = []
-        for _, batch in first_output_batches(task, self.batch_size, self.pad_id):
-            out.append(self.model(**to_device(batch, self.device)).logits)
+        for _, batch in first_output_batches(self.model, task, self.batch_size, self.pad_id):
+            out.append(self.family.answer_logits(self.model, to_device(batch, self.device)))
         return out
 
     def reference(self, task: EncodedTask, tensors: dict[str, torch.Tensor], source: str) -> list[torch.Tensor]:
@@ -152,10 +153,10 @@ class SimilarityScorer:
     def _token_scores(self, task: EncodedTask, metrics: list[Metric],
                       reference: list[torch.Tensor] | None) -> dict[str, float]:
         means = {m.name: TokenMean() for m in metrics}
-        batches = first_output_batches(task, self.batch_size, self.pad_id)
+        batches = first_output_batches(self.model, task, self.batch_size, self.pad_id)
         for b, (_, batch) in enumerate(batches):
             batch = to_device(batch, self.device)
-            logits = self.model(**batch).logits
+            logits = self.family.answer_logits(self.model, batch)
             for m in metrics:
                 values, mask = m.fn(logits, batch["labels"], reference[b] if m.needs_reference else None)
                 means[m.name].add(values, mask)
@@ -206,7 +207,7 @@ class SimilarityScorer:
                 for slot, (tensors, source) in zip(slots, sources):
                     load_slot_state(self.model, slot, tensors, source)
                 modules = [slot_params(self.model, slot) for slot in slots]
-                norms = modules_grad_norms(task, self.pad_id, self.groups, modules,
+                norms = modules_grad_norms(self.model, task, self.pad_id, self.groups, modules,
                                            lambda batch: self._channel_losses(batch, len(slots)))
                 for m in metrics:
                     if m.needs_grad:
@@ -216,10 +217,7 @@ class SimilarityScorer:
 
     def _channel_logits(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
         """Each slot's logits on ``batch`` from one Parallel forward pass."""
-        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            decoder_input_ids=decoder_inputs, use_cache=False).logits
-        return channel_rows(logits, channels)
+        return channel_rows(self.family.answer_logits(self.model, batch), channels)
 
     def _channel_losses(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
         """Each slot's mean token loss on ``batch`` (the model's own loss, per slot)."""
@@ -231,7 +229,7 @@ class SimilarityScorer:
     def _channel_token_scores(self, task: EncodedTask, metrics: list[Metric], reference: list[torch.Tensor] | None,
                               channels: int) -> list[dict[str, float]]:
         means = [{m.name: TokenMean() for m in metrics} for _ in range(channels)]
-        for b, (_, batch) in enumerate(first_output_batches(task, self.batch_size, self.pad_id)):
+        for b, (_, batch) in enumerate(first_output_batches(self.model, task, self.batch_size, self.pad_id)):
             batch = to_device(batch, self.device)
             for i, logits in enumerate(self._channel_logits(batch, channels)):
                 for m in metrics:

@@ -59,10 +59,10 @@ from models.delta import (
     load_delta_state,
     save_delta_checkpoint,
 )
+from models.examples import longest_example
 from models.formats import load_delta_checkpoint
 from models.group import chunks, pick_group_size
 from models.run_folders import resolve_checkpoint, source_path
-from models.seq2seq import longest_example
 from models.settings import TrainConfig, default_warmup
 from models.trainer import Run, RunLog, TaskData, Trainer
 from task_list import resolve_tasks, resolve_tasks_in

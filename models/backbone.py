@@ -1,4 +1,5 @@
-"""Loading the frozen T5 backbone and its tokenizer (local folder or Hugging Face hub id)."""
+"""Loading a frozen backbone of any registered family (models/backbones/) and its tokenizer, from a local folder
+or a Hugging Face hub id."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from models.backbones import SUPPORTED_MODEL_TYPES, BackboneFamily, family_for_type
 from utils.errors import UserInputError, first_line
 from utils.threads import limit_torch_threads
 
@@ -60,8 +63,8 @@ def load_backbone(
     model: str | Path,
     tokenizer_path: str | Path | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Load T5 + tokenizer; the model is in eval mode with every parameter frozen.
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load the backbone + tokenizer; the model is in eval mode with every parameter frozen.
 
     ``model`` is a local folder (``save_pretrained`` layout) or a hub id. Problems the user can fix (a
     missing folder, a hub id that is not cached while offline, no tokenizer files) become one-line
@@ -83,16 +86,17 @@ def load_backbone(
     else:
         source = arg
 
-    check_architecture(source, arg)
+    family = check_architecture(source, arg)
     try:
-        net = T5ForConditionalGeneration.from_pretrained(source)
+        net = family.model_class().from_pretrained(source) if family else load_hub_model(source)
     except (OSError, ValueError) as e:
         if source is arg and _offline():
             raise UserInputError(
                 f"--model {arg}: not a local folder and not in the Hugging Face cache (offline mode is on); "
                 "pass a local model folder"
             ) from None
-        raise UserInputError(f"--model {arg}: could not load a T5 model ({first_line(e)})") from None
+        raise UserInputError(f"--model {arg}: could not load the model ({first_line(e)})") from None
+    family = family_for_type(getattr(net.config, "model_type", None), f"--model {arg}")
 
     flag = "--tokenizer_path" if tokenizer_path is not None else "--model"
     tok_arg = str(tokenizer_path) if tokenizer_path is not None else source
@@ -109,8 +113,9 @@ def load_backbone(
     elif looks_like_path(tok_arg):
         raise UserInputError(f"{flag} {tok_arg}: folder not found")
     try:
-        # config= lets a bare tokenizer.json (no tokenizer_config.json) resolve to T5's tokenizer class.
+        # config= lets a bare tokenizer.json (no tokenizer_config.json) resolve to the model's tokenizer class.
         tokenizer = AutoTokenizer.from_pretrained(tok_arg, config=net.config)
+        family.prepare_tokenizer(tokenizer)
     except (OSError, ValueError, TypeError, ImportError) as e:
         raise UserInputError(f"{flag} {tok_arg}: could not load a tokenizer ({first_line(e)})") from None
 
@@ -122,47 +127,56 @@ def load_backbone(
     return net, tokenizer
 
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5")  # T5ForConditionalGeneration loads these (Flan-T5 and T5 v1.1 are "t5")
-
-
-def check_architecture(source: str, arg: str) -> None:
-    """A local model folder of another architecture (GPT-2, BERT, ...) is refused by name before loading: loading
-    it as T5 would fail deep inside transformers or AdapterHub."""
+def check_architecture(source: str, arg: str) -> BackboneFamily | None:
+    """The family of a local model folder; another architecture (GPT-2, BERT, ...) is refused by name before
+    loading, which would fail deep inside transformers or AdapterHub. None for a hub id (read when loaded)."""
     config_file = Path(source) / "config.json"
     if not config_file.is_file():
-        return  # a hub id: transformers reads its config
+        return None  # a hub id: transformers reads its config
     from utils.io import read_json_object
 
     model_type = read_json_object(config_file).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserInputError(f"--model {arg}: a {model_type or 'model of unknown type'} model ({config_file}: "
                              f"model_type {model_type!r}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return family_for_type(model_type)
 
 
-# T5 pads its embedding matrix past the tokenizer's base vocabulary (32128 rows for 32000 pieces and 100 sentinels);
-# more than this many unused rows means the tokenizer belongs to another model.
-VOCAB_SLACK = 256
+def load_hub_model(source: str) -> nn.Module:
+    """A hub model, by the family its config names."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    return family_for_type(getattr(config, "model_type", None), f"--model {source}").model_class().from_pretrained(
+        source)
+
+
+# Models pad their embedding matrix past the tokenizer's vocabulary (T5: 32128 rows for 32100 tokens; Llama 3:
+# 256 reserved rows); more than this many unused rows means the tokenizer belongs to another model.
+VOCAB_SLACK = 512
 
 
 def check_vocabulary(net, tokenizer, flag: str, tok_arg: str) -> None:
     """The tokenizer must belong to the model: every id it makes must index the embedding matrix (else an
     IndexError mid-run), and a vocabulary far smaller than the matrix means ids that mean other tokens."""
     rows = net.get_input_embeddings().num_embeddings
-    size = tokenizer.vocab_size  # the base vocabulary: added special tokens (T5's sentinels) may lie past it
-    if size > rows or size < rows - VOCAB_SLACK:
+    # Every id of the base vocabulary must index a row (T5's sentinels, added on top, may lie past the rows of a
+    # tiny model); with its added tokens the tokenizer must come close to the rows (Llama's reserved tokens).
+    size = tokenizer.vocab_size
+    if size > rows or len(tokenizer) < rows - VOCAB_SLACK:
         raise UserInputError(f"{flag} {tok_arg}: a tokenizer of {size} tokens for a model with {rows} embedding "
                              "rows; the tokenizer and the model do not belong together (pass the model's own "
                              "tokenizer)")
 
 
 def load_backbone_config(model: str | Path):
-    """The backbone's T5Config alone (no weights): what sizing decisions need before the model is loaded."""
-    from transformers import T5Config
+    """The backbone's config alone (no weights): what sizing decisions need before the model is loaded."""
+    from transformers import AutoConfig
 
     arg = str(model)
     local = Path(arg).expanduser()
     try:
-        return T5Config.from_pretrained(str(local) if local.exists() else arg)
+        return AutoConfig.from_pretrained(str(local) if local.exists() else arg)
     except (OSError, ValueError) as e:
         raise UserInputError(f"--model {arg}: could not read the model's config ({first_line(e)})") from None
 

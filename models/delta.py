@@ -1,4 +1,4 @@
-"""Delta modules on a frozen T5, and their checkpoints.
+"""Delta modules on a frozen backbone, and their checkpoints.
 
 Every module is added under the single name ``DELTA_NAME`` so that parameter names are identical
 across tasks and runs: a checkpoint trained on one task loads into a model prepared for another.
@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.backbone import backbone_name
+from models.backbones import family_of
 from models.methods import (
     DELTA_NAME,
     GRANULARITIES,
@@ -165,14 +166,7 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, int | str]:
     at evenly spaced positions, rounded to bfloat16, so it costs microseconds and a bf16 copy of the same
     weights hashes the same.
     """
-    c = model.config
-    return {
-        "d_model": int(c.d_model),
-        "num_layers": int(c.num_layers),
-        "num_decoder_layers": int(c.num_decoder_layers),
-        "vocab_size": int(c.vocab_size),
-        "weights": weights_hash(model),
-    }
+    return {**family_of(model).fingerprint(model.config), "weights": weights_hash(model)}
 
 
 def weights_hash(model: nn.Module, samples: int = 64) -> str:
@@ -200,11 +194,11 @@ def is_delta_param(name: str) -> bool:
 
 
 def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
-    """Add the delta module to a T5ForConditionalGeneration, freeze all else, activate it.
+    """Add the delta module to a backbone of any family, freeze all else, activate it.
 
     Returns the sorted names of the trainable parameters (exactly the delta parameters). The model's
     train/eval mode is left as it was: the library's ``train_adapter`` switches to train mode, which
-    would silently turn on T5's dropout for evaluation.
+    would silently turn on the backbone's dropout for evaluation.
     """
     import adapters
 
@@ -212,6 +206,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     if getattr(model, "adapters_config", None) is not None and DELTA_NAME in model.adapters_config:
         raise ValueError(f"model already has a delta module named {DELTA_NAME!r}")
     was_training = model.training
+    family_of(model).prepare_for(model, cfg.method)
     adapters.init(model)
     # set_active_adapters() first resets LoRA inside a forward context with nothing active yet, which logs
     # a spurious "none are activated" warning; silence just that logger while we set up.
@@ -219,7 +214,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     level = mixin_logger.level
     mixin_logger.setLevel(logging.ERROR)
     try:
-        model.add_adapter(DELTA_NAME, config=library_config(cfg, int(model.config.d_model)))
+        model.add_adapter(DELTA_NAME, config=library_config(cfg, family_of(model).width(model.config)))
         model.train_adapter(DELTA_NAME)  # freezes every other parameter and activates the module
     finally:
         mixin_logger.setLevel(level)

@@ -15,8 +15,8 @@ import torch
 
 from dataloader.crossfit import Example
 from dataloader.metrics import score
+from models.examples import EncodedTask, generate_channels, label_set, predict
 from models.group import active
-from models.seq2seq import EncodedTask, generate_channels, label_set, predict
 
 
 @dataclass
@@ -43,7 +43,7 @@ def plan_decoding(tokenizer, metric: str, examples: list[Example], max_output_le
 
     A label task generates at most its longest label + EOS: a row that produces a label (in the label's
     own tokenisation) ends within that budget and keeps its prediction; a row that would go on is cut,
-    and it was not going to be a label (see models.seq2seq.generate). Beam search keeps the full budget,
+    and it was not going to be a label (see models.examples.generate). Beam search keeps the full budget,
     since its choice among beams can depend on the maximum length.
     """
     labels = label_set(examples, metric)

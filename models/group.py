@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from models.backbones import family_of
 from models.delta import DeltaConfig, check_delta_shapes, library_config
 from models.methods import DELTA_NAME, REGISTRY
 from models.settings import AUTO
@@ -65,7 +66,7 @@ def ensure_slots(model: nn.Module, cfg: DeltaConfig, count: int) -> list[str]:
     try:
         for name in names:
             if name not in have:
-                model.add_adapter(name, config=library_config(cfg, int(model.config.d_model)))
+                model.add_adapter(name, config=library_config(cfg, family_of(model).width(model.config)))
                 for param in slot_params(model, name).values():
                     param.requires_grad_(True)
     finally:
@@ -149,11 +150,12 @@ def total_memory_bytes(device: torch.device) -> int:
 def slot_bytes(model_config, rows: int, length: int, training: bool) -> int:
     """A deliberately high estimate of what one more module in a group costs: the activations of ``rows``
     sequences of ``length`` tokens through every layer (about 24 values of width max(d_model, d_ff/4) per
-    token and layer: a T5 block's attention, feed-forward and norms; x3 when their gradients are kept) plus
+    token and layer: a block's attention, feed-forward and norms; x3 when their gradients are kept) plus
     the vocabulary logits. A delta module's own parameters are a small fraction of that and are left out."""
     c = model_config
-    layers = int(c.num_layers) + int(c.num_decoder_layers)
-    width = max(int(c.d_model), int(getattr(c, "d_ff", c.d_model)) // 4)
+    family = family_of(c)
+    layers = sum(family.layer_counts(c).values())
+    width = max(family.width(c), family.ffn_width(c) // 4)
     per_token = layers * 24 * width + int(c.vocab_size)
     return rows * length * per_token * 4 * (3 if training else 1)
 

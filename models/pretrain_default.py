@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloader.synthetic import PRETRAIN_TASKS, SUITE, pretraining_stream  # noqa: E402
+from models.backbones import FAMILIES  # noqa: E402
 from utils.io import staged_dir, with_umask_mode, write_text_atomic  # noqa: E402
 from utils.params import HelpFormatter  # noqa: E402
 
@@ -53,20 +54,6 @@ def train_tokenizer(vocab_size: int, seed: int, corpus_size: int = 30000) -> Pre
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=512, add_prefix_space=True,
                                    model_input_names=["input_ids", "attention_mask"])
-
-
-def make_config(vocab_size: int) -> T5Config:
-    return T5Config(vocab_size=vocab_size, d_model=128, d_ff=512, num_layers=4, num_decoder_layers=4,
-                    num_heads=4, d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def make_causal_config(vocab_size: int) -> LlamaConfig:
-    """About the T5 default's size (2-3M parameters): 8 layers of width 128, rotary positions."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=8,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=1)
 
 
 def encode_causal(tokenizer, pairs, max_input: int = 64, max_output: int = 16) -> dict[str, torch.Tensor]:
@@ -148,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(args.vocab_size, args.seed)
     causal = args.family == "causal"
-    model = LlamaForCausalLM(make_causal_config(len(tokenizer))) if causal else \
-        T5ForConditionalGeneration(make_config(len(tokenizer)))
+    family = FAMILIES[args.family]
+    model = family.new_model(family.tiny_config(len(tokenizer)))
     encode_batch = encode_causal if causal else encode
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters", flush=True)

@@ -1,7 +1,7 @@
 """The trainer: delta modules on a frozen backbone, trained, validated and saved, alone or in groups.
 
 ``Trainer`` holds the backbone and its delta module. ``train`` runs one (task, learning rate, batch size):
-AdamW with linear warm-up and decay, validation by the one evaluator (``models.seq2seq.predict`` and the
+AdamW with linear warm-up and decay, validation by the one evaluator (``models.examples.predict`` and the
 task's metric) every ``valid_interval`` steps, the best (or last) module kept, early stopping, test
 predictions. ``train_group`` runs several such runs at once, one module per slot of the backbone
 (models/group.py), each exactly as it would run alone. Everything it needs is in a ``TrainConfig``;
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dataloader.crossfit import Example
 from models.backbone import backbone_name, load_backbone, pick_device
+from models.backbones import IGNORE_INDEX, family_of
 from models.delta import (
     DeltaConfig,
     attach_delta,
@@ -34,11 +35,11 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.evaluate import Decoding, autocast, predict_group, predict_split, score_predictions
+from models.examples import EncodedTask, collate, encode_examples, to_device, training_examples
 from models.formats import load_delta_checkpoint
 from models.group import activate, channel_rows, ensure_slots, load_slot_state, slot_params, slot_state
 from models.methods import DELTA_NAME
 from models.run_folders import CHECKPOINT_SUBDIR, resolve_checkpoint
-from models.seq2seq import IGNORE_INDEX, EncodedTask, collate, encode_examples, to_device, training_examples
 from models.settings import TrainConfig, default_warmup
 from utils.errors import UserInputError
 from utils.io import write_tsv_atomic
@@ -184,6 +185,7 @@ class Trainer:
         self.device = torch.device(device or pick_device(args.device))
         self.model, self.tokenizer = load_backbone(args.model, args.tokenizer_path, self.device)
         self.fingerprint = backbone_fingerprint(self.model)
+        self.family = family_of(self.model)
         self.backbone = backbone_name(args.model)
         torch.manual_seed(args.seed)  # same seed on every rank, so every rank starts from the same module
         attach_delta(self.model, cfg)
@@ -241,10 +243,11 @@ class Trainer:
         n, world, rank = len(inputs), self.ddp.world, self.ddp.rank
         lo, hi = rank * n // world, (rank + 1) * n // world  # shares differ by at most one example
         if hi > lo:
-            batch = to_device(collate(inputs[lo:hi], labels[lo:hi], self.tokenizer.pad_token_id), self.device)
+            batch = collate(self.model, inputs[lo:hi], labels[lo:hi], self.tokenizer.pad_token_id)
+            batch = to_device(batch, self.device)
             weight = sum(len(y) for y in labels[lo:hi]) / sum(len(y) for y in labels)  # host ints: no sync
             with autocast(self.device, self.config.bf16):
-                loss = self.model(**batch).loss * weight
+                loss = self.family.answer_loss(self.model, batch) * weight
             loss.backward()
         else:  # a batch smaller than the world leaves this rank without examples: it adds zero gradients
             loss = torch.zeros((), device=self.device)
@@ -267,9 +270,9 @@ class Trainer:
         """
         a = self.config
         if self.ddp.world == 1:
-            batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
+            batch = to_device(collate(self.model, inputs, labels, self.tokenizer.pad_token_id), self.device)
             with autocast(self.device, self.config.bf16):
-                loss = self.model(**batch).loss
+                loss = self.family.answer_loss(self.model, batch)
             loss.backward()
         else:
             loss = self.backward_share(inputs, labels)
@@ -435,11 +438,10 @@ class Trainer:
             inputs = [x for d in draws for x in d[0]]
             labels = [y for d in draws for y in d[1]]
             self.use(slots, [len(d[0]) for d in draws])
-        batch = to_device(collate(inputs, labels, self.tokenizer.pad_token_id), self.device)
-        targets = batch.pop("labels")
+        batch = to_device(collate(self.model, inputs, labels, self.tokenizer.pad_token_id), self.device)
+        targets = batch["labels"]
         with autocast(self.device, self.config.bf16):
-            logits = self.model(**batch, decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(
-                labels=targets), use_cache=False).logits
+            logits = self.family.answer_logits(self.model, batch)
             rows = channel_rows(logits, len(slots)) if shared else logits.split([len(d[0]) for d in draws])
             gold = [targets] * len(slots) if shared else targets.split([len(d[0]) for d in draws])
             return [torch.nn.functional.cross_entropy(r.reshape(-1, r.shape[-1]), y.reshape(-1),

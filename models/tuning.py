@@ -22,6 +22,7 @@ from dataloader.metrics import metric_for_task
 from models.backbone import quiet_libraries
 from models.delta import load_delta_state
 from models.evaluate import decoding_for
+from models.examples import longest_example
 from models.formats.peft_export import check_destination, check_exportable, export_peft
 from models.group import chunks, pick_group_size
 from models.run_folders import (
@@ -33,7 +34,6 @@ from models.run_folders import (
     run_settings,
     update_result_tsv,
 )
-from models.seq2seq import longest_example
 from models.settings import AUTO, TuneConfig
 from models.trainer import Distributed, Run, RunLog, TaskData, Trainer, fmt_score, init_distributed
 from task_list import resolve_tasks_in

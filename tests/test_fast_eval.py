@@ -15,8 +15,7 @@ from dataloader.metrics import metric_for_task, score
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, load_delta_state
 from models.evaluate import evaluate
-from models.formats import load_delta_checkpoint
-from models.seq2seq import (
+from models.examples import (
     MAX_LABELS,
     encode_examples,
     generate,
@@ -25,6 +24,7 @@ from models.seq2seq import (
     rank_scores,
     training_examples,
 )
+from models.formats import load_delta_checkpoint
 from models.settings import TrainConfig
 from models.trainer import Trainer
 from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR, only_run

@@ -24,7 +24,7 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.evaluate import evaluate
-from models.seq2seq import encode_examples, generate
+from models.examples import encode_examples, generate
 from tests.conftest import REPO, SUITE_DIR
 from utils.errors import run_cli
 

@@ -31,7 +31,7 @@ def read(path: Path) -> list[dict[str, str]]:
 def planted(tiny_backbone_dir: Path, tmp_path_factory) -> dict:
     """Four random LoRA sources; the target's train outputs are what 0.6·s_one + 0.4·s_two generates."""
     from dataloader.crossfit import Example
-    from models.seq2seq import encode_examples, generate
+    from models.examples import encode_examples, generate
 
     root = tmp_path_factory.mktemp("planted")
     model, tokenizer = load_backbone(tiny_backbone_dir)

@@ -17,7 +17,7 @@ import torch
 
 from models.backbone import load_backbone
 from models.delta import DeltaConfig, attach_delta, delta_params, load_delta_state
-from models.seq2seq import collate, training_examples
+from models.examples import collate, training_examples
 from models.trainer import Run
 from tests.test_grouped import make_trainer, perturbed, quiet_log, task_data
 
@@ -43,7 +43,7 @@ def reference_run(backbone, method: str, start: dict[str, torch.Tensor], batches
     moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     model.train()
     for step, (inputs, labels) in enumerate(batches):
-        loss = model(**collate(inputs, labels, pad_id)).loss
+        loss = model(**collate(model, inputs, labels, pad_id)).loss
         grads = torch.autograd.grad(loss, list(params.values()))
         norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
         clip = min(1.0, max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s definition

@@ -39,8 +39,8 @@ from models.delta import (
     param_group,
     save_delta_checkpoint,
 )
+from models.examples import encode_examples, first_output_batches
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint
-from models.seq2seq import encode_examples, first_output_batches
 from tests.conftest import REPO, SUITE_DIR
 from utils.errors import UserInputError, run_cli
 
@@ -270,7 +270,7 @@ def test_cli_loss_equals_independent_pooled_loss(tiny_backbone_dir: Path, module
     load_delta_state(model, state, "decoder.1 only")
     total, count = 0.0, 0
     with torch.no_grad():
-        for _, batch in first_output_batches(task, 1, tokenizer.pad_token_id):
+        for _, batch in first_output_batches(model, task, 1, tokenizer.pad_token_id):
             logits = model(**batch).logits
             total += float(F.cross_entropy(logits[0], batch["labels"][0], reduction="sum"))
             count += int((batch["labels"] != -100).sum())
@@ -293,7 +293,7 @@ def test_cli_kl_equals_a_hand_computed_kl_to_the_reference_module(tiny_backbone_
     source, _ = load_delta_checkpoint(modules / "sources" / "lora" / "sent_tweet")
     total, count = 0.0, 0
     with torch.no_grad():
-        for _, batch in first_output_batches(task, 1, tokenizer.pad_token_id):
+        for _, batch in first_output_batches(model, task, 1, tokenizer.pad_token_id):
             load_delta_state(model, reference, "reference")
             p_ref = torch.softmax(model(**batch).logits[0].double(), -1)
             load_delta_state(model, source, "source")

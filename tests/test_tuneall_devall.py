@@ -27,8 +27,8 @@ from models.delta import (
     save_delta_checkpoint,
 )
 from models.evaluate import evaluate
+from models.examples import encode_examples
 from models.formats import load_delta_checkpoint
-from models.seq2seq import encode_examples
 from tests.conftest import REPO, only_run
 from utils.errors import run_cli
 

@@ -64,19 +64,21 @@ class OnTarget:
         ``override`` replaces the model's delta parameters for this forward (None: the model as loaded)."""
         from get_similarity.metrics import token_loss
         from models.evaluate import autocast
-        from models.seq2seq import first_output_batches, to_device
+        from models.examples import first_output_batches, to_device
 
         model, device = self.trainer.model, self.trainer.device
         model.eval()
         total, count = None, 0
         pad = self.trainer.tokenizer.pad_token_id
-        for _, batch in first_output_batches(self.tasks[target].splits[self.split], batch_size, pad):
+        family = self.trainer.family
+        for _, batch in first_output_batches(model, self.tasks[target].splits[self.split], batch_size, pad):
             batch = to_device(batch, device)
             with autocast(device, self.trainer.config.bf16):
                 if override is None:
-                    logits = model(**batch).logits
+                    logits = family.answer_logits(model, batch)
                 else:
-                    logits = torch.func.functional_call(model, override, args=(), kwargs=batch, strict=False).logits
+                    logits = family.answer_logits(model, batch, call=lambda **kwargs: torch.func.functional_call(
+                        model, override, args=(), kwargs=kwargs, strict=False))
             values, mask = token_loss(logits, batch["labels"])
             part = values[mask].double().sum()
             total = part if total is None else total + part

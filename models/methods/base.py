@@ -9,7 +9,6 @@ the registry and never branches on a method's name.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,11 +18,11 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: the registry l
     from torch import nn
 
 
+from models.backbones import COUNT_KEYS, block_of, count_key
 from utils.errors import UserInputError
 
 DELTA_NAME = "delta"  # every module is added under this one name, so names match across tasks and runs
 GRANULARITIES = ("model", "block", "layer")
-BLOCK_RE = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -91,12 +90,11 @@ class DeltaMethod:
 
     def layer_counts(self, shapes: Shapes, d_model: int) -> dict[str, int]:
         """The backbone's layer counts that the tensors reveal (part of a backbone fingerprint)."""
-        counts = {}
-        for stack, key in (("encoder", "num_layers"), ("decoder", "num_decoder_layers")):
-            blocks = [int(m.group(2)) for m in map(BLOCK_RE.match, shapes) if m and m.group(1) == stack]
-            if blocks:
-                counts[key] = max(blocks) + 1
-        return counts
+        counts: dict[str, int] = {}
+        for found in filter(None, map(block_of, shapes)):
+            key = count_key(found[0])
+            counts[key] = max(counts.get(key, 0), found[1] + 1)
+        return {key: counts[key] for key in COUNT_KEYS if key in counts}  # the backbone config's order
 
     def param_group(self, name: str, granularity: str) -> str:
         """Group of a parameter at ``block`` (encoder/decoder) or ``layer`` (``encoder.3``) granularity."""
@@ -134,15 +132,16 @@ def pair_update(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tenso
 
 
 def block_group(name: str, granularity: str) -> str:
-    """``model``, the stack (``encoder``/``decoder``) or the layer (``encoder.3``) of a parameter in a block."""
+    """``model``, the stack (``encoder``/``decoder``) or the layer (``encoder.3``) of a parameter in a block
+    (a decoder-only backbone has the one stack ``decoder``)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity: expected one of {', '.join(GRANULARITIES)}, found {granularity!r}")
     if granularity == "model":
         return "model"
-    m = BLOCK_RE.search(name)
-    if m is None:
-        raise ValueError(f"parameter {name!r} is not inside an encoder/decoder block")
-    return m.group(1) if granularity == "block" else f"{m.group(1)}.{int(m.group(2))}"
+    found = block_of(name)
+    if found is None:
+        raise ValueError(f"parameter {name!r} is not inside a layer of the backbone")
+    return found[0] if granularity == "block" else f"{found[0]}.{found[1]}"
 
 
 def one_size(shapes: Shapes, suffix: str, dim: int, what: str, source: str) -> int:

@@ -1,5 +1,6 @@
 """Prefix tuning: ``PrefixTuningConfig(prefix_length, bottleneck_size=prefix_mlp, flat=False)`` with prefixes for
-encoder self-attention, decoder self-attention and decoder cross-attention. Each prefix is an embedding of
+encoder self-attention, decoder self-attention and decoder cross-attention (a decoder-only backbone has only
+the decoder's self-attention). Each prefix is an embedding of
 ``prefix_length`` rows fed through a two-layer MLP (width ``prefix_mlp``) that emits the keys and values of
 all layers of one stack at once; the MLP weights are ordinary trainable parameters (they are what is saved).
 A prefix always adds attention positions, so the method has no neutral state.
@@ -46,9 +47,11 @@ class Prefix(DeltaMethod):
 
     def layer_counts(self, shapes: Shapes, d_model: int) -> dict[str, int]:
         # Each stack's MLP emits keys and values (2 * d_model) for each of its layers at once.
+        # The pool sits under the backbone's first attention layer, whose path differs between families.
         counts = {}
         for kind, key in (("encoder_prefix", "num_layers"), ("self_prefix", "num_decoder_layers")):
-            shape = shapes.get(f"{self.pool_home}.{DELTA_NAME}.{kind}.control_trans.2.weight")
+            suffix = f".prefix_tunings.{DELTA_NAME}.{kind}.control_trans.2.weight"
+            shape = next((s for name, s in shapes.items() if name.endswith(suffix)), None)
             if shape is not None:
                 counts[key] = int(shape[0]) // (2 * d_model)
         return counts

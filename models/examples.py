@@ -1,6 +1,7 @@
-"""Tokenised batches, greedy/beam generation, rank classification and task scoring.
+"""Tokenised examples, their batches, and predictions from them: greedy/beam generation and rank classification.
 
-Shared by the trainer and the similarity code.
+Family-blind: how a batch is laid out and which logits score which answer token is the backbone family's
+(models/backbones/). Shared by the trainer and the similarity code.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from dataloader.crossfit import Example
+from models.backbones import family_of
 from utils.progress import progress_bar
 
-IGNORE_INDEX = -100
 # Metrics whose gold outputs are class names: only these tasks can have a fixed label set.
 CLASSIFICATION_METRICS = ("ACC", "Classification-F1", "Matthew-Correlation")
 MAX_LABELS = 32
@@ -38,13 +39,20 @@ def encode_examples(tokenizer, examples: list[Example], max_input_length: int,
                     max_output_length: int) -> EncodedTask:
     """Tokenise inputs and every gold output once (truncating), so training batches only pad."""
     inputs = tokenizer([ex.input for ex in examples], max_length=max_input_length, truncation=True).input_ids
-    flat = [out for ex in examples for out in ex.outputs]
-    flat_ids = tokenizer(flat, max_length=max_output_length, truncation=True).input_ids
+    flat_ids = encode_answers(tokenizer, [out for ex in examples for out in ex.outputs], max_output_length)
     outputs, pos = [], 0
     for ex in examples:
         outputs.append(flat_ids[pos:pos + len(ex.outputs)])
         pos += len(ex.outputs)
     return EncodedTask(examples, inputs, outputs)
+
+
+def encode_answers(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Each answer's tokens and then EOS, at most ``max_length`` in all: what T5's tokenizer makes of it, and what
+    a decoder-only model must learn to stop (Llama's tokenizer would put BOS first and no EOS)."""
+    pieces = tokenizer(list(texts), add_special_tokens=False).input_ids
+    keep = None if max_length is None else max(0, max_length - 1)
+    return [ids[:keep] + [tokenizer.eos_token_id] for ids in pieces]
 
 
 def longest_example(tasks: Iterable[EncodedTask]) -> int:
@@ -55,22 +63,9 @@ def longest_example(tasks: Iterable[EncodedTask]) -> int:
     return inputs + outputs
 
 
-def collate(inputs: list[list[int]], labels: list[list[int]] | None, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad inputs (with an attention mask) and labels (with IGNORE_INDEX)."""
-    width = max(len(x) for x in inputs)
-    input_ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
-    for i, ids in enumerate(inputs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if labels is not None:
-        out_width = max(len(y) for y in labels)
-        label_ids = torch.full((len(labels), out_width), IGNORE_INDEX, dtype=torch.long)
-        for i, ids in enumerate(labels):
-            label_ids[i, :len(ids)] = torch.tensor(ids)
-        batch["labels"] = label_ids
-    return batch
+def collate(model, inputs: list[list[int]], labels: list[list[int]] | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """``model``'s family's batch: ``labels`` (the answers alone, IGNORE_INDEX-padded) beside its inputs."""
+    return family_of(model).collate(inputs, labels, pad_id)
 
 
 def training_examples(task: EncodedTask, batch_size: int,
@@ -88,19 +83,20 @@ def training_examples(task: EncodedTask, batch_size: int,
             yield [task.inputs[i] for i in idx], labels
 
 
-def training_batches(task: EncodedTask, batch_size: int, rng: random.Random,
+def training_batches(model, task: EncodedTask, batch_size: int, rng: random.Random,
                      pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled epochs of collated batches (same draws as ``training_examples``)."""
     for inputs, labels in training_examples(task, batch_size, rng):
-        yield collate(inputs, labels, pad_id)
+        yield collate(model, inputs, labels, pad_id)
 
 
-def first_output_batches(task: EncodedTask, batch_size: int, pad_id: int) -> Iterator[tuple[list[int], dict]]:
+def first_output_batches(model, task: EncodedTask, batch_size: int,
+                         pad_id: int) -> Iterator[tuple[list[int], dict]]:
     """Deterministic batches with each example's first gold output, sorted by input length (less padding)."""
     order = sorted(range(len(task.inputs)), key=lambda i: len(task.inputs[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield idx, collate([task.inputs[i] for i in idx], [task.outputs[i][0] for i in idx], pad_id)
+        yield idx, collate(model, [task.inputs[i] for i in idx], [task.outputs[i][0] for i in idx], pad_id)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -164,6 +160,7 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     not have produced a label are cut.
     """
     device = device or next(model.parameters()).device
+    family = family_of(model)
     was_training = model.training
     model.eval()
     predictions: list[list[str]] = [[""] * len(task.inputs) for _ in range(channels)]
@@ -173,8 +170,8 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     starts = range(0, len(order), batch_size)
     for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[start:start + batch_size]
-        batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        batch = to_device(collate(model, [task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
+        out = family.generate(model, batch, tokenizer, max_new_tokens, num_beams)
         if out.shape[0] != channels * len(idx):
             raise RuntimeError(f"generate returned {out.shape[0]} rows for {len(idx)} inputs x {channels} modules")
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -190,56 +187,24 @@ def rank_scores(model, tokenizer, task: EncodedTask, labels: list[str], batch_si
                 device: torch.device | None = None) -> torch.Tensor:
     """Summed log-likelihood of each label's tokens (EOS included) per example, teacher-forced.
 
-    Returns a float32 CPU tensor (examples, labels). The encoder runs once per batch of examples; its
-    states are repeated for every label, so a batch feeds about ``batch_size`` decoder rows.
+    Returns a float32 CPU tensor (examples, labels). A batch holds about ``batch_size`` (example, label) rows;
+    the family scores them (T5 runs its encoder once per example).
     """
     if not labels:
         raise ValueError("rank classification needs at least one label")
     device = device or next(model.parameters()).device
+    family = family_of(model)
     was_training = model.training
     model.eval()
-    n_labels = len(labels)
-    tokenised = tokenizer(list(labels)).input_ids
-    label_ids = torch.full((n_labels, max(len(t) for t in tokenised)), IGNORE_INDEX, dtype=torch.long)
-    for j, ids in enumerate(tokenised):
-        label_ids[j, :len(ids)] = torch.tensor(ids)
-    decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=label_ids)
-    label_ids, decoder_inputs = label_ids.to(device), decoder_inputs.to(device)
-    example_bsz = max(1, batch_size // n_labels)
-    scores = torch.empty((len(task.inputs), n_labels), dtype=torch.float32)
+    label_ids = encode_answers(tokenizer, labels)
+    example_bsz = max(1, batch_size // len(labels))
+    scores = torch.empty((len(task.inputs), len(labels)), dtype=torch.float32)
     order = sorted(range(len(task.inputs)), key=lambda i: len(task.inputs[i]))
     for start in range(0, len(order), example_bsz):
         idx = order[start:start + example_bsz]
-        batch = to_device(collate([task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
-        n = len(idx)
-        encoded = _encode(model, batch)
-        # Row r of the decoder batch is example r // n_labels with label r % n_labels.
-        out = model(encoder_outputs=(encoded.repeat_interleave(n_labels, dim=0),),
-                    attention_mask=batch["attention_mask"].repeat_interleave(n_labels, dim=0),
-                    decoder_input_ids=decoder_inputs.repeat(n, 1), use_cache=False)
-        targets = label_ids.repeat(n, 1)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        token_logp = token_logp.masked_fill(targets == IGNORE_INDEX, 0.0)
-        scores[idx] = token_logp.sum(dim=-1).view(n, n_labels).cpu()
+        scores[idx] = family.rank_scores(model, [task.inputs[i] for i in idx], label_ids, tokenizer.pad_token_id)
     model.train(was_training)
     return scores
-
-
-def _encode(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Encoder states of a batch, inside the delta library's forward context when it has one.
-
-    The ``adapters`` library sets up per-batch state (prefix tuning's keys and values) in a context
-    that the model's forward() opens; calling the encoder alone must open it too, as its own
-    generate() does.
-    """
-    encoder = model.get_encoder()
-    if getattr(model, "adapters_config", None) is None:
-        return encoder(**batch, return_dict=True).last_hidden_state
-    from adapters.context import ForwardContext
-
-    with ForwardContext(model, **batch):
-        return encoder(**batch, return_dict=True).last_hidden_state
 
 
 def rank_classify(model, tokenizer, task: EncodedTask, labels: list[str], batch_size: int,

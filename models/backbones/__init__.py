@@ -1,0 +1,54 @@
+"""The backbone families, one file each, behind one registry.
+
+To add a family: write ``models/backbones/<name>.py`` with a ``BackboneFamily`` subclass (its model class,
+config numbers, batch layout, logit alignment, generation and layer pattern) and register it on the
+``FAMILIES`` line below. ``config.json``'s ``model_type`` picks the family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.backbones.base import IGNORE_INDEX, BackboneFamily
+from models.backbones.causal import Causal
+from models.backbones.seq2seq import Seq2Seq
+from utils.errors import UserInputError
+
+FAMILIES: dict[str, BackboneFamily] = {f.name: f for f in (Seq2Seq(), Causal())}
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
+COUNT_KEYS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.stacks.values()))  # layer-count keys
+
+__all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "SUPPORTED_MODEL_TYPES", "BackboneFamily", "block_of", "family_for_type",
+           "count_key", "family_of"]
+
+
+def family_for_type(model_type: Any, where: str = "--model") -> BackboneFamily:
+    """The family that loads ``model_type``; another architecture is refused by name."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise UserInputError(f"{where}: a {model_type or 'model of unknown type'} model (model_type {model_type!r}); "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def family_of(model_or_config: Any) -> BackboneFamily:
+    """The family of a loaded model (or of its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return family_for_type(getattr(config, "model_type", None), "model")
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """(stack, layer index) of a parameter inside a layer of any family, else None (names do not overlap)."""
+    for family in FAMILIES.values():
+        found = family.block_of(name)
+        if found is not None:
+            return found
+    return None
+
+
+def count_key(stack: str) -> str:
+    """The fingerprint's layer-count key of a stack name."""
+    for family in FAMILIES.values():
+        if stack in family.stacks:
+            return family.stacks[stack]
+    raise ValueError(f"unknown stack {stack!r}")
