@@ -94,7 +94,16 @@ from models.examples import (  # noqa: E402
     to_device,
 )
 from models.formats import inspect_delta_checkpoint, load_delta_checkpoint  # noqa: E402
-from models.group import active, channel_rows, chunks, ensure_slots, load_slot_state, pick_group_size, slot_params
+from models.group import (  # noqa: E402
+    active,
+    channel_rows,
+    chunks,
+    ensure_slots,
+    load_slot_state,
+    pick_group_size,
+    shared_batch,
+    slot_params,
+)
 from models.run_folders import file_lock, resolve_checkpoint, source_path  # noqa: E402
 from task_list import resolve_tasks, resolve_tasks_in  # noqa: E402
 from utils.errors import UserInputError, run_cli  # noqa: E402
@@ -200,7 +209,7 @@ class SimilarityScorer:
                 for group in self.groups:
                     for slot, (tensors, source) in zip(slots, sources):
                         load_slot_state(self.model, slot, self.group_state(tensors, group), source)
-                    for i, scores in enumerate(self._channel_token_scores(task, token_metrics, reference, len(slots))):
+                    for i, scores in enumerate(self._channel_token_scores(task, token_metrics, reference, slots)):
                         for name, value in scores.items():
                             out[i][name][group] = value
             if any(m.needs_grad for m in metrics):
@@ -208,30 +217,31 @@ class SimilarityScorer:
                     load_slot_state(self.model, slot, tensors, source)
                 modules = [slot_params(self.model, slot) for slot in slots]
                 norms = modules_grad_norms(self.model, task, self.pad_id, self.groups, modules,
-                                           lambda batch: self._channel_losses(batch, len(slots)))
+                                           lambda batch: self._channel_losses(batch, slots))
                 for m in metrics:
                     if m.needs_grad:
                         for i, per_group in enumerate(norms):
                             out[i][m.name] = {g: sum(v) / len(v) for g, v in per_group.items()}
         return out
 
-    def _channel_logits(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
-        """Each slot's logits on ``batch`` from one Parallel forward pass."""
-        return channel_rows(self.family.answer_logits(self.model, batch), channels)
+    def _channel_logits(self, batch: dict[str, torch.Tensor], slots: list[str]) -> list[torch.Tensor]:
+        """Each slot's logits on ``batch`` from one forward pass (models.group.shared_batch)."""
+        logits = self.family.answer_logits(self.model, shared_batch(self.model, slots, batch))
+        return channel_rows(logits, len(slots))
 
-    def _channel_losses(self, batch: dict[str, torch.Tensor], channels: int) -> list[torch.Tensor]:
+    def _channel_losses(self, batch: dict[str, torch.Tensor], slots: list[str]) -> list[torch.Tensor]:
         """Each slot's mean token loss on ``batch`` (the model's own loss, per slot)."""
         labels = batch["labels"].reshape(-1)
         return [torch.nn.functional.cross_entropy(r.reshape(-1, r.shape[-1]), labels, ignore_index=IGNORE_INDEX)
-                for r in self._channel_logits(batch, channels)]
+                for r in self._channel_logits(batch, slots)]
 
     @torch.no_grad()
     def _channel_token_scores(self, task: EncodedTask, metrics: list[Metric], reference: list[torch.Tensor] | None,
-                              channels: int) -> list[dict[str, float]]:
-        means = [{m.name: TokenMean() for m in metrics} for _ in range(channels)]
+                              slots: list[str]) -> list[dict[str, float]]:
+        means = [{m.name: TokenMean() for m in metrics} for _ in slots]
         for b, (_, batch) in enumerate(first_output_batches(self.model, task, self.batch_size, self.pad_id)):
             batch = to_device(batch, self.device)
-            for i, logits in enumerate(self._channel_logits(batch, channels)):
+            for i, logits in enumerate(self._channel_logits(batch, slots)):
                 for m in metrics:
                     values, mask = m.fn(logits, batch["labels"], reference[b] if m.needs_reference else None)
                     means[i][m.name].add(values, mask)

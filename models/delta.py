@@ -205,8 +205,12 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     cfg.validate()
     if getattr(model, "adapters_config", None) is not None and DELTA_NAME in model.adapters_config:
         raise ValueError(f"model already has a delta module named {DELTA_NAME!r}")
+    family = family_of(model)
+    if cfg.method not in family.methods:
+        raise UserInputError(f"delta method {cfg.method!r} is not built by AdapterHub on {family.name} backbones "
+                             f"({model.config.model_type}); supported there: {', '.join(family.methods)}")
     was_training = model.training
-    family_of(model).prepare_for(model, cfg.method)
+    family.prepare_for(model, cfg.method)
     adapters.init(model)
     # set_active_adapters() first resets LoRA inside a forward context with nothing active yet, which logs
     # a spurious "none are activated" warning; silence just that logger while we set up.

@@ -80,9 +80,9 @@ def predict_group(model, tokenizer, task: EncodedTask, decoding: Decoding, batch
     is not checked with beams here, and rank classification calls the encoder on its own.
     """
     if len(slots) > 1 and not decoding.rank_labels and num_beams == 1:
-        with active(model, slots), autocast(next(model.parameters()).device, bf16):
+        with autocast(next(model.parameters()).device, bf16):
             return generate_channels(model, tokenizer, task, batch_size, decoding.max_new_tokens, desc=desc,
-                                     channels=len(slots))
+                                     slots=slots)
     predictions = []
     for slot in slots:
         with active(model, [slot]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -136,18 +137,20 @@ def generate(model, tokenizer, task: EncodedTask, batch_size: int, max_new_token
              sort_by_length: bool = True) -> list[str]:
     """Predictions in the examples' order (``generate_channels`` with one module)."""
     return generate_channels(model, tokenizer, task, batch_size, max_new_tokens, num_beams, device, desc,
-                             sort_by_length, channels=1)[0]
+                             sort_by_length)[0]
 
 
 @torch.no_grad()
 def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_new_tokens: int,
                       num_beams: int = 1, device: torch.device | None = None, desc: str | None = None,
-                      sort_by_length: bool = True, channels: int = 1) -> list[list[str]]:
-    """Each channel's predictions in the examples' order.
+                      sort_by_length: bool = True, slots: Sequence[str] | None = None) -> list[list[str]]:
+    """Each slot's predictions in the examples' order (one list: the active module's, when ``slots`` is None).
 
-    ``channels`` > 1 is a model whose active setup is a ``Parallel`` of that many modules: the library
-    replicates each batch inside ``generate``, and rows g*B..(g+1)*B-1 of the output are module g's. Greedy
-    rows do not interact, so a module's rows are what it generates alone on the same batches.
+    Several ``slots`` (models/group.py) generate in one pass per batch, and rows g*B..(g+1)*B-1 of the output are
+    slot g's. A family whose library generates under ``Parallel`` (T5: the library replicates each batch inside
+    the model) gets that; otherwise each slot takes its own copy of the batch under ``BatchSplit``
+    (``models.group.shared_batch``). Greedy rows do not interact,
+    so a slot's rows are what it generates alone on the same batches.
 
     ``sort_by_length`` batches examples sorted by input length, which wastes less padding (False: file
     order, for comparison).
@@ -159,8 +162,11 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     its longest row: for a label task with a budget of the longest label plus EOS, only rows that would
     not have produced a label are cut.
     """
+    from models.group import active, shared_batch
+
     device = device or next(model.parameters()).device
     family = family_of(model)
+    channels = len(slots) if slots else 1
     was_training = model.training
     model.eval()
     predictions: list[list[str]] = [[""] * len(task.inputs) for _ in range(channels)]
@@ -171,7 +177,9 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
         idx = order[start:start + batch_size]
         batch = to_device(collate(model, [task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
-        out = family.generate(model, batch, tokenizer, max_new_tokens, num_beams)
+        with active(model, slots) if slots else nullcontext():  # slot 0 alone again afterwards
+            out = family.generate(model, shared_batch(model, slots, batch) if slots else batch, tokenizer,
+                                  max_new_tokens, num_beams)
         if out.shape[0] != channels * len(idx):
             raise RuntimeError(f"generate returned {out.shape[0]} rows for {len(idx)} inputs x {channels} modules")
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)

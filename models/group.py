@@ -118,6 +118,18 @@ def active(model: nn.Module, slots: Sequence[str], batch_sizes: Sequence[int] | 
         activate(model, [DELTA_NAME])
 
 
+def shared_batch(model: nn.Module, slots: Sequence[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Activate ``slots`` to run on one shared ``batch`` and return what to feed the model. Under ``Parallel`` that
+    is the batch itself; for a family whose library cannot run Parallel (models/backbones/) it is one copy of the
+    batch per slot under ``BatchSplit``. Either way slot g's output rows are rows g*B..(g+1)*B-1."""
+    if len(slots) == 1 or family_of(model).parallel_composition:
+        activate(model, slots)
+        return batch
+    rows = len(next(iter(batch.values())))
+    activate(model, slots, [rows] * len(slots))
+    return {k: v.repeat(len(slots), *[1] * (v.dim() - 1)) for k, v in batch.items()}
+
+
 def channel_rows(tensor: torch.Tensor, channels: int) -> list[torch.Tensor]:
     """Split an output of a Parallel forward (channels * B rows) into each slot's B rows."""
     if tensor.shape[0] % channels:

@@ -430,7 +430,8 @@ class Trainer:
 
     def group_losses(self, slots: list[str], draws: list[Batch]) -> list[torch.Tensor]:
         """Each slot's mean token loss on its own batch, from one forward pass (Parallel or BatchSplit)."""
-        shared = all(d == draws[0] for d in draws[1:])
+        # A family without Parallel feeds a shared batch once per slot, as draws that happen to be equal.
+        shared = all(d == draws[0] for d in draws[1:]) and self.family.parallel_composition
         if shared:
             inputs, labels = draws[0]
             self.use(slots)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random T5 backbone on disk (fast, offline) and the bundled suite's paths."""
+"""Shared fixtures: tiny random backbones of both families on disk (fast, offline) and the bundled suite's paths."""
 
 from __future__ import annotations
 
@@ -50,6 +50,33 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory) -> Path:
+    """A random 2-layer, width-32 Llama-architecture decoder with the same tokenizer: the causal family's twin of
+    ``tiny_backbone_dir``."""
+    import torch
+    from transformers import LlamaConfig
+
+    from models.backbones import FAMILIES
+    from models.pretrain_default import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_causal")
+    tokenizer = train_tokenizer(vocab_size=600, seed=0, corpus_size=3000)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    FAMILIES["causal"].new_model(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["seq2seq", "causal"])
+def family_backbone_dir(request) -> Path:
+    """The tiny backbone of each family in turn: tests of the core that must hold on both take this one."""
+    return request.getfixturevalue("tiny_backbone_dir" if request.param == "seq2seq" else "tiny_causal_dir")
 
 
 # The small study that test_study, test_crash_safety and test_jobs each compare an interrupted, resumed or

@@ -84,8 +84,8 @@ def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_parallel_group_equals_runs_alone(method, tiny_backbone_dir):
-    trainer = make_trainer(tiny_backbone_dir, method)
+def test_parallel_group_equals_runs_alone(method, family_backbone_dir):
+    trainer = make_trainer(family_backbone_dir, method)
     task = task_data(trainer, "sent_review")
     starts = [perturbed(trainer.init_state, i) for i in range(3)]
     runs = [Run(task, lr, 4, start, f"start {i}", None, quiet_log())
@@ -98,8 +98,8 @@ def test_parallel_group_equals_runs_alone(method, tiny_backbone_dir):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_split_group_equals_runs_alone(method, tiny_backbone_dir):
-    trainer = make_trainer(tiny_backbone_dir, method)
+def test_batch_split_group_equals_runs_alone(method, family_backbone_dir):
+    trainer = make_trainer(family_backbone_dir, method)
     tasks = [task_data(trainer, t) for t in ("sent_review", "topic_news", "nli_support")]
     runs = [Run(task, 1e-2, bsz, trainer.init_state, "random", None, quiet_log())
             for task, bsz in zip(tasks, (4, 3, 5))]
@@ -180,16 +180,28 @@ def close_rows(a: list[dict[str, str]], b: list[dict[str, str]], column: str, re
         assert float(x[column]) == pytest.approx(float(y[column]), rel=rel, abs=1e-9), x
 
 
-@pytest.fixture(scope="module")
-def stage_sources(tiny_backbone_dir, tmp_path_factory) -> Path:
+def make_stage_sources(backbone: Path, root: Path, methods: list[str]) -> Path:
     """root/{method}/{task}: a perturbed module per task and method, standing in for tuned sources."""
-    root = tmp_path_factory.mktemp("stage_sources")
-    for method in METHODS:
-        trainer = make_trainer(tiny_backbone_dir, method)
+    for method in methods:
+        trainer = make_trainer(backbone, method)
         for i, task in enumerate(STAGE_TASKS):
             save_delta_checkpoint(root / method / task, perturbed(trainer.init_state, 10 + i), trainer.cfg,
                                   trainer.backbone, trainer.fingerprint, task=task)
     return root
+
+
+@pytest.fixture(scope="module")
+def stage_sources(tiny_backbone_dir, tmp_path_factory) -> Path:
+    return make_stage_sources(tiny_backbone_dir, tmp_path_factory.mktemp("stage_sources"), METHODS)
+
+
+# The causal family through the stages: LoRA (whose library generation needs no cache) and prefix (eager attention).
+CAUSAL_STAGE_METHODS = ["lora", "prefix"]
+
+
+@pytest.fixture(scope="module")
+def causal_stage_sources(tiny_causal_dir, tmp_path_factory) -> Path:
+    return make_stage_sources(tiny_causal_dir, tmp_path_factory.mktemp("causal_stage_sources"), CAUSAL_STAGE_METHODS)
 
 
 def common_args(backbone: Path) -> list[str]:
@@ -222,11 +234,12 @@ def size_flags() -> list[str]:
     return [x for name, value in SIZES.items() for x in (f"--{name}", str(value))]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_tune_all_dev_all_and_similarity_grouped_equal_one_at_a_time(method, stage_sources, tiny_backbone_dir,
-                                                                     tmp_path):
-    sources = stage_sources / method
-    base = [*common_args(tiny_backbone_dir), "--tasks", *STAGE_TASKS, "--source_ckpt_path", str(sources)]
+@pytest.mark.parametrize("family,method", [("seq2seq", m) for m in METHODS] +
+                         [("causal", m) for m in CAUSAL_STAGE_METHODS])
+def test_tune_all_dev_all_and_similarity_grouped_equal_one_at_a_time(family, method, request, tmp_path):
+    backbone = request.getfixturevalue("tiny_backbone_dir" if family == "seq2seq" else "tiny_causal_dir")
+    sources = request.getfixturevalue("stage_sources" if family == "seq2seq" else "causal_stage_sources") / method
+    base = [*common_args(backbone), "--tasks", *STAGE_TASKS, "--source_ckpt_path", str(sources)]
     for size in ("auto", "1"):
         tuned = tmp_path / f"tuneall{size}"
         assert run_cli(tune_all.main, [*base, "--output_dir", str(tuned), "--steps", "3", "--bsz", "4",

@@ -18,8 +18,8 @@ FAMILIES: dict[str, BackboneFamily] = {f.name: f for f in (Seq2Seq(), Causal())}
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
 COUNT_KEYS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.stacks.values()))  # layer-count keys
 
-__all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "SUPPORTED_MODEL_TYPES", "BackboneFamily", "block_of", "family_for_type",
-           "count_key", "family_of"]
+__all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "SUPPORTED_MODEL_TYPES", "BackboneFamily", "block_of",
+           "count_key", "family_for_type", "family_of"]
 
 
 def family_for_type(model_type: Any, where: str = "--model") -> BackboneFamily:

@@ -33,6 +33,9 @@ class BackboneFamily:
     block_pattern: re.Pattern = re.compile(r"(?!)")
     stacks: Mapping[str, str] = {}  # stack name -> the fingerprint's layer-count key
     methods: tuple[str, ...] = ()  # delta methods AdapterHub builds on this family (measured: tests/test_backbones.py)
+    # Whether AdapterHub's Parallel composition (the library replicates the batch inside the model) works here;
+    # where not, a group of modules sharing a batch gets one copy per module under BatchSplit (models/group.py).
+    parallel_composition: bool = False
 
     # -- loading --------------------------------------------------------------------------------------
     def model_class(self) -> Any:

@@ -24,6 +24,7 @@ class Seq2Seq(BackboneFamily):
     block_pattern = re.compile(r"(?:^|\.)(?P<stack>encoder|decoder)\.block\.(?P<index>\d+)\.")
     stacks = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
     methods = ("adapter", "lora", "prefix", "ia3")
+    parallel_composition = True
 
     def model_class(self) -> Any:
         from transformers import T5ForConditionalGeneration
