@@ -117,12 +117,14 @@ class DeltaConfig:
         for field in spec.size_fields:
             if field.name not in self.values:
                 raise UserInputError(f"delta config: method {self.method} needs --{field.name}")
-            field.check(self.values[field.name])
+            self.values[field.name] = field.normalise(self.values[field.name])
         return self
 
     def sizes(self) -> dict[str, Any]:
-        """The fields that shape this method's module; two checkpoints are compatible iff these match."""
-        return {f.name: self.values[f.name] for f in self.validate().spec.size_fields}
+        """The fields that shape this method's module; two checkpoints are compatible iff these match. A field at
+        its ``earlier`` value (models/methods/base.py) is left out, as modules made before it existed record it."""
+        return {f.name: self.values[f.name] for f in self.validate().spec.size_fields
+                if f.earlier is None or self.values[f.name] != f.earlier}
 
     def describe(self) -> str:
         """One-line summary for messages, e.g. ``method=lora lora_r=10 lora_alpha=16``."""

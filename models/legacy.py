@@ -628,7 +628,8 @@ def convert_to_checkpoint(
     dropped: list[str] = []
     if ckpt is None:
         hub_cfg = DeltaConfig.from_checkpoint_meta(hub_meta)
-        cfg = resolve_config(hub_cfg.method, hub_cfg.sizes(), given, {}, str(source))
+        every_size = {f.name: hub_cfg.values[f.name] for f in hub_cfg.spec.size_fields}  # sizes() omits earlier ones
+        cfg = resolve_config(hub_cfg.method, every_size, given, {}, str(source))
         check_compatible(hub_meta, cfg, fingerprint, str(source), allow_other_weights=allow_other_backbone,
                          backbone=str(model))
     else:

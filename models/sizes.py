@@ -17,14 +17,14 @@ METHOD_SIZES: dict[str, dict[str, dict[str, int | str]]] = {
     # The paper's setting (README, "The paper's setting on a GPU box").
     "paper": {
         "adapter": {"adapter_type": "houlsby", "adapter_size": 12},
-        "lora": {"lora_r": 10, "lora_alpha": 16},
+        "lora": {"lora_r": 10, "lora_alpha": 16, "lora_targets": "q,v"},
         "prefix": {"prefix_length": 120, "prefix_mlp": 24},
         "ia3": {},  # (IA)³ has no sizes: one vector per rescaled activation
     },
     # The embedded default (d_model 128): a shorter prefix with a wider MLP, LoRA of rank 8.
     "default": {
         "adapter": {"adapter_type": "houlsby", "adapter_size": 12},
-        "lora": {"lora_r": 8, "lora_alpha": 16},
+        "lora": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "q,v"},
         "prefix": {"prefix_length": 32, "prefix_mlp": 64},
         "ia3": {},
     },

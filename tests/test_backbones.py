@@ -216,3 +216,20 @@ def test_the_scan_catches_a_t5_name(tmp_path):
     planted.write_text('"""T5Config in a docstring is fine."""\nfrom transformers import T5Config\n'
                        "x = dict(decoder_input_ids=1)  # T5Model in a comment too\n", encoding="utf-8")
     assert [h.split(": ")[1] for h in t5_names(planted, tmp_path)] == ["T5Config", "decoder_input_ids"]
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "causal"])
+def test_each_lora_location_reaches_the_modules_the_family_table_names(family, tiny_backbone_dir, tiny_causal_dir):
+    """``lora_modules`` is measured, not assumed: attach LoRA at one location at a time and read which projections
+    the library wrapped (the tiny T5 has a gated feed-forward: wi_0 and wi_1)."""
+    from models.methods.lora import LORA_LOCATIONS
+
+    folder = tiny_backbone_dir if family == "seq2seq" else tiny_causal_dir
+    table = FAMILIES[family].lora_modules
+    for location in LORA_LOCATIONS:
+        model, _ = load_backbone(folder)
+        attach_delta(model, DeltaConfig("lora", lora_r=2, lora_alpha=4, lora_targets=location))
+        reached = {n.split(".loras.")[0].rsplit(".", 1)[-1] for n in delta_params(model)}
+        assert reached and all(table[m] == location for m in reached), (location, reached)
+        expected = {m for m, loc in table.items() if loc == location and m != "wi"}  # wi: ungated T5 only
+        assert reached == expected, location

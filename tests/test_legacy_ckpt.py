@@ -492,13 +492,21 @@ def test_adapterhub_folder_in_tune_cli_and_mismatches(tmp_path, tiny_backbone_di
     assert_one_line_error(capsys.readouterr().err, "with d_model=128 num_layers=4 num_decoder_layers=4",
                           "this run's backbone has d_model=32")
 
-    # A library config this project does not build (LoRA on k too) is named, not loaded half-way.
-    odd = tmp_path / "qkv"
-    save_adapterhub(tiny_backbone_dir, LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]), odd, True)
-    argv[argv.index(str(wide))] = str(odd)
+    # A LoRA on k too is read as lora_targets q,k,v, and a run on the default targets refuses it by its sizes.
+    qkv = tmp_path / "qkv"
+    save_adapterhub(tiny_backbone_dir, LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]), qkv, True)
+    argv[argv.index(str(wide))] = str(qkv)
+    assert run_cli(tune.main, argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "made with method=lora lora_r=4 lora_alpha=8 lora_targets=q,k,v; "
+                          "this run uses method=lora lora_r=4 lora_alpha=8")
+
+    # A library config this project does not build (a layer left out) is named, not loaded half-way.
+    odd = tmp_path / "odd"
+    save_adapterhub(tiny_backbone_dir, LoRAConfig(r=4, alpha=8, leave_out=[0]), odd, True)
+    argv[argv.index(str(qkv))] = str(odd)
     assert run_cli(tune.main, argv) == 2
     assert_one_line_error(capsys.readouterr().err, "adapter_config.json: an AdapterHub module this project cannot "
-                          "load as is: attn_matrices=['q', 'k', 'v']")
+                          "load as is: leave_out=[0]")
     for name in ("r8", "w"):
         assert not (tmp_path / name).exists()
 

@@ -182,7 +182,8 @@ def edited(trained: dict[str, Path], tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"target_modules": ["q", "k", "v", "o"]}, "target_modules=['q', 'k', 'v', 'o']; this project's LoRA is on"),
+    ({"target_modules": ["q", "k", "v", "o"]}, "a LoRA of 'o', which AdapterHub's LoRA does not reach"),
+    ({"target_modules": ["q", "wi_0"]}, "a LoRA of 'wi_0', which AdapterHub's LoRA does not reach"),
     ({"target_modules": "q|v"}, "target_modules='q|v'"),
     ({"use_dora": True}, "use_dora=True (DoRA"),
     ({"rank_pattern": {"encoder.block.0.layer.0.SelfAttention.q": 8}}, "rank_pattern="),
@@ -193,6 +194,13 @@ def test_what_this_project_cannot_express_is_refused_in_one_line(trained, tmp_pa
     with pytest.raises(UserInputError, match="adapter_config.json") as e:
         load_delta_checkpoint(folder)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_of_a_projection_the_config_does_not_target_are_named(trained, tmp_path) -> None:
+    folder = edited(trained, tmp_path, target_modules=["q", "k"])  # the weights are of q and v
+    with pytest.raises(UserInputError, match=r"adapter_model.safetensors: tensor .*\.v\.lora_A\.weight' is not the "
+                                             r"lora_A or lora_B weight of a projection its config targets \(k, q\)"):
+        load_delta_checkpoint(folder)
 
 
 def test_a_missing_weights_file_and_a_config_that_is_not_json_are_named(trained, tmp_path) -> None:
@@ -288,3 +296,61 @@ def test_the_converter_turns_a_peft_folder_into_a_checkpoint_of_this_project(tra
     assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in tensors)
     assert meta["extra"]["source_format"] == "peft" and "weights" in meta["backbone_fingerprint"]
     assert (our_logits(tensors, LORA) - peft_logits(trained["rslora"])).abs().max() <= TOLERANCE
+
+
+# The projections people target, as far as AdapterHub's LoRA reaches them (models/backbones/: lora_modules).
+REACHABLE = {"seq2seq": ["q", "k", "v", "wi_1", "wo"], "causal": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
+
+
+def family_logits(model, tokenizer, family: str) -> torch.Tensor:
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    if family == "seq2seq":
+        kwargs["labels"] = tokenizer(["positive", "sports", "no"], return_tensors="pt", padding=True).input_ids
+    model.eval()
+    with torch.no_grad():
+        return model(**kwargs).logits
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "causal"])
+def test_a_peft_lora_of_every_reachable_projection_round_trips_with_peft_s_logits(family, request, tmp_path) -> None:
+    """Import: a PEFT LoRA on q, k, v and both feed-forward projections gives PEFT's logits here. Export: the same
+    module written back loads in PEFT with this project's logits. Both families, within 1e-5."""
+    folder = request.getfixturevalue("tiny_backbone_dir" if family == "seq2seq" else "tiny_causal_dir")
+    base, tokenizer = load_backbone(folder)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=REACHABLE[family], lora_dropout=0.0,
+                             init_lora_weights=False,  # random B: the adapter acts from the start
+                             task_type="SEQ_2_SEQ_LM" if family == "seq2seq" else "CAUSAL_LM")
+    peft_model = peft.get_peft_model(base, config)
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    theirs = family_logits(peft_model, tokenizer, family)
+
+    tensors, meta = load_delta_checkpoint(tmp_path / "theirs")
+    assert meta["sizes"] == {"lora_r": 2, "lora_alpha": 4, "lora_targets": "q,k,v,intermediate,output"}
+    model, _ = load_backbone(folder)
+    cfg = DeltaConfig.from_checkpoint_meta(meta)
+    attach_delta(model, cfg)
+    load_delta_state(model, tensors, "test")
+    mine = family_logits(model, tokenizer, family)
+    assert (mine - theirs).abs().max() <= TOLERANCE
+    bare, _ = load_backbone(folder)
+    assert (mine - family_logits(bare, tokenizer, family)).abs().max() > 1e-3
+
+    save_delta_checkpoint(tmp_path / "ours", tensors, cfg, backbone_name(folder), backbone_fingerprint(model))
+    export_peft(tmp_path / "ours", tmp_path / "exported")
+    written = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert written["target_modules"] == sorted(REACHABLE[family])
+    assert written["task_type"] == ("SEQ_2_SEQ_LM" if family == "seq2seq" else "CAUSAL_LM")
+    again = peft.PeftModel.from_pretrained(load_backbone(folder)[0], str(tmp_path / "exported"))
+    assert (family_logits(again, tokenizer, family) - mine).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("target", ["o_proj", "gate_proj"])
+def test_a_llama_lora_of_a_projection_adapterhub_does_not_reach_is_refused(target, tiny_causal_dir, tmp_path):
+    base, _ = load_backbone(tiny_causal_dir)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", target], task_type="CAUSAL_LM")
+    peft.get_peft_model(base, config).save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(UserInputError, match=rf"adapter_config.json: target_modules=.*a LoRA of '{target}', which "
+                                             "AdapterHub's LoRA does not reach"):
+        load_delta_checkpoint(tmp_path / "peft")

@@ -19,7 +19,7 @@ SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_type
 COUNT_KEYS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.stacks.values()))  # layer-count keys
 
 __all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "SUPPORTED_MODEL_TYPES", "BackboneFamily", "block_of",
-           "count_key", "family_for_type", "family_of"]
+           "count_key", "family_for_type", "family_of", "family_of_names", "lora_location"]
 
 
 def family_for_type(model_type: Any, where: str = "--model") -> BackboneFamily:
@@ -44,6 +44,25 @@ def block_of(name: str) -> tuple[str, int] | None:
         if found is not None:
             return found
     return None
+
+
+def lora_location(module: str, source: str) -> str:
+    """The LoRA location (models/methods/lora.py) that reaches projection ``module`` in any family; else one line."""
+    for family in FAMILIES.values():
+        if module in family.lora_modules:
+            return family.lora_modules[module]
+    reachable = ", ".join(dict.fromkeys(m for f in FAMILIES.values() for m in f.lora_modules))
+    raise UserInputError(f"{source}: a LoRA of {module!r}, which AdapterHub's LoRA does not reach (it reaches "
+                         f"{reachable})")
+
+
+def family_of_names(names: Any) -> BackboneFamily:
+    """The family whose layer names these parameter names are (the first one inside a layer decides)."""
+    for name in names:
+        for family in FAMILIES.values():
+            if family.block_of(name) is not None:
+                return family
+    raise UserInputError(f"no parameter name tells the backbone family (e.g. {next(iter(names), None)!r})")
 
 
 def count_key(stack: str) -> str:

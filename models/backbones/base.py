@@ -36,6 +36,9 @@ class BackboneFamily:
     # Whether AdapterHub's Parallel composition (the library replicates the batch inside the model) works here;
     # where not, a group of modules sharing a batch gets one copy per module under BatchSplit (models/group.py).
     parallel_composition: bool = False
+    # LoRA: the module name (its last path component, as PEFT's target_modules names it) -> the AdapterHub location
+    # that reaches it (models/methods/lora.py). Measured by attaching each location (tests/test_backbones.py).
+    lora_modules: Mapping[str, str] = {}
 
     # -- loading --------------------------------------------------------------------------------------
     def model_class(self) -> Any:

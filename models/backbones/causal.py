@@ -29,6 +29,9 @@ class Causal(BackboneFamily):
     # Not Parallel: the library replicates hidden states but not the rotary position embeddings of per-row
     # position ids (a shape error), nor generate()'s own rows.
     parallel_composition = False
+    # As AdapterHub 1.3.0 wires Llama: intermediate_lora reaches down_proj and output_lora up_proj; nothing reaches
+    # o_proj or gate_proj.
+    lora_modules = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "down_proj": "intermediate", "up_proj": "output"}
 
     def model_class(self) -> Any:
         from transformers import AutoModelForCausalLM

@@ -25,6 +25,9 @@ class Seq2Seq(BackboneFamily):
     stacks = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
     methods = ("adapter", "lora", "prefix", "ia3")
     parallel_composition = True
+    # wi: T5's feed-forward input; wi_1 the linear half of a gated one (v1.1, Flan-T5): intermediate_lora reaches it,
+    # and nothing reaches wi_0 or the attention output o.
+    lora_modules = {"q": "q", "k": "k", "v": "v", "wi": "intermediate", "wi_1": "intermediate", "wo": "output"}
 
     def model_class(self) -> Any:
         from transformers import T5ForConditionalGeneration

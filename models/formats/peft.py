@@ -1,8 +1,11 @@
 """PEFT LoRA adapters (``adapter_config.json`` with a ``peft_type``, ``adapter_model.safetensors`` or the older
 ``adapter_model.bin``): read as this project's LoRA modules, and written from them.
 
-What maps: a LoRA of T5's ``q`` and ``v`` projections (PEFT's default for T5, which, like this project's LoRA,
-reaches self-attention and the decoder's cross-attention), one rank and alpha for every layer. PEFT stores
+What maps: a LoRA of the projections AdapterHub's LoRA reaches, one rank and alpha for every layer. For T5 that is
+``q``, ``k``, ``v`` (like PEFT's, they reach self-attention and the decoder's cross-attention), ``wo``, and ``wi`` or
+``wi_1``; for Llama-family models ``q_proj``, ``k_proj``, ``v_proj``, ``up_proj`` and ``down_proj`` (the table is each
+backbone family's ``lora_modules``). An attention output projection (``o``, ``o_proj``), ``wi_0`` or ``gate_proj``
+is refused. The set becomes the module's ``lora_targets``. PEFT stores
 ``base_model.model.{module}.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r], as this project stores
 ``{module}.loras.delta.lora_A`` and ``.lora_B``; the scaling is alpha/r, or alpha/√r with ``use_rslora``, which
 is folded into B on import (the module's own alpha/r stays). Anything else (other target modules, DoRA, per-layer
@@ -20,16 +23,17 @@ from typing import Any
 
 import torch
 
+from models.backbones import family_of_names, lora_location
 from models.delta import DELTA_NAME, FORMAT_VERSION, DeltaConfig
 from models.legacy import read_foreign_weights
 from models.methods import REGISTRY
+from models.methods.lora import targets_of
 from utils.errors import UserInputError
 from utils.io import read_json_object
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
-LORA_TARGETS = frozenset({"q", "v"})  # what this project's LoRA attaches to (models/methods/lora.py)
 # Settings that change what the adapter computes and that this project's LoRA cannot express: refused when set.
 UNSUPPORTED = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
@@ -87,9 +91,12 @@ def _check_config(data: dict[str, Any], cfg_file: Path) -> tuple[int, float, boo
             raise UserInputError(f"{cfg_file}: {key}={pattern!r} (per-layer ranks or alphas) cannot be expressed "
                                  "by this project's LoRA, which has one rank and alpha for every layer")
     targets = data.get("target_modules")
-    if isinstance(targets, str) or not isinstance(targets, list) or set(targets) != LORA_TARGETS:
-        raise UserInputError(f"{cfg_file}: target_modules={targets!r}; this project's LoRA is on T5's q and v "
-                             "projections only (target_modules ['q', 'v'])")
+    if isinstance(targets, str) or not isinstance(targets, list) or not targets or \
+            not all(isinstance(t, str) for t in targets):
+        raise UserInputError(f"{cfg_file}: target_modules={targets!r}; expected a list of projection names (a "
+                             "pattern or 'all-linear' cannot be checked against what this project's LoRA reaches)")
+    for target in targets:
+        lora_location(target, f"{cfg_file}: target_modules={targets!r}")
     return r, alpha, bool(data.get("use_rslora"))
 
 
@@ -99,6 +106,7 @@ def read_peft_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     cfg_file = path / PEFT_CONFIG
     data = read_json_object(cfg_file)
     r, alpha, rslora = _check_config(data, cfg_file)
+    declared = set(data["target_modules"])
     weights = next((path / f for f in PEFT_WEIGHTS if (path / f).is_file()), None)
     if weights is None:
         raise UserInputError(f"{path}: PEFT adapter without weights (expected {' or '.join(PEFT_WEIGHTS)})")
@@ -106,9 +114,9 @@ def read_peft_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         match = _PEFT_KEY_RE.match(str(key))
-        if not match or match.group(1).rsplit(".", 1)[-1] not in LORA_TARGETS:
-            raise UserInputError(f"{weights}: tensor {key!r} is not the lora_A or lora_B weight of a q or v "
-                                 "projection")
+        if not match or match.group(1).rsplit(".", 1)[-1] not in declared:
+            raise UserInputError(f"{weights}: tensor {key!r} is not the lora_A or lora_B weight of a projection "
+                                 f"its config targets ({', '.join(sorted(declared))})")
         module, factor = match.groups()
         tensors[f"{module}.loras.{DELTA_NAME}.{factor}"] = value.contiguous()
     pairs = REGISTRY["lora"].factor_pairs(tensors)
@@ -117,7 +125,7 @@ def read_peft_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             raise UserInputError(f"{weights}: {ka} has rank {tensors[ka].shape[0]}, but the config says r={r}")
         if rslora:  # PEFT scales by alpha/√r; this project's module by alpha/r: the factor √r goes into B
             tensors[kb] = tensors[kb] * math.sqrt(r)
-    cfg = DeltaConfig("lora", lora_r=r, lora_alpha=alpha).validate()
+    cfg = DeltaConfig("lora", lora_r=r, lora_alpha=alpha, lora_targets=targets_of(tensors, str(weights))).validate()
     d_model = next(iter(tensors[ka] for ka, _ in pairs.values())).shape[1]
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     base = data.get("base_model_name_or_path")
@@ -146,10 +154,12 @@ def peft_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_config_for(cfg: DeltaConfig, base_model: str) -> dict[str, Any]:
-    """The adapter_config.json of this project's LoRA as PEFT reads it."""
-    return {"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": base_model,
-            "r": cfg.values["lora_r"], "lora_alpha": cfg.values["lora_alpha"], "target_modules": sorted(LORA_TARGETS),
+def peft_config_for(cfg: DeltaConfig, base_model: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The adapter_config.json of this project's LoRA (tensors under this project's names) as PEFT reads it."""
+    modules = sorted({key.split(".loras.")[0].rsplit(".", 1)[-1] for key in tensors})
+    task_type = "CAUSAL_LM" if family_of_names(tensors).name == "causal" else "SEQ_2_SEQ_LM"
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+            "r": cfg.values["lora_r"], "lora_alpha": cfg.values["lora_alpha"], "target_modules": modules,
             "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
             "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "init_lora_weights": True,
             "inference_mode": True}

@@ -51,7 +51,7 @@ def export_peft(checkpoint: str | Path, out_dir: str | Path, *, base_model: str 
     check_exportable(str(meta.get("method")), flag)
     check_destination(out_dir, overwrite, flag)
     cfg = DeltaConfig.from_checkpoint_meta(meta)
-    config = peft_config_for(cfg, base_model or str(meta.get("backbone") or "unknown"))
+    config = peft_config_for(cfg, base_model or str(meta.get("backbone") or "unknown"), tensors)
     with staged_dir(out_dir) as tmp:
         save_file(peft_state(tensors), str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt"})
         with_umask_mode(tmp / PEFT_WEIGHTS[0])  # safetensors writes 0600 whatever the umask

@@ -29,7 +29,8 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class SizeField:
-    """One size of a method: a positive integer, or one of ``choices`` when they are given."""
+    """One size of a method: a positive integer, one of ``choices``, or a comma-separated set drawn from ``subset_of``
+    (written in that order)."""
 
     name: str
     help: str
@@ -37,13 +38,30 @@ class SizeField:
     # False for a size the tensors cannot tell (LoRA's alpha): it must come from a flag or saved args.
     in_shapes: bool = True
     hub_key: str | None = None  # where an AdapterHub config records a size the tensors cannot tell
+    subset_of: tuple[str, ...] = ()
+    # For a size added after modules were made: the value those modules have. A module at that value records no
+    # entry for the field, so the identity and checkpoints of everything made before stay as they were.
+    earlier: Any = None
 
     @property
     def kind(self) -> type:
-        return str if self.choices else int
+        return str if self.choices or self.subset_of else int
+
+    def normalise(self, value: Any) -> Any:
+        """``value`` checked, in its one spelling (a set in ``subset_of``'s order)."""
+        if self.subset_of:
+            items = value.split(",") if isinstance(value, str) else None
+            if not items or any(i not in self.subset_of for i in items) or len(set(items)) != len(items):
+                raise UserInputError(f"--{self.name}: expected a comma-separated set of {', '.join(self.subset_of)}, "
+                                     f"found {value!r}")
+            return ",".join(i for i in self.subset_of if i in items)
+        self.check(value)
+        return value
 
     def check(self, value: Any) -> None:
-        if self.choices:
+        if self.subset_of:
+            self.normalise(value)
+        elif self.choices:
             if value not in self.choices:
                 raise UserInputError(f"--{self.name}: expected one of {', '.join(self.choices)}, found {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -73,6 +91,11 @@ class DeltaMethod:
 
     def check_built(self, model: nn.Module, sizes: Mapping[str, Any]) -> None:
         """Raise RuntimeError when the library built something other than ``sizes`` asked for."""
+
+    def size(self, sizes: Mapping[str, Any], name: str) -> Any:
+        """Size ``name`` of a module's recorded ``sizes``; a field left out is at its ``earlier`` value."""
+        field = next(f for f in self.size_fields if f.name == name)
+        return sizes.get(name, field.earlier)
 
     # -- reading back --------------------------------------------------------------------------------
     def owns(self, name: str) -> bool:

@@ -1,6 +1,9 @@
-"""LoRA: ``LoRAConfig(r, alpha)`` on the ``q`` and ``v`` projections. For T5 the library's ``selfattn_lora``
-location covers both self-attention and the decoder's cross-attention (``EncDecAttention``); that library
-behaviour is kept rather than patching modules out. ``lora_B`` starts at zero, so the module starts neutral.
+"""LoRA: ``LoRAConfig(r, alpha)`` on the projections ``lora_targets`` names (default ``q,v``): any of the attention's
+``q``, ``k``, ``v`` and the feed-forward's two AdapterHub locations, ``intermediate`` and ``output``. Which module each
+location reaches is the backbone family's (``lora_modules`` in models/backbones/, measured there; AdapterHub reaches
+no attention output projection). For T5 the library's ``selfattn_lora`` location covers both self-attention and the
+decoder's cross-attention (``EncDecAttention``); that library behaviour is kept rather than patching modules out.
+``lora_B`` starts at zero, so the module starts neutral.
 
 Only the update ΔW = B·A·(alpha/r) is determined by training (B·M and M⁻¹·A give the same module for any
 invertible M), so ΔW per pair is LoRA's task vector, and ``factor`` turns a ΔW back into rank-r factors.
@@ -17,6 +20,8 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: the registry l
 
 from models.methods.base import DeltaMethod, Shapes, SizeField, one_size
 from utils.errors import UserInputError
+
+LORA_LOCATIONS = ("q", "k", "v", "intermediate", "output")  # AdapterHub's: attn_matrices, then its two FFN flags
 
 
 def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -49,12 +54,23 @@ def lora_factor(delta_w: torch.Tensor, r: int, scaling: float = 1.0) -> tuple[to
     return b, a
 
 
+def targets_of(names: Iterable[str], source: str) -> str:
+    """The ``lora_targets`` value that LoRA tensors of these names have (by their modules, in any family)."""
+    from models.backbones import lora_location
+
+    found = {lora_location(k.split(".loras.")[0].rsplit(".", 1)[-1], source) for k in names if k.endswith(".lora_A")}
+    return ",".join(t for t in LORA_LOCATIONS if t in found)
+
+
 class LoRA(DeltaMethod):
     name = "lora"
-    summary = "low-rank update B·A·alpha/r of the q and v projections"
+    summary = "low-rank update B·A·alpha/r of chosen projections (default q and v)"
     size_fields = (
         SizeField("lora_r", "rank r of the update"),
         SizeField("lora_alpha", "the update is scaled by alpha/r", in_shapes=False, hub_key="alpha"),
+        SizeField("lora_targets", "where the updates go: a comma-separated set of q, k, v (attention) and "
+                  "intermediate, output (the feed-forward's AdapterHub locations)", subset_of=LORA_LOCATIONS,
+                  earlier="q,v"),
     )
     storage = "loras"
     hub_architectures = ("lora",)
@@ -62,8 +78,11 @@ class LoRA(DeltaMethod):
     def library_config(self, sizes: Mapping[str, Any], d_model: int) -> Any:
         from adapters import LoRAConfig
 
-        return LoRAConfig(r=sizes["lora_r"], alpha=sizes["lora_alpha"], selfattn_lora=True, intermediate_lora=False,
-                          output_lora=False, attn_matrices=["q", "v"])
+        targets = self.size(sizes, "lora_targets").split(",")
+        attention = [m for m in ("q", "k", "v") if m in targets]
+        return LoRAConfig(r=sizes["lora_r"], alpha=sizes["lora_alpha"], selfattn_lora=bool(attention),
+                          intermediate_lora="intermediate" in targets, output_lora="output" in targets,
+                          attn_matrices=attention)
 
     def owns(self, name: str) -> bool:
         return super().owns(name) and name.endswith((".lora_A", ".lora_B"))
@@ -73,7 +92,8 @@ class LoRA(DeltaMethod):
         return super().holds(names) and any(n.endswith(".lora_A") for n in names)
 
     def sizes_from_shapes(self, shapes: Shapes, source: str) -> dict[str, Any]:
-        return {"lora_r": one_size(shapes, ".lora_A", 0, "LoRA rank", source)}
+        return {"lora_r": one_size(shapes, ".lora_A", 0, "LoRA rank", source),
+                "lora_targets": targets_of(shapes, source)}
 
     def neutral_state(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
