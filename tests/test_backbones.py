@@ -233,3 +233,27 @@ def test_each_lora_location_reaches_the_modules_the_family_table_names(family, t
         assert reached and all(table[m] == location for m in reached), (location, reached)
         expected = {m for m, loc in table.items() if loc == location and m != "wi"}  # wi: ungated T5 only
         assert reached == expected, location
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora", "ia3"])
+def test_a_fresh_module_is_neutral_on_the_causal_backbone_and_survives_a_save(method, tiny_causal_dir, tmp_path):
+    """The neutral start (the bare model's logits, exactly) and a bitwise save/load round trip, on the causal family."""
+    from models.delta import backbone_fingerprint, delta_state_dict, load_delta_state, save_delta_checkpoint
+    from models.formats import load_delta_checkpoint
+
+    bare, tok = load_backbone(tiny_causal_dir)
+    model, _ = load_backbone(tiny_causal_dir)
+    cfg = DeltaConfig(method, **SIZES[method])
+    attach_delta(model, cfg)
+    prompts, answers = encoded(tok)
+    batch = collate(model, prompts, answers, tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(family_of(model).answer_logits(model, batch), family_of(bare).answer_logits(bare, batch))
+    g = torch.Generator().manual_seed(3)
+    state = {k: v + torch.randn(v.shape, generator=g) for k, v in delta_state_dict(model).items()}
+    save_delta_checkpoint(tmp_path / "ckpt", state, cfg, "tiny", backbone_fingerprint(model))
+    tensors, meta = load_delta_checkpoint(tmp_path / "ckpt")
+    assert meta["backbone_fingerprint"]["family"] == "causal"
+    assert all(torch.equal(tensors[k], state[k]) for k in state)
+    load_delta_state(model, tensors, "round trip")
+    assert all(torch.equal(v, state[k]) for k, v in delta_state_dict(model).items())

@@ -1,4 +1,4 @@
-"""Real CrossFit tasks through tune.py with the embedded default backbone (skipped without the data)."""
+"""Real CrossFit tasks through tune.py with the embedded defaults of both families (skipped without the data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import csv
 import pytest
 
 import tune
-from tests.conftest import DEFAULT_MODEL_DIR, REAL_DATA_DIR
+from tests.conftest import DEFAULT_MODEL_DIR, REAL_DATA_DIR, REPO
 from utils.errors import run_cli
 
 pytestmark = [
@@ -20,18 +20,25 @@ pytestmark = [
 REAL_TASKS = ["glue-mrpc", "ag_news", "ade_corpus_v2-dosage", "tweet_qa", "glue-cola"]
 
 
-@pytest.mark.parametrize("method", ["lora"])
-def test_five_real_tasks_produce_result_rows(method, tmp_path, capsys):
+# The causal default with every method on two of them: a label task (rank classification) and free text (generation).
+CAUSAL_TASKS = ["glue-mrpc", "tweet_qa"]
+RUNS = [(DEFAULT_MODEL_DIR, "lora", REAL_TASKS)] + [(REPO / "models" / "default-causal", method, CAUSAL_TASKS)
+                                                    for method in ("adapter", "lora", "prefix", "ia3")]
+
+
+@pytest.mark.parametrize("model,method,tasks", RUNS, ids=[f"{m.name}-{method}" for m, method, _ in RUNS])
+def test_real_tasks_produce_result_rows(model, method, tasks, tmp_path, capsys):
     out = tmp_path / "real"
     code = run_cli(tune.main, [
-        "--do_train", "--do_predict", "--tune_method", method, "--lora_r", "4", "--task_dir", str(REAL_DATA_DIR),
-        "--tasks", *REAL_TASKS, "--k", "16", "--data_seed", "100", "--output_dir", str(out),
+        "--do_train", "--do_predict", "--tune_method", method, "--model", str(model), "--lora_r", "4",
+        "--adapter_size", "8", "--prefix_length", "8", "--prefix_mlp", "32", "--task_dir", str(REAL_DATA_DIR),
+        "--tasks", *tasks, "--k", "16", "--data_seed", "100", "--output_dir", str(out),
         "--train_iters", "2", "--valid_interval", "2", "--warmup_steps", "1", "--learning_rate_list", "1e-3",
         "--bsz_list", "4", "--max_input_length", "128", "--max_output_length", "8", "--quiet"])
     assert code == 0, capsys.readouterr().err
     with open(out / "result.tsv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    assert [r["task"] for r in rows] == REAL_TASKS
+    assert [r["task"] for r in rows] == tasks
     for row in rows:
         low = -1.0 if row["task"] == "glue-cola" else 0.0  # Matthews correlation can be negative
         assert low <= float(row["test"]) <= 1.0 and low <= float(row["dev"]) <= 1.0

@@ -1,5 +1,6 @@
-"""The committed source library of the embedded default (models/default-sources/lora), which `make demo` reads:
-built as the study's source stage trains its modules, for this backbone, and rebuilt the same by its script."""
+"""The committed source libraries of the embedded defaults (models/default-sources/lora for T5,
+models/default-causal-sources/lora for the causal default), which `make demo` reads: built as the study's source
+stage trains its modules, for their backbone, and rebuilt the same by their script."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import study
+from models.delta import DeltaConfig
 from models.formats import load_delta_checkpoint
 from models.sizes import METHOD_SIZES
 from models.source_library import read_settings, train_modules
@@ -17,10 +19,12 @@ from task_list import resolve_tasks
 from tests.conftest import REPO
 
 LIBRARY = REPO / "models" / "default-sources" / "lora"
+LIBRARIES = {"models/default": LIBRARY, "models/default-causal": REPO / "models" / "default-causal-sources" / "lora"}
 
 
-def test_the_library_was_built_with_the_study_source_stage_settings():
-    settings = read_settings(LIBRARY)
+@pytest.mark.parametrize("model", list(LIBRARIES))
+def test_the_library_was_built_with_the_study_source_stage_settings(model):
+    settings = read_settings(LIBRARIES[model])
     p = study.parse_args([])
     assert settings.tasks == resolve_tasks(["ALL_TASKS"])
     assert (settings.k, settings.data_seed, settings.train_iters, settings.learning_rate, settings.bsz,
@@ -28,21 +32,25 @@ def test_the_library_was_built_with_the_study_source_stage_settings():
             settings.max_output_length) == (p.source_k, p.source_data_seed, p.source_iters, p.source_lr, p.source_bsz,
                                             p.source_valid_interval, p.source_early_stop, p.seed, p.max_input_length,
                                             p.max_output_length)
-    assert settings.method == "lora" and settings.sizes == METHOD_SIZES["default"]["lora"]
-    assert (settings.sizes["lora_r"], settings.sizes["lora_alpha"]) == (p.lora_r, p.lora_alpha)
-    assert settings.model == "models/default" and settings.task_dir == "data/synthetic"
+    made = DeltaConfig("lora", **settings.sizes)  # written before lora_targets existed: it is at q,v
+    assert settings.method == "lora" and made == DeltaConfig("lora", **METHOD_SIZES["default"]["lora"])
+    assert made == DeltaConfig("lora", **study.sizes_of(p, "lora"))
+    assert settings.model == model and settings.task_dir == "data/synthetic"
 
 
-def test_the_demo_study_accepts_the_library_and_every_module_is_of_this_backbone():
+@pytest.mark.parametrize("model", list(LIBRARIES))
+def test_the_demo_study_accepts_the_library_and_every_module_is_of_this_backbone(model):
     from models.backbone import load_backbone
     from models.delta import backbone_fingerprint
 
-    p = study.parse_args(["--source_library", str(LIBRARY), "--targets", "sent_review topic_places nli_entail"])
+    library = LIBRARIES[model]
+    p = study.parse_args(["--source_library", str(library), "--model", model, "--targets",
+                          "sent_review topic_places nli_entail"])
     study.check_library(p, resolve_tasks(study.words(p.tasks)), study.words(p.targets))  # method, sizes, every task
-    model, _ = load_backbone(str(REPO / "models" / "default"), None, "cpu")
-    fingerprint = backbone_fingerprint(model)
-    for task in read_settings(LIBRARY).tasks:
-        tensors, meta = load_delta_checkpoint(LIBRARY / task)
+    net, _ = load_backbone(str(REPO / model), None, "cpu")
+    fingerprint = backbone_fingerprint(net)
+    for task in read_settings(library).tasks:
+        tensors, meta = load_delta_checkpoint(library / task)
         recorded = meta["backbone_fingerprint"]  # the committed modules predate its "family" entry
         assert meta["task"] == task and fingerprint.items() >= recorded.items()
         assert set(fingerprint) - set(recorded) <= {"family"}

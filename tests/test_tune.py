@@ -49,9 +49,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("method", ["adapter", "lora", "prefix", "ia3"])
-def test_train_predict_writes_run_folders_and_rows(method, tiny_backbone_dir, task_dir, tmp_path, capsys):
+def test_train_predict_writes_run_folders_and_rows(method, family_backbone_dir, task_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code, err = run(["--do_train", "--do_predict", "--tune_method", method, "--model", str(tiny_backbone_dir),
+    code, err = run(["--do_train", "--do_predict", "--tune_method", method, "--model", str(family_backbone_dir),
                      "--task_dir", str(task_dir), "--tasks", "alpha", "beta", "--output_dir", str(out),
                      "--lora_r", "2", "--prefix_length", "3", "--prefix_mlp", "8", "--adapter_size", "4", *FAST],
                     capsys)
@@ -78,10 +78,10 @@ def test_train_predict_writes_run_folders_and_rows(method, tiny_backbone_dir, ta
     assert not [p for p in out.rglob(".*tmp*")]
 
 
-def test_train_checkpoint_round_trip_and_predict_only(tiny_backbone_dir, task_dir, tmp_path, capsys):
+def test_train_checkpoint_round_trip_and_predict_only(family_backbone_dir, task_dir, tmp_path, capsys):
     """A checkpoint trained once predicts the same test score when loaded with --test_checkpoint."""
     out = tmp_path / "out"
-    base = ["--tune_method", "lora", "--lora_r", "2", "--model", str(tiny_backbone_dir), "--task_dir", str(task_dir),
+    base = ["--tune_method", "lora", "--lora_r", "2", "--model", str(family_backbone_dir), "--task_dir", str(task_dir),
             "--tasks", "alpha", *FAST]
     assert run(["--do_train", "--do_predict", "--output_dir", str(out), *base], capsys)[0] == 0
     ckpt = only_run(out / "alpha") / "checkpoint"
