@@ -98,6 +98,7 @@ max_output_length = 16  # truncate answers to N tokens (every stage)
 adapter_size = _SIZES["adapter"]["adapter_size"]  # bottleneck width
 lora_r = _SIZES["lora"]["lora_r"]  # LoRA rank
 lora_alpha = _SIZES["lora"]["lora_alpha"]  # LoRA alpha (scaling alpha / r)
+lora_targets = _SIZES["lora"]["lora_targets"]  # LoRA's locations, a comma set of q, k, v, intermediate, output
 prefix_length = _SIZES["prefix"]["prefix_length"]  # prefix tokens
 prefix_mlp = _SIZES["prefix"]["prefix_mlp"]  # hidden size of the prefix's reparametrisation MLP
 # Per-method budget scales ({method}_iters_scale, {method}_lr_scale; 1 when a method has none): the same

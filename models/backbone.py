@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from models.backbones import SUPPORTED_MODEL_TYPES, BackboneFamily, family_for_type
+from models.backbones import BackboneFamily, family_for_type
 from utils.errors import UserInputError, first_line
 from utils.threads import limit_torch_threads
 
@@ -135,11 +135,7 @@ def check_architecture(source: str, arg: str) -> BackboneFamily | None:
         return None  # a hub id: transformers reads its config
     from utils.io import read_json_object
 
-    model_type = read_json_object(config_file).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserInputError(f"--model {arg}: a {model_type or 'model of unknown type'} model ({config_file}: "
-                             f"model_type {model_type!r}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return family_for_type(model_type)
+    return family_for_type(read_json_object(config_file).get("model_type"), f"--model {arg} ({config_file})")
 
 
 def load_hub_model(source: str) -> nn.Module:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.backbone import load_backbone
-from models.backbones import FAMILIES, SUPPORTED_MODEL_TYPES, block_of, family_of
+from models.backbones import FAMILIES, block_of, family_of, supported_model_types
 from models.delta import DeltaConfig, attach_delta, delta_params
 from models.examples import collate, encode_answers, generate, rank_scores
 from tests.conftest import REPO
@@ -179,7 +179,7 @@ def test_another_architecture_is_refused_by_name(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16).save_pretrained(tmp_path)
     with pytest.raises(UserInputError, match=r"a gpt2 model .*supported: t5, mt5, llama, mistral"):
         load_backbone(tmp_path)
-    assert SUPPORTED_MODEL_TYPES == ("t5", "mt5", "llama", "mistral")
+    assert supported_model_types() == ("t5", "mt5", "llama", "mistral")
 
 
 def test_a_method_a_family_does_not_support_is_one_line_naming_both(tiny_causal_dir, monkeypatch):
@@ -257,3 +257,48 @@ def test_a_fresh_module_is_neutral_on_the_causal_backbone_and_survives_a_save(me
     assert all(torch.equal(tensors[k], state[k]) for k in state)
     load_delta_state(model, tensors, "round trip")
     assert all(torch.equal(v, state[k]) for k, v in delta_state_dict(model).items())
+
+
+def test_a_family_registered_in_one_line_runs_tune_py(tiny_causal_dir, tmp_path, monkeypatch, capsys):
+    """The README's "to add a backbone family": a ``BackboneFamily`` subclass and its entry in ``FAMILIES``. Here a
+    dummy family takes Mistral over from the causal family, and tune.py trains and predicts on a Mistral through it
+    (and only through it: its collate is counted)."""
+    import json
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import tune
+    from models.backbones.causal import Causal
+    from tests.conftest import SUITE_DIR
+    from utils.errors import run_cli
+
+    calls = []
+
+    class Dummy(Causal):
+        name = "dummy"
+        model_types = ("mistral",)
+
+        def collate(self, inputs, labels, pad_id):
+            calls.append(len(inputs))
+            return super().collate(inputs, labels, pad_id)
+
+    monkeypatch.setattr(FAMILIES["causal"], "model_types", ("llama",))
+    monkeypatch.setitem(FAMILIES, "dummy", Dummy())
+    folder = tmp_path / "mistral"
+    vocab = json.loads((tiny_causal_dir / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
+                                     bos_token_id=1)).save_pretrained(folder)
+    for f in tiny_causal_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (folder / f.name).write_bytes(f.read_bytes())
+    assert family_of(load_backbone(folder)[0]).name == "dummy"
+    out = tmp_path / "out"
+    code = run_cli(tune.main, ["--do_train", "--do_predict", "--tune_method", "lora", "--lora_r", "2", "--model",
+                               str(folder), "--task_dir", str(SUITE_DIR), "--tasks", "sent_review", "--output_dir",
+                               str(out), "--train_iters", "2", "--valid_interval", "2", "--warmup_steps", "1",
+                               "--learning_rate_list", "1e-3", "--bsz_list", "4", "--max_output_length", "4",
+                               "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert calls and (out / "result.tsv").is_file()

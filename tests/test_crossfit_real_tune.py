@@ -20,10 +20,11 @@ pytestmark = [
 REAL_TASKS = ["glue-mrpc", "ag_news", "ade_corpus_v2-dosage", "tweet_qa", "glue-cola"]
 
 
-# The causal default with every method on two of them: a label task (rank classification) and free text (generation).
-CAUSAL_TASKS = ["glue-mrpc", "tweet_qa"]
-RUNS = [(DEFAULT_MODEL_DIR, "lora", REAL_TASKS)] + [(REPO / "models" / "default-causal", method, CAUSAL_TASKS)
-                                                    for method in ("adapter", "lora", "prefix", "ia3")]
+# The causal default with every method on a label task (rank classification); LoRA and prefix (the method whose
+# generation needed the most care: models/backbones/causal.py) also on free text (generation).
+CAUSAL = REPO / "models" / "default-causal"
+RUNS = [(DEFAULT_MODEL_DIR, "lora", REAL_TASKS), (CAUSAL, "lora", ["glue-mrpc", "tweet_qa"]),
+        (CAUSAL, "prefix", ["glue-mrpc", "tweet_qa"]), (CAUSAL, "adapter", ["glue-mrpc"]), (CAUSAL, "ia3", ["glue-mrpc"])]
 
 
 @pytest.mark.parametrize("model,method,tasks", RUNS, ids=[f"{m.name}-{method}" for m, method, _ in RUNS])

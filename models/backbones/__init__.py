@@ -15,11 +15,16 @@ from models.backbones.seq2seq import Seq2Seq
 from utils.errors import UserInputError
 
 FAMILIES: dict[str, BackboneFamily] = {f.name: f for f in (Seq2Seq(), Causal())}
-SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)
 COUNT_KEYS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.stacks.values()))  # layer-count keys
 
-__all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "SUPPORTED_MODEL_TYPES", "BackboneFamily", "block_of",
-           "count_key", "family_for_type", "family_of", "family_of_names", "lora_location"]
+__all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "BackboneFamily", "block_of",
+           "count_key", "family_for_type", "family_of", "family_of_names", "lora_location",
+           "supported_model_types"]
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every model_type some registered family loads."""
+    return tuple(t for f in FAMILIES.values() for t in f.model_types)
 
 
 def family_for_type(model_type: Any, where: str = "--model") -> BackboneFamily:
@@ -28,7 +33,7 @@ def family_for_type(model_type: Any, where: str = "--model") -> BackboneFamily:
         if model_type in family.model_types:
             return family
     raise UserInputError(f"{where}: a {model_type or 'model of unknown type'} model (model_type {model_type!r}); "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                         f"supported: {', '.join(supported_model_types())}")
 
 
 def family_of(model_or_config: Any) -> BackboneFamily:
