@@ -24,7 +24,8 @@ REAL_TASKS = ["glue-mrpc", "ag_news", "ade_corpus_v2-dosage", "tweet_qa", "glue-
 # generation needed the most care: models/backbones/causal.py) also on free text (generation).
 CAUSAL = REPO / "models" / "default-causal"
 RUNS = [(DEFAULT_MODEL_DIR, "lora", REAL_TASKS), (CAUSAL, "lora", ["glue-mrpc", "tweet_qa"]),
-        (CAUSAL, "prefix", ["glue-mrpc", "tweet_qa"]), (CAUSAL, "adapter", ["glue-mrpc"]), (CAUSAL, "ia3", ["glue-mrpc"])]
+        (CAUSAL, "prefix", ["glue-mrpc", "tweet_qa"]), (CAUSAL, "adapter", ["glue-mrpc"]),
+        (CAUSAL, "ia3", ["glue-mrpc"])]
 
 
 @pytest.mark.parametrize("model,method,tasks", RUNS, ids=[f"{m.name}-{method}" for m, method, _ in RUNS])
