@@ -121,6 +121,18 @@ def check_summary_cells(root: Path, methods: list[str]) -> dict[str, int]:
 
 
 def test_every_output_exists_and_agrees_with_its_parts(finished):
+    check_outputs(finished)
+
+
+def test_the_study_on_the_causal_family_writes_every_output_and_agrees_with_its_parts(tiny_causal_dir, tmp_path):
+    """The same small study, every fusion path included, on a tiny Llama-architecture backbone."""
+    out = tmp_path / "causal"
+    assert run_cli(study.main, small_study(out, tiny_causal_dir)) == 0
+    check_outputs(out)
+    assert (out / "results" / "index.html").is_file()
+
+
+def check_outputs(finished: Path) -> None:
     results = finished / "results"
     for name in ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
                  "gain_by_method.png", *(f"learning_curves_{d}_iters_{n}.png" for d in DELTAS

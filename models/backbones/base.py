@@ -44,9 +44,6 @@ class BackboneFamily:
     def model_class(self) -> Any:
         raise NotImplementedError
 
-    def config_class(self) -> Any:
-        raise NotImplementedError
-
     def new_model(self, config: Any) -> Any:
         """A randomly initialised model of ``config`` (drawn from torch's generator)."""
         return self.model_class()(config)

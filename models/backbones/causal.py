@@ -38,11 +38,6 @@ class Causal(BackboneFamily):
 
         return AutoModelForCausalLM
 
-    def config_class(self) -> Any:
-        from transformers import AutoConfig
-
-        return AutoConfig
-
     def new_model(self, config: Any) -> Any:
         return self.model_class().from_config(config)
 

@@ -34,11 +34,6 @@ class Seq2Seq(BackboneFamily):
 
         return T5ForConditionalGeneration
 
-    def config_class(self) -> Any:
-        from transformers import T5Config
-
-        return T5Config
-
     def tiny_config(self, vocab_size: int) -> Any:
         """About 2.6M parameters: 4+4 layers of width 128 (the embedded default, models/default)."""
         from transformers import T5Config
