@@ -302,3 +302,43 @@ def test_a_family_registered_in_one_line_runs_tune_py(tiny_causal_dir, tmp_path,
                                "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert calls and (out / "result.tsv").is_file()
+
+
+def test_fusion_on_the_causal_family_is_exact_on_delta_w(tiny_causal_dir, tmp_path):
+    """The average of three causal LoRA sources, fused by the script: with ``params`` the factors' weighted sum,
+    bit for bit; with ``delta_w`` (the default) each pair's B·A·alpha/r is the best rank-r approximation of the
+    mean ΔW (Eckart-Young, by SVD here)."""
+    import unit_model.unit_model_average as unit_model_average
+    from models.delta import backbone_fingerprint, delta_state_dict, save_delta_checkpoint
+    from models.formats import load_delta_checkpoint
+    from utils.errors import run_cli
+
+    model, _ = load_backbone(tiny_causal_dir)
+    cfg = DeltaConfig("lora", lora_r=2, lora_alpha=4, lora_targets="q,v,output")
+    attach_delta(model, cfg)
+    tasks = ["sent_review", "sent_tweet", "topic_news", "topic_places"]
+    theta = {}
+    for i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(i)
+        theta[task] = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in delta_state_dict(model).items()}
+        save_delta_checkpoint(tmp_path / "sources" / task, theta[task], cfg, "tiny", backbone_fingerprint(model),
+                              task=task)
+    common = ["--tasks", *tasks, "--source_ckpt_path", str(tmp_path / "sources")]  # sizes come from the modules
+    assert run_cli(unit_model_average.main, [*common, "--save_ckpt_path", str(tmp_path / "params"),
+                                             "--lora_combine", "params"]) == 0
+    assert run_cli(unit_model_average.main, [*common, "--save_ckpt_path", str(tmp_path / "dw")]) == 0
+    target, others = tasks[0], tasks[1:]
+    fused, meta = load_delta_checkpoint(tmp_path / "params" / f"without_{target}")
+    assert meta["sizes"]["lora_targets"] == "q,v,output" and any(".up_proj." in k for k in fused)
+    for k, value in fused.items():
+        expected = torch.zeros(value.shape, dtype=torch.float64)
+        for s in others:
+            expected.add_(theta[s][k].double(), alpha=1 / 3)
+        assert torch.equal(value, expected.float()), k
+    fused, _ = load_delta_checkpoint(tmp_path / "dw" / f"without_{target}")
+    for ka in [k for k in fused if k.endswith("lora_A")]:
+        kb = ka[:-len("lora_A")] + "lora_B"
+        mean = sum(theta[s][kb].double() @ theta[s][ka].double() for s in others) / 3 * 2.0  # alpha / r = 2
+        u, sv, vh = torch.linalg.svd(mean)
+        best = u[:, :2] @ torch.diag(sv[:2]) @ vh[:2]
+        torch.testing.assert_close(fused[kb].double() @ fused[ka].double() * 2.0, best, rtol=1e-4, atol=1e-5)
