@@ -342,3 +342,18 @@ def test_fusion_on_the_causal_family_is_exact_on_delta_w(tiny_causal_dir, tmp_pa
         u, sv, vh = torch.linalg.svd(mean)
         best = u[:, :2] @ torch.diag(sv[:2]) @ vh[:2]
         torch.testing.assert_close(fused[kb].double() @ fused[ka].double() * 2.0, best, rtol=1e-4, atol=1e-5)
+
+
+def test_another_models_tokenizer_on_the_causal_backbone_is_one_line_and_writes_nothing(tiny_causal_dir, tmp_path,
+                                                                                        capsys):
+    import tune
+    from tests.conftest import DEFAULT_MODEL_DIR, SUITE_DIR
+    from utils.errors import run_cli
+
+    out = tmp_path / "out"
+    code = run_cli(tune.main, ["--do_train", "--tune_method", "lora", "--model", str(tiny_causal_dir),
+                               "--tokenizer_path", str(DEFAULT_MODEL_DIR), "--task_dir", str(SUITE_DIR), "--tasks",
+                               "sent_review", "--output_dir", str(out), "--train_iters", "2", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the tokenizer and the model do not belong together" in err[0]
+    assert "--tokenizer_path" in err[0] and not out.exists()
