@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ def test_table_covers_every_method_in_both_profiles() -> None:
     for profile in ("paper", "default"):
         assert sorted(METHOD_SIZES[profile]) == sorted(METHODS)
         for method in METHODS:
-            assert sorted(sizes(profile, method)) == sorted(DeltaConfig(method).sizes())
+            assert sorted(sizes(profile, method)) == sorted(f.name for f in DeltaConfig(method).spec.size_fields)
 
 
 def test_tune_and_delta_config_default_to_the_paper_sizes() -> None:
@@ -26,8 +27,9 @@ def test_tune_and_delta_config_default_to_the_paper_sizes() -> None:
     for method in METHODS:
         paper = sizes("paper", method)
         assert {name: getattr(args, name) for name in paper} == paper
-        assert DeltaConfig(method).sizes() == paper
-    assert sizes("paper", "lora") == {"lora_r": 10, "lora_alpha": 16}  # the paper's setting, as the README gives it
+        assert DeltaConfig(method) == DeltaConfig(method, **paper)
+    # the paper's setting, as the README gives it (LoRA on q and v)
+    assert sizes("paper", "lora") == {"lora_r": 10, "lora_alpha": 16, "lora_targets": "q,v"}
     assert sizes("paper", "prefix") == {"prefix_length": 120, "prefix_mlp": 24}
 
 
@@ -39,13 +41,13 @@ def test_study_defaults_to_the_embedded_default_sizes() -> None:
 
 
 def test_shell_defaults_keep_what_the_environment_sets() -> None:
-    assert shell_defaults("default", "lora") == ': "${LORA_R:=8}"; : "${LORA_ALPHA:=16}"'
+    assert shell_defaults("default", "lora") == ': "${LORA_R:=8}"; : "${LORA_ALPHA:=16}"; : "${LORA_TARGETS:=q,v}"'
 
 
 def dry_run_flags(script: str, **env: str) -> dict[str, str]:
     proc = subprocess.run(["bash", str(REPO / "scripts" / script)], env={**os.environ, "DRY_RUN": "1", **env},
                           capture_output=True, text=True, timeout=60, check=True)
-    words = proc.stdout.split()
+    words = shlex.split(proc.stdout)  # the dry run prints the command quoted (printf %q)
     return {w[2:]: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
 
 
