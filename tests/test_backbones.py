@@ -357,3 +357,40 @@ def test_another_models_tokenizer_on_the_causal_backbone_is_one_line_and_writes_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "the tokenizer and the model do not belong together" in err[0]
     assert "--tokenizer_path" in err[0] and not out.exists()
+
+
+def test_importance_on_the_causal_family_groups_its_layers_and_pools_answer_tokens(tiny_causal_dir, tmp_path):
+    """importance.py on a causal LoRA: one stack (block ``decoder``), its layers, and the full module's dev loss
+    equal to the Loss metric pooled over the answer tokens by hand (log-softmax of the unpadded sequence)."""
+    import csv
+
+    from get_similarity import importance
+    from models.delta import backbone_fingerprint, delta_state_dict, save_delta_checkpoint
+    from tests.conftest import SUITE_DIR
+
+    model, tok = load_backbone(tiny_causal_dir)
+    perturbed(model, "lora")
+    cfg = DeltaConfig("lora", **SIZES["lora"])
+    save_delta_checkpoint(tmp_path / "ckpt", delta_state_dict(model), cfg, "tiny", backbone_fingerprint(model),
+                          task="sent_review")
+    out = tmp_path / "out"
+    assert importance.main(["--checkpoint", str(tmp_path / "ckpt"), "--task", "sent_review", "--model",
+                            str(tiny_causal_dir), "--task_dir", str(SUITE_DIR), "--max_output_length", "4",
+                            "--batch_size", "4", "--output_dir", str(out), "--device", "cpu", "--quiet"]) == 0
+    with open(out / "importance.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert {r["group"] for r in rows if r["granularity"] == "block"} == {"decoder"}
+    assert {r["group"] for r in rows if r["granularity"] == "layer"} == {"decoder.0", "decoder.1"}
+    from dataloader.crossfit import load_task
+    from models.examples import encode_examples
+
+    task = encode_examples(tok, load_task(SUITE_DIR, "sent_review", 16, 100, ["dev"])["dev"], 256, 4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, outputs in zip(task.inputs, task.outputs):
+            logp = alone_logits(model, prompt, outputs[0]).double().log_softmax(-1)
+            total -= sum(logp[j, t].item() for j, t in enumerate(outputs[0]))
+            count += len(outputs[0])
+    full = rows[0]
+    assert (full["granularity"], full["group"]) == ("model", "full")
+    assert float(full["dev_loss"]) == pytest.approx(total / count, rel=1e-5)
