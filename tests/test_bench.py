@@ -58,6 +58,7 @@ def test_help_names_quick_mode(bench, capsys) -> None:
     assert "--quick" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_trainer_overhead_quick(tmp_path: Path) -> None:
     assert trainer_overhead.main(["--quick", "--methods", "lora", "prefix", "--results_dir", str(tmp_path)]) == 0
     [table] = read_tables(tmp_path / "trainer_overhead.md")
@@ -92,6 +93,7 @@ def test_similarity_quick(tmp_path: Path) -> None:
     assert ratio > 1.2  # two interpreter starts and backbone loads cost more than one
 
 
+@pytest.mark.slow
 def test_grouped_quick(tmp_path: Path) -> None:
     assert grouped.main(["--quick", "--results_dir", str(tmp_path)]) == 0
     table, sweep = read_tables(tmp_path / "grouped.md")
@@ -108,6 +110,7 @@ def test_grouped_quick(tmp_path: Path) -> None:
     assert column(table, "goal (process CPU)")[0] == "-"
 
 
+@pytest.mark.slow
 def test_fusion_quick(tmp_path: Path) -> None:
     assert fusion.main(["--quick", "--methods", "lora", "--results_dir", str(tmp_path)]) == 0
     [table] = read_tables(tmp_path / "fusion.md")
@@ -120,6 +123,7 @@ def test_fusion_quick(tmp_path: Path) -> None:
         assert number(extra) >= 0
 
 
+@pytest.mark.slow
 def test_eval_speed_quick(tmp_path: Path) -> None:
     assert eval_speed.main(["--quick", "--results_dir", str(tmp_path)]) == 0
     share, comparisons = read_tables(tmp_path / "eval_speed.md")
@@ -177,6 +181,7 @@ def test_gpu_bench_needs_cuda_without_dry_run(tmp_path: Path, capsys) -> None:
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_threads_quick(tmp_path: Path) -> None:
     assert threads.main(["--quick", "--results_dir", str(tmp_path)]) == 0
     [table] = read_tables(tmp_path / "threads.md")
@@ -187,6 +192,7 @@ def test_threads_quick(tmp_path: Path) -> None:
     assert all(number(w) > 0 for w in column(table, "wall s"))
 
 
+@pytest.mark.slow
 def test_cli_startup_quick(tmp_path: Path) -> None:
     assert cli_startup.main(["--quick", "--results_dir", str(tmp_path)]) == 0
     [table] = read_tables(tmp_path / "cli_startup.md")
