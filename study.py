@@ -782,6 +782,10 @@ def check_inputs(p, task_pool: list[str], target_list: list[str]) -> None:
     if params.is_file():
         earlier = read_json_object(params)
         now = json.loads(json.dumps(vars(p)))  # as it would be written: tuples become lists
+        from models.methods import EARLIER_SIZES
+
+        # A size added since the folder was made (lora_targets) is at the value every earlier study had.
+        earlier = {**EARLIER_SIZES, **earlier}
         for key, value in now.items():
             if key in earlier and key not in RESUMABLE_CHANGES and earlier[key] != value:
                 raise UserInputError(f"{params}: this folder holds a study with {key}={earlier[key]!r}, this run "
@@ -834,7 +838,11 @@ def parse_args(argv: list[str] | None):
     from unit_model.config import CHOICES, HELP, LIST_PARAMS, TYPES
     from utils.params import parse_params
 
+    from models.methods import REGISTRY
+
     types = {**TYPES, "group_size": lambda v: str(parse_group_size(v))}  # params.json: "auto" or "8"
+    # a set of names (lora_targets) in its one spelling, "v,q" as "q,v"
+    types.update({f.name: f.normalise for m in REGISTRY.values() for f in m.size_fields if f.subset_of})
     return parse_params(PARAMS, argv, __doc__, HELP, CHOICES, (*LIST_PARAMS, *AXES), types)
 
 

@@ -290,6 +290,14 @@ def _study_nested_params(w, t):
     return study_argv(w, t), ["params.json", "nested too deeply"]
 
 
+def _study_params_before_lora_targets(w, t):
+    """A study folder made before lora_targets existed holds LoRA on q and v: another set is refused by name."""
+    params = {k: v for k, v in vars(study.parse_args(study_argv(w, t))).items() if k != "lora_targets"}
+    write(t / "out" / "params.json", json.dumps(params))
+    return [*study_argv(w, t), "--lora_targets", "v,k,q"], ["params.json", "lora_targets='q,v'",
+                                                            "lora_targets='q,k,v'"]
+
+
 def _study_params_not_object(w, t):
     write(t / "out" / "params.json", "[1, 2, 3]")
     return study_argv(w, t), ["params.json", "expected a JSON object"]
@@ -343,6 +351,7 @@ CASES: dict[str, Case] = {
     "identity/tune-resume-into-a-folder-of-unknown-settings": Case(tune.main, _tune_resume_without_settings),
     # ---- 2. provenance
     "provenance/study-params-json-nested": Case(study.main, _study_nested_params),
+    "provenance/study-params-before-lora-targets": Case(study.main, _study_params_before_lora_targets),
     "provenance/study-params-json-not-an-object": Case(study.main, _study_params_not_object),
     "provenance/fusion-settings-nested": Case(unit_model_average.main, _fusion_nested_settings),
     "provenance/score-table-of-other-settings": Case(score.main, _score_table_of_other_settings),

@@ -20,8 +20,10 @@ from utils.errors import UserInputError
 REGISTRY: dict[str, DeltaMethod] = {m.name: m for m in (Adapter(), LoRA(), Prefix(), IA3())}
 METHODS = tuple(REGISTRY)
 SIZE_FLAGS = tuple(f.name for m in REGISTRY.values() for f in m.size_fields)  # every method's size names
+# Sizes added after modules and studies were made: the value those have, where they record none.
+EARLIER_SIZES = {f.name: f.earlier for m in REGISTRY.values() for f in m.size_fields if f.earlier is not None}
 
-__all__ = ["DELTA_NAME", "GRANULARITIES", "METHODS", "REGISTRY", "SIZE_FLAGS", "DeltaMethod", "SizeField",
+__all__ = ["DELTA_NAME", "EARLIER_SIZES", "GRANULARITIES", "METHODS", "REGISTRY", "SIZE_FLAGS", "DeltaMethod", "SizeField",
            "add_size_flags", "block_group", "get_method", "method_of", "owner", "param_group"]
 
 
