@@ -23,8 +23,8 @@ SIZE_FLAGS = tuple(f.name for m in REGISTRY.values() for f in m.size_fields)  # 
 # Sizes added after modules and studies were made: the value those have, where they record none.
 EARLIER_SIZES = {f.name: f.earlier for m in REGISTRY.values() for f in m.size_fields if f.earlier is not None}
 
-__all__ = ["DELTA_NAME", "EARLIER_SIZES", "GRANULARITIES", "METHODS", "REGISTRY", "SIZE_FLAGS", "DeltaMethod", "SizeField",
-           "add_size_flags", "block_group", "get_method", "method_of", "owner", "param_group"]
+__all__ = ["DELTA_NAME", "EARLIER_SIZES", "GRANULARITIES", "METHODS", "REGISTRY", "SIZE_FLAGS", "DeltaMethod",
+           "SizeField", "add_size_flags", "block_group", "get_method", "method_of", "owner", "param_group"]
 
 
 def get_method(name: str, flag: str = "--method") -> DeltaMethod:
