@@ -834,11 +834,10 @@ def resolve_group_size(p, task_pool: list[str], target_list: list[str]) -> tuple
 def parse_args(argv: list[str] | None):
     """The parameter block with the command line's overrides; list parameters as one space-separated string,
     so params.json spells them one way however the words were given."""
+    from models.methods import REGISTRY
     from models.settings import parse_group_size
     from unit_model.config import CHOICES, HELP, LIST_PARAMS, TYPES
     from utils.params import parse_params
-
-    from models.methods import REGISTRY
 
     types = {**TYPES, "group_size": lambda v: str(parse_group_size(v))}  # params.json: "auto" or "8"
     # a set of names (lora_targets) in its one spelling, "v,q" as "q,v"
