@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL:=models/default}"
+MODEL="${MODEL%/}"  # models/default-causal/ names the same folder
 case "$MODEL" in
   models/default) : "${OUTPUT:=runs/demo}"; : "${SOURCE_LIBRARY:=models/default-sources/lora}" ;;
   models/default-causal) : "${OUTPUT:=runs/demo-causal}"; : "${SOURCE_LIBRARY:=models/default-causal-sources/lora}" ;;
