@@ -395,3 +395,25 @@ def test_importance_on_the_causal_family_groups_its_layers_and_pools_answer_toke
     full = rows[0]
     assert (full["granularity"], full["group"]) == ("model", "full")
     assert float(full["dev_loss"]) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("model,output,library", [
+    ("models/default", "runs/demo", "models/default-sources/lora"),
+    ("models/default-causal/", "runs/demo-causal", "models/default-causal-sources/lora"),
+])
+def test_make_demo_runs_the_study_of_its_model_with_that_models_library(model, output, library):
+    import subprocess
+
+    done = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": "echo", "MODEL": model})
+    command = done.stdout.splitlines()[0].split()  # PYTHON=echo: pipeline.sh prints the study's command
+    flags = {command[i]: command[i + 1] for i in range(1, len(command) - 1) if command[i].startswith("--")}
+    assert (flags["--model"], flags["--output"], flags["--source_library"]) == (model.rstrip("/"), output, library)
+
+
+def test_make_demo_refuses_a_model_without_a_committed_library():
+    import subprocess
+
+    done = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": "echo", "MODEL": "models/elsewhere"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "MODEL=models/elsewhere" in done.stderr
