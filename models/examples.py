@@ -174,18 +174,18 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     if sort_by_length:
         order.sort(key=lambda i: len(task.inputs[i]))
     starts = range(0, len(order), batch_size)
-    for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
-        idx = order[start:start + batch_size]
-        batch = to_device(collate(model, [task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
-        with active(model, slots) if slots else nullcontext():  # slot 0 alone again afterwards
+    with active(model, slots) if slots else nullcontext():  # slot 0 alone again afterwards
+        for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
+            idx = order[start:start + batch_size]
+            batch = to_device(collate(model, [task.inputs[i] for i in idx], None, tokenizer.pad_token_id), device)
             out = family.generate(model, shared_batch(model, slots, batch) if slots else batch, tokenizer,
                                   max_new_tokens, num_beams)
-        if out.shape[0] != channels * len(idx):
-            raise RuntimeError(f"generate returned {out.shape[0]} rows for {len(idx)} inputs x {channels} modules")
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        for g in range(channels):
-            for i, text in zip(idx, texts[g * len(idx):(g + 1) * len(idx)]):
-                predictions[g][i] = text.strip()
+            if out.shape[0] != channels * len(idx):
+                raise RuntimeError(f"generate returned {out.shape[0]} rows for {len(idx)} inputs x {channels} modules")
+            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+            for g in range(channels):
+                for i, text in zip(idx, texts[g * len(idx):(g + 1) * len(idx)]):
+                    predictions[g][i] = text.strip()
     model.train(was_training)
     return predictions
 

@@ -119,11 +119,11 @@ def active(model: nn.Module, slots: Sequence[str], batch_sizes: Sequence[int] | 
 
 
 def shared_batch(model: nn.Module, slots: Sequence[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Activate ``slots`` to run on one shared ``batch`` and return what to feed the model. Under ``Parallel`` that
-    is the batch itself; for a family whose library cannot run Parallel (models/backbones/) it is one copy of the
-    batch per slot under ``BatchSplit``. Either way slot g's output rows are rows g*B..(g+1)*B-1."""
+    """What to feed the model so that ``slots`` run on one shared ``batch``, inside an ``active(model, slots)``
+    block. Under its ``Parallel`` that is the batch itself; for a family whose library cannot run Parallel
+    (models/backbones/) it is one copy of the batch per slot, under a ``BatchSplit`` activated here for this
+    batch's size. Either way slot g's output rows are rows g*B..(g+1)*B-1."""
     if len(slots) == 1 or family_of(model).parallel_composition:
-        activate(model, slots)
         return batch
     rows = len(next(iter(batch.values())))
     activate(model, slots, [rows] * len(slots))
