@@ -286,3 +286,21 @@ def test_bundled_suite_trains_with_tiny_backbone(tiny_backbone_dir, tmp_path, ca
                      "--output_dir", str(out), *FAST], capsys)
     assert code == 0, err
     assert len(read_rows(out / "result.tsv")) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "lora", "prefix", "ia3"])
+def test_the_causal_default_trains_and_predicts_each_method_on_the_bundled_suite(method, tmp_path, capsys):
+    """models/default-causal through tune.py: a label task (generation of label words) and a free-text one."""
+    out = tmp_path / "out"
+    code, err = run(["--do_train", "--do_predict", "--tune_method", method, "--model", str(REPO / "models" /
+                     "default-causal"), "--task_dir", str(SUITE_DIR), "--tasks", "sent_review", "ext_animals",
+                     "--output_dir", str(out), "--lora_r", "4", "--adapter_size", "8", "--prefix_length", "8",
+                     "--prefix_mlp", "32", *FAST], capsys)
+    assert code == 0, err
+    rows = read_rows(out / "result.tsv")
+    assert [r["task"] for r in rows] == ["sent_review", "ext_animals"]
+    for row in rows:
+        assert 0.0 <= float(row["test"]) <= 1.0
+        predictions = read_rows(out / row["task"] / row["run"] / "test_predictions.tsv")
+        assert len(predictions) == 200 and any(p["prediction"] for p in predictions)
