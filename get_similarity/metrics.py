@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import IGNORE_INDEX, family_of
+from models.backbones import IGNORE_INDEX, family_of, token_logp
 from models.examples import EncodedTask, collate, to_device
 from utils.errors import UserInputError
 
@@ -106,9 +106,8 @@ def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,
                reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy -log p(y_j) per token."""
-    logp, safe, mask = _prepare(logits, labels)
-    values = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return values.masked_fill(~mask, 0.0), mask
+    _, _, mask = _prepare(logits, labels)
+    return -token_logp(logits, labels), mask
 
 
 @register("KL", direction="lower", needs_reference=True)

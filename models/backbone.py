@@ -88,7 +88,8 @@ def load_backbone(
 
     family = check_architecture(source, arg)
     try:
-        net = family.model_class().from_pretrained(source) if family else load_hub_model(source)
+        family = family or hub_family(source, arg)
+        net = family.model_class().from_pretrained(source)
     except (OSError, ValueError) as e:
         if source is arg and _offline():
             raise UserInputError(
@@ -96,7 +97,6 @@ def load_backbone(
                 "pass a local model folder"
             ) from None
         raise UserInputError(f"--model {arg}: could not load the model ({first_line(e)})") from None
-    family = family_for_type(getattr(net.config, "model_type", None), f"--model {arg}")
 
     flag = "--tokenizer_path" if tokenizer_path is not None else "--model"
     tok_arg = str(tokenizer_path) if tokenizer_path is not None else source
@@ -138,13 +138,11 @@ def check_architecture(source: str, arg: str) -> BackboneFamily | None:
     return family_for_type(read_json_object(config_file).get("model_type"), f"--model {arg} ({config_file})")
 
 
-def load_hub_model(source: str) -> nn.Module:
-    """A hub model, by the family its config names."""
+def hub_family(source: str, arg: str) -> BackboneFamily:
+    """The family of a hub model, from the config transformers reads for it."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source)
-    return family_for_type(getattr(config, "model_type", None), f"--model {source}").model_class().from_pretrained(
-        source)
+    return family_for_type(getattr(AutoConfig.from_pretrained(source), "model_type", None), f"--model {arg}")
 
 
 # Models pad their embedding matrix past the tokenizer's vocabulary (T5: 32128 rows for 32100 tokens; Llama 3:
@@ -160,9 +158,9 @@ def check_vocabulary(net, tokenizer, flag: str, tok_arg: str) -> None:
     # tiny model); with its added tokens the tokenizer must come close to the rows (Llama's reserved tokens).
     size = tokenizer.vocab_size
     if size > rows or len(tokenizer) < rows - VOCAB_SLACK:
-        raise UserInputError(f"{flag} {tok_arg}: a tokenizer of {size} tokens for a model with {rows} embedding "
-                             "rows; the tokenizer and the model do not belong together (pass the model's own "
-                             "tokenizer)")
+        raise UserInputError(f"{flag} {tok_arg}: a tokenizer of {len(tokenizer)} tokens ({size} in its base "
+                             f"vocabulary) for a model with {rows} embedding rows; the tokenizer and the model do not "
+                             "belong together (pass the model's own tokenizer)")
 
 
 def load_backbone_config(model: str | Path):

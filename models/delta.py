@@ -220,7 +220,7 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     level = mixin_logger.level
     mixin_logger.setLevel(logging.ERROR)
     try:
-        model.add_adapter(DELTA_NAME, config=library_config(cfg, family_of(model).width(model.config)))
+        model.add_adapter(DELTA_NAME, config=library_config(cfg, family.width(model.config)))
         model.train_adapter(DELTA_NAME)  # freezes every other parameter and activates the module
     finally:
         mixin_logger.setLevel(level)

@@ -149,8 +149,8 @@ def generate_channels(model, tokenizer, task: EncodedTask, batch_size: int, max_
     Several ``slots`` (models/group.py) generate in one pass per batch, and rows g*B..(g+1)*B-1 of the output are
     slot g's. A family whose library generates under ``Parallel`` (T5: the library replicates each batch inside
     the model) gets that; otherwise each slot takes its own copy of the batch under ``BatchSplit``
-    (``models.group.shared_batch``). Greedy rows do not interact,
-    so a slot's rows are what it generates alone on the same batches.
+    (``models.group.shared_batch``). Greedy rows do not interact, so a slot's rows are what it generates alone on
+    the same batches.
 
     ``sort_by_length`` batches examples sorted by input length, which wastes less padding (False: file
     order, for comparison).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.backbones.base import IGNORE_INDEX, BackboneFamily
+from models.backbones.base import IGNORE_INDEX, BackboneFamily, token_logp
 from models.backbones.causal import Causal
 from models.backbones.seq2seq import Seq2Seq
 from utils.errors import UserInputError
@@ -19,7 +19,7 @@ COUNT_KEYS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.stacks.
 
 __all__ = ["COUNT_KEYS", "FAMILIES", "IGNORE_INDEX", "BackboneFamily", "block_of",
            "count_key", "family_for_type", "family_of", "family_of_names", "lora_location",
-           "supported_model_types"]
+           "supported_model_types", "token_logp"]
 
 
 def supported_model_types() -> tuple[str, ...]:

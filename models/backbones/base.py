@@ -117,16 +117,12 @@ class BackboneFamily:
     def rank_scores(self, model: nn.Module, inputs: list[list[int]], label_ids: list[list[int]],
                     pad_id: int) -> torch.Tensor:
         """Summed log-likelihood of every label after every input, (inputs, labels), float32 on the CPU."""
+        device = next(model.parameters()).device
         rows_in = [x for x in inputs for _ in label_ids]
         rows_out = [y for _ in inputs for y in label_ids]
-        return summed_logp(self, model, self.collate(rows_in, rows_out, pad_id)).view(len(inputs), len(label_ids))
-
-
-def summed_logp(family: BackboneFamily, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's summed log-probability of its labels (IGNORE_INDEX positions add nothing), on the CPU."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return token_logp(family.answer_logits(model, batch), batch["labels"]).sum(dim=-1).cpu()
+        batch = {k: v.to(device) for k, v in self.collate(rows_in, rows_out, pad_id).items()}
+        scores = token_logp(self.answer_logits(model, batch), batch["labels"]).sum(dim=-1)
+        return scores.view(len(inputs), len(label_ids)).cpu()
 
 
 def token_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from models.backbones import family_of_names, lora_location
 from models.delta import DELTA_NAME, FORMAT_VERSION, DeltaConfig
 from models.legacy import read_foreign_weights
 from models.methods import REGISTRY
-from models.methods.lora import targets_of
+from models.methods.lora import projection_of, targets_of
 from utils.errors import UserInputError
 from utils.io import read_json_object
 
@@ -156,7 +156,7 @@ def peft_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def peft_config_for(cfg: DeltaConfig, base_model: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The adapter_config.json of this project's LoRA (tensors under this project's names) as PEFT reads it."""
-    modules = sorted({key.split(".loras.")[0].rsplit(".", 1)[-1] for key in tensors})
+    modules = sorted({projection_of(key) for key in tensors})
     task_type = "CAUSAL_LM" if family_of_names(tensors).name == "causal" else "SEQ_2_SEQ_LM"
     return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
             "r": cfg.values["lora_r"], "lora_alpha": cfg.values["lora_alpha"], "target_modules": modules,

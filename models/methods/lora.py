@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: the registry l
     import torch
 
 
+from models.backbones import lora_location
 from models.methods.base import DeltaMethod, Shapes, SizeField, one_size
 from utils.errors import UserInputError
 
@@ -54,11 +55,14 @@ def lora_factor(delta_w: torch.Tensor, r: int, scaling: float = 1.0) -> tuple[to
     return b, a
 
 
-def targets_of(names: Iterable[str], source: str) -> str:
-    """The ``lora_targets`` value that LoRA tensors of these names have (by their modules, in any family)."""
-    from models.backbones import lora_location
+def projection_of(name: str) -> str:
+    """The projection a LoRA parameter sits on, as PEFT's ``target_modules`` names it (``q``, ``v_proj``)."""
+    return name.split(".loras.")[0].rsplit(".", 1)[-1]
 
-    found = {lora_location(k.split(".loras.")[0].rsplit(".", 1)[-1], source) for k in names if k.endswith(".lora_A")}
+
+def targets_of(names: Iterable[str], source: str) -> str:
+    """The ``lora_targets`` value that LoRA tensors of these names have (by their projections, in any family)."""
+    found = {lora_location(projection_of(k), source) for k in names if k.endswith(".lora_A")}
     return ",".join(t for t in LORA_LOCATIONS if t in found)
 
 
