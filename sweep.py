@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.launch import order_result_tsv, script_job
 from utils.errors import run_cli
-from utils.io import write_tsv_atomic
 from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
 from utils.params import HelpFormatter
 
@@ -47,36 +47,11 @@ class Plan:
     finish: Callable[[], None] | None = None  # once every job succeeded: put shared tables in order
 
 
-def script_job(name: str, script: str, argv: list) -> Job:
-    """A job running one of the repository's scripts with this interpreter (absolute path: any cwd works)."""
-    return Job(name, [sys.executable, str(REPO / script), *map(str, argv)])
-
-
-def order_result_tsv(output_dir: Path, keys: list[tuple[str, str]]) -> None:
-    """Put ``keys``' rows ((task, run folder name), models.run_folders.result_key) of ``result.tsv`` last and in
-    this order, under its lock.
-
-    A single tune.py process appends rows in sweep order, and ties of the best dev score go to the first row
-    (models.run_folders.resolve_checkpoint); parallel jobs append them in the order they finish.
-    """
-    from models.run_folders import RESULT_COLUMNS, file_lock, result_key, result_rows
-
-    path = output_dir / "result.tsv"
-    with file_lock(output_dir / ".result.tsv.lock"):
-        if not path.is_file():
-            return
-        rows = result_rows(path)
-        rank = {key: i for i, key in enumerate(keys)}
-        others = [r for r in rows if result_key(r) not in rank]
-        ours = sorted((r for r in rows if result_key(r) in rank), key=lambda r: rank[result_key(r)])
-        write_tsv_atomic(path, RESULT_COLUMNS, others + ours)
-
-
 def plan_tune(argv: list[str]) -> Plan:
-    import tune
+    from models.tune_flags import config_from_args, tune_parser
     from models.tuning import check_inputs
 
-    config = tune.config_from_args(tune.build_parser().parse_args(argv))
+    config = config_from_args(tune_parser(None).parse_args(argv))
     # The checks tune.py makes before writing anything, made once here rather than failing in every job.
     inputs = check_inputs(config)
     out = inputs.output_dir
@@ -93,12 +68,12 @@ def plan_tune(argv: list[str]) -> Plan:
     return Plan(jobs, out / "logs", lambda: order_result_tsv(out, keys))
 
 
-def pairs_of(module, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+def pairs_of(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """Parsed flags and (target, source) pairs of tune_all.py or dev_all.py; every source module checked."""
-    from get_similarity.tune_all import leave_one_out, load_sources
+    from models.tune_all import leave_one_out, load_sources
     from task_list import resolve_tasks, resolve_tasks_in
 
-    args = module.build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     _, targets = resolve_tasks_in(args.task_dir, args.tasks)
     sources = resolve_tasks(args.source_tasks) if args.source_tasks else targets
     pairs = leave_one_out(targets, sources)
@@ -107,18 +82,19 @@ def pairs_of(module, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[st
 
 
 def plan_tuneall(argv: list[str]) -> Plan:
-    from get_similarity import tune_all
+    from models.pair_settings import tune_all_parser
 
-    args, pairs = pairs_of(tune_all, argv)
+    args, pairs = pairs_of(tune_all_parser(None), argv)
     jobs = [script_job(f"{t}/{s}", "get_similarity/tune_all.py", [*argv, "--tasks", t, "--source_tasks", s])
             for t, s in pairs]
     return Plan(jobs, Path(args.output_dir) / "logs")
 
 
 def plan_devall(argv: list[str]) -> Plan:
-    from get_similarity import dev_all
+    from models import dev_all
+    from models.pair_settings import dev_all_parser
 
-    args, pairs = pairs_of(dev_all, argv)
+    args, pairs = pairs_of(dev_all_parser(None), argv)
     every_pair, output = pairs, Path(args.output)
     if output.is_file():
         dev_all.read_rows(output)  # a malformed table is refused now, not by every job

@@ -76,7 +76,7 @@ SETTINGS = {"full": ["--max_new_tokens", str(MAX_OUTPUT)], "auto": [], "rank": [
 
 def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> dict[str, float]:
     """Run tune.main with timers around Trainer.train_group and Trainer.evaluate (validation inside training only)."""
-    import tune
+    from models.tune_flags import run_tune
 
     totals = {"train": 0.0, "valid": 0.0, "validations": 0}
     inside = [False]
@@ -107,9 +107,9 @@ def timed_tune(tasks: list[str], out: Path, extra: list[str], budget: dict) -> d
     with (mock.patch.object(Trainer, "evaluate", timed_evaluate),
           mock.patch.object(Trainer, "train_group", timed_train),
           contextlib.redirect_stderr(io.StringIO())):
-        code = tune.main(argv)
+        code = run_tune(argv)
     if code != 0:
-        raise RuntimeError(f"tune.main exited with {code}")
+        raise RuntimeError(f"tune.py exited with {code}")
     rows = read_result_tsv(out / "result.tsv")
     totals["dev"] = sum(float(r["dev"]) for r in rows) / len(rows)
     return totals

@@ -79,7 +79,7 @@ def peak_mb(device: str) -> str:
 
 def train_rate(model_dir: Path, method: str, bsz: int, steps: int, device: str, task_dir: Path,
                out: Path) -> float:
-    import tune
+    from models.tune_flags import run_tune
 
     block = max(1, steps // 6)
     sizes = [x for k, v in SCRIPT_SIZES[method].items() for x in (f"--{k}", str(v))]
@@ -89,9 +89,9 @@ def train_rate(model_dir: Path, method: str, bsz: int, steps: int, device: str, 
             "--early_stop", "0", "--warmup_steps", "0", "--learning_rate_list", "1e-4", "--bsz_list", str(bsz),
             "--device", device, "--bf16", "--quiet", "--log_file_only"]
     with contextlib.redirect_stderr(io.StringIO()):
-        code = tune.main(argv)
+        code = run_tune(argv)
     if code != 0:
-        raise RuntimeError(f"tune.main exited with {code}")
+        raise RuntimeError(f"tune.py exited with {code}")
     log = next((out / TASK).glob(f"lr_0.0001_bsz_{bsz}_*/log.txt")).read_text(encoding="utf-8")
     rates = [float(m.group(2)) for m in LOG_RATE.finditer(log)]
     if len(rates) != 6:

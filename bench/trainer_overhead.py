@@ -105,7 +105,7 @@ def block_rates(marks: list[tuple[float, float]], examples: int) -> tuple[list[f
 def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, task_dir: Path,
                out_dir: Path) -> tuple[list[float], list[float]]:
     """Examples/s of tune.py's own loop per block of ``block`` steps: (CPU time, wall time)."""
-    import tune
+    from models.tune_flags import run_tune
 
     marks: list[tuple[float, float]] = []
     log_line = RunLog.__call__
@@ -124,9 +124,9 @@ def tune_rates(model_dir: Path, method: str, steps: int, block: int, bsz: int, t
             "--quiet", "--log_file_only"]
     # The tqdm bar still runs; it just draws nowhere.
     with mock.patch.object(RunLog, "__call__", stamped), contextlib.redirect_stderr(io.StringIO()):
-        code = tune.main(argv)
+        code = run_tune(argv)
     if code != 0:
-        raise RuntimeError(f"tune.main exited with {code}")
+        raise RuntimeError(f"tune.py exited with {code}")
     log = next((out_dir / TASK).glob(f"lr_{LR!r}_bsz_{bsz}_*/log.txt")).read_text(encoding="utf-8")
     if len(marks) != steps // block + 1 or len(LOG_RATE.findall(log)) != steps // block:
         raise RuntimeError(f"{out_dir}: expected {steps // block} examples/s lines, found {len(marks) - 1}")

@@ -8,6 +8,7 @@ asked for and only on CUDA; on the CPU everything runs in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from dataloader.crossfit import Example
 from dataloader.metrics import score
 from models.examples import EncodedTask, generate_channels, label_set, predict
-from models.group import active
+from models.group import active, chunks, load_slot_state
 
 
 @dataclass
@@ -108,3 +109,25 @@ def decoding_for(config: Any, tokenizer, metric: str, examples: list) -> Decodin
     """How a task with these train and dev ``examples`` is predicted under a run's settings (a ``TrainConfig``)."""
     return plan_decoding(tokenizer, metric, examples, config.max_output_length, config.max_new_tokens,
                          config.num_beams, config.rank_classification)
+
+
+# A module to score: its key in the result, a function that reads its tensors, and its folder (for messages).
+ScoredModule = tuple[Hashable, Callable[[], dict[str, torch.Tensor]], str]
+
+
+def score_modules(model, tokenizer, task: EncodedTask, metric: str, modules: Sequence[ScoredModule],
+                  slots: list[str], decoding: Decoding, batch_size: int, num_beams: int = 1, bf16: bool = False,
+                  done: Callable[[int], Any] | None = None) -> dict[Hashable, float]:
+    """Each module's score on ``task`` (generation and the task's metric), ``len(slots)`` modules per generation
+    (``predict_group``): what dev-all scores its sources and tuned modules with, and the study's pairs stage its
+    single-source transfers. A module's tensors are read when its group runs; ``done(n)`` follows progress."""
+    scores: dict[Hashable, float] = {}
+    for group in chunks(list(modules), len(slots)):
+        for slot, (_, tensors, folder) in zip(slots, group):
+            load_slot_state(model, slot, tensors(), folder)
+        predictions = predict_group(model, tokenizer, task, decoding, batch_size, slots[:len(group)], num_beams, bf16)
+        for (key, _, _), prediction in zip(group, predictions):
+            scores[key] = score_predictions(metric, prediction, task)
+        if done is not None:
+            done(len(group))
+    return scores

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 import study
 import tune
 from get_similarity import dev_all, importance, score, tune_all
+from pipeline.settings import RANGES as STUDY_RANGES
 from scripts import convert_legacy_ckpt, export_peft
 from tests.conftest import DEFAULT_MODEL_DIR
 from tests.test_bad_input import (
@@ -506,9 +507,14 @@ def _parsed(text: str, rule: Range) -> float | int:
 
 def walk() -> list[tuple[str, Callable, Callable, str, str]]:
     """(entry name, main, argv builder, flag, bad value) for every ranged field an entry point takes as a flag."""
-    from get_similarity.settings import IMPORTANCE_RANGES, DevAllConfig, SimilarityConfig, TuneAllConfig
+    from get_similarity.settings import IMPORTANCE_RANGES, SimilarityConfig
+    from models.pair_settings import DevAllConfig, TuneAllConfig
     from models.settings import TuneConfig
     from unit_model.config import FusionConfig
+    from unit_model.merges import MERGE_SETTINGS
+
+    # the merge operators' settings declare their own ranges, beside the operators
+    merge_ranges = {name: s.rule for name, s in MERGE_SETTINGS.items() if s.rule is not None}
 
     def flags_of(main) -> set[str]:
         module = __import__(main.__module__, fromlist=["_"])
@@ -521,9 +527,9 @@ def walk() -> list[tuple[str, Callable, Callable, str, str]]:
                ("tune_all", tune_all.main, tuneall_argv, ranges_of(TuneAllConfig)),
                ("dev_all", dev_all.main, devall_argv, ranges_of(DevAllConfig)),
                ("importance", importance.main, importance_argv, IMPORTANCE_RANGES),
-               ("average", unit_model_average.main, average_argv, ranges_of(FusionConfig)),
-               ("learned", unit_model_learned.main, average_argv, ranges_of(FusionConfig)),
-               ("study", study.main, study_argv, study.RANGES)]
+               ("average", unit_model_average.main, average_argv, {**ranges_of(FusionConfig), **merge_ranges}),
+               ("learned", unit_model_learned.main, average_argv, {**ranges_of(FusionConfig), **merge_ranges}),
+               ("study", study.main, study_argv, {**STUDY_RANGES, **merge_ranges})]
     cases = []
     for name, main, make_argv, rules in entries:
         taken = flags_of(main)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap, wilcoxon
 
-from unit_model.comparison import paired_comparison
+from pipeline.comparison import paired_comparison
 
 RANDOM = [0.50, 0.40, 0.70, 0.20, 0.90, 0.30]
 FUSED = [0.80, 0.40, 0.65, 0.60, 0.95, 0.70]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tune
 from get_similarity import dev_all, score, tune_all
 from models.delta import DeltaConfig
+from models.pair_settings import DevAllConfig, TuneAllConfig
 from models.settings import TuneConfig
 from utils.params import config_from, flags_of
 
@@ -26,12 +27,12 @@ def test_tune_py_defaults_are_the_library_defaults() -> None:
 
 
 def test_tuneall_and_devall_configs_round_trip() -> None:
-    ta = tune_all.TuneAllConfig(source_ckpt_path="src", output_dir="out", tasks=["a"], source_tasks=["b", "c"],
+    ta = TuneAllConfig(source_ckpt_path="src", output_dir="out", tasks=["a"], source_tasks=["b", "c"],
                                 steps=7, learning_rate=3e-2, warmup_steps=None, k=16, quiet=True)
-    assert config_from(tune_all.TuneAllConfig, tune_all.build_parser().parse_args(ta.to_argv())) == ta
-    da = dev_all.DevAllConfig(source_ckpt_path="src", output="t.tsv", tasks=["a"], source_tasks=["b"],
+    assert config_from(TuneAllConfig, tune_all.build_parser().parse_args(ta.to_argv())) == ta
+    da = DevAllConfig(source_ckpt_path="src", output="t.tsv", tasks=["a"], source_tasks=["b"],
                               tuneall_ckpt_path="ta", merge=True, overwrite=True, predict_batch_size=100)
-    assert config_from(dev_all.DevAllConfig, dev_all.build_parser().parse_args(da.to_argv())) == da
+    assert config_from(DevAllConfig, dev_all.build_parser().parse_args(da.to_argv())) == da
 
 
 def test_score_parser_defaults_are_the_config_defaults() -> None:

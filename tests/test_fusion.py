@@ -33,8 +33,11 @@ from unit_model import (
     unit_model_Euclidean,
     unit_model_others,
     unit_model_Performance,
-    weightings,
 )
+from unit_model.weightings import base as weighting_base
+from unit_model.weightings import cos as weighting_cos
+from unit_model.weightings import euclidean as weighting_euclidean
+from unit_model.weightings import similarity as weighting_similarity
 from utils.errors import UserInputError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,11 +54,11 @@ LORA = DeltaConfig("lora", lora_r=4, lora_alpha=8)
 
 def test_softmax_direction_and_exact_formula() -> None:
     scores = {"a": 1.0, "b": 3.0, "c": 2.0}
-    low = weightings.softmax_weights(scores, "lower", 2.0)
+    low = weighting_base.softmax_weights(scores, "lower", 2.0)
     z = math.exp(-0.5) + math.exp(-1.5) + math.exp(-1.0)
     assert low == pytest.approx({"a": math.exp(-0.5) / z, "b": math.exp(-1.5) / z, "c": math.exp(-1.0) / z})
     assert max(low, key=low.get) == "a"  # lower score = more similar
-    high = weightings.softmax_weights(scores, "higher", 2.0)
+    high = weighting_base.softmax_weights(scores, "higher", 2.0)
     assert max(high, key=high.get) == "b"
     assert high["a"] == pytest.approx(low["b"])  # negating the scores mirrors the weights
     assert math.fsum(low.values()) == pytest.approx(1.0) and math.fsum(high.values()) == pytest.approx(1.0)
@@ -65,53 +68,53 @@ def test_zscore_and_rank_norms_by_hand() -> None:
     """Losses 1, 2, 6 (lower = more similar): signed -1, -2, -6, mean -3, population std sqrt(14/3)."""
     scores = {"a": 1.0, "b": 2.0, "c": 6.0}
     std = math.sqrt(((2**2) + 1**2 + 3**2) / 3)
-    z = weightings.comparable_scores({s: -v for s, v in scores.items()}, "zscore")
+    z = weighting_base.comparable_scores({s: -v for s, v in scores.items()}, "zscore")
     assert z == pytest.approx({"a": 2 / std, "b": 1 / std, "c": -3 / std})
-    w = weightings.softmax_weights(scores, "lower", 0.5, norm="zscore")
+    w = weighting_base.softmax_weights(scores, "lower", 0.5, norm="zscore")
     e = {s: math.exp(v / 0.5) for s, v in z.items()}
     assert w == pytest.approx({s: v / sum(e.values()) for s, v in e.items()})
     # rank: ranks 3, 2, 1 of the signed scores, z-scored: sqrt(3/2), 0, -sqrt(3/2) (outliers do not matter)
-    assert weightings.comparable_scores({"a": -1.0, "b": -2.0, "c": -600.0}, "rank") == pytest.approx(
+    assert weighting_base.comparable_scores({"a": -1.0, "b": -2.0, "c": -600.0}, "rank") == pytest.approx(
         {"a": math.sqrt(1.5), "b": 0.0, "c": -math.sqrt(1.5)})
     # a metric on another scale gives the same weights under zscore: one temperature for every method
-    assert weightings.softmax_weights({s: 1000 * v + 7 for s, v in scores.items()}, "lower", 0.5,
+    assert weighting_base.softmax_weights({s: 1000 * v + 7 for s, v in scores.items()}, "lower", 0.5,
                                       norm="zscore") == pytest.approx(w)
-    assert weightings.softmax_weights(scores, "lower", 0.5, norm="none") == weightings.softmax_weights(
+    assert weighting_base.softmax_weights(scores, "lower", 0.5, norm="none") == weighting_base.softmax_weights(
         scores, "lower", 0.5)
-    tie = weightings.softmax_weights({"a": 3.0, "b": 3.0}, "higher", 1.0, norm="zscore")
+    tie = weighting_base.softmax_weights({"a": 3.0, "b": 3.0}, "higher", 1.0, norm="zscore")
     assert tie == {"a": 0.5, "b": 0.5}
     with pytest.raises(UserInputError, match="--weight_norm"):
-        weightings.softmax_weights(scores, "lower", 1.0, norm="softmax")
+        weighting_base.softmax_weights(scores, "lower", 1.0, norm="softmax")
 
 
 def test_effective_sources_is_exp_entropy() -> None:
-    assert weightings.effective_sources([0.25] * 4) == pytest.approx(4.0)
-    assert weightings.effective_sources([1.0, 0.0, 0.0]) == 1.0
-    assert weightings.effective_sources([0.5, 0.5 * 0.5, 0.25]) == pytest.approx(math.exp(1.5 * math.log(2)))
+    assert weighting_base.effective_sources([0.25] * 4) == pytest.approx(4.0)
+    assert weighting_base.effective_sources([1.0, 0.0, 0.0]) == 1.0
+    assert weighting_base.effective_sources([0.5, 0.5 * 0.5, 0.25]) == pytest.approx(math.exp(1.5 * math.log(2)))
 
 
 def test_softmax_large_temperature_is_uniform_and_huge_scores_do_not_overflow() -> None:
-    w = weightings.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
+    w = weighting_base.softmax_weights({"a": 0.1, "b": 5.0, "c": -3.0}, "higher", 1e9)
     assert w == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
-    w = weightings.softmax_weights({"a": 1e6, "b": 1e6 - 1}, "higher", 1.0)
+    w = weighting_base.softmax_weights({"a": 1e6, "b": 1e6 - 1}, "higher", 1.0)
     assert w["a"] == pytest.approx(1 / (1 + math.exp(-1)))
 
 
 @pytest.mark.parametrize("tem", [0.0, -1.0, float("nan"), float("inf")])
 def test_softmax_refuses_bad_temperature(tem: float) -> None:
     with pytest.raises(UserInputError, match="--tem"):
-        weightings.softmax_weights({"a": 1.0}, "lower", tem)
+        weighting_base.softmax_weights({"a": 1.0}, "lower", tem)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_softmax_refuses_non_finite_score_naming_the_pair(bad: float) -> None:
     with pytest.raises(UserInputError, match=r"target=t1, source=s2"):
-        weightings.softmax_weights({"s1": 1.0, "s2": bad}, "higher", 1.0, target="t1")
+        weighting_base.softmax_weights({"s1": 1.0, "s2": bad}, "higher", 1.0, target="t1")
 
 
 def test_group_softmax_gives_each_group_its_own_weights() -> None:
     scores = {"a": {"encoder.0": 0.0, "decoder.0": 1.0}, "b": {"encoder.0": 1.0, "decoder.0": 0.0}}
-    w = weightings.group_softmax_weights(scores, "higher", 1.0, "t")
+    w = weighting_base.group_softmax_weights(scores, "higher", 1.0, "t")
     e = math.exp(1) / (1 + math.exp(1))
     assert w["a"] == pytest.approx({"encoder.0": 1 - e, "decoder.0": e})
     assert w["b"] == pytest.approx({"encoder.0": e, "decoder.0": 1 - e})
@@ -132,11 +135,11 @@ def test_leave_one_out_and_categories_never_include_the_target() -> None:
 
 
 def test_metric_directions() -> None:
-    assert weightings.metric_direction("LogitsCos") == "higher"
+    assert weighting_similarity.metric_direction("LogitsCos") == "higher"
     for name in ("Loss", "KL", "EL2N", "GraNd"):
-        assert weightings.metric_direction(name) == "lower"
+        assert weighting_similarity.metric_direction(name) == "lower"
     with pytest.raises(UserInputError, match="--metric"):
-        weightings.metric_direction("NoSuchMetric")
+        weighting_similarity.metric_direction("NoSuchMetric")
 
 
 def test_cosine_and_distance_by_group_hand_computed() -> None:
@@ -147,12 +150,13 @@ def test_cosine_and_distance_by_group_hand_computed() -> None:
     b = {enc + "lora_A": torch.tensor([[1.0, 0.0]]), enc + "lora_B": torch.tensor([[0.0], [1.0]]),
          dec + "lora_A": torch.tensor([[0.0, 0.0]])}
     # flat: a=(1,0,2,0,3,4), b=(1,0,0,1,0,0): dot 1, |a|=sqrt(30), |b|=sqrt(2)
-    assert weightings.cosine_by_group(a, b, "model", "flat") == pytest.approx({"model": 1 / math.sqrt(60)})
+    assert weighting_cos.cosine_by_group(a, b, "model", "flat") == pytest.approx({"model": 1 / math.sqrt(60)})
     # per tensor: cos 1, 0 and 0 (zero vector) -> mean 1/3
-    assert weightings.cosine_by_group(a, b, "model", "per_tensor") == pytest.approx({"model": 1 / 3})
-    assert weightings.cosine_by_group(a, b, "layer", "flat") == pytest.approx({"encoder.0": 1 / math.sqrt(10),
+    assert weighting_cos.cosine_by_group(a, b, "model", "per_tensor") == pytest.approx({"model": 1 / 3})
+    assert weighting_cos.cosine_by_group(a, b, "layer", "flat") == pytest.approx({"encoder.0": 1 / math.sqrt(10),
                                                                            "decoder.1": 0.0})
-    assert weightings.distance_by_group(a, b, "block") == pytest.approx({"encoder": math.sqrt(5), "decoder": 5.0})
+    assert weighting_euclidean.distance_by_group(a, b, "block") == pytest.approx({"encoder": math.sqrt(5),
+                                                                                  "decoder": 5.0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,7 +444,7 @@ def test_cos_gives_the_friend_the_largest_weight(world: dict, granularity: str) 
         t = TASKS[0]
 
         def expected(vectors) -> dict[str, float]:
-            cos = {s: weightings.cosine_by_group(vectors(root / "random_tuned" / t), vectors(root / "sources" / s))
+            cos = {s: weighting_cos.cosine_by_group(vectors(root / "random_tuned" / t), vectors(root / "sources" / s))
                    ["model"] for s in TASKS if s != t}
             mean = sum(cos.values()) / 3
             std = math.sqrt(sum((c - mean) ** 2 for c in cos.values()) / 3)
@@ -717,21 +721,21 @@ def test_choose_temperatures_takes_the_best_dev_score_and_ties_go_to_the_larger_
     from unit_model.temperature import TEMPERATURE_GRID, choose_temperatures
 
     scores = {"a": {"model": 1.0}, "b": {"model": 3.0}, "c": {"model": 2.0}}
-    plan = weightings.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
+    plan = weighting_base.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
     # a dev score that peaks where source b gets weight 0.6 (the fused "module" is the weights themselves)
     choose_temperatures([plan], "zscore", lambda p, w: {"b": torch.tensor(w["b"]["model"])},
                         lambda target, fused: -abs(float(fused["b"]) - 0.6))
     expected = min(TEMPERATURE_GRID,
-                   key=lambda t: abs(weightings.softmax_weights({s: v["model"] for s, v in scores.items()}, "higher",
-                                                                t, norm="zscore")["b"] - 0.6))
+                   key=lambda t: abs(weighting_base.softmax_weights({s: v["model"] for s, v in scores.items()},
+                                                                    "higher", t, norm="zscore")["b"] - 0.6))
     # z-scores -1.22, 1.22, 0: w_b is 0.91 at T = 0.5, 0.72 at T = 1, 0.54 at T = 2 (the closest to 0.6)
     assert plan.temperature == expected == 2.0
     assert plan.weights["b"]["model"] == pytest.approx(math.exp(1.5 ** 0.5 / 2) / (2 * math.cosh(1.5 ** 0.5 / 2) + 1))
     assert sorted(plan.temperature_dev) == sorted(TEMPERATURE_GRID)
-    flat = weightings.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
+    flat = weighting_base.Plan("t", ["a", "b", "c"], [], {}, scores, "higher")
     choose_temperatures([flat], "zscore", lambda p, w: {}, lambda target, fused: 0.5)
     assert flat.temperature == max(TEMPERATURE_GRID)  # every T alike: the weights closest to uniform
-    uniform = weightings.Plan("t", ["a"], [], {"a": {"model": 1.0}}, None)
+    uniform = weighting_base.Plan("t", ["a"], [], {"a": {"model": 1.0}}, None)
     choose_temperatures([uniform], "zscore", lambda p, w: {}, lambda target, fused: 0.0)
     assert uniform.temperature is None  # an average has no temperature to choose
 

@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
+from pipeline.layout import fusion_file_name  # noqa: E402
 from unit_model.fusion import heatmap_figure, weights_summary  # noqa: E402
-from unit_model.fusion_names import fusion_file_name  # noqa: E402
-from unit_model.weightings import Plan, effective_sources  # noqa: E402
+from unit_model.weightings.base import Plan, effective_sources  # noqa: E402
 
 
 def plans_of(n_targets: int, n_sources: int, signed: bool = False, seed: int = 0) -> list[Plan]:

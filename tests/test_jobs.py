@@ -18,7 +18,9 @@ import study
 import sweep
 import tune
 from get_similarity import dev_all, tune_all
+from models import dev_all as dev_all_lib
 from models.formats import load_delta_checkpoint
+from pipeline.launch import order_result_tsv
 from tests.conftest import DEFAULT_MODEL_DIR, REPO, STUDY_POOL, STUDY_TARGETS, SUITE_DIR, runs_in, small_study_argv
 from tests.test_tuneall_devall import DEV, LORA, TASKS, TRAIN, make_sources
 from utils.errors import UserInputError, run_cli
@@ -215,7 +217,7 @@ def test_order_result_tsv_puts_the_sweep_rows_last_in_sweep_order(tmp_path):
                       "a\t16\t100\t0.003\t8\t42\tlora\tr3\t0.1\t0.2\t0\n",
                       "a\t16\t100\t0.001\t8\t42\tlora\tr1\t0.3\t0.3\t2\n")
     (tmp_path / "result.tsv").write_text(header + b + old + a3 + a1)  # as parallel jobs may leave it
-    sweep.order_result_tsv(tmp_path, [("a", "r1"), ("a", "r3"), ("b", "r1")])
+    order_result_tsv(tmp_path, [("a", "r1"), ("a", "r3"), ("b", "r1")])
     assert (tmp_path / "result.tsv").read_text() == header + old + a1 + a3 + b
 
 
@@ -230,7 +232,7 @@ def test_an_older_result_tsv_is_rewritten_with_unknown_columns(tmp_path, dropped
               "test": "0.5", "best_step": "2"}
     rows = ["\t".join([task, *(values[c] for c in columns[1:])]) + "\n" for task in ("b", "a")]
     (tmp_path / "result.tsv").write_text("\t".join(columns) + "\n" + "".join(rows))
-    sweep.order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8")])
+    order_result_tsv(tmp_path, [("a", "16", "100", "0.001", "8")])
     full = {**values, **{c: "-" for c in dropped}}
     assert (tmp_path / "result.tsv").read_text() == "\t".join(RESULT_COLUMNS) + "\n" + "".join(
         "\t".join([task, *(full[c] for c in RESULT_COLUMNS[1:])]) + "\n" for task in ("b", "a"))
@@ -244,17 +246,18 @@ def test_slurm_time_formats(text, minutes):
 
 def test_dev_all_merge_replaces_in_place_and_keep_pairs_orders(tmp_path):
     table = tmp_path / "dev_all.tsv"
-    dev_all.merge_rows(table, [["b", "a", "0.5", "-"]])
-    dev_all.merge_rows(table, [["a", "b", "0.25", "0.75"], ["a", "c", "0.0", "-"]])
-    dev_all.merge_rows(table, [["b", "a", "0.5", "1.0"]])  # replaced where it stands
-    assert dev_all.read_rows(table) == [["b", "a", "0.5", "1.0"], ["a", "b", "0.25", "0.75"], ["a", "c", "0.0", "-"]]
-    dev_all.keep_pairs(table, [("a", "b"), ("b", "a")])
+    dev_all_lib.merge_rows(table, [["b", "a", "0.5", "-"]])
+    dev_all_lib.merge_rows(table, [["a", "b", "0.25", "0.75"], ["a", "c", "0.0", "-"]])
+    dev_all_lib.merge_rows(table, [["b", "a", "0.5", "1.0"]])  # replaced where it stands
+    assert dev_all_lib.read_rows(table) == [["b", "a", "0.5", "1.0"], ["a", "b", "0.25", "0.75"],
+                                            ["a", "c", "0.0", "-"]]
+    dev_all_lib.keep_pairs(table, [("a", "b"), ("b", "a")])
     assert table.read_text() == "target\tsource\tdev_zero_shot\tdev_after\na\tb\t0.25\t0.75\nb\ta\t0.5\t1.0\n"
     with pytest.raises(UserInputError, match="no row for target 'a' and source 'c'"):
-        dev_all.keep_pairs(table, [("a", "c")])
+        dev_all_lib.keep_pairs(table, [("a", "c")])
     table.write_text("target\tsource\tdev_zero_shot\tdev_after\na\tb\t0.25\n")
     with pytest.raises(UserInputError, match=r"dev_all.tsv:2: expected 4 tab-separated fields, found 3"):
-        dev_all.merge_rows(table, [["a", "c", "0.0", "-"]])
+        dev_all_lib.merge_rows(table, [["a", "c", "0.0", "-"]])
 
 
 @pytest.mark.slow

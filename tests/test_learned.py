@@ -70,7 +70,7 @@ def test_a_planted_mixture_is_recovered() -> None:
     """The target's module is 0.6·θ_one + 0.4·θ_two and its loss the distance of the merged module to it: from
     zeros, LoraHub's budget of 40 evaluations puts at least 0.8 of the weights' mass on those two sources."""
     from unit_model.learned import SearchSettings, learn_weights
-    from unit_model.weightings import Plan
+    from unit_model.weightings.base import Plan
 
     g = torch.Generator().manual_seed(0)
     theta = {s: torch.randn(64, generator=g, dtype=torch.float64) for s in SOURCES}
@@ -126,7 +126,7 @@ def test_bad_settings_are_refused_before_anything_is_written(planted, tiny_backb
 def test_the_differentiable_merge_is_the_linear_merge() -> None:
     """origin + lam·Σ w (θ - origin) per tensor, as fuse computes it (IA³: origin 1, weights not summing to 1)."""
     from models.methods import get_method
-    from unit_model.merges import MergeSettings
+    from unit_model.merges import merge_settings_from
     from unit_model.merging import linear_merge_graph
 
     g = torch.Generator().manual_seed(0)
@@ -134,7 +134,8 @@ def test_the_differentiable_merge_is_the_linear_merge() -> None:
     sources = [{n: torch.randn(3, 5, generator=g, dtype=torch.float64) for n in names} for _ in range(3)]
     weights = [0.7, -0.2, 0.9]
     ia3 = get_method("ia3")
-    expected, _ = fuse(sources, weights, method=ia3, merge="task_arithmetic", settings=MergeSettings(lam=0.5))
+    expected, _ = fuse(sources, weights, method=ia3, merge="task_arithmetic",
+                       settings=merge_settings_from({"lam": 0.5}))
     got = linear_merge_graph(sources, torch.tensor(weights)[:, None], dict.fromkeys(names, 0), method=ia3, lam=0.5)
     for n in names:
         by_hand = 1 + 0.5 * sum(w * (s[n] - 1) for w, s in zip(weights, sources))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft.utils import merge_utils  # a requirement, the oracle: imported plainly, never skipped
 
-from unit_model.merges import MERGES, MergeSettings, check_settings
+from unit_model.merges import MERGES, merge_settings_from
 from unit_model.merges.base import drop, elect_and_merge, trim
 from unit_model.merging import fuse
-from unit_model.weightings import keep_top_k
+from unit_model.weightings.base import keep_top_k
 from utils.errors import UserInputError
 
 
@@ -22,7 +22,7 @@ def task_vectors(n: int = 4, shape: tuple[int, ...] = (6, 5), seed: int = 0) -> 
 
 
 def combine(name: str, vectors, weights, **settings) -> torch.Tensor:
-    return MERGES[name].combine(vectors, weights, MergeSettings(**settings), "encoder.block.0.q.weight")
+    return MERGES[name].combine(vectors, weights, merge_settings_from(settings), "encoder.block.0.q.weight")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def test_ties_with_uniform_weights_is_peft_ties_with_every_weight_one(density: f
 def test_dare_agrees_with_peft_given_the_same_drops(name: str) -> None:
     """PEFT draws its drops from torch's global generator; seeding it as ours is seeded gives the same masks."""
     vectors, density = task_vectors(3), 0.5
-    settings = MergeSettings(density=density, seed=7)
+    settings = merge_settings_from(dict(density=density, merge_seed=7))
     key = "decoder.block.1.layer.0.SelfAttention.q"
     ours = MERGES[name].combine(vectors, [1.0, 1.0, 1.0], settings, key)
     torch.manual_seed(settings.generator(key).initial_seed())
@@ -148,7 +148,7 @@ def test_ties_and_dare_ties_with_unequal_weights_against_a_plain_reference(densi
     expected = reference_election([reference_trim(v, density) for v in vectors], weights)
     torch.testing.assert_close(combine("ties", vectors, weights, density=density), expected)
 
-    settings = MergeSettings(density=density, seed=11)
+    settings = merge_settings_from(dict(density=density, merge_seed=11))
     key = "encoder.block.1.layer.0.SelfAttention.v"
     generator = settings.generator(key)
     drops = [drop(v, density, generator) for v in vectors]
@@ -166,7 +166,7 @@ def test_dare_keeps_about_density_of_the_entries_and_preserves_the_mean() -> Non
     assert torch.all(dropped[kept] == 1 / 0.3)  # the kept ones rescaled by 1/density
     assert abs(float(dropped.mean()) - 1.0) < 0.05  # so the expected value is the original's
     # on the 3x3 case, the same seed gives the same drops; another seed other drops
-    s1, s2 = MergeSettings(density=0.5, seed=1), MergeSettings(density=0.5, seed=2)
+    s1, s2 = merge_settings_from(dict(density=0.5, merge_seed=1)), merge_settings_from(dict(density=0.5, merge_seed=2))
     one = MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s1, "x")
     assert torch.equal(one, MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s1, "x"))
     assert not torch.equal(one, MERGES["dare_linear"].combine([A, B], [0.5, 0.5], s2, "x"))
@@ -191,10 +191,10 @@ def test_operators_merge_ia3_scalings_as_distances_from_one() -> None:
     sources = [ia3_like([1.5, 1.0, 0.9, 1.0]), ia3_like([1.0, 0.2, 1.1, 1.0])]
     key = next(iter(sources[0]))
     fused, _ = fuse(sources, [0.5, 0.5], merge="magnitude_prune", method=REGISTRY["ia3"],
-                    settings=MergeSettings(density=0.25))  # one entry of four per source: 0.5 and -0.8
+                    settings=merge_settings_from(dict(density=0.25)))  # one entry of four per source: 0.5 and -0.8
     torch.testing.assert_close(fused[key].reshape(-1), torch.tensor([1.25, 0.6, 1.0, 1.0]))
     fused, _ = fuse(sources, [0.5, 0.5], merge="task_arithmetic", method=REGISTRY["ia3"],
-                    settings=MergeSettings(lam=2.0))
+                    settings=merge_settings_from(dict(lam=2.0)))
     torch.testing.assert_close(fused[key].reshape(-1), torch.tensor([1.5, 0.2, 1.0, 1.0]))
     plain, _ = fuse(sources, [0.5, 0.5], method=REGISTRY["ia3"])  # the default: the plain average, exactly
     torch.testing.assert_close(plain[key], (sources[0][key] + sources[1][key]) / 2)
@@ -209,7 +209,7 @@ def test_lora_pairs_are_merged_as_delta_w() -> None:
     sources = [{f"{base}.lora_A": torch.randn(2, 6, generator=g), f"{base}.lora_B": torch.randn(6, 2, generator=g)}
                for _ in range(3)]
     fused, info = fuse(sources, [0.5, 0.3, 0.2], merge="ties", method=REGISTRY["lora"], lora_scaling=2.0,
-                       settings=MergeSettings(density=1.0))
+                       settings=merge_settings_from(dict(density=1.0)))
     updates = [2.0 * s[f"{base}.lora_B"].double() @ s[f"{base}.lora_A"].double() for s in sources]
     target = elect_and_merge(updates, [0.5, 0.3, 0.2], "total")
     u, sv, vh = torch.linalg.svd(target)
@@ -223,14 +223,24 @@ def test_lora_pairs_are_merged_as_delta_w() -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    (MergeSettings(density=0.0), "--density: expected a fraction in (0, 1]"),
-    (MergeSettings(density=1.5), "--density: expected a fraction in (0, 1]"),
-    (MergeSettings(lam=math.inf), "--lam: expected a finite number"),
-    (MergeSettings(majority_sign="median"), "--majority_sign: expected one of total, frequency"),
+    ({"density": 0.0}, "--density: expected a finite number in (0, 1], found 0.0"),
+    ({"density": 1.5}, "--density: expected a finite number in (0, 1], found 1.5"),
+    ({"lam": math.inf}, "--lam: expected a finite number, found inf"),
+    ({"majority_sign": "median"}, "--majority_sign: expected one of total, frequency"),
+    ({"merge_seed": 0.5}, "--merge_seed: expected an integer, found 0.5"),
 ])
-def test_bad_settings_are_one_line_errors(settings: MergeSettings, message: str) -> None:
+def test_bad_settings_are_one_line_errors(settings: dict, message: str) -> None:
     with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_settings(settings)
+        merge_settings_from(settings)
+
+
+def test_the_settings_are_those_the_operators_declare_in_registry_order() -> None:
+    from unit_model.merges import MERGE_SETTINGS
+
+    assert list(MERGE_SETTINGS) == ["lam", "density", "majority_sign", "merge_seed"]
+    declared = {s.name for op in MERGES.values() for s in op.settings}
+    assert declared == {"density", "majority_sign", "merge_seed"}  # lam is the driver's, read for every one
+    assert dict(merge_settings_from({})) == {"lam": 1.0, "density": 0.2, "majority_sign": "total", "merge_seed": 0}
 
 
 def test_top_k_keeps_the_heaviest_and_renormalises() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from unit_model.report import family_precision, fmt, ndcg_at
+from pipeline.report import fmt
+from pipeline.results import family_precision, ndcg_at
 
 
 def test_family_precision_counts_only_tasks_with_a_category() -> None:

@@ -15,6 +15,8 @@ from models.delta import DeltaConfig
 from models.formats import load_delta_checkpoint
 from models.sizes import METHOD_SIZES
 from models.source_library import read_settings, train_modules
+from pipeline.checks import check_library
+from pipeline.settings import resolve_plan, sizes_of
 from task_list import resolve_tasks
 from tests.conftest import REPO
 
@@ -34,7 +36,7 @@ def test_the_library_was_built_with_the_study_source_stage_settings(model):
                                             p.max_output_length)
     made = DeltaConfig("lora", **settings.sizes)  # written before lora_targets existed: it is at q,v
     assert settings.method == "lora" and made == DeltaConfig("lora", **METHOD_SIZES["default"]["lora"])
-    assert made == DeltaConfig("lora", **study.sizes_of(p, "lora"))
+    assert made == DeltaConfig("lora", **sizes_of(p, "lora"))
     assert settings.model == model and settings.task_dir == "data/synthetic"
 
 
@@ -46,7 +48,7 @@ def test_the_demo_study_accepts_the_library_and_every_module_is_of_this_backbone
     library = LIBRARIES[model]
     p = study.parse_args(["--source_library", str(library), "--model", model, "--targets",
                           "sent_review topic_places nli_entail"])
-    study.check_library(p, resolve_tasks(study.words(p.tasks)), study.words(p.targets))  # method, sizes, every task
+    check_library(resolve_plan(p))  # method, sizes, every task
     net, _ = load_backbone(str(REPO / model), None, "cpu")
     fingerprint = backbone_fingerprint(net)
     for task in read_settings(library).tasks:

@@ -17,8 +17,8 @@ import torch
 from scipy.stats import bootstrap, wilcoxon
 
 import study
+from pipeline.layout import fusion_file_name
 from tests.conftest import REPO, only_run, small_study_argv
-from unit_model.fusion_names import fusion_file_name
 from utils.errors import run_cli
 
 pytestmark = pytest.mark.slow

@@ -13,13 +13,19 @@ from typing import Any
 
 from models.methods import GRANULARITIES, METHODS
 from models.settings import default_task_dir
-from unit_model.merges import MAJORITY_SIGNS, MERGES
+from unit_model.merges import (
+    DEFAULT_MERGE,
+    MERGE_SETTINGS,
+    MERGES,
+    MergeOperator,
+    MergeSettings,
+    get_merge,
+    merge_settings_from,
+)
 from utils import params as utils_params
 from utils.ranges import (
     ANY_INT,
     DEVICE,
-    FINITE,
-    FRACTION,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
@@ -74,11 +80,9 @@ class FusionConfig:
     tem: float | str = setting(1.0, POSITIVE.allowing(AUTO))
     weight_norm: str = DEFAULT_WEIGHT_NORM  # zscore | rank | none (the original's raw scores): weightings/base.py
     lora_combine: str = DEFAULT_LORA_COMBINE
-    merge: str = "linear"  # merge operator (unit_model/merges/) and its parameters
-    lam: float = setting(1.0, FINITE)
-    density: float = setting(0.2, FRACTION)
-    majority_sign: str = "total"
-    merge_seed: int = setting(0, ANY_INT)
+    # the merge operator and the values of its declared settings (unit_model/merges/), resolved once from the flags
+    merge: MergeOperator = field(default_factory=lambda: MERGES[DEFAULT_MERGE])
+    merge_settings: MergeSettings = field(default_factory=lambda: merge_settings_from({}))
     top_k: int = setting(0, NON_NEGATIVE_INT)  # keep the K heaviest sources of each target (group), renormalised; 0 all
     # learned weights (unit_model/learned.py): where the search starts, and its settings
     learned_start: str = "zeros"  # zeros | uniform | a metric of result_tsv
@@ -107,9 +111,27 @@ class FusionConfig:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> FusionConfig:
-        """The fields that ``args`` has (a script's parameter block); the others keep their defaults."""
+        """The fields that ``args`` has (a script's parameter block); the others keep their defaults. The merge
+        operator and its settings are resolved and checked here, once."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["merge"] = get_merge(values.get("merge", DEFAULT_MERGE))
+        values["merge_settings"] = merge_settings_from(vars(args))
+        return cls(**values)
+
+    def settings_record(self) -> dict[str, Any]:
+        """Every field as a plain value, in field order, the merge operator by name and its settings in its
+        place: what a fusion's outputs record (fusion_settings.json) and --resume compares."""
+        record: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "merge":
+                record["merge"] = value.name
+            elif f.name == "merge_settings":
+                record.update(value)
+            else:
+                record[f.name] = value
+        return record
 
 
 # The backbone and the targets' few-shot files that --tem auto (dev) and learned weights (train) use, added to the
@@ -118,8 +140,8 @@ TARGET_DATA_PARAMS = {**utils_params.field_defaults(FusionConfig, ("model",)), "
                       **utils_params.field_defaults(FusionConfig, ("k", "data_seed", "device"))}
 # The merge operator and its parameters, top-k selection, the PEFT export and --resume: added to every fusion
 # script's block, with FusionConfig's defaults.
-MERGE_PARAMS = utils_params.field_defaults(FusionConfig, ("merge", "lam", "density", "majority_sign", "merge_seed",
-                                                          "top_k", "export_peft", "resume"))
+MERGE_PARAMS = {"merge": DEFAULT_MERGE, **{name: s.default for name, s in MERGE_SETTINGS.items()},
+                **utils_params.field_defaults(FusionConfig, ("top_k", "export_peft", "resume"))}
 
 HELP = {
     "delta": "delta method of the modules; every checkpoint must have it",
@@ -142,10 +164,7 @@ HELP = {
     "data_seed": "--tem auto: data seed of the target's dev file",
     "lora_combine": "LoRA only: 'delta_w' averages B·A and factors back by SVD, 'params' averages A and B",
     "merge": "merge operator of the task vectors (unit_model/merges/): " + ", ".join(MERGES),
-    "lam": "scales the merged task vector: fused = origin + lam * merged (task arithmetic's lambda)",
-    "density": "ties, dare_*, magnitude_prune: fraction of each tensor's entries kept, in (0, 1]",
-    "majority_sign": "ties, dare_ties: elect each entry's sign by total weighted mass or by weighted count",
-    "merge_seed": "dare_*: seed of the random drops (with each tensor's name)",
+    **{name: s.help for name, s in MERGE_SETTINGS.items()},  # declared beside their operators
     "top_k": "keep the K heaviest sources of each target (per group), renormalised; 0: every source",
     "learned_start": "learned weights start from zeros (LoraHub's), uniform, or a metric of --result_tsv's weights",
     "budget": "learned weights: evaluations of the merged module's train loss (Nevergrad NGOpt)",
@@ -167,8 +186,8 @@ HELP = {
 }
 CHOICES = {"delta": METHODS, "weight_norm": WEIGHT_NORMS, "score_space": SCORE_SPACES,
            "lora_combine": LORA_COMBINES, "cos_mode": COS_MODES,
-           "granularity": GRANULARITIES, "merge": tuple(MERGES), "majority_sign": MAJORITY_SIGNS,
-           "optimizer": OPTIMIZERS}
+           "granularity": GRANULARITIES, "merge": tuple(MERGES),
+           "optimizer": OPTIMIZERS, **{name: s.choices for name, s in MERGE_SETTINGS.items() if s.choices}}
 LIST_PARAMS = ("tasks", "targets")  # take several words, as tune.py's --tasks does
 TYPES = {"tem": parse_temperature}  # a number or auto
 

@@ -62,25 +62,20 @@ from models.methods import param_group
 from task_list import resolve_tasks
 from unit_model.config import AUTO, COS_MODES, LORA_COMBINES, SCORE_SPACES, WEIGHT_NORMS, FusionConfig
 from unit_model.learned import SearchSettings, learn_weights
-from unit_model.merges import MERGES, MergeSettings, check_settings, get_merge
+from unit_model.merges import merge_settings_from
 from unit_model.merging import check_merge, fuse, linear_merge_graph
 from unit_model.on_target import OnTarget
 from unit_model.sources import ModuleCache, fused_dir_name, materialise
 from unit_model.temperature import choose_temperatures
-from unit_model.weightings import (
-    WEIGHTINGS,
-    Plan,
-    Weighting,
-    effective_sources,
-    keep_top_k,
-)
+from unit_model.weightings import WeightingSpec, get_weighting
+from unit_model.weightings.base import Plan, Weighting, effective_sources, keep_top_k
 from utils.errors import UserInputError
 from utils.io import check_output_folder, read_json_object, save_figure_atomic, write_text_atomic, write_tsv_atomic
 from utils.params import first_difference
 from utils.progress import progress_bar, say
 from utils.ranges import check_ranges
 
-__all__ = ["FusionConfig", "check_config", "fused_dir_name", "run_fusion", "write_fusion"]
+__all__ = ["FusionConfig", "check_config", "check_settings", "fused_dir_name", "run_fusion", "write_fusion"]
 
 WEIGHTS_FILE = "weights.tsv"
 SEARCH_FILE = "search.tsv"
@@ -91,26 +86,32 @@ HEATMAP_FILE = "heatmap.png"
 ANNOTATE_MAX_COLUMNS = 12
 
 
-def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
-    """Check the parameters every weighting shares; return the config with its target list, and the pool."""
+def check_settings(config: FusionConfig) -> None:
+    """The settings that need no file (method, ranges, merge settings, search, choices): what the study checks for
+    every fusion it will run before its first stage."""
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
     check_ranges(config)  # every number against the range its field declares (unit_model/config.py)
-    check_settings(merge_settings(config))
+    merge_settings_from(config.merge_settings)  # each against its declaration (unit_model/merges/)
     search_settings(config).check()
-    if config.optimizer == "gradient" and config.merge in MERGES and not get_merge(config.merge).linear:
-        raise UserInputError(f"--optimizer gradient: --merge {config.merge} has no gradient in its weights "
+    if config.optimizer == "gradient" and not config.merge.linear:
+        raise UserInputError(f"--optimizer gradient: --merge {config.merge.name} has no gradient in its weights "
                              "(it trims, elects signs or drops entries); use linear or task_arithmetic, or "
                              "--optimizer nevergrad")
     if config.tem == AUTO and not config.task_dir:
         raise UserInputError("--tem auto: needs --task_dir (the targets' dev splits choose the temperature)")
     for flag, value, known in (("lora_combine", config.lora_combine, LORA_COMBINES),
                                ("granularity", config.granularity, GRANULARITIES),
-                               ("cos_mode", config.cos_mode, COS_MODES), ("merge", config.merge, tuple(MERGES)),
+                               ("cos_mode", config.cos_mode, COS_MODES),
                                ("weight_norm", config.weight_norm, WEIGHT_NORMS),
                                ("score_space", config.score_space, SCORE_SPACES)):
         if value not in known:
             raise UserInputError(f"--{flag}: expected one of {', '.join(known)}, found {value!r}")
+
+
+def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
+    """Check the parameters every weighting shares; return the config with its target list, and the pool."""
+    check_settings(config)
     for flag in ("source_ckpt_path", "save_ckpt_path"):
         if not getattr(config, flag):
             raise UserInputError(f"--{flag}: required")
@@ -131,7 +132,7 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
 
 def fusion_settings(method: str, config: FusionConfig) -> dict:
     """What a fusion's outputs depend on: the weighting and every setting but where and how it writes."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_SETTINGS}
+    values = {k: v for k, v in config.settings_record().items() if k not in NOT_SETTINGS}
     return json.loads(json.dumps({"method": method, **values}, default=str))
 
 
@@ -175,11 +176,6 @@ def search_settings(config: FusionConfig) -> SearchSettings:
                           optimizer=config.optimizer, lr=config.search_lr)
 
 
-def merge_settings(config: FusionConfig) -> MergeSettings:
-    return MergeSettings(lam=config.lam, density=config.density, majority_sign=config.majority_sign,
-                         seed=config.merge_seed)
-
-
 def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config: FusionConfig,
                  granularity: str) -> tuple[dict, dict[str, Any]]:
     """The fused tensors of one plan under ``weights`` (source -> group -> weight), and the merge's info."""
@@ -189,7 +185,7 @@ def fused_module(plan: Plan, weights: Mapping[str, Mapping[str, float]], config:
     return fuse(plan.modules, [weights[s] for s in plan.sources], granularity=granularity,
                 lora_combine=config.lora_combine if factored else "params",
                 lora_scaling=cfg.spec.scaling(cfg.sizes()), merge=config.merge, method=cfg.spec,
-                settings=merge_settings(config))
+                settings=config.merge_settings)
 
 
 def gradient_objective(config: FusionConfig, train: OnTarget, granularity: str):
@@ -209,7 +205,7 @@ def gradient_objective(config: FusionConfig, train: OnTarget, granularity: str):
             prepared[plan.target] = (tensors, cfg.spec, lora_combine, group_of)
         tensors, method, lora_combine, group_of = prepared[plan.target]
         merged = linear_merge_graph(tensors, weights, group_of, method=method, lora_combine=lora_combine,
-                                    lam=config.lam)
+                                    lam=config.merge_settings.lam)
         return train.differentiable_loss(plan.target, merged)
 
     return loss
@@ -379,8 +375,8 @@ def write_fusion(weighting: Weighting, config: FusionConfig, method: str) -> Pat
             fused, info = fused_module(plan, plan.weights, config, granularity)
             extra: dict[str, Any] = {
                 "fusion": method,
-                "merge": config.merge,
-                "merge_settings": {k: getattr(config, k) for k in ("lam", "density", "majority_sign", "merge_seed")},
+                "merge": config.merge.name,
+                "merge_settings": dict(config.merge_settings),
                 "top_k": config.top_k,
                 "temperature": plan.temperature if plan.temperature is not None else config.tem,
                 "weight_norm": config.weight_norm,
@@ -433,12 +429,13 @@ def _mean(d: Mapping[str, float]) -> float:
     return math.fsum(d.values()) / len(d)
 
 
-def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
+def run_fusion(spec: WeightingSpec | str, config: FusionConfig | argparse.Namespace) -> int:
     """Validate everything, compute the weights, then fuse and write (the body of every script's main)."""
     if isinstance(config, argparse.Namespace):
         config = FusionConfig.from_namespace(config)
-    if method not in WEIGHTINGS:
-        raise UserInputError(f"fusion method: expected one of {', '.join(WEIGHTINGS)}, found {method!r}")
+    spec = get_weighting(spec) if isinstance(spec, str) else spec
+    method = spec.name
+    config = dataclasses.replace(config, **spec.config)  # the settings that make it (manual: TASK_LIST manual)
     config, tasks = check_config(config)
     # before any module is opened: the cheapest mistake to report
     reads = {f"--{name}": getattr(config, name) for name in ("source_ckpt_path", "random_tuned_ckpt_path",
@@ -453,17 +450,17 @@ def run_fusion(method: str, config: FusionConfig | argparse.Namespace) -> int:
     # --tem auto: the weightings compute their scores (and placeholder weights at T = 1); the search below
     # then sets each target's weights from its dev split
     planning = dataclasses.replace(config, tem=1.0) if config.tem == AUTO else config
-    weighting = WEIGHTINGS[method](planning, tasks, cache)
+    weighting = spec.planner(planning, tasks, cache)
     cache.check(config.delta)
     first = weighting.plans[0].modules[0]
-    check_merge(get_merge(config.merge), merge_settings(config), DeltaConfig.from_checkpoint_meta(first.meta).spec,
+    check_merge(config.merge, config.merge_settings, DeltaConfig.from_checkpoint_meta(first.meta).spec,
                 config.lora_combine, first.shapes)
     check_destination(save, weighting.plans, config.overwrite)
     if config.export_peft:
         export = check_output_folder(config.export_peft, "--export_peft", reads, {"--save_ckpt_path": save})
         for plan in weighting.plans:
             check_peft_destination(export / fused_dir_name(plan.target), config.overwrite, "--export_peft")
-    if method == "learned":
+    if spec.learns_weights:
         if config.top_k or config.tem == AUTO:
             raise UserInputError("--top_k and --tem auto apply to similarity weights, not to learned ones")
         train = OnTarget(config, weighting.plans[0].modules[0].meta, "train")

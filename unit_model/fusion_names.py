@@ -1,81 +1,78 @@
-"""The study's fusion names: ``WEIGHTING[:START][+OPERATOR][@original]``, parsed in one place.
+"""The study's fusion names: ``WEIGHTING[:START][+OPERATOR][@original]``, parsed in one place into a ``Fusion``.
 
-* ``WEIGHTING`` is a weighting of the paper (``average``, ``manual``, ``cos``, ``Euclidean``, ``Performance``, a
-  similarity metric) or ``learned`` (weights searched on the target's train split, unit_model/learned.py);
-* ``:START`` only follows ``learned``: where the search starts (``zeros`` by default, ``uniform`` or a metric);
+* ``WEIGHTING`` is an entry of the weighting table (``unit_model/weightings/``: ``average``, ``manual``, ``cos``,
+  ``Euclidean``, ``Performance``, ``learned``) or a similarity metric of the metric registry;
+* ``:START`` only follows a weighting that learns its weights: where the search starts (``zeros`` by default,
+  ``uniform`` or a metric);
 * ``+OPERATOR`` is a merge operator of unit_model/merges/ (``linear`` by default);
-* ``@original`` weights as the original code did: raw scores (``weight_norm none``) at its per-method temperature,
-  so ``Loss`` and ``Loss@original`` compare the two weight rules on the same sources, splits and budgets.
+* ``@original`` weights as the original code did: raw scores (``weight_norm none``) at the weighting's original
+  temperature, so ``Loss`` and ``Loss@original`` compare the two weight rules on the same sources, splits and
+  budgets.
+
+A ``Fusion`` carries the weighting's table entry and the merge operator themselves: what reads a fusion name
+asks them, never the name's text again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unit_model.merges import MERGES, MergeOperator
+from unit_model.weightings import WeightingSpec, get_weighting, metric_names, study_weightings
 from utils.errors import UserInputError
 
-SIMILARITY_METRICS = ("Loss", "KL", "EL2N", "LogitsCos", "GraNd")
-WEIGHTINGS = ("average", "manual", "cos", "Euclidean", "Performance", *SIMILARITY_METRICS, "learned")
-UNIFORM = ("average", "manual")  # weightings whose weights carry no ranking
-LEARNED_STARTS = ("zeros", "uniform", *SIMILARITY_METRICS)
-# The original code's softmax temperatures on raw scores: 0.1 for the similarity metrics and Euclidean, 0.001 for
-# the Performance gain and for cosine.
-ORIGINAL_TEMPERATURES = {**dict.fromkeys(SIMILARITY_METRICS, 0.1), "Euclidean": 0.1, "Performance": 0.001,
-                         "cos": 0.001}
 ORIGINAL = "@original"
+SEARCH_STARTS = ("zeros", "uniform")  # or a similarity metric: its softmax weights
 
 
 @dataclass(frozen=True)
 class Fusion:
     name: str
-    weighting: str  # one of WEIGHTINGS
-    operator: str  # a merge operator's name
-    start: str | None  # learned only: zeros | uniform | a similarity metric
-    original: bool  # raw scores at ORIGINAL_TEMPERATURES[weighting]
+    weighting: WeightingSpec
+    operator: MergeOperator
+    start: str | None  # a learned weighting only: zeros | uniform | a similarity metric
+    original: bool  # raw scores at the weighting's original temperature
 
     @property
-    def reads(self) -> str:
+    def reads(self) -> WeightingSpec:
         """The weighting whose inputs this fusion reads (a learned one started from a metric reads the metric's)."""
-        return self.start if self.start in SIMILARITY_METRICS else self.weighting
+        return get_weighting(self.start) if self.start not in (None, *SEARCH_STARTS) else self.weighting
 
     @property
-    def ranks_sources(self) -> bool:
-        """Whether its weights order the sources (those of average and manual are uniform)."""
-        return self.weighting not in UNIFORM
+    def inputs(self) -> tuple[str, ...]:
+        """The study outputs it reads (keys of unit_model.weightings.STUDY_INPUTS)."""
+        return tuple(dict.fromkeys((*self.weighting.inputs, *self.reads.inputs)))
 
 
-def fusion_file_name(name: str) -> str:
-    """A fusion's folder and file name: its name with ':' (not allowed in Windows file names) spelled out, so
-    ``learned:Loss`` lives in ``learned_from_Loss``."""
-    return name.replace(":", "_from_")
-
-
-def parse_fusion(name: str, operators: tuple[str, ...] | None = None, flag: str = "--fusions") -> Fusion:
-    """``Loss+ties@original`` -> Fusion(weighting="Loss", operator="ties", original=True); a clear error for a
-    name outside the grammar. ``operators`` (the merge registry's names) is checked when given."""
+def parse_fusion(name: str, flag: str = "--fusions") -> Fusion:
+    """``Loss+ties@original`` -> Fusion(weighting=Loss's entry, operator=TIES, original=True); a clear error for
+    a name outside the grammar."""
     rest, at, suffix = name.partition("@")
     if at and f"@{suffix}" != ORIGINAL:
         raise UserInputError(f"{flag}: {name!r} ends in @{suffix}; the only suffix is {ORIGINAL}")
-    weighting, _, operator = rest.partition("+")
+    method, _, operator = rest.partition("+")
     operator = operator or "linear"
-    weighting, colon, start = weighting.partition(":")
-    if weighting not in WEIGHTINGS:
-        raise UserInputError(f"{flag}: unknown fusion method {weighting!r} in {name!r}; expected some of "
-                             f"{', '.join(sorted(WEIGHTINGS))}, each optionally +OPERATOR")
-    if weighting == "learned":
+    method, colon, start = method.partition(":")
+    names = study_weightings()
+    if method not in names:
+        raise UserInputError(f"{flag}: unknown fusion method {method!r} in {name!r}; expected some of "
+                             f"{', '.join(sorted(names))}, each optionally +OPERATOR")
+    spec = get_weighting(method)
+    if spec.learns_weights:
         start = start or "zeros"
-        if start not in LEARNED_STARTS:
-            raise UserInputError(f"{flag}: {name!r} starts from {start!r}; expected learned, learned:uniform or "
-                                 f"learned:METRIC with a metric of {', '.join(SIMILARITY_METRICS)}")
+        if start not in (*SEARCH_STARTS, *metric_names()):
+            raise UserInputError(f"{flag}: {name!r} starts from {start!r}; expected {method}, {method}:uniform or "
+                                 f"{method}:METRIC with a metric of {', '.join(metric_names())}")
     elif colon:
-        raise UserInputError(f"{flag}: {name!r}: only learned takes a start (learned:METRIC)")
+        raise UserInputError(f"{flag}: {name!r}: only a learned weighting takes a start (learned:METRIC)")
     else:
         start = None
-    if operators is not None and operator not in operators:
+    if operator not in MERGES:
         raise UserInputError(f"{flag}: unknown merge operator {operator!r} in {name!r}; expected one of "
-                             f"{', '.join(operators)}")
+                             f"{', '.join(MERGES)}")
     original = bool(at)
-    if original and weighting not in ORIGINAL_TEMPERATURES:
+    if original and spec.original_temperature is None:
+        with_t = [n for n in names if get_weighting(n).original_temperature is not None]
         raise UserInputError(f"{flag}: {name!r}: {ORIGINAL} applies to a weighting with a temperature "
-                             f"({', '.join(ORIGINAL_TEMPERATURES)}), not to {weighting}")
-    return Fusion(name=name, weighting=weighting, operator=operator, start=start, original=original)
+                             f"({', '.join(with_t)}), not to {method}")
+    return Fusion(name=name, weighting=spec, operator=MERGES[operator], start=start, original=original)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from unit_model.config import OPTIMIZERS
-from unit_model.weightings import Plan
+from unit_model.weightings.base import Plan
 from utils.errors import UserInputError
 from utils.progress import progress_bar
 

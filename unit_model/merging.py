@@ -22,7 +22,7 @@ from models.methods import DeltaMethod, method_of, param_group
 from models.methods.base import pair_update
 from models.methods.lora import lora_factor
 from unit_model.config import DEFAULT_LORA_COMBINE, LORA_COMBINES
-from unit_model.merges import DEFAULT_MERGE, MergeOperator, MergeSettings, check_settings, get_merge
+from unit_model.merges import DEFAULT_MERGE, MergeOperator, MergeSettings, get_merge, merge_settings_from
 from unit_model.sources import ModuleSource, materialise, read_tensors
 from utils.errors import UserInputError
 
@@ -101,10 +101,10 @@ def fuse(
     is origin + lam·merged (``settings``: lam, and each operator's own parameters). With the defaults (the
     weighted sum, lam 1, weights summing to 1) that is Σ w_s θ_s itself.
     """
-    settings = check_settings(settings or MergeSettings())
+    settings = merge_settings_from(settings or {})  # each declared setting checked, the missing at their default
     if lora_combine not in LORA_COMBINES:
         raise UserInputError(f"--lora_combine: expected one of {', '.join(LORA_COMBINES)}, found {lora_combine!r}")
-    op = get_merge(merge) if isinstance(merge, str) else merge
+    op = get_merge(merge)
     weights = list(weights)
     if not weights:
         raise UserInputError("fuse: empty source list")

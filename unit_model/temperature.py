@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from unit_model.weightings import Plan, group_softmax_weights, keep_top_k
+from unit_model.weightings.base import Plan, group_softmax_weights, keep_top_k
 from utils.progress import progress_bar
 
 TEMPERATURE_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)

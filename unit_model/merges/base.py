@@ -8,9 +8,11 @@ and scales the merged vector by ``lam``. The helpers below are the pieces TIES a
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from utils.ranges import FINITE, FRACTION, Range
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
     import torch
@@ -19,19 +21,76 @@ MAJORITY_SIGNS = ("total", "frequency")
 
 
 @dataclass(frozen=True)
-class MergeSettings:
-    """The operators' parameters (each operator reads the ones it declares)."""
+class MergeSetting:
+    """One setting an operator reads, declared once: the fusion flag, its default, its check and its help all
+    come from here (``FusionConfig``, the fusion scripts' blocks, the study's block, the saved metadata)."""
 
-    lam: float = 1.0  # scales the merged task vector (task arithmetic's λ)
-    density: float = 0.2  # fraction of each tensor's entries kept by trimming or dropping
-    majority_sign: str = "total"  # TIES's sign election: by total mass or by count
-    seed: int = 0  # DARE's random drops
+    name: str  # the flag (--name) and the key of MergeSettings
+    default: Any
+    help: str
+    rule: Range | None = None  # numbers: the valid range
+    choices: tuple[str, ...] = ()  # words: the allowed values
+
+    def check(self, value: Any) -> None:
+        """A one-line error naming the flag when ``value`` is outside the declaration."""
+        from utils.errors import UserInputError
+        from utils.ranges import check_value
+
+        if self.choices:
+            if value not in self.choices:
+                raise UserInputError(f"--{self.name}: expected one of {', '.join(self.choices)}, found {value!r}")
+        elif self.rule is not None:
+            check_value(f"--{self.name}", value, self.rule)
+
+
+# The driver's setting, read for every operator; the pieces below declare the ones they read.
+LAM = MergeSetting("lam", 1.0, "scales the merged task vector: fused = origin + lam * merged (task arithmetic's "
+                   "lambda)", FINITE)
+DENSITY = MergeSetting("density", 0.2, "ties, dare_*, magnitude_prune: fraction of each tensor's entries kept, in "
+                       "(0, 1]", FRACTION)
+MAJORITY_SIGN = MergeSetting("majority_sign", "total", "ties, dare_ties: elect each entry's sign by total weighted "
+                             "mass or by weighted count", choices=MAJORITY_SIGNS)
+
+
+class MergeSettings(Mapping[str, Any]):
+    """The values of the merge settings (``settings.density``, or ``settings["density"]``), read-only. Made once
+    from the flags by ``unit_model.merges.merge_settings_from`` (every declared setting, checked) and passed down."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("MergeSettings is read-only")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values.items()))
+
+    def __repr__(self) -> str:
+        return f"MergeSettings({self._values!r})"
 
     def generator(self, key: str) -> torch.Generator:
         """A generator for tensor ``key``: a run's drops are reproducible and do not depend on tensor order."""
         import torch
 
-        return torch.Generator().manual_seed(self.seed + zlib.crc32(key.encode()))
+        return torch.Generator().manual_seed(self.merge_seed + zlib.crc32(key.encode()))
 
 
 # combine(vectors, weights, settings, key) -> merged: one tensor's task vectors (float64, one per source,
@@ -47,7 +106,7 @@ class MergeOperator:
     # True when combine is Σ w·τ: the driver then adds one source at a time into an accumulator instead of
     # holding every source's copy of a tensor at once.
     linear: bool = False
-    settings: tuple[str, ...] = ()  # the MergeSettings fields it reads (lam is the driver's, for every operator)
+    settings: tuple[MergeSetting, ...] = ()  # what it reads besides lam (the driver's, for every operator)
 
 
 def weighted_sum(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -10,7 +10,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
     import torch
 
-from unit_model.merges.base import MergeOperator, MergeSettings, drop, elect_and_merge, weighted_sum
+from unit_model.merges.base import (
+    DENSITY,
+    MAJORITY_SIGN,
+    MergeOperator,
+    MergeSetting,
+    MergeSettings,
+    drop,
+    elect_and_merge,
+    weighted_sum,
+)
+from utils.ranges import ANY_INT
+
+MERGE_SEED = MergeSetting("merge_seed", 0, "dare_*: seed of the random drops (with each tensor's name)", ANY_INT)
 
 
 def dropped(vectors: Sequence[torch.Tensor], settings: MergeSettings, key: str) -> list[torch.Tensor]:
@@ -31,6 +43,6 @@ def dare_ties(vectors: Sequence[torch.Tensor], weights: Sequence[float], setting
 
 
 DARE_LINEAR = MergeOperator("dare_linear", dare_linear, "random drops at 1 - --density, rescaled, weighted sum",
-                            settings=("density", "seed"))
+                            settings=(DENSITY, MERGE_SEED))
 DARE_TIES = MergeOperator("dare_ties", dare_ties, "random drops at 1 - --density, rescaled, then TIES's election",
-                          settings=("density", "majority_sign", "seed"))
+                          settings=(DENSITY, MAJORITY_SIGN, MERGE_SEED))

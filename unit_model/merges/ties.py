@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
     import torch
 
-from unit_model.merges.base import MergeOperator, MergeSettings, elect_and_merge, trim, weighted_sum
+from unit_model.merges.base import (
+    DENSITY,
+    MAJORITY_SIGN,
+    MergeOperator,
+    MergeSettings,
+    elect_and_merge,
+    trim,
+    weighted_sum,
+)
 
 
 def ties(vectors: Sequence[torch.Tensor], weights: Sequence[float], settings: MergeSettings, key: str) -> torch.Tensor:
@@ -22,6 +30,6 @@ def magnitude_prune(vectors: Sequence[torch.Tensor], weights: Sequence[float], s
 
 
 TIES = MergeOperator("ties", ties, "trim to the top --density by magnitude, elect signs, weighted disjoint mean",
-                     settings=("density", "majority_sign"))
+                     settings=(DENSITY, MAJORITY_SIGN))
 MAGNITUDE_PRUNE = MergeOperator("magnitude_prune", magnitude_prune,
-                                "trim to the top --density by magnitude, then the weighted sum", settings=("density",))
+                                "trim to the top --density by magnitude, then the weighted sum", settings=(DENSITY,))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from get_similarity.metrics import DIRECTIONS  # the metric registry owns the two directions
 from models.methods import param_group
 from models.run_folders import source_path
 from unit_model.config import SCORE_SPACES, WEIGHT_NORMS, FusionConfig
@@ -29,8 +30,6 @@ from unit_model.sources import Module, ModuleCache, leave_one_out
 from utils.errors import UserInputError
 from utils.io import read_tsv
 from utils.progress import progress_bar
-
-DIRECTIONS = ("lower", "higher")
 
 
 def score_vectors(module: Module, space: str) -> dict[str, torch.Tensor]:

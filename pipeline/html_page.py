@@ -1,14 +1,15 @@
 """``results/index.html``: the study's report as one self-contained page (tables, heatmaps, charts, curves).
 
 The page carries its images inline (base64 PNG), so it opens from anywhere, mailed or copied, with no
-folder beside it. Its tables are summary.md's, turned into HTML here: headings (``###``), pipe tables and
-paragraphs are all that summary.md uses.
+folder beside it. Its headings, paragraphs and tables are the summary's blocks (pipeline/report.py), the ones
+summary.md is written from: the page renders the data, it does not parse the markdown.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 from utils.io import write_text_atomic
@@ -31,31 +32,18 @@ def inline(text: str) -> str:
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def markdown_html(lines: list[str]) -> list[str]:
-    """summary.md's subset of Markdown: ``###`` headings, pipe tables (header, rule, rows) and paragraphs."""
+def blocks_html(blocks: Sequence) -> list[str]:
+    """The summary's blocks (``kind`` heading, paragraph or table) as HTML."""
     out: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if table:
-            head, *rows = table
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>")
-            out.extend("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"<h3>{inline(b.text)}</h3>")
+        elif b.kind == "paragraph":
+            out.append(f"<p>{inline(b.text)}</p>")
+        else:
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in b.header) + "</tr>")
+            out.extend("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
             out.append("</table>")
-            table.clear()
-
-    for line in lines:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-:") for c in cells):  # the |---| rule under the header
-                table.append(cells)
-            continue
-        flush()
-        if line.startswith("### "):
-            out.append(f"<h3>{inline(line[4:])}</h3>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush()
     return out
 
 
@@ -65,9 +53,9 @@ def figure(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def write_index_html(results: Path, summary_md: list[str], title: str = "Transfer study") -> Path:
-    """Write ``results/index.html`` from summary.md's lines and the PNGs already in ``results``."""
-    body = [f"<h1>{html.escape(title)}</h1>", *markdown_html(summary_md)]
+def write_index_html(results: Path, blocks: Sequence, title: str = "Transfer study") -> Path:
+    """Write ``results/index.html`` from the summary's blocks and the PNGs already in ``results``."""
+    body = [f"<h1>{html.escape(title)}</h1>", *blocks_html(blocks)]
     gain = results / "gain_by_method.png"
     if gain.is_file():
         body += ["<h2>Gain over random initialisation</h2>", figure(gain, "mean test gain, 95% bootstrap CI")]

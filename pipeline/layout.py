@@ -1,0 +1,122 @@
+"""The one owner of a study's output layout: every folder and file name, for the stages that write them and the
+report that reads them back.
+
+    {output}/params.json                          the settings the study was made with
+    {output}/.steps/{step}.json                   a finished step's marker: its outputs, inputs digest, seconds
+    {output}/logs/{stage}.log, logs/{stage}/      what a stage printed; its jobs' logs when run as jobs
+    {output}/{delta}/sources/{task}/              source modules (stage 1), unless a library replaces them
+    {output}/{delta}/seed_{s}/                    the target side of one few-shot split (data seed s):
+        iters_{n}/random/                         tune.py folder: each target tuned from random init for n steps
+        iters_{n}/transfer/{fusion}/              tune.py folder: each target tuned from a fused initialisation
+        tuneall/{target}/{source}/                every source tuned on every target (first budget)
+        devall.tsv                                dev scores of every source, zero-shot and after tune-all
+        similarity/result.tsv                     zero-shot similarity metrics of every source on every target
+        fused/{fusion}/without_{target}/          fused initialisations, with weights.tsv and heatmap.png
+        pairs.tsv                                 test score of every single-source transfer
+    {output}/results/                             the report (pipeline/report.py)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from unit_model.sources import fused_dir_name
+
+RESULT_FILES = ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
+                "gain_by_method.png", "index.html")
+
+
+def seed_dir(data_seed: int) -> str:
+    """The folder of one few-shot split's target side."""
+    return f"seed_{data_seed}"
+
+
+def budget_dir(iters: int) -> str:
+    """The folder of one target budget (target_iters) within a split's folder."""
+    return f"iters_{iters}"
+
+
+def fusion_file_name(name: str) -> str:
+    """A fusion's folder and file name: its name with ':' (not allowed in Windows file names) spelled out, so
+    ``learned:Loss`` lives in ``learned_from_Loss``."""
+    return name.replace(":", "_from_")
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    root: Path
+    source_library: str = ""  # ready source modules instead of {delta}/sources
+
+    # -- the study's own files ---------------------------------------------------------------------------
+    @property
+    def params(self) -> Path:
+        return self.root / "params.json"
+
+    @property
+    def markers(self) -> Path:
+        return self.root / ".steps"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def stage_log(self, stage_title: str) -> Path:
+        return self.root / "logs" / f"{stage_title.replace('/', '-')}.log"
+
+    def job_logs(self, stage_title: str) -> Path:
+        return self.root / "logs" / stage_title.replace("/", "-")
+
+    # -- what the stages write ---------------------------------------------------------------------------
+    def sources(self, delta: str) -> Path:
+        return Path(self.source_library) if self.source_library else self.root / delta / "sources"
+
+    def side(self, delta: str, data_seed: int) -> Path:
+        return self.root / delta / seed_dir(data_seed)
+
+    def random(self, delta: str, data_seed: int, iters: int) -> Path:
+        return self.side(delta, data_seed) / budget_dir(iters) / "random"
+
+    def transfer(self, delta: str, data_seed: int, iters: int, fusion: str) -> Path:
+        return self.side(delta, data_seed) / budget_dir(iters) / "transfer" / fusion_file_name(fusion)
+
+    def tuneall(self, delta: str, data_seed: int) -> Path:
+        return self.side(delta, data_seed) / "tuneall"
+
+    def devall(self, delta: str, data_seed: int) -> Path:
+        return self.side(delta, data_seed) / "devall.tsv"
+
+    def similarity(self, delta: str, data_seed: int) -> Path:
+        return self.side(delta, data_seed) / "similarity" / "result.tsv"
+
+    def fused(self, delta: str, data_seed: int, fusion: str) -> Path:
+        return self.side(delta, data_seed) / "fused" / fusion_file_name(fusion)
+
+    def fused_module(self, delta: str, data_seed: int, fusion: str, target: str) -> Path:
+        return self.fused(delta, data_seed, fusion) / fused_dir_name(target)
+
+    def weights(self, delta: str, data_seed: int, fusion: str) -> Path:
+        return self.fused(delta, data_seed, fusion) / "weights.tsv"
+
+    def heatmap(self, delta: str, data_seed: int, fusion: str) -> Path:
+        return self.fused(delta, data_seed, fusion) / "heatmap.png"
+
+    def pairs(self, delta: str, data_seed: int) -> Path:
+        return self.side(delta, data_seed) / "pairs.tsv"
+
+    def study_input(self, name: str, delta: str, data_seed: int, first_iters: int) -> Path:
+        """The output a weighting reads (a key of unit_model.weightings.STUDY_INPUTS); random init is the first
+        budget's, as tune-all is."""
+        paths = {"random": self.random(delta, data_seed, first_iters), "tuneall": self.tuneall(delta, data_seed),
+                 "devall": self.devall(delta, data_seed), "similarity": self.similarity(delta, data_seed)}
+        return paths[name]
+
+    # -- the report's files ------------------------------------------------------------------------------
+    def result_file(self, name: str) -> Path:
+        return self.results / name
+
+    def result_heatmap(self, delta: str, data_seed: int, fusion: str) -> Path:
+        return self.results / "heatmaps" / f"{delta}_{seed_dir(data_seed)}_{fusion_file_name(fusion)}.png"
+
+    def learning_curves(self, delta: str, iters: int) -> Path:
+        return self.results / f"learning_curves_{delta}_{budget_dir(iters)}.png"
