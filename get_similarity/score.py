@@ -380,6 +380,8 @@ def check_same_settings(out: Path, config: SimilarityConfig) -> None:
                              f"{wanted.get(k)!r}; one table holds one set-up: choose another --output_dir")
 
 
+# Long by design: every check comes before the first forward pass, then one loop over targets and groups of
+# sources; splitting it would scatter that order.
 def run_similarity(config: SimilarityConfig) -> None:
     """Score every (target, source) pair and merge the rows into result.tsv; inputs checked before any scoring."""
     if config.quiet:

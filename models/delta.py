@@ -208,9 +208,9 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     if getattr(model, "adapters_config", None) is not None and DELTA_NAME in model.adapters_config:
         raise ValueError(f"model already has a delta module named {DELTA_NAME!r}")
     family = family_of(model)
-    if cfg.method not in family.methods:
+    if not family.supports(cfg.method):
         raise UserInputError(f"delta method {cfg.method!r} is not built by AdapterHub on {family.name} backbones "
-                             f"({model.config.model_type}); supported there: {', '.join(family.methods)}")
+                             f"({model.config.model_type}); supported there: {', '.join(family.methods())}")
     was_training = model.training
     family.prepare_for(model, cfg.method)
     adapters.init(model)

@@ -562,6 +562,8 @@ def _check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
             raise UserInputError(f"{source}: {k} holds NaN or infinite values")
 
 
+# Long by design: one conversion, read top to bottom (find the format, map every name, check shapes, write);
+# its steps share the names and shapes they build up.
 def convert_to_checkpoint(
     source: str | Path,
     output: str | Path,

@@ -295,6 +295,7 @@ class Trainer:
             activate(self.model, slots, batch_sizes)
             self.active_setup = setup
 
+    # Long by design: the training loop, one readable loop as in nanoGPT (step, validate, keep the best, stop).
     def train_group(self, runs: list[Run]) -> list[RunResult]:
         """Train several runs at once, each in its own slot, exactly as each would train alone.
 

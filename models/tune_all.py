@@ -136,6 +136,8 @@ def pair_train_config(config: TuneAllConfig) -> TrainConfig:
 
 
 
+# Long by design: every check comes before the first training step, in the order a user would fix them, then
+# one loop over the groups of pairs.
 def run_tune_all(config: TuneAllConfig) -> None:
     """Tune every pair not tuned yet; everything that can be wrong is checked before the first step."""
     check_ranges(config)  # every number against the range its field declares (models/pair_settings.py)

@@ -215,6 +215,8 @@ def sweep_groups(runs: list[tuple], size: int, shared_batches_only: bool) -> lis
     return [group for key in keys for group in chunks([run for run in runs if (run[1], run[3]) == key], size)]
 
 
+# Long by design: the one loop of a sweep (load once, each run trained or predicted, rows written), kept whole
+# so that what rank 0 alone does is visible in one place.
 def run_checked(sweeps: list[SweepInputs], ddp: Distributed, device: str) -> None:
     """Every run of the sweeps (or the predictions of a checkpoint); only rank 0 writes files and logs."""
     config = sweeps[0].config

@@ -91,6 +91,10 @@ def check_backbone(p: argparse.Namespace) -> None:
     checked_device(pick_device(p.device))
 
 
+# The study's names of the fusion flags it sets from its own parameters (pipeline/stages.py, fusion_config).
+STUDY_FLAGS = {"--optimizer": "--learned_optimizer", "--budget": "--learned_budget", "--search_seed": "--seed"}
+
+
 def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
     """Each fusion's settings through the fusion's own checks (unit_model.fusion.check_settings), on the
     configuration its stage will run."""
@@ -102,7 +106,10 @@ def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
         try:
             check_settings(fusion_config(TargetSide(run, plan.data_seeds[0]), fusion))
         except UserInputError as e:
-            raise UserInputError(f"--fusions {fusion.name}: {e}") from None
+            message = str(e)
+            for fusion_flag, study_flag in STUDY_FLAGS.items():  # name the flag the user of the study gave
+                message = message.replace(f"{fusion_flag} ", f"{study_flag} ")
+            raise UserInputError(f"--fusions {fusion.name}: {message}") from None
 
 
 def check_resume(p: argparse.Namespace, layout: StudyLayout) -> None:

@@ -184,7 +184,7 @@ def test_another_architecture_is_refused_by_name(tmp_path):
 
 def test_a_method_a_family_does_not_support_is_one_line_naming_both(tiny_causal_dir, monkeypatch):
     model, _ = load_backbone(tiny_causal_dir)
-    monkeypatch.setattr(FAMILIES["causal"], "methods", ("lora", "ia3"))
+    monkeypatch.setattr(FAMILIES["causal"], "unsupported_methods", ("adapter", "prefix"))
     message = r"delta method 'prefix' .* causal backbones \(llama\); supported there: lora, ia3"
     with pytest.raises(UserInputError, match=message):
         attach_delta(model, DeltaConfig("prefix", **SIZES["prefix"]))

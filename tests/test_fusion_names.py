@@ -62,7 +62,7 @@ def test_a_name_outside_the_grammar_is_refused_with_the_flag_and_the_name(name: 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--fusions", "average Loss@orig"], "--fusions: 'Loss@orig' ends in @orig"),
     (["--fusions", "learned+ties", "--learned_optimizer", "gradient"],
-     "--fusions learned+ties: --learned_optimizer gradient needs a linear merge"),
+     "--fusions learned+ties: --learned_optimizer gradient: --merge ties has no gradient in its weights"),
     (["--learned_optimizer", "adam"], "--learned_optimizer: expected one of nevergrad, gradient"),
 ])
 def test_the_study_refuses_a_bad_fusion_before_it_writes_anything(tmp_path, capsys, argv, message) -> None:

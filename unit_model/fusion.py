@@ -62,7 +62,6 @@ from models.methods import param_group
 from task_list import resolve_tasks
 from unit_model.config import AUTO, COS_MODES, LORA_COMBINES, SCORE_SPACES, WEIGHT_NORMS, FusionConfig
 from unit_model.learned import SearchSettings, learn_weights
-from unit_model.merges import merge_settings_from
 from unit_model.merging import check_merge, fuse, linear_merge_graph
 from unit_model.on_target import OnTarget
 from unit_model.sources import ModuleCache, fused_dir_name, materialise
@@ -87,12 +86,11 @@ ANNOTATE_MAX_COLUMNS = 12
 
 
 def check_settings(config: FusionConfig) -> None:
-    """The settings that need no file (method, ranges, merge settings, search, choices): what the study checks for
-    every fusion it will run before its first stage."""
+    """The settings that need no file (method, ranges, search, choices; the merge settings were checked when they
+    were parsed, by ``merge_settings_from``): what the study checks for every fusion before its first stage."""
     if config.delta not in METHODS:
         raise UserInputError(f"--delta: expected one of {', '.join(METHODS)}, found {config.delta!r}")
     check_ranges(config)  # every number against the range its field declares (unit_model/config.py)
-    merge_settings_from(config.merge_settings)  # each against its declaration (unit_model/merges/)
     search_settings(config).check()
     if config.optimizer == "gradient" and not config.merge.linear:
         raise UserInputError(f"--optimizer gradient: --merge {config.merge.name} has no gradient in its weights "

@@ -78,6 +78,8 @@ def check_merge(op: MergeOperator, settings: MergeSettings, method: DeltaMethod,
                              "separately, which are not task vectors; use --lora_combine delta_w")
 
 
+# Long by design: one streaming pass over the sources (linear accumulation, or every source's copy of one
+# tensor at a time), then the LoRA pairs one at a time; the two share the accumulators they fill.
 def fuse(
     sources: Iterable[ModuleSource],
     weights: Sequence[float | Mapping[str, float]],
@@ -101,7 +103,7 @@ def fuse(
     is origin + lam·merged (``settings``: lam, and each operator's own parameters). With the defaults (the
     weighted sum, lam 1, weights summing to 1) that is Σ w_s θ_s itself.
     """
-    settings = merge_settings_from(settings or {})  # each declared setting checked, the missing at their default
+    settings = settings if settings is not None else merge_settings_from({})  # the declared defaults
     if lora_combine not in LORA_COMBINES:
         raise UserInputError(f"--lora_combine: expected one of {', '.join(LORA_COMBINES)}, found {lora_combine!r}")
     op = get_merge(merge)

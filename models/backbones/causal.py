@@ -25,7 +25,6 @@ class Causal(BackboneFamily):
     model_types = ("llama", "mistral")  # AdapterHub 1.3.0 builds every method on these natively
     block_pattern = re.compile(r"(?:^|\.)layers\.(?P<index>\d+)\.")
     stacks = {"decoder": "num_decoder_layers"}  # one stack: granularity "block" is the whole decoder
-    methods = ("adapter", "lora", "prefix", "ia3")
     # Not Parallel: the library replicates hidden states but not the rotary position embeddings of per-row
     # position ids (a shape error), nor generate()'s own rows.
     parallel_composition = False

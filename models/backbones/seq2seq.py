@@ -23,7 +23,6 @@ class Seq2Seq(BackboneFamily):
     model_types = ("t5", "mt5")  # Flan-T5 and T5 v1.1 are "t5"
     block_pattern = re.compile(r"(?:^|\.)(?P<stack>encoder|decoder)\.block\.(?P<index>\d+)\.")
     stacks = {"encoder": "num_layers", "decoder": "num_decoder_layers"}
-    methods = ("adapter", "lora", "prefix", "ia3")
     parallel_composition = True
     # wi: T5's feed-forward input; wi_1 the linear half of a gated one (v1.1, Flan-T5): intermediate_lora reaches it,
     # and nothing reaches wi_0 or the attention output o.
