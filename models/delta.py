@@ -210,7 +210,8 @@ def attach_delta(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     family = family_of(model)
     if not family.supports(cfg.method):
         raise UserInputError(f"delta method {cfg.method!r} is not built by AdapterHub on {family.name} backbones "
-                             f"({model.config.model_type}); supported there: {', '.join(family.methods())}")
+                             f"({model.config.model_type}); supported there: "
+                             f"{', '.join(m for m in METHODS if family.supports(m))}")
     was_training = model.training
     family.prepare_for(model, cfg.method)
     adapters.init(model)

@@ -24,7 +24,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
@@ -71,11 +73,37 @@ def changed_files(copy: Path) -> tuple[set[str], set[str]]:
     return changed, added
 
 
-def run(copy: Path, *argv: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    done = subprocess.run([sys.executable, *argv], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == expect, done.stderr[-3000:]
-    return done
+DRIVER = """
+import contextlib, io, json, runpy, sys
+from unit_model.fusion_names import parse_fusion
+
+listing, record = sys.argv[1:3]
+commands, ran = json.load(open(listing)), {}
+for name, argv in commands.items():
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    ran[name] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+f = parse_fusion("Confidence+power")
+ran["parse"] = {"code": 0, "stdout": f"{f.inputs} {f.weighting.original_temperature} {f.operator.name}", "stderr": ""}
+json.dump(ran, open(record, "w"))
+"""
+
+
+def run_all(copy: Path, commands: dict[str, list[str]], record: Path) -> dict[str, dict]:
+    """Each command line (a script and its flags) run as that script's ``__main__`` in one process of the copy (one
+    import of torch for all); what each exited with and printed."""
+    (record.parent / "commands.json").write_text(json.dumps(commands), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DRIVER, str(record.parent / "commands.json"), str(record)], cwd=copy,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(record.read_text(encoding="utf-8"))
 
 
 METRIC = '''
@@ -252,42 +280,56 @@ def test_each_row_of_the_to_add_table_is_one_file_and_one_registration(tmp_path:
     library, out = REPO / "models/default-sources/lora", tmp_path / "out"
     pool = sorted(p.name for p in library.iterdir() if p.is_dir())[:6]
     common = ["--delta", "lora", "--tasks", *pool, "--targets", pool[0], pool[1]]
+    converted = out / "npz"  # the sources in the dummy checkpoint format
+    for task in pool:
+        (converted / task).mkdir(parents=True)
+        tensors = load_file(str(library / task / "delta.safetensors"))
+        np.savez(converted / task / "delta.npz", **{k: v.numpy() for k, v in tensors.items()})
+        shutil.copyfile(library / task / "delta_config.json", converted / task / "meta.json")
+    average = ["unit_model/unit_model_average.py", *common, "--source_ckpt_path", str(library), "--save_ckpt_path"]
+    commands = {
+        # a similarity metric: scored by the similarity script, weighted by the fusion script
+        "score": ["get_similarity/score.py", "--delta", "lora", "--metric", "Confidence", "Loss", "--tasks", pool[0],
+                  pool[1], "--source_tasks", *pool, "--source_ckpt_path", str(library), "--output_dir",
+                  str(out / "sim"), "--max_examples", "8"],
+        "others": ["unit_model/unit_model_others.py", *common, "--source_ckpt_path", str(library), "--result_tsv",
+                   str(out / "sim/result.tsv"), "--metric", "Confidence", "--save_ckpt_path", str(out / "conf")],
+        # a weighting, through its own script
+        "alphabet": ["unit_model/unit_model_alphabet.py", *common, "--source_ckpt_path", str(library),
+                     "--save_ckpt_path", str(out / "alphabet")],
+        # a merge operator with a new setting: its flag, help and check in the fusion scripts and the study
+        "average help": ["unit_model/unit_model_average.py", "--help"],
+        "study help": ["study.py", "--help"],
+        "refused": [*average, str(out / "bad"), "--merge", "power", "--exponent", "-1"],
+        # magnitude_prune keeping every entry is the plain weighted sum, on power's per-tensor path
+        "sum": [*average, str(out / "sum"), "--merge", "magnitude_prune", "--density", "1"],
+        "power1": [*average, str(out / "power1"), "--merge", "power", "--exponent", "1"],
+        "power2": [*average, str(out / "power2"), "--merge", "power", "--exponent", "2"],
+        # a delta method, trained by tune.py
+        "tune": ["tune.py", "--do_train", "--do_predict", "--tune_method", "ia3_ffn", "--tasks", pool[0],
+                 "--task_dir", str(REPO / "data/synthetic"), "--train_iters", "4", "--valid_interval", "4",
+                 "--learning_rate_list", "0.03", "--output_dir", str(out / "ia3_ffn")],
+        # a checkpoint format, read by a fusion script
+        "npz": ["unit_model/unit_model_average.py", *common, "--source_ckpt_path", str(converted),
+                "--save_ckpt_path", str(out / "from_npz"), "--merge", "magnitude_prune", "--density", "1"],
+    }
+    ran = run_all(copy, commands, tmp_path / "ran.json")
+    codes = {name: r["code"] for name, r in ran.items()}
+    assert codes == {**dict.fromkeys(commands, 0), "refused": 2, "parse": 0}, {n: ran[n]["stderr"][-500:] for n in ran}
 
-    # a similarity metric: scored by the similarity script, weighted by the fusion script, named by the study
-    run(copy, "get_similarity/score.py", "--delta", "lora", "--metric", "Confidence", "Loss", "--tasks", pool[0],
-        pool[1], "--source_tasks", *pool, "--source_ckpt_path", str(library), "--output_dir", str(out / "sim"),
-        "--max_examples", "8")
     rows = [r for r in tsv(out / "sim/result.tsv") if r["metric"] == "Confidence"]
     assert len(rows) == 2 * 5 and all(0 < float(r["score"]) <= 1 for r in rows)
-    run(copy, "unit_model/unit_model_others.py", *common, "--source_ckpt_path", str(library), "--result_tsv",
-        str(out / "sim/result.tsv"), "--metric", "Confidence", "--save_ckpt_path", str(out / "conf"))
     for target in (pool[0], pool[1]):
         scored = {r["source"]: float(r["score"]) for r in rows if r["target"] == target}
         weights = {r["source"]: float(r["weight"]) for r in tsv(out / "conf/weights.tsv") if r["target"] == target}
         assert sorted(scored, key=scored.get) == sorted(weights, key=weights.get)  # higher is more similar
-    named = run(copy, "-c", "from unit_model.fusion_names import parse_fusion; f = parse_fusion('Confidence+power');"
-                            " print(f.inputs, f.weighting.original_temperature, f.operator.name)").stdout
-    assert named.split() == ["('similarity',)", "0.1", "power"]
+    assert ran["parse"]["stdout"].split() == ["('similarity',)", "0.1", "power"]  # the study's fusion names know it
 
-    # a weighting, through its own script
-    run(copy, "unit_model/unit_model_alphabet.py", *common, "--source_ckpt_path", str(library), "--save_ckpt_path",
-        str(out / "alphabet"))
     heavy = {r["target"]: r["source"] for r in tsv(out / "alphabet/weights.tsv") if float(r["weight"]) == 1.0}
     assert heavy == {pool[0]: pool[1], pool[1]: pool[0]}
 
-    # a merge operator with a new setting: flag, help, check and metadata, in the fusion scripts and the study
-    assert "--exponent" in run(copy, "unit_model/unit_model_average.py", "--help").stdout
-    assert "--exponent" in run(copy, "study.py", "--help").stdout
-    refused = run(copy, "unit_model/unit_model_average.py", *common, "--source_ckpt_path", str(library),
-                  "--save_ckpt_path", str(out / "bad"), "--merge", "power", "--exponent", "-1", expect=2)
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: --exponent: expected a positive")
-    # the same per-tensor path as power: magnitude_prune keeping every entry is the plain weighted sum
-    for name, extra in (("sum", ["--merge", "magnitude_prune", "--density", "1"]),
-                        ("power1", ["--merge", "power", "--exponent", "1"]),
-                        ("power2", ["--merge", "power", "--exponent", "2"])):
-        run(copy, "unit_model/unit_model_average.py", *common, "--source_ckpt_path", str(library),
-            "--save_ckpt_path", str(out / name), *extra)
-    from safetensors.torch import load_file
+    assert "--exponent" in ran["average help"]["stdout"] and "--exponent" in ran["study help"]["stdout"]
+    assert ran["refused"]["stderr"].strip().splitlines()[-1].startswith("error: --exponent: expected a positive")
 
     def fused(name: str) -> dict:
         return load_file(str(out / name / f"without_{pool[0]}" / "delta.safetensors"))
@@ -297,25 +339,9 @@ def test_each_row_of_the_to_add_table_is_one_file_and_one_registration(tmp_path:
     assert all(fused("sum")[k].equal(v) for k, v in fused("power1").items())  # power 1 is the weighted sum
     assert any(not fused("sum")[k].equal(v) for k, v in fused("power2").items())
 
-    # a delta method: tune.py trains it, and only the FFN activations are rescaled
-    run(copy, "tune.py", "--do_train", "--do_predict", "--tune_method", "ia3_ffn", "--tasks", pool[0], "--task_dir",
-        str(REPO / "data/synthetic"), "--train_iters", "4", "--valid_interval", "4", "--learning_rate_list", "0.03",
-        "--output_dir", str(out / "ia3_ffn"))
     checkpoint = next((out / "ia3_ffn" / pool[0]).glob("*/checkpoint"))
-    names = load_file(str(checkpoint / "delta.safetensors"))
+    names = load_file(str(checkpoint / "delta.safetensors"))  # only the FFN activations are rescaled
     assert names and all(".DenseReluDense." in n and n.endswith(".lora_B") for n in names), list(names)
     assert json.loads((checkpoint / "delta_config.json").read_text())["method"] == "ia3_ffn"
 
-    # a checkpoint format: the fusion script reads sources in it, and fuses what it fuses from the originals
-    converted = out / "npz"
-    for task in pool:
-        folder = converted / task
-        folder.mkdir(parents=True)
-        tensors = load_file(str(library / task / "delta.safetensors"))
-        import numpy as np
-
-        np.savez(folder / "delta.npz", **{k: v.numpy() for k, v in tensors.items()})
-        shutil.copyfile(library / task / "delta_config.json", folder / "meta.json")
-    run(copy, "unit_model/unit_model_average.py", *common, "--source_ckpt_path", str(converted), "--save_ckpt_path",
-        str(out / "from_npz"), "--merge", "magnitude_prune", "--density", "1")
-    assert all(fused("sum")[k].equal(v) for k, v in fused("from_npz").items())
+    assert all(fused("sum")[k].equal(v) for k, v in fused("from_npz").items())  # the same sources, read from npz

@@ -38,12 +38,6 @@ class BackboneFamily:
 
     def supports(self, method: str) -> bool:
         return method not in self.unsupported_methods
-
-    def methods(self) -> list[str]:
-        """The registered delta methods this family builds."""
-        from models.methods import METHODS
-
-        return [m for m in METHODS if self.supports(m)]
     # Whether AdapterHub's Parallel composition (the library replicates the batch inside the model) works here;
     # where not, a group of modules sharing a batch gets one copy per module under BatchSplit (models/group.py).
     parallel_composition: bool = False
