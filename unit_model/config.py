@@ -42,6 +42,7 @@ SCORE_SPACES = ("task_vector", "params")
 COS_MODES = ("flat", "per_tensor")
 LORA_COMBINES = ("params", "delta_w")
 DEFAULT_LORA_COMBINE = "delta_w"
+SEARCH_STARTS = ("zeros", "uniform")  # where learned weights start, besides a similarity metric
 OPTIMIZERS = ("nevergrad", "gradient")  # learned weights: LoraHub's NGOpt search, or Adam through the linear merge
 AUTO = "auto"  # --tem auto
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unit_model.config import SEARCH_STARTS
 from unit_model.merges import MERGES, MergeOperator
 from unit_model.weightings import WeightingSpec, get_weighting, metric_names, study_weightings
 from utils.errors import UserInputError
 
 ORIGINAL = "@original"
-SEARCH_STARTS = ("zeros", "uniform")  # or a similarity metric: its softmax weights
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from unit_model.weightings.base import Plan
 from utils.errors import UserInputError
 from utils.progress import progress_bar
 
-LEARNED_STARTS = ("zeros", "uniform")  # or a metric of --result_tsv: its softmax weights
 GradientObjective = Callable[[Plan, torch.Tensor, list[str]], torch.Tensor]  # (plan, weights, groups) -> loss
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from unit_model.config import FusionConfig
+from unit_model.config import SEARCH_STARTS, FusionConfig
 from unit_model.sources import ModuleCache, leave_one_out
 from unit_model.weightings.base import Plan, Weighting, groups_of, source_modules
 from unit_model.weightings.similarity import plan_others
 
 
 def plan_learned_start(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:
-    if config.learned_start not in ("zeros", "uniform"):
+    if config.learned_start not in SEARCH_STARTS:
         return plan_others(dataclasses.replace(config, metric=config.learned_start), tasks, cache)
     plans = []
     for t in config.target_list:
