@@ -44,6 +44,53 @@ def fusion_file_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class SideLayout:
+    """What the stages of one target side write, under ``{output}/{delta}/seed_{s}/``."""
+
+    root: Path
+
+    def random(self, iters: int) -> Path:
+        return self.root / budget_dir(iters) / "random"
+
+    def transfer(self, iters: int, fusion: str) -> Path:
+        return self.root / budget_dir(iters) / "transfer" / fusion_file_name(fusion)
+
+    @property
+    def tuneall(self) -> Path:
+        return self.root / "tuneall"
+
+    @property
+    def devall(self) -> Path:
+        return self.root / "devall.tsv"
+
+    @property
+    def similarity(self) -> Path:
+        return self.root / "similarity" / "result.tsv"
+
+    def fused(self, fusion: str) -> Path:
+        return self.root / "fused" / fusion_file_name(fusion)
+
+    def fused_module(self, fusion: str, target: str) -> Path:
+        return self.fused(fusion) / fused_dir_name(target)
+
+    def weights(self, fusion: str) -> Path:
+        return self.fused(fusion) / "weights.tsv"
+
+    def heatmap(self, fusion: str) -> Path:
+        return self.fused(fusion) / "heatmap.png"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs.tsv"
+
+    def study_input(self, name: str, first_iters: int) -> Path:
+        """The output a weighting reads (a key of unit_model.weightings.STUDY_INPUTS); random init is the first
+        budget's, as tune-all's is."""
+        return {"random": self.random(first_iters), "tuneall": self.tuneall, "devall": self.devall,
+                "similarity": self.similarity}[name]
+
+
+@dataclass(frozen=True)
 class StudyLayout:
     root: Path
     source_library: str = ""  # ready source modules instead of {delta}/sources
@@ -71,45 +118,9 @@ class StudyLayout:
     def sources(self, delta: str) -> Path:
         return Path(self.source_library) if self.source_library else self.root / delta / "sources"
 
-    def side(self, delta: str, data_seed: int) -> Path:
-        return self.root / delta / seed_dir(data_seed)
-
-    def random(self, delta: str, data_seed: int, iters: int) -> Path:
-        return self.side(delta, data_seed) / budget_dir(iters) / "random"
-
-    def transfer(self, delta: str, data_seed: int, iters: int, fusion: str) -> Path:
-        return self.side(delta, data_seed) / budget_dir(iters) / "transfer" / fusion_file_name(fusion)
-
-    def tuneall(self, delta: str, data_seed: int) -> Path:
-        return self.side(delta, data_seed) / "tuneall"
-
-    def devall(self, delta: str, data_seed: int) -> Path:
-        return self.side(delta, data_seed) / "devall.tsv"
-
-    def similarity(self, delta: str, data_seed: int) -> Path:
-        return self.side(delta, data_seed) / "similarity" / "result.tsv"
-
-    def fused(self, delta: str, data_seed: int, fusion: str) -> Path:
-        return self.side(delta, data_seed) / "fused" / fusion_file_name(fusion)
-
-    def fused_module(self, delta: str, data_seed: int, fusion: str, target: str) -> Path:
-        return self.fused(delta, data_seed, fusion) / fused_dir_name(target)
-
-    def weights(self, delta: str, data_seed: int, fusion: str) -> Path:
-        return self.fused(delta, data_seed, fusion) / "weights.tsv"
-
-    def heatmap(self, delta: str, data_seed: int, fusion: str) -> Path:
-        return self.fused(delta, data_seed, fusion) / "heatmap.png"
-
-    def pairs(self, delta: str, data_seed: int) -> Path:
-        return self.side(delta, data_seed) / "pairs.tsv"
-
-    def study_input(self, name: str, delta: str, data_seed: int, first_iters: int) -> Path:
-        """The output a weighting reads (a key of unit_model.weightings.STUDY_INPUTS); random init is the first
-        budget's, as tune-all is."""
-        paths = {"random": self.random(delta, data_seed, first_iters), "tuneall": self.tuneall(delta, data_seed),
-                 "devall": self.devall(delta, data_seed), "similarity": self.similarity(delta, data_seed)}
-        return paths[name]
+    def side(self, delta: str, data_seed: int) -> SideLayout:
+        """The folders of one target side: a delta method on one data seed's split."""
+        return SideLayout(self.root / delta / seed_dir(data_seed))
 
     # -- the report's files ------------------------------------------------------------------------------
     def result_file(self, name: str) -> Path:

@@ -193,7 +193,7 @@ def copy_heatmaps(results: StudyResults, layout: StudyLayout) -> None:
     for delta in results.deltas:
         for s in results.data_seeds:
             for m in results.fusions:
-                heatmap = layout.heatmap(delta, s, m)
+                heatmap = layout.side(delta, s).heatmap(m)
                 if heatmap.is_file():
                     with atomic_file(layout.result_heatmap(delta, s, m)) as tmp:
                         shutil.copyfile(heatmap, tmp)

@@ -166,14 +166,15 @@ class StudyResults:
 def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], fusions: list[str],
               data_seeds: list[int]) -> ArmTable:
     """The cells and paired comparisons of one delta method at one budget."""
-    roots = {"random": {s: layout.random(delta, s, iters) for s in data_seeds}}
-    roots.update({m: {s: layout.transfer(delta, s, iters, m) for s in data_seeds} for m in fusions})
+    sides = {s: layout.side(delta, s) for s in data_seeds}
+    roots = {"random": {s: sides[s].random(iters) for s in data_seeds}}
+    roots.update({m: {s: sides[s].transfer(iters, m) for s in data_seeds} for m in fusions})
     read = {a: {s: test_scores(root) for s, root in by_seed.items()} for a, by_seed in roots.items()}
     scores = {a: {(t, s): read[a][s][t] for t in targets for s in data_seeds} for a in roots}
     cells = [(t, s) for t in targets for s in data_seeds]
     paired = {m: paired_comparison([scores[m][c] for c in cells], [scores["random"][c] for c in cells])
               for m in fusions}
-    effective = {m: float(np.nanmean([mean_effective_sources(layout.weights(delta, s, m)) for s in data_seeds]))
+    effective = {m: float(np.nanmean([mean_effective_sources(sides[s].weights(m)) for s in data_seeds]))
                  for m in fusions}
     table = ArmTable(delta, iters, ["random", *fusions], scores, paired, effective)
     if fusions:  # random against the best fusion (by mean test score), on the first data seed
@@ -190,10 +191,11 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
     rows, pairs = [], []
     per_fusion: dict[str, list[Transferability]] = defaultdict(list)
     for s in data_seeds:
-        pairs_path = layout.pairs(delta, s)
+        side = layout.side(delta, s)
+        pairs_path = side.pairs
         if not pairs_path.is_file():
             continue
-        random = test_scores(layout.random(delta, s, first_iters))
+        random = test_scores(side.random(first_iters))
         single: dict[str, dict[str, float]] = defaultdict(dict)
         for row in read_rows(pairs_path, ["target", "source", "test"]):
             single[row["target"]][row["source"]] = float(row["test"])
@@ -202,7 +204,7 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
         for fusion in fusions:
             if not fusion.weighting.ranks_sources:
                 continue
-            weights = fusion_weights(layout.weights(delta, s, fusion.name))
+            weights = fusion_weights(side.weights(fusion.name))
             for t in targets:
                 sources = sorted(single[t])
                 w = {src: weights[t][src] for src in sources}

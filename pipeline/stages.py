@@ -19,7 +19,7 @@ from models.pair_settings import DevAllConfig, TuneAllConfig
 from models.settings import TuneConfig
 from models.tuning import run_folder, run_sweep, run_sweeps
 from pipeline.launch import order_result_tsv, script_job
-from pipeline.layout import StudyLayout
+from pipeline.layout import SideLayout, StudyLayout
 from pipeline.settings import StudyPlan, iters_of, lr_of, sizes_of
 from pipeline.steps import StageId, StageWork, StepKey, Steps
 from unit_model.config import FusionConfig
@@ -90,9 +90,9 @@ class TargetSide:
     def stage(self, index: int, name: str, iters: int | None = None) -> StageId:
         return StageId(index, self.run.delta, name, self.data_seed, iters)
 
-    def path(self, what: str, *args) -> Path:
-        """A layout path of this side (``side.path("tuneall")``, ``side.path("fused", fusion, target)``)."""
-        return getattr(self.run.layout, what)(self.run.delta, self.data_seed, *args)
+    @property
+    def paths(self) -> SideLayout:
+        return self.run.layout.side(self.run.delta, self.data_seed)
 
     def target_budget(self, iters: int, early_stop: int) -> dict:
         p, delta = self.run.plan.p, self.run.delta
@@ -145,7 +145,7 @@ def train_sources(run: DeltaRun) -> None:
 
 def tune_random(side: TargetSide, budget: tuple[int, int]) -> None:
     """Stage 2: each target tuned from random initialisation (the baseline) at one budget."""
-    out = side.run.layout.random(side.run.delta, side.data_seed, budget[0])
+    out = side.paths.random(budget[0])
     tune_stage(side.run, side.stage(2, "random", budget[0]), [(t,) for t in side.run.plan.targets],
                lambda key: TuneConfig(**side.run.sweep, **side.target_budget(*budget), tasks=[key[0]],
                                       output_dir=str(out)))
@@ -160,8 +160,8 @@ def transfer(side: TargetSide, budget: tuple[int, int]) -> None:
     def config(key: StepKey) -> TuneConfig:
         fusion, target = key
         return TuneConfig(**run.sweep, **side.target_budget(*budget), tasks=[target],
-                          output_dir=str(run.layout.transfer(run.delta, side.data_seed, budget[0], fusion)),
-                          train_checkpoint=str(side.path("fused_module", fusion, target)))
+                          output_dir=str(side.paths.transfer(budget[0], fusion)),
+                          train_checkpoint=str(side.paths.fused_module(fusion, target)))
 
     tune_stage(run, side.stage(7, "transfer", budget[0]), [(m, t) for m in names for t in plan.targets], config,
                order=[(m, t) for t in plan.targets for m in names])
@@ -175,7 +175,7 @@ def tune_all(side: TargetSide) -> None:
     from models.tune_all import run_tune_all
 
     run, plan = side.run, side.run.plan
-    p, out = plan.p, side.path("tuneall")
+    p, out = plan.p, side.paths.tuneall
 
     def config(target: str, sources: list[str]) -> TuneAllConfig:
         return TuneAllConfig(**run.backbone, k=p.target_k, data_seed=side.data_seed, tasks=[target],
@@ -201,13 +201,13 @@ def dev_all(side: TargetSide) -> None:
     from models.dev_all import keep_pairs, run_dev_all
 
     run, plan = side.run, side.run.plan
-    out = side.path("devall")
+    out = side.paths.devall
     pairs = [(t, s) for t in plan.targets for s in plan.task_pool if s != t]  # run_dev_all's order
 
     def config(targets: list[str], sources: list[str], merge: bool = False) -> DevAllConfig:
         return DevAllConfig(**run.backbone, k=plan.p.target_k, data_seed=side.data_seed, tasks=targets,
                             source_tasks=sources, source_ckpt_path=str(run.sources),
-                            tuneall_ckpt_path=str(side.path("tuneall")), output=str(out), overwrite=True,
+                            tuneall_ckpt_path=str(side.paths.tuneall), output=str(out), overwrite=True,
                             merge=merge, predict_batch_size=100, group_size=run.group_size)
 
     run.steps.stage(side.stage(4, "devall"), [("all",)], StageWork(
@@ -223,12 +223,12 @@ def similarity(side: TargetSide) -> None:
     from unit_model.weightings import metric_names
 
     run, plan = side.run, side.run.plan
-    table = side.path("similarity")
+    table = side.paths.similarity
     # A step that runs again (its marker missing: killed, or an output deleted) replaces its outputs.
     config = SimilarityConfig(**run.backbone, k=plan.p.target_k, data_seed=side.data_seed, overwrite=True,
                               delta=run.delta, metric=metric_names(), tasks=plan.targets,
                               source_tasks=plan.task_pool, source_ckpt_path=str(run.sources),
-                              random_tuned_ckpt_path=str(side.path("random", plan.first_iters)),
+                              random_tuned_ckpt_path=str(side.paths.random(plan.first_iters)),
                               output_dir=str(table.parent), max_examples=plan.p.max_examples, init_seed=plan.p.seed,
                               group_size=run.group_size)
     run.steps.stage(side.stage(5, "similarity"), [("all",)],
@@ -243,8 +243,7 @@ def fusion_config(side: TargetSide, fusion: Fusion) -> FusionConfig:
     merge settings as parsed, and the weight rule (``@original``: raw scores at the weighting's temperature)."""
     run, plan = side.run, side.run.plan
     p = plan.p
-    inputs = {STUDY_INPUTS[name]: str(run.layout.study_input(name, run.delta, side.data_seed, plan.first_iters))
-              for name in fusion.inputs}
+    inputs = {STUDY_INPUTS[name]: str(side.paths.study_input(name, plan.first_iters)) for name in fusion.inputs}
     weight_norm, tem = p.weight_norm, p.tem
     if fusion.original:
         weight_norm, tem = "none", fusion.weighting.original_temperature
@@ -258,7 +257,7 @@ def fusion_config(side: TargetSide, fusion: Fusion) -> FusionConfig:
             tem = 1.0
     return FusionConfig(delta=run.delta, tasks=plan.task_pool, targets=plan.targets,
                         source_ckpt_path=str(run.sources), task_dir=p.task_dir,
-                        save_ckpt_path=str(side.path("fused", fusion.name)), weight_norm=weight_norm,
+                        save_ckpt_path=str(side.paths.fused(fusion.name)), weight_norm=weight_norm,
                         merge=fusion.operator, merge_settings=plan.merge_settings, top_k=0 if learned else p.top_k,
                         tem=tem, lora_combine=p.lora_combine, overwrite=True, model=p.model, k=p.target_k,
                         data_seed=side.data_seed, device=p.device, bf16=p.bf16,
@@ -272,7 +271,7 @@ def fuse(side: TargetSide) -> None:
     run, plan = side.run, side.run.plan
     by_name = {f.name: f for f in plan.fusions}
     run.steps.stage(side.stage(6, "fusion"), [(f.name,) for f in plan.fusions], StageWork(
-        outputs=lambda key: [side.path("fused_module", key[0], t) for t in plan.targets],
+        outputs=lambda key: [side.paths.fused_module(key[0], t) for t in plan.targets],
         run=lambda key: run_fusion(by_name[key[0]].weighting, fusion_config(side, by_name[key[0]]))))
 
 
@@ -294,7 +293,7 @@ def score_pairs(side: TargetSide) -> None:
     from utils.progress import progress_bar
 
     run, plan = side.run, side.run.plan
-    p, tuned, out = plan.p, side.path("tuneall"), side.path("pairs")
+    p, tuned, out = plan.p, side.paths.tuneall, side.paths.pairs
 
     def score_all() -> None:
         device = pick_device(p.device)

@@ -23,3 +23,21 @@ def test_ndcg_at_3_by_hand() -> None:
     assert ndcg_at({"a": 3, "b": 2, "c": 1}, relevance) == 1.0
     reversed_dcg = 0.0 + 0.5 / math.log2(3) + 1.0 / math.log2(4)
     assert math.isclose(ndcg_at({"a": 1, "b": 2, "c": 3}, relevance), reversed_dcg / (1.0 + 0.5 / math.log2(3)))
+
+
+def test_summary_md_and_the_page_render_the_same_blocks() -> None:
+    """summary.md and index.html are two renderings of one list of blocks; the page never parses markdown."""
+    from pipeline.html_page import blocks_html
+    from pipeline.report import Block, markdown
+
+    blocks = [Block("heading", "lora, iters 40: test score"), Block("paragraph", "3 targets, **9** cells <all>"),
+              Block("table", header=("target", "random", "Loss"),
+                    rows=(("a", "0.500", "0.600"), ("**mean**", "**0.500**", "**0.600**")))]
+    assert markdown(blocks) == ("### lora, iters 40: test score\n\n3 targets, **9** cells <all>\n\n"
+                                "| target | random | Loss |\n|---|---|---|\n| a | 0.500 | 0.600 |\n"
+                                "| **mean** | **0.500** | **0.600** |\n\n")
+    assert blocks_html(blocks) == [
+        "<h3>lora, iters 40: test score</h3>", "<p>3 targets, <b>9</b> cells &lt;all&gt;</p>",
+        "<table><tr><th>target</th><th>random</th><th>Loss</th></tr>",
+        "<tr><td>a</td><td>0.500</td><td>0.600</td></tr>",
+        "<tr><td><b>mean</b></td><td><b>0.500</b></td><td><b>0.600</b></td></tr>", "</table>"]
