@@ -37,8 +37,6 @@ from utils.errors import run_cli
 from utils.jobs import Job, add_launch_args, options_from_args, run_jobs
 from utils.params import HelpFormatter
 
-REPO = Path(__file__).resolve().parent
-
 
 @dataclass
 class Plan:

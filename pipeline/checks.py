@@ -13,7 +13,9 @@ from pathlib import Path
 
 from pipeline.layout import StudyLayout
 from pipeline.settings import RESUMABLE_CHANGES, StudyPlan, budgets_of, sizes_of
+from pipeline.stages import DeltaRun, TargetSide, fusion_config
 from pipeline.steps import StageId
+from unit_model.fusion import check_settings
 from utils.errors import UserInputError
 from utils.io import check_output_folder, read_json_object
 
@@ -98,9 +100,6 @@ STUDY_FLAGS = {"--optimizer": "--learned_optimizer", "--budget": "--learned_budg
 def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
     """Each fusion's settings through the fusion's own checks (unit_model.fusion.check_settings), on the
     configuration its stage will run."""
-    from pipeline.stages import DeltaRun, TargetSide, fusion_config
-    from unit_model.fusion import check_settings
-
     run = DeltaRun(plan, layout, None, plan.deltas[0], 1)
     for fusion in plan.fusions:
         try:

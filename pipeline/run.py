@@ -10,18 +10,18 @@ from pathlib import Path
 
 from pipeline.checks import check_inputs, inputs_digest, resolve_group_size
 from pipeline.layout import StudyLayout
+from pipeline.report import write_report
 from pipeline.settings import resolve_plan
 from pipeline.stages import DeltaRun, run_delta
 from pipeline.steps import Progress, Steps
 from utils.io import write_text_atomic
+from utils.jobs import JobsFailed, LaunchOptions
 
 
-def launch_options(p: argparse.Namespace):
-    """utils.jobs.LaunchOptions when stages 1, 2, 3, 4 and 7 run as one process per job; None otherwise."""
+def launch_options(p: argparse.Namespace) -> LaunchOptions | None:
+    """How stages 1, 2, 3, 4 and 7 run as one process per job; None: every step in this process."""
     if p.jobs == 1 and not p.slurm:
         return None
-    from utils.jobs import LaunchOptions
-
     return LaunchOptions(jobs=p.jobs, slurm=p.slurm, slurm_partition=p.slurm_partition or None,
                          slurm_time=p.slurm_time, slurm_gpus=p.slurm_gpus, slurm_cpus=p.slurm_cpus or None,
                          slurm_mem=p.slurm_mem or None, slurm_array_parallelism=p.slurm_array_parallelism or None,
@@ -31,9 +31,6 @@ def launch_options(p: argparse.Namespace):
 def run_study(p: argparse.Namespace) -> int:
     """Check everything, run every delta method's stages (resuming what is done), then write the report.
     Exit status 1 when a job of a launched stage failed (the launcher has said which, and where its log is)."""
-    from pipeline.report import write_report
-    from utils.jobs import JobsFailed
-
     plan = resolve_plan(p)
     layout = StudyLayout(Path(p.output), p.source_library)
     check_inputs(plan, layout)

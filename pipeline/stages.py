@@ -13,18 +13,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.delta import DeltaConfig
-from models.group import chunks
+import torch
+
+from dataloader.crossfit import load_task
+from dataloader.metrics import metric_for_task
+from get_similarity.score import SimilarityConfig, run_similarity
+from models.backbone import load_backbone, pick_device
+from models.delta import DeltaConfig, attach_delta
+from models.dev_all import keep_pairs, run_dev_all
+from models.evaluate import Decoding, score_modules
+from models.examples import encode_examples
+from models.formats import load_delta_checkpoint
+from models.group import chunks, ensure_slots
+from models.methods import DELTA_NAME
 from models.pair_settings import DevAllConfig, TuneAllConfig
 from models.settings import TuneConfig
+from models.tune_all import run_tune_all
 from models.tuning import run_folder, run_sweep, run_sweeps
 from pipeline.launch import order_result_tsv, script_job
 from pipeline.layout import SideLayout, StudyLayout
 from pipeline.settings import StudyPlan, iters_of, lr_of, sizes_of
 from pipeline.steps import StageId, StageWork, StepKey, Steps
 from unit_model.config import FusionConfig
+from unit_model.fusion import run_fusion
 from unit_model.fusion_names import Fusion
-from unit_model.weightings import STUDY_INPUTS
+from unit_model.weightings import STUDY_INPUTS, metric_names
+from utils.io import write_tsv_atomic
+from utils.progress import progress_bar
 
 SKIPPED = "no requested fusion or report reads it"
 
@@ -45,7 +60,7 @@ class DeltaRun:
 
     plan: StudyPlan
     layout: StudyLayout
-    steps: Steps
+    steps: Steps | None  # None: only to build configurations (the checks before the first write)
     delta: str
     group_size: int
     needed: dict[str, bool] = field(init=False)
@@ -172,8 +187,6 @@ def transfer(side: TargetSide, budget: tuple[int, int]) -> None:
 
 def tune_all(side: TargetSide) -> None:
     """Stage 3: every source tuned on every target for the first budget (a job per group of sources)."""
-    from models.tune_all import run_tune_all
-
     run, plan = side.run, side.run.plan
     p, out = plan.p, side.paths.tuneall
 
@@ -198,8 +211,6 @@ def tune_all(side: TargetSide) -> None:
 
 def dev_all(side: TargetSide) -> None:
     """Stage 4: every source's dev score on every target, zero-shot and after tune-all (a job per pair)."""
-    from models.dev_all import keep_pairs, run_dev_all
-
     run, plan = side.run, side.run.plan
     out = side.paths.devall
     pairs = [(t, s) for t in plan.targets for s in plan.task_pool if s != t]  # run_dev_all's order
@@ -219,9 +230,6 @@ def dev_all(side: TargetSide) -> None:
 
 def similarity(side: TargetSide) -> None:
     """Stage 5: every similarity metric of the registry, of every source on every target (leave-one-out)."""
-    from get_similarity.score import SimilarityConfig, run_similarity
-    from unit_model.weightings import metric_names
-
     run, plan = side.run, side.run.plan
     table = side.paths.similarity
     # A step that runs again (its marker missing: killed, or an output deleted) replaces its outputs.
@@ -266,8 +274,6 @@ def fusion_config(side: TargetSide, fusion: Fusion) -> FusionConfig:
 
 def fuse(side: TargetSide) -> None:
     """Stage 6: the fused initialisation of every target with every fusion."""
-    from unit_model.fusion import run_fusion
-
     run, plan = side.run, side.run.plan
     by_name = {f.name: f for f in plan.fusions}
     run.steps.stage(side.stage(6, "fusion"), [(f.name,) for f in plan.fusions], StageWork(
@@ -278,20 +284,6 @@ def fuse(side: TargetSide) -> None:
 def score_pairs(side: TargetSide) -> None:
     """Stage 8: the test score of each target's module tuned from each single source (tune-all), for the
     transferability report; a target's modules are scored the group size at a time (models.evaluate)."""
-    import torch
-
-    from dataloader.crossfit import load_task
-    from dataloader.metrics import metric_for_task
-    from models.backbone import load_backbone, pick_device
-    from models.delta import attach_delta
-    from models.evaluate import Decoding, score_modules
-    from models.examples import encode_examples
-    from models.formats import load_delta_checkpoint
-    from models.group import ensure_slots
-    from models.methods import DELTA_NAME
-    from utils.io import write_tsv_atomic
-    from utils.progress import progress_bar
-
     run, plan = side.run, side.run.plan
     p, tuned, out = plan.p, side.paths.tuneall, side.paths.pairs
 
