@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One BLAS thread unless the caller says otherwise (make test does): the test models are tiny, and a job's subprocess
+# must use the thread count of the in-process run it is compared with bit for bit (different counts reduce floats
+# in another order).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_DIR = REPO / "data" / "synthetic"
