@@ -68,13 +68,10 @@ def plan_tune(argv: list[str]) -> Plan:
 
 def pairs_of(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """Parsed flags and (target, source) pairs of tune_all.py or dev_all.py; every source module checked."""
-    from models.tune_all import leave_one_out, load_sources
-    from task_list import resolve_tasks, resolve_tasks_in
+    from models.tune_all import load_sources, resolve_pairs
 
     args = parser.parse_args(argv)
-    _, targets = resolve_tasks_in(args.task_dir, args.tasks)
-    sources = resolve_tasks(args.source_tasks) if args.source_tasks else targets
-    pairs = leave_one_out(targets, sources)
+    _, _, sources, pairs = resolve_pairs(args)
     load_sources(args.source_ckpt_path, sources, args.tune_method)
     return args, pairs
 

@@ -13,8 +13,8 @@ import torch
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
-from models.backbone import load_backbone, pick_device, quiet_libraries
-from models.delta import METHODS, attach_delta, backbone_fingerprint, check_compatible
+from models.backbone import load_backbone, pick_device
+from models.delta import attach_delta, backbone_fingerprint, check_compatible
 from models.evaluate import Decoding, score_modules
 from models.examples import encode_examples, longest_example
 from models.formats import load_delta_checkpoint
@@ -22,13 +22,7 @@ from models.group import ensure_slots, pick_group_size
 from models.methods import DELTA_NAME
 from models.pair_settings import DevAllConfig
 from models.run_folders import file_lock
-from models.tune_all import (
-    check_sources_fit,
-    leave_one_out,
-    load_sources,
-    read_tuned,
-)
-from task_list import resolve_tasks, resolve_tasks_in
+from models.tune_all import check_sources_fit, load_sources, read_tuned, resolve_pairs
 from utils.errors import UserInputError
 from utils.io import check_output_path, read_table, write_tsv_atomic
 from utils.progress import progress_bar
@@ -98,15 +92,8 @@ def fmt(x: float | None) -> str:
 def run_dev_all(config: DevAllConfig) -> None:
     """Score every pair and write the table; everything that can be wrong is checked before the first generation."""
     check_ranges(config)  # every number against the range its field declares (models/pair_settings.py)
-    if config.tune_method is not None and config.tune_method not in METHODS:
-        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
-    if config.quiet:
-        quiet_libraries()
-
     # Everything that can be wrong with the input is checked before the first generation.
-    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
-    source_names = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
-    pairs = leave_one_out(targets, source_names)
+    task_dir, targets, source_names, pairs = resolve_pairs(config)
     output = check_output_path(config.output, "--output", {
         "--task_dir": config.task_dir, "--model": config.model, "--tokenizer_path": config.tokenizer_path,
         "--source_ckpt_path": config.source_ckpt_path,

@@ -28,7 +28,7 @@ from models.delta import (
 from models.examples import longest_example
 from models.formats import load_delta_checkpoint
 from models.group import chunks, pick_group_size
-from models.pair_settings import TuneAllConfig
+from models.pair_settings import PairsConfig, TuneAllConfig
 from models.run_folders import resolve_checkpoint, source_path
 from models.settings import TrainConfig, default_warmup
 from models.trainer import Run, RunLog, TaskData, Trainer
@@ -96,6 +96,18 @@ def check_sources_fit(model: torch.nn.Module, cfg: DeltaConfig, fingerprint: dic
         load_delta_state(model, src.tensors, str(src.folder))
 
 
+def resolve_pairs(config: PairsConfig) -> tuple[Path, list[str], list[str], list[tuple[str, str]]]:
+    """(task folder, targets, sources, (target, source) pairs) of a tune-all or dev-all run, its method checked.
+    Sources need a module, not data: any name goes, and a missing module is reported when the sources load."""
+    if config.tune_method is not None and config.tune_method not in METHODS:
+        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
+    if config.quiet:
+        quiet_libraries()
+    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
+    sources = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
+    return task_dir, targets, sources, leave_one_out(targets, sources)
+
+
 def is_tuned(folder: Path) -> bool:
     """True if ``folder`` holds a module; refuses a folder that is something else (it is never replaced)."""
     if not folder.exists():
@@ -143,16 +155,8 @@ def run_tune_all(config: TuneAllConfig) -> None:
     check_ranges(config)  # every number against the range its field declares (models/pair_settings.py)
     if config.warmup_steps is None:  # the trainer's rule, made explicit: the modules record it
         config = dataclasses.replace(config, warmup_steps=default_warmup(config.steps))
-    if config.tune_method is not None and config.tune_method not in METHODS:
-        raise UserInputError(f"--tune_method: expected one of {', '.join(METHODS)}, found {config.tune_method!r}")
-    if config.quiet:
-        quiet_libraries()
-
     # Everything that can be wrong with the input is checked before the first file is written.
-    task_dir, targets = resolve_tasks_in(config.task_dir, config.tasks)
-    # Sources need a module, not data: any name goes, a missing module is reported below.
-    source_names = resolve_tasks(config.source_tasks, flag="--source_tasks") if config.source_tasks else targets
-    pairs = leave_one_out(targets, source_names)
+    task_dir, targets, source_names, pairs = resolve_pairs(config)
     raw = {t: load_task(task_dir, t, config.k, config.data_seed, ["train", "dev"]) for t in targets}
     metrics = {t: metric_for_task(t, task_dir) for t in targets}
     cfg, sources = load_sources(config.source_ckpt_path, source_names, config.tune_method)
