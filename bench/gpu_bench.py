@@ -126,10 +126,12 @@ def grouped_rate(model_dir: Path, method: str, size: int, bsz: int, steps: int, 
 
 
 def similarity_rate(model_dir: Path, method: str, n: int, device: str, scratch: Path) -> tuple[float, float]:
-    """(sources per second in score.py's scoring loop, whole score.main seconds)."""
+    """(sources per second in score.py's scoring loop, whole scoring run seconds)."""
     from transformers import T5Config
 
-    from get_similarity import score
+    from get_similarity.scoring import run_similarity
+    from get_similarity.settings import SimilarityConfig, similarity_parser
+    from utils.params import config_from
 
     root = scratch / f"sources-{method}"
     names = [f"src{i:03d}" for i in range(n)]
@@ -142,10 +144,11 @@ def similarity_rate(model_dir: Path, method: str, n: int, device: str, scratch: 
     stdout = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        code = score.main(argv)
+        run_similarity(config_from(SimilarityConfig, similarity_parser(None).parse_args(argv)))
+        code = 0
     seconds = time.perf_counter() - start
     if code != 0:
-        raise RuntimeError(f"score.main exited with {code}")
+        raise RuntimeError(f"score.py's scoring exited with {code}")
     match = PER_SOURCE.search(stdout.getvalue())
     if match is None:
         raise RuntimeError(f"score.py printed no per-source time: {stdout.getvalue()[-200:]}")

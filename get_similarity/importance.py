@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from dataloader.crossfit import load_task  # noqa: E402
 from dataloader.metrics import metric_for_task  # noqa: E402
 from get_similarity.metrics import TokenMean, token_loss  # noqa: E402
-from get_similarity.score import delta_groups  # noqa: E402
+from get_similarity.scoring import delta_groups  # noqa: E402
 from models.backbone import load_backbone, pick_device, quiet_libraries
 from models.backbones import family_of
 from models.delta import (

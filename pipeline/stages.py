@@ -17,7 +17,7 @@ import torch
 
 from dataloader.crossfit import load_task
 from dataloader.metrics import metric_for_task
-from get_similarity.score import SimilarityConfig, run_similarity
+from get_similarity.scoring import SimilarityConfig, run_similarity
 from models.backbone import load_backbone, pick_device
 from models.delta import DeltaConfig, attach_delta
 from models.dev_all import keep_pairs, run_dev_all

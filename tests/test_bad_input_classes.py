@@ -309,7 +309,7 @@ SIM_ROW = "target\tsource\tmetric\tgroup\tscore\ngamma\talpha\tLoss\tmodel\t1.5\
 
 def _score_table_of_other_settings(w, t):
     write(t / "out" / "result.tsv", SIM_ROW)
-    from get_similarity.score import SCORE_SETTINGS
+    from get_similarity.scoring import SCORE_SETTINGS
 
     settings = {name: None for name in SCORE_SETTINGS}
     write(t / "out" / "score_settings.json", json.dumps({**settings, "delta": "lora", "max_examples": 99}))

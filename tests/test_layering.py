@@ -1,8 +1,9 @@
 """The layering rules of the code, read from the imports with ``ast`` (nothing is imported or run).
 
 - A library module (under dataloader/ models/ get_similarity/ unit_model/ pipeline/ utils/, apart from the
-  scripts among them) never imports a script: tune.py, study.py, sweep.py, a ``unit_model_*.py`` file, the thin
-  commands of get_similarity/ (tune_all.py, dev_all.py), a file under scripts/ or bench/ that runs as a program.
+  scripts among them) never imports a script: tune.py, study.py, sweep.py, a ``unit_model_*.py`` file, the
+  thin commands of get_similarity/ (score.py, tune_all.py, dev_all.py), a file under scripts/ or bench/ that
+  runs as a program.
 - No script imports another script: what two scripts share lives in a library (a helper under bench/ or scripts/
   without a ``__main__`` block is such a library).
 - No two modules import each other, directly or around a longer circle.
@@ -21,7 +22,8 @@ import pytest
 from tests.conftest import REPO
 
 LIBRARY_FOLDERS = ("dataloader", "models", "get_similarity", "unit_model", "pipeline", "utils")
-THIN_COMMANDS = ("get_similarity.tune_all", "get_similarity.dev_all")  # scripts inside a library folder
+# scripts inside a library folder: thin commands over models/tune_all.py, models/dev_all.py, get_similarity/scoring.py
+THIN_COMMANDS = ("get_similarity.score", "get_similarity.tune_all", "get_similarity.dev_all")
 SKIPPED_FOLDERS = {".venv", ".git", "tests", "runs", "outputs", "__pycache__"}
 
 # Violations not yet mended (six when this test was written, all mended since). The set may only shrink: a new

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dataloader.crossfit import load_task
 from get_similarity import score as score_cli
+from get_similarity import scoring
 from get_similarity.metrics import (
     METRICS,
     TokenMean,
@@ -28,7 +29,7 @@ from get_similarity.metrics import (
     token_logits_cos,
     token_loss,
 )
-from get_similarity.score import SimilarityScorer, delta_groups
+from get_similarity.scoring import SimilarityScorer, delta_groups
 from models.backbone import load_backbone
 from models.delta import (
     DeltaConfig,
@@ -507,8 +508,8 @@ def test_one_module_held_at_a_time(tiny_backbone_dir: Path, modules: Path, tmp_p
         events.append(("reference", "+".join(live())))
         return real_reference(self, task, tensors, source)
 
-    monkeypatch.setattr(score_cli, "inspect_delta_checkpoint", counting_inspect)
-    monkeypatch.setattr(score_cli, "load_delta_checkpoint", counting_load)
+    monkeypatch.setattr(scoring, "inspect_delta_checkpoint", counting_inspect)
+    monkeypatch.setattr(scoring, "load_delta_checkpoint", counting_load)
     monkeypatch.setattr(SimilarityScorer, "score", counting_score)
     monkeypatch.setattr(SimilarityScorer, "reference", counting_reference)
     out = tmp_path / "sim"
@@ -546,7 +547,7 @@ def test_sources_checked_from_headers_before_any_read(tiny_backbone_dir: Path, m
     def no_read(folder: Path):
         raise AssertionError(f"{folder}: tensors read before every source was checked")
 
-    monkeypatch.setattr(score_cli, "load_delta_checkpoint", no_read)
+    monkeypatch.setattr(scoring, "load_delta_checkpoint", no_read)
     out = tmp_path / "sim"
     args = cli_args(tiny_backbone_dir, modules, out)
     args[args.index("--source_ckpt_path") + 1] = str(src)

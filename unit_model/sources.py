@@ -76,7 +76,7 @@ def resolve_module(path: str | Path, label: str, task: str | None) -> Path:
 
 def open_module(path: str | Path, label: str, task: str | None = None) -> Module:
     """Resolve (checkpoint, run or task folder) and check its meta and safetensors header now, without
-    reading the tensors (a truncated file fails here too), as get_similarity.score checks its sources."""
+    reading the tensors (a truncated file fails here too), as get_similarity.scoring checks its sources."""
     folder = resolve_module(path, label, task)
     try:
         shapes, meta = inspect_delta_checkpoint(folder)
