@@ -94,11 +94,16 @@ def resolve_metrics(names: list[str] | str) -> list[Metric]:
 # --- token-level metrics ----------------------------------------------------------------------------------
 
 
-def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probabilities in float32, labels safe to gather with, mask of real target tokens)."""
+def _answer_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mask of real target tokens, once the logits are checked to score the labels."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    mask = labels != IGNORE_INDEX
+    return labels != IGNORE_INDEX
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probabilities in float32, labels safe to gather with, mask of real target tokens)."""
+    mask = _answer_mask(logits, labels)
     return logits.float().log_softmax(-1), labels.clamp_min(0), mask  # -100 -> 0: gathered, then masked out
 
 
@@ -106,8 +111,8 @@ def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,
                reference_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy -log p(y_j) per token."""
-    _, _, mask = _prepare(logits, labels)
-    return -token_logp(logits, labels), mask
+    mask = _answer_mask(logits, labels)
+    return -token_logp(logits, labels), mask  # one log-softmax over the vocabulary: token_logp's
 
 
 @register("KL", direction="lower", needs_reference=True)
