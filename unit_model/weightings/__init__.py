@@ -8,7 +8,7 @@ settings that make it what it is (``manual`` is ``average`` over the target's ow
 parser, the study's stages and inputs and the report all read this table.
 
 Every similarity metric of ``get_similarity/metrics.py`` is a weighting too, without an entry here: its record
-is made from the metric registry (``weighting``), so a new metric is a new weighting at once.
+is made from the metric registry (``get_weighting``), so a new metric is a new weighting at once.
 
 To add one: write ``unit_model/weightings/<name>.py`` with its planner and add one ``WeightingSpec`` line to
 ``WEIGHTINGS`` below; ``unit_model/unit_model_<name>.py`` is its script, if it wants one.
@@ -17,7 +17,7 @@ To add one: write ``unit_model/weightings/<name>.py`` with its planner and add o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -74,14 +74,11 @@ def get_weighting(name: str) -> WeightingSpec:
     """The table's entry, or a similarity metric's (weights from its scores in the study's similarity table)."""
     if name in WEIGHTINGS:
         return WEIGHTINGS[name]
-    if name in metric_names():
-        return WeightingSpec(name, plan_others, inputs=("similarity",),
-                             original_temperature=ORIGINAL_METRIC_TEMPERATURE,
-                             config=MappingProxyType({"metric": name}))
+    if name in metric_names():  # the generic entry, fixed to this metric
+        return replace(WEIGHTINGS["others"], name=name, in_study=True, config=MappingProxyType({"metric": name}))
     raise UserInputError(f"fusion method: expected one of {', '.join(study_weightings())}, found {name!r}")
 
 
 def study_weightings() -> list[str]:
     """Every weighting a study may name: the table's (but a script's generic ``others``) and every metric."""
-    table = [n for n, w in WEIGHTINGS.items() if w.in_study and n != "learned"]
-    return [*table, *metric_names(), "learned"]
+    return [*(n for n, w in WEIGHTINGS.items() if w.in_study), *metric_names()]
