@@ -19,7 +19,6 @@ from models.evaluate import Decoding, score_modules
 from models.examples import encode_examples, longest_example
 from models.formats import load_delta_checkpoint
 from models.group import ensure_slots, pick_group_size
-from models.methods import DELTA_NAME
 from models.pair_settings import DevAllConfig
 from models.run_folders import file_lock
 from models.tune_all import check_sources_fit, load_sources, read_tuned, resolve_pairs
@@ -146,7 +145,7 @@ def run_dev_all(config: DevAllConfig) -> None:
                                 config.predict_batch_size, longest_example(dev.values()), training=False)
     print(f"{len(pairs)} pair(s) of {len(targets)} target(s) x {len(source_names)} source(s), {len(tuned)} tuned: "
           f"{cfg.describe()} ({device}); {why}; output {output}", flush=True)
-    slots = ensure_slots(model, cfg, size) if size > 1 else [DELTA_NAME]
+    slots = ensure_slots(model, cfg, size)  # one slot: the attached module itself
     bar = progress_bar(total=sum(len(items) for items in work.values()), desc="dev scores")
     scores = {t: score_modules(model, tokenizer, dev[t], metrics[t], work[t], slots, Decoding(config.max_output_length),
                                config.predict_batch_size, config.num_beams, config.bf16, bar.update)

@@ -23,9 +23,6 @@ from pathlib import Path
 
 from unit_model.sources import fused_dir_name
 
-RESULT_FILES = ("summary.tsv", "summary.md", "scores.tsv", "transferability.tsv", "transfer_pairs.tsv",
-                "gain_by_method.png", "index.html")
-
 
 def seed_dir(data_seed: int) -> str:
     """The folder of one few-shot split's target side."""

@@ -25,7 +25,6 @@ from models.evaluate import Decoding, score_modules
 from models.examples import encode_examples
 from models.formats import load_delta_checkpoint
 from models.group import chunks, ensure_slots
-from models.methods import DELTA_NAME
 from models.pair_settings import DevAllConfig, TuneAllConfig
 from models.settings import TuneConfig
 from models.tune_all import run_tune_all
@@ -297,7 +296,7 @@ def score_pairs(side: TargetSide) -> None:
             s for s in plan.task_pool if s != first))[1])
         attach_delta(net, cfg)
         net.to(device)
-        slots = ensure_slots(net, cfg, size) if size > 1 else [DELTA_NAME]
+        slots = ensure_slots(net, cfg, size)  # one slot: the attached module itself
         rows = []
         bar = progress_bar(total=len(plan.targets) * (len(plan.task_pool) - 1), leave=False,
                            desc=f"{run.delta} single-source test scores")

@@ -63,6 +63,8 @@ class MergeSettings(Mapping[str, Any]):
         return self._values[name]
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # never a setting: copy and pickle probe these before _values exists
+            raise AttributeError(name)
         try:
             return self._values[name]
         except KeyError:
