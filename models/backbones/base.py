@@ -35,15 +35,16 @@ class BackboneFamily:
     # Registered delta methods AdapterHub does not build on this family (every other one it does; all four are
     # measured to work on both families: tests/test_backbones.py), so a new method needs no line here.
     unsupported_methods: tuple[str, ...] = ()
-
-    def supports(self, method: str) -> bool:
-        return method not in self.unsupported_methods
     # Whether AdapterHub's Parallel composition (the library replicates the batch inside the model) works here;
     # where not, a group of modules sharing a batch gets one copy per module under BatchSplit (models/group.py).
     parallel_composition: bool = False
     # LoRA: the module name (its last path component, as PEFT's target_modules names it) -> the AdapterHub location
     # that reaches it (models/methods/lora.py). Measured by attaching each location (tests/test_backbones.py).
     lora_modules: Mapping[str, str] = {}
+
+    def supports(self, method: str) -> bool:
+        """Whether AdapterHub builds delta method ``method`` on this family."""
+        return method not in self.unsupported_methods
 
     # -- loading --------------------------------------------------------------------------------------
     def model_class(self) -> Any:
