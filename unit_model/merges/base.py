@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from utils.ranges import FINITE, FRACTION, Range
+from utils.errors import UserInputError
+from utils.ranges import FINITE, FRACTION, Range, check_value
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: the module loads without it
     import torch
@@ -33,9 +34,6 @@ class MergeSetting:
 
     def check(self, value: Any) -> None:
         """A one-line error naming the flag when ``value`` is outside the declaration."""
-        from utils.errors import UserInputError
-        from utils.ranges import check_value
-
         if self.choices:
             if value not in self.choices:
                 raise UserInputError(f"--{self.name}: expected one of {', '.join(self.choices)}, found {value!r}")
