@@ -41,7 +41,8 @@ def similarity_parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
     p.add_argument("--metric", nargs="+", required=True,
-                   help="one or several of Loss, KL, EL2N, LogitsCos, GraNd, or 'all'")
+                   help="one or several metrics of the registry in get_similarity/metrics.py (built in: Loss, KL, "
+                        "EL2N, LogitsCos, GraNd), or 'all'")
     p.add_argument("--tasks", nargs="+", help="target tasks or named lists (task_list.py)")
     p.add_argument("--source_tasks", nargs="+",
                    help="source tasks (default: --tasks); a target is never its own source")

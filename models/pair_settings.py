@@ -49,16 +49,27 @@ class TuneAllConfig(PairsConfig):
     log_file_only: bool = False
 
 
-def tune_all_parser(description: str | None) -> argparse.ArgumentParser:
+def pairs_parser(description: str | None, never: str, modules: str) -> argparse.ArgumentParser:
+    """A parser with ``PairsConfig``'s flags, phrased for the entry point: a target is ``never`` its own source,
+    and ``--tune_method`` names the method of its ``modules``."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+",
-                   help="sources (default: --tasks); a target is never tuned from itself")
+    p.add_argument("--source_tasks", nargs="+", help=f"sources (default: --tasks); a target is never {never}")
     p.add_argument("--source_ckpt_path", required=True,
                    help="folder holding one source module per task: {source_ckpt_path}/{source}")
-    p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
     p.add_argument("--tune_method",
-                   help=f"expected method of the sources ({', '.join(METHODS)}); default: whatever they are")
+                   help=f"expected method of the {modules} ({', '.join(METHODS)}); default: whatever they are")
+    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
+    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    add_group_size_arg(p)
+    add_backbone_and_data_args(p)
+    return p
+
+
+def tune_all_parser(description: str | None) -> argparse.ArgumentParser:
+    p = pairs_parser(description, "tuned from itself", "sources")
+    p.add_argument("--output_dir", required=True, help="tuned modules go to {output_dir}/{target}/{source}")
     p.add_argument("--steps", type=int, help="training steps per (target, source) pair")
     p.add_argument("--learning_rate", type=float, help="AdamW learning rate of every pair")
     p.add_argument("--bsz", type=int, help="training batch size")
@@ -68,12 +79,7 @@ def tune_all_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--max_grad_norm", type=float, help="clip each module's gradient to this norm (0: no clipping)")
     p.add_argument("--seed", type=int, help="seed of batching and dropout (same for every pair)")
     p.add_argument("--overwrite", action="store_true", help="redo pairs whose tuned module already exists")
-    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--log_file_only", action="store_true", help="log lines only to tune_all.log (progress bars stay)")
-    add_group_size_arg(p)
-    add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(TuneAllConfig))
     return p
 
@@ -89,20 +95,10 @@ class DevAllConfig(PairsConfig):
 
 
 def dev_all_parser(description: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--tasks", nargs="+", help="targets: task names or named lists")
-    p.add_argument("--source_tasks", nargs="+",
-                   help="sources (default: --tasks); a target is never scored with its own module")
-    p.add_argument("--source_ckpt_path", required=True,
-                   help="folder holding one source module per task: {source_ckpt_path}/{source}")
+    p = pairs_parser(description, "scored with its own module", "modules")
     p.add_argument("--tuneall_ckpt_path",
                    help="tune_all.py's --output_dir: tuned modules at {tuneall_ckpt_path}/{target}/{source}")
     p.add_argument("--output", required=True, help="TSV to write: target, source, dev_zero_shot, dev_after")
-    p.add_argument("--tune_method",
-                   help=f"expected method of the modules ({', '.join(METHODS)}); default: whatever they are")
-    p.add_argument("--predict_batch_size", type=int, help="batch size of the dev generation")
-    p.add_argument("--num_beams", type=int, help="beam width of the dev generation (1: greedy)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (with --merge: the rows of this run's pairs)")
     p.add_argument("--merge", action="store_true",
@@ -111,7 +107,5 @@ def dev_all_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="score only the pairs that --output lacks, or holds with dev_after '-' where a tuned module "
                         "now exists; its other rows are kept (implies --merge)")
-    add_group_size_arg(p)
-    add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(DevAllConfig))
     return p
