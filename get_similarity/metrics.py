@@ -16,6 +16,16 @@ more than a short one, not a mean of per-example means.
 * EL2N: ‖p_s - onehot(y_j)‖₂ per token; lower.
 * LogitsCos: cos(p_s, onehot(y_j)) = p_s(y_j) / ‖p_s‖₂ per token; higher.
 
+Answer-level metrics (``kind="answer"``: LEEP, LogME) see the whole split at once: ``fn(AnswerOutputs)`` gets
+every example's log-distribution over its first answer token, its features there (the input of the output
+layer) and its target label, and returns one value, or None where the metric is undefined (LogME on a target
+without classes: an unknown, written "-").
+
+Parameter-space metrics (``kind="parameter"``: Arrow, GradAlign) run no forward pass per source: the scorer
+computes one probe per target (``probe``: the base model's inputs to each adapted projection, or the target's
+loss gradient at the neutral module) and ``fn(probe, updates)`` compares it with the source's task vector
+(get_similarity/estimators.py). A metric that needs a method's structure names the methods it applies to.
+
 GraNd works per example instead: ``fn(grads)`` is the L2 norm of one example's gradient of its mean token
 loss with respect to θ_s (or one group of θ_s), and the score is the mean over examples of D_t.
 :func:`per_example_grad_norms` computes these norms, one backward pass per example.
@@ -25,18 +35,21 @@ All arithmetic is in float32 (logits may come in bf16 from a GPU).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from get_similarity import estimators
 from models.backbones import IGNORE_INDEX, family_of, token_logp
 from models.examples import EncodedTask, collate, to_device
 from utils.errors import UserInputError
 
 DIRECTIONS = ("lower", "higher")
+KINDS = ("token", "grad", "answer", "parameter")
+PROBES = ("inputs", "gradient")  # what a parameter-space metric needs of the target, computed once per target
 TokenFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -49,6 +62,12 @@ class Metric:
     fn: Callable
     needs_reference: bool = False
     needs_grad: bool = False
+    kind: str = "token"
+    probe: str | None = None  # parameter-space metrics: the target probe they read
+    methods: tuple[str, ...] = ()  # the delta methods it applies to; empty: every one
+
+    def applies_to(self, method: str) -> bool:
+        return not self.methods or method in self.methods
 
     def similarity(self, value: float) -> float:
         """The value oriented so that higher always means more similar (negated for "lower" metrics)."""
@@ -58,23 +77,29 @@ class Metric:
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, direction: str, needs_reference: bool = False,
-             needs_grad: bool = False) -> Callable[[Callable], Callable]:
+def register(name: str, direction: str, needs_reference: bool = False, needs_grad: bool = False,
+             kind: str | None = None, probe: str | None = None,
+             methods: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Add the decorated function to METRICS under ``name``; the function itself is returned unchanged."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, found {direction!r}")
+    kind = kind or ("grad" if needs_grad else "token")
+    if kind not in KINDS or (kind == "parameter") != (probe is not None) or (probe and probe not in PROBES):
+        raise ValueError(f"metric {name!r}: kind {kind!r} with probe {probe!r}; expected a kind of {KINDS}, and a "
+                         f"probe of {PROBES} exactly for parameter-space metrics")
 
     def decorate(fn: Callable) -> Callable:
         if name in METRICS:
             raise ValueError(f"similarity metric {name!r} registered twice")
-        METRICS[name] = Metric(name, direction, fn, needs_reference, needs_grad)
+        METRICS[name] = Metric(name, direction, fn, needs_reference, needs_grad, kind, probe, methods)
         return fn
 
     return decorate
 
 
-def resolve_metrics(names: list[str] | str) -> list[Metric]:
-    """Metrics named on the command line (space- or comma-separated; ``all`` = every one), in order given."""
+def resolve_metrics(names: list[str] | str, method: str | None = None) -> list[Metric]:
+    """Metrics named on the command line (space- or comma-separated; ``all`` = every one that applies to
+    ``method``), in order given; a named metric that does not apply to ``method`` is refused."""
     if isinstance(names, str):
         names = [names]
     tokens = [t for name in names for t in name.replace(",", " ").split()]
@@ -83,8 +108,11 @@ def resolve_metrics(names: list[str] | str) -> list[Metric]:
     picked: list[str] = []
     for token in tokens:
         if token == "all":
-            picked.extend(METRICS)
+            picked.extend(n for n, m in METRICS.items() if method is None or m.applies_to(method))
         elif token in METRICS:
+            if method is not None and not METRICS[token].applies_to(method):
+                raise UserInputError(f"--metric {token}: applies to {', '.join(METRICS[token].methods)} modules, "
+                                     f"not to --delta {method}")
             picked.append(token)
         else:
             raise UserInputError(f"--metric: unknown metric {token!r}; expected 'all' or some of {', '.join(METRICS)}")
@@ -171,6 +199,48 @@ class TokenMean:
         if self.count == 0:
             raise ValueError("no target tokens to average over")
         return self.total / self.count
+
+
+# --- answer-level metrics (LEEP, LogME) ---------------------------------------------------------------
+
+
+@dataclass
+class AnswerOutputs:
+    """What the answer-level metrics see of one module on one target split, one row per example."""
+
+    first_logp: torch.Tensor  # (n, V) log-distribution over the first answer token, float32
+    features: torch.Tensor  # (n, d) the output layer's input at the first answer token
+    labels: list[Hashable]  # the target label: the gold answer on a classification target, else its first token
+    has_classes: bool  # whether the target is a classification task (models.examples.label_set)
+
+
+@register("LEEP", direction="higher", kind="answer")
+def answer_leep(outputs: AnswerOutputs) -> float:
+    """LEEP of the first-answer-token distribution for the target's labels (label-agnostic)."""
+    return estimators.leep(outputs.first_logp, outputs.labels)
+
+
+@register("LogME", direction="higher", kind="answer")
+def answer_logme(outputs: AnswerOutputs) -> float | None:
+    """LogME of the first-answer-token features for the target's classes; None (unknown) without classes."""
+    if not outputs.has_classes or len(set(outputs.labels)) < 2:
+        return None
+    return estimators.logme(outputs.features, outputs.labels)
+
+
+# --- parameter-space metrics (Arrow, GradAlign): no forward pass per source ----------------------------------
+
+
+@register("Arrow", direction="higher", kind="parameter", probe="inputs", methods=("lora",))
+def parameter_arrow(probe: dict[str, torch.Tensor], updates: dict[str, estimators.Update]) -> float:
+    """Mean |cos| of each LoRA update's top right singular vector with the target's inputs to its projection."""
+    return estimators.arrow_alignment(probe, updates)
+
+
+@register("GradAlign", direction="higher", kind="parameter", probe="gradient", methods=("lora", "ia3"))
+def parameter_grad_align(probe: dict[str, torch.Tensor], updates: dict[str, estimators.Update]) -> float:
+    """cos(-∇L_target, task vector) at the neutral module, in the method's linear update space."""
+    return estimators.gradient_alignment(probe, updates)
 
 
 # --- gradient-based metric ------------------------------------------------------------------------------

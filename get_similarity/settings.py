@@ -35,6 +35,8 @@ class SimilarityConfig(BackboneDataConfig):
     resume: bool = False  # score only the rows that result.tsv lacks; the rows it has are kept as they are
     bf16: bool = False
     group_size: int | str = setting(AUTO, GROUP_SIZE)  # sources per forward pass (models/group.py); 1: one at a time
+    prefilter: str | None = None  # two-stage retrieval: this parameter-space metric ranks every source first
+    prefilter_top: int = setting(20, POSITIVE_INT)  # ... and the other metrics score only its top N
 
 
 def similarity_parser(description: str | None) -> argparse.ArgumentParser:
@@ -42,7 +44,7 @@ def similarity_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, choices=METHODS, help="delta method of the source modules")
     p.add_argument("--metric", nargs="+", required=True,
                    help="one or several metrics of the registry in get_similarity/metrics.py (built in: Loss, KL, "
-                        "EL2N, LogitsCos, GraNd), or 'all'")
+                        "EL2N, LogitsCos, GraNd, LEEP, LogME, Arrow, GradAlign), or 'all'")
     p.add_argument("--tasks", nargs="+", help="target tasks or named lists (task_list.py)")
     p.add_argument("--source_tasks", nargs="+",
                    help="source tasks (default: --tasks); a target is never its own source")
@@ -65,6 +67,12 @@ def similarity_parser(description: str | None) -> argparse.ArgumentParser:
                    help="score only the (target, source, metric, group) rows that result.tsv lacks; without it (and "
                         "without --overwrite) a row this run would write that is already there is refused")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (forward and backward passes)")
+    p.add_argument("--prefilter", metavar="METRIC",
+                   help="two-stage retrieval for a large library: this metric, one that runs no forward pass per "
+                        "source (Arrow, GradAlign), ranks every source, and the other metrics score only the top "
+                        "--prefilter_top; a fusion from the table merges those (default: off, every metric scores "
+                        "every source)")
+    p.add_argument("--prefilter_top", type=int, help="how many sources the --prefilter keeps per target")
     add_backbone_and_data_args(p)
     p.set_defaults(**field_defaults(SimilarityConfig))
     return p

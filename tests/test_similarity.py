@@ -133,12 +133,20 @@ def test_grad_norm_by_hand() -> None:
 
 def test_registry_directions_and_flags() -> None:
     assert {n: m.direction for n, m in METRICS.items()} == {
-        "Loss": "lower", "KL": "lower", "EL2N": "lower", "LogitsCos": "higher", "GraNd": "lower"}
+        "Loss": "lower", "KL": "lower", "EL2N": "lower", "LogitsCos": "higher", "LEEP": "higher", "LogME": "higher",
+        "Arrow": "higher", "GradAlign": "higher", "GraNd": "lower"}
     assert [n for n, m in METRICS.items() if m.needs_reference] == ["KL"]
     assert [n for n, m in METRICS.items() if m.needs_grad] == ["GraNd"]
+    assert {n: m.kind for n, m in METRICS.items() if m.kind != "token"} == {
+        "LEEP": "answer", "LogME": "answer", "Arrow": "parameter", "GradAlign": "parameter", "GraNd": "grad"}
+    assert [n for n in METRICS if not METRICS[n].applies_to("adapter")] == ["Arrow", "GradAlign"]
+    assert [n for n in METRICS if not METRICS[n].applies_to("ia3")] == ["Arrow"]
     assert METRICS["Loss"].fn is token_loss and METRICS["LogitsCos"].fn is token_logits_cos
     assert METRICS["Loss"].similarity(2.0) == -2.0 and METRICS["LogitsCos"].similarity(0.3) == 0.3
-    assert [m.name for m in resolve_metrics(["all"])] == ["Loss", "KL", "EL2N", "LogitsCos", "GraNd"]
+    assert [m.name for m in resolve_metrics(["all"], "prefix")] == ["Loss", "KL", "EL2N", "LogitsCos", "LEEP", "LogME",
+                                                                     "GraNd"]
+    with pytest.raises(UserInputError, match="--metric Arrow: applies to lora modules, not to --delta ia3"):
+        resolve_metrics(["Loss Arrow"], "ia3")
     assert [m.name for m in resolve_metrics(["GraNd,Loss", "GraNd"])] == ["GraNd", "Loss"]
     with pytest.raises(UserInputError, match="unknown metric 'loss'"):
         resolve_metrics(["loss"])
@@ -244,7 +252,7 @@ def test_cli_rows_are_targets_x_other_sources_x_metrics(tiny_backbone_dir: Path,
     rows = read_rows(out / "result.tsv")
     keys = [(r["target"], r["source"], r["metric"], r["group"]) for r in rows]
     expected = [(t, s, m, "model") for t in TASKS for s in TASKS if s != t
-                for m in ["Loss", "KL", "EL2N", "LogitsCos", "GraNd"]]
+                for m in ["Loss", "KL", "EL2N", "LogitsCos", "LEEP", "LogME", "Arrow", "GradAlign", "GraNd"]]
     assert keys == expected
     assert all(r["target"] != r["source"] for r in rows)
     assert all(math.isfinite(float(r["score"])) for r in rows)
