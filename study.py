@@ -92,6 +92,8 @@ top_k = 0  # keep the K heaviest sources of every weighting, renormalised; 0: al
 learned_budget = 40  # learned, learned:METRIC: evaluations of the train loss per target (LoraHub's budget)
 learned_optimizer = "nevergrad"  # nevergrad (LoraHub's NGOpt) | gradient (Adam through the linear merge)
 max_examples = 64  # dev examples scored by each similarity metric
+prefilter = ""  # two-stage retrieval: this metric (Arrow, GradAlign) ranks all sources, the rest score its top N
+prefilter_top = 20  # sources the prefilter keeps per target
 # with dropout on, a module trained in a group draws other dropout masks than alone (docs/scale-out.md)
 group_size = "auto"  # modules per forward pass in every stage; auto: what fits a quarter of memory, at most 32
 transferability = False  # single-source test scores (pairs stage) and how well each weighting predicts them

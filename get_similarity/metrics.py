@@ -119,6 +119,18 @@ def resolve_metrics(names: list[str] | str, method: str | None = None) -> list[M
     return [METRICS[n] for n in dict.fromkeys(picked)]  # de-duplicated, first mention wins
 
 
+def check_prefilter(name: str, method: str, flag: str = "--prefilter") -> Metric:
+    """The metric of a two-stage retrieval: one that runs no forward pass per source and applies to ``method``."""
+    cheap = METRICS.get(name)
+    if cheap is None or cheap.kind != "parameter":
+        cheap_ones = [m.name for m in METRICS.values() if m.kind == "parameter"]
+        raise UserInputError(f"{flag} {name}: expected a metric that runs no forward pass per source, one of "
+                             f"{', '.join(cheap_ones)}")
+    if not cheap.applies_to(method):
+        raise UserInputError(f"{flag} {name}: applies to {', '.join(cheap.methods)} modules, not to {method}")
+    return cheap
+
+
 # --- token-level metrics ----------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from get_similarity.metrics import (
     AnswerOutputs,
     Metric,
     TokenMean,
+    check_prefilter,
     modules_grad_norms,
     per_example_grad_norms,
     resolve_metrics,
@@ -405,14 +406,7 @@ def check_args(config: SimilarityConfig) -> list[Metric]:
     metrics = resolve_metrics(config.metric, config.delta)
     check_ranges(config)  # every number against the range its field declares (get_similarity/settings.py)
     if config.prefilter is not None:
-        cheap = METRICS.get(config.prefilter)
-        if cheap is None or cheap.kind != "parameter":
-            cheap_ones = [m.name for m in METRICS.values() if m.kind == "parameter"]
-            raise UserInputError(f"--prefilter {config.prefilter}: expected a metric that runs no forward pass per "
-                                 f"source, one of {', '.join(cheap_ones)}")
-        if not cheap.applies_to(config.delta):
-            raise UserInputError(f"--prefilter {cheap.name}: applies to {', '.join(cheap.methods)} modules, not to "
-                                 f"--delta {config.delta}")
+        cheap = check_prefilter(config.prefilter, config.delta)
         if config.resume:
             raise UserInputError("--resume with --prefilter: the retrieval decides which rows a run writes, so a "
                                  "resumed table could mix two retrievals; rerun with --overwrite")

@@ -100,6 +100,16 @@ STUDY_FLAGS = {"--optimizer": "--learned_optimizer", "--budget": "--learned_budg
 def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
     """Each fusion's settings through the fusion's own checks (unit_model.fusion.check_settings), on the
     configuration its stage will run."""
+    from get_similarity.metrics import METRICS, check_prefilter
+
+    for delta in plan.deltas:
+        if plan.p.prefilter:
+            check_prefilter(plan.p.prefilter, f"--deltas {delta}", flag="--prefilter")
+        for fusion in plan.fusions:
+            metric = METRICS.get(fusion.weighting.name)
+            if metric is not None and not metric.applies_to(delta):
+                raise UserInputError(f"--fusions {fusion.name}: {metric.name} applies to {', '.join(metric.methods)} "
+                                     f"modules, not to --deltas {delta}")
     run = DeltaRun(plan, layout, None, plan.deltas[0], 1)
     for fusion in plan.fusions:
         try:

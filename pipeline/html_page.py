@@ -59,6 +59,10 @@ def write_index_html(results: Path, blocks: Sequence, title: str = "Transfer stu
     gain = results / "gain_by_method.png"
     if gain.is_file():
         body += ["<h2>Gain over random initialisation</h2>", figure(gain, "mean test gain, 95% bootstrap CI")]
+    estimators = results / "estimators.png"
+    if estimators.is_file():
+        body += ["<h2>Transferability estimators</h2>",
+                 figure(estimators, "Spearman with single-source transfer, mean over cells, 95% bootstrap CI")]
     curves = sorted(results.glob("learning_curves_*.png"))
     if curves:
         body.append("<h2>Learning curves</h2>")

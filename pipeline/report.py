@@ -19,6 +19,7 @@ from pipeline.html_page import write_index_html
 from pipeline.layout import StudyLayout, budget_dir
 from pipeline.results import ArmTable, StudyResults, compute_results
 from pipeline.settings import StudyPlan
+from pipeline.validation import REFERENCE_ESTIMATOR, STATISTICS
 from utils.io import atomic_file, save_figure_atomic, write_text_atomic, write_tsv_atomic
 
 
@@ -86,6 +87,63 @@ def table_blocks(results: StudyResults, table: ArmTable) -> list[Block]:
     return blocks
 
 
+def with_ci(c: PairedComparison | None, digits: int = 2) -> str:
+    """``mean [low, high]``, or "-" when unknown."""
+    if c is None:
+        return "-"
+    if c.ci_low is None:
+        return f"{c.mean_gain:+.{digits}f}"
+    return f"{c.mean_gain:+.{digits}f} [{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]"
+
+
+def estimator_blocks(results: StudyResults) -> list[Block]:
+    """Every similarity metric against single-source transfer, and every fusion against its members."""
+    blocks: list[Block] = []
+    if results.estimators:
+        rows = tuple((e.delta, e.metric, str(e.cells), *[with_ci(e.stats[name]) for name in STATISTICS],
+                      with_ci(e.versus_reference["spearman"]), with_ci(e.versus_reference["regret"]))
+                     for e in results.estimators)
+        blocks += [Block("heading", "Transferability estimators against single-source transfer"),
+                   Block("paragraph", "Per (target, data seed) cell, each metric's scores (oriented: higher = more "
+                                      "similar) against the test scores of the target tuned from each single source; "
+                                      "mean over cells [95% bootstrap CI]. Regret: the best source's test score minus "
+                                      f"that of the source ranked first. The last two columns: this metric minus "
+                                      f"{REFERENCE_ESTIMATOR} on the same cells."),
+                   Block("table", header=("delta", "estimator", "cells", "Spearman", "Kendall τ", "NDCG@3",
+                                          "top-1 regret", f"Spearman - {REFERENCE_ESTIMATOR}",
+                                          f"regret - {REFERENCE_ESTIMATOR}"), rows=rows),
+                   Block("paragraph", ranking_sentence(results))]
+    if results.member_gaps:
+        blocks += [Block("heading", "Each fusion against its own members (first budget)"),
+                   Block("paragraph", "Fused start's test score minus the best single-source transfer among the "
+                                      "sources it weights (> 0), and minus the best single source of all (the "
+                                      "oracle); mean over cells [95% bootstrap CI]."),
+                   Block("table", header=("delta", "fusion", "cells", "over its best member", "to the oracle"),
+                         rows=tuple((g.delta, g.fusion, str(g.cells), with_ci(g.over_best_member, 3),
+                                     with_ci(g.to_oracle, 3)) for g in results.member_gaps))]
+    return blocks
+
+
+def ranking_sentence(results: StudyResults) -> str:
+    """What the estimator table supports: the best mean Spearman, and whether its CI against Loss excludes 0."""
+    sentences = []
+    for delta in results.deltas:
+        mine = [e for e in results.estimators if e.delta == delta and e.stats["spearman"] is not None]
+        if not mine:
+            continue
+        best = max(mine, key=lambda e: e.stats["spearman"].mean_gain)
+        versus = best.versus_reference["spearman"]
+        if best.metric == REFERENCE_ESTIMATOR:
+            verdict = f"no other estimator has a higher mean than {REFERENCE_ESTIMATOR}"
+        elif versus is not None and versus.ci_excludes_zero:
+            verdict = f"its difference from {REFERENCE_ESTIMATOR}'s excludes 0: this ranking stands"
+        else:
+            verdict = f"its CI against {REFERENCE_ESTIMATOR}'s includes 0: the two are not told apart"
+        sentences.append(f"{delta}: the highest mean Spearman is {best.metric}'s "
+                         f"({best.stats['spearman'].mean_gain:+.2f}); {verdict}.")
+    return " ".join(sentences)
+
+
 def summary_blocks(results: StudyResults) -> list[Block]:
     blocks = [b for table in results.tables for b in table_blocks(results, table)]
     means = [r for r in results.transferability if r.data_seed is None]
@@ -95,7 +153,7 @@ def summary_blocks(results: StudyResults) -> list[Block]:
                    Block("table", header=("delta", "method", "Spearman", "NDCG@3", "family precision@3"),
                          rows=tuple((r.delta, r.fusion, fmt(r.spearman), fmt(r.ndcg), fmt(r.family_precision))
                                     for r in means))]
-    return blocks
+    return blocks + estimator_blocks(results)
 
 
 def markdown(blocks: list[Block]) -> str:
@@ -136,6 +194,10 @@ def write_tables(results: StudyResults, layout: StudyLayout) -> None:
                                                   "family_precision@3"],
                      [[r.delta, r.fusion, r.target, "-" if r.data_seed is None else r.data_seed, fmt(r.spearman),
                        fmt(r.ndcg), fmt(r.family_precision)] for r in results.transferability])
+    write_tsv_atomic(out("estimators.tsv"), ["delta", "metric", "target", "data_seed", "sources", "spearman",
+                                             "kendall", "ndcg@3", "top1_regret"],
+                     [[c.delta, c.metric, c.target, c.data_seed, c.sources, fmt(c.spearman), fmt(c.kendall),
+                       fmt(c.ndcg), fmt(c.regret, 4)] for c in results.estimator_cells])
     write_tsv_atomic(out("transfer_pairs.tsv"), ["delta", "data_seed", "target", "source", "test", "gain_over_random"],
                      [[r.delta, r.data_seed, r.target, r.source, r.test, f"{r.gain:+.4f}"] for r in results.pairs])
 
@@ -189,6 +251,30 @@ def plot_gains(results: StudyResults, layout: StudyLayout) -> None:
     plt.close(fig)
 
 
+def plot_estimators(results: StudyResults, layout: StudyLayout) -> None:
+    """Each estimator's mean Spearman with single-source transfer, with its 95% CI; one panel per delta method."""
+    import matplotlib.pyplot as plt
+
+    deltas = [d for d in results.deltas if any(e.delta == d for e in results.estimators)]
+    if not deltas:
+        return
+    fig, axes = plt.subplots(1, len(deltas), figsize=(4.5 * len(deltas), 3.2), squeeze=False, sharey=True)
+    for ax, delta in zip(axes[0], deltas):
+        mine = [e for e in results.estimators if e.delta == delta and e.stats["spearman"] is not None]
+        means = [e.stats["spearman"].mean_gain for e in mine]
+        err = np.array([[m - c.ci_low, c.ci_high - m] if c.ci_low is not None else [0.0, 0.0]
+                        for m, c in zip(means, (e.stats["spearman"] for e in mine))]).T
+        ax.errorbar(np.arange(len(mine)), means, yerr=err if mine else None, fmt="o", capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(mine)))
+        ax.set_xticklabels([e.metric for e in mine], rotation=45, ha="right")
+        ax.set_title(delta, fontsize=9)
+    axes[0][0].set_ylabel("Spearman with single-source\ntransfer (mean, 95% CI)")
+    fig.tight_layout()
+    save_figure_atomic(fig, layout.result_file("estimators.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def copy_heatmaps(results: StudyResults, layout: StudyLayout) -> None:
     for delta in results.deltas:
         for s in results.data_seeds:
@@ -212,6 +298,7 @@ def render(results: StudyResults, layout: StudyLayout) -> None:
     plot_learning_curves(results, layout)
     copy_heatmaps(results, layout)
     plot_gains(results, layout)
+    plot_estimators(results, layout)
     write_index_html(layout.results, blocks)
 
 

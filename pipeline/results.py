@@ -27,6 +27,15 @@ from scipy.stats import rankdata
 from models.run_folders import read_result_tsv
 from pipeline.comparison import PairedComparison, paired_comparison
 from pipeline.layout import StudyLayout
+from pipeline.validation import (
+    EstimatorCell,
+    EstimatorSummary,
+    MemberGap,
+    estimator_cells,
+    member_gaps,
+    ndcg_at,
+    summarise_estimators,
+)
 from unit_model.fusion_names import Fusion
 from utils.io import read_tsv
 
@@ -73,17 +82,6 @@ def spearman(x: list[float], y: list[float]) -> float:
     if len(set(x)) < 2 or len(set(y)) < 2:
         return float("nan")
     return float(spearmanr(x, y).statistic)
-
-
-def ndcg_at(scores: dict[str, float], relevance: dict[str, float], k: int = 3) -> float:
-    """NDCG@k of the ranking by ``scores`` (ties broken by name) against ``relevance``."""
-    def dcg(order: list[str]) -> float:
-        return sum(relevance[s] / math.log2(i + 2) for i, s in enumerate(order[:k]))
-
-    ranked = sorted(scores, key=lambda s: (-scores[s], s))
-    ideal = sorted(relevance, key=lambda s: (-relevance[s], s))
-    best = dcg(ideal)
-    return dcg(ranked) / best if best > 0 else float("nan")
 
 
 def family_precision(weights: dict[str, float], target: str, categories: dict[str, str], k: int = 3) -> float:
@@ -161,6 +159,9 @@ class StudyResults:
     tables: list[ArmTable]
     transferability: list[Transferability]
     pairs: list[PairScore]
+    estimator_cells: list[EstimatorCell] = field(default_factory=list)
+    estimators: list[EstimatorSummary] = field(default_factory=list)
+    member_gaps: list[MemberGap] = field(default_factory=list)
 
 
 def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], fusions: list[str],
@@ -184,11 +185,13 @@ def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], f
 
 
 def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: list[str], fusions: list[Fusion],
-                    data_seeds: list[int], categories: dict[str, str]) -> tuple[list[Transferability],
-                                                                                list[PairScore]]:
-    """Each ranking fusion's transferability per (target, data seed), then its means; and the single-source
-    transfers. Splits without a pairs.tsv (the report was not asked for) give none."""
+                    data_seeds: list[int], categories: dict[str, str],
+                    ) -> tuple[list[Transferability], list[PairScore], dict[int, dict[str, dict[str, float]]]]:
+    """Each ranking fusion's transferability per (target, data seed), then its means; the single-source transfers;
+    and their test scores, data seed -> target -> source. Splits without a pairs.tsv (the report was not asked for)
+    give none."""
     rows, pairs = [], []
+    by_seed: dict[int, dict[str, dict[str, float]]] = {}
     per_fusion: dict[str, list[Transferability]] = defaultdict(list)
     for s in data_seeds:
         side = layout.side(delta, s)
@@ -197,6 +200,7 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
             continue
         random = test_scores(side.random(first_iters))
         single: dict[str, dict[str, float]] = defaultdict(dict)
+        by_seed[s] = single
         for row in read_rows(pairs_path, ["target", "source", "test"]):
             single[row["target"]][row["source"]] = float(row["test"])
             pairs.append(PairScore(delta, s, row["target"], row["source"], row["test"],
@@ -217,17 +221,24 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
         means = [float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
                  for v in ([r.spearman for r in per], [r.ndcg for r in per], [r.family_precision for r in per])]
         rows.append(Transferability(delta, name, "mean", None, *means))
-    return rows, pairs
+    return rows, pairs, {s: dict(single) for s, single in by_seed.items()}
 
 
 def compute_results(layout: StudyLayout, deltas: list[str], targets: list[str], fusions: list[Fusion],
                     data_seeds: list[int], budgets: list[int], categories: dict[str, str]) -> StudyResults:
     """Everything the report shows, read back from the study's folders (so it can be rebuilt at any time)."""
     names = [f.name for f in fusions]
-    tables, rows, pairs = [], [], []
+    tables, rows, pairs, cells, gaps = [], [], [], [], []
     for delta in deltas:
         tables += [arm_table(layout, delta, iters, targets, names, data_seeds) for iters in budgets]
-        made = transferability(layout, delta, budgets[0], targets, fusions, data_seeds, categories)
-        rows += made[0]
-        pairs += made[1]
-    return StudyResults(deltas, targets, names, data_seeds, budgets, tables, rows, pairs)
+        made, made_pairs, single = transferability(layout, delta, budgets[0], targets, fusions, data_seeds,
+                                                   categories)
+        rows += made
+        pairs += made_pairs
+        cells += estimator_cells(layout, delta, data_seeds, targets, single)
+        first = next(t for t in tables if t.delta == delta and t.iters == budgets[0])
+        weights = {f: {s: fusion_weights(layout.side(delta, s).weights(f)) for s in single
+                       if layout.side(delta, s).weights(f).is_file()} for f in names}
+        gaps += member_gaps(delta, names, {f: first.scores[f] for f in names}, weights, single)
+    return StudyResults(deltas, targets, names, data_seeds, budgets, tables, rows, pairs, cells,
+                        summarise_estimators(cells), gaps)

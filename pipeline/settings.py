@@ -31,7 +31,8 @@ DEFAULT_SIZES = METHOD_SIZES["default"]  # the embedded default's method sizes: 
 RANGES = {**{name: POSITIVE_INT for name in (
               "source_k", "source_iters", "source_bsz", "source_valid_interval", "target_k", "target_bsz",
               "target_valid_interval", "max_input_length", "max_output_length", "adapter_size", "lora_r",
-              "prefix_length", "prefix_mlp", "prefix_iters_scale", "learned_budget", "max_examples", "jobs")},
+              "prefix_length", "prefix_mlp", "prefix_iters_scale", "learned_budget", "max_examples", "jobs",
+              "prefilter_top")},
           **{name: POSITIVE for name in ("source_lr", "target_lr", "cos_tem", "lora_alpha", "ia3_lr_scale")},
           **{name: NON_NEGATIVE_INT for name in ("source_early_stop", "top_k", "slurm_gpus", "slurm_cpus",
                                                  "slurm_array_parallelism")},

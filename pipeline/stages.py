@@ -233,11 +233,12 @@ def similarity(side: TargetSide) -> None:
     table = side.paths.similarity
     # A step that runs again (its marker missing: killed, or an output deleted) replaces its outputs.
     config = SimilarityConfig(**run.backbone, k=plan.p.target_k, data_seed=side.data_seed, overwrite=True,
-                              delta=run.delta, metric=metric_names(), tasks=plan.targets,
+                              delta=run.delta, metric=metric_names(run.delta), tasks=plan.targets,
                               source_tasks=plan.task_pool, source_ckpt_path=str(run.sources),
                               random_tuned_ckpt_path=str(side.paths.random(plan.first_iters)),
                               output_dir=str(table.parent), max_examples=plan.p.max_examples, init_seed=plan.p.seed,
-                              group_size=run.group_size)
+                              group_size=run.group_size, prefilter=plan.p.prefilter or None,
+                              prefilter_top=plan.p.prefilter_top)
     run.steps.stage(side.stage(5, "similarity"), [("all",)],
                     StageWork(outputs=lambda _: [table], run=lambda _: run_similarity(config)))
 

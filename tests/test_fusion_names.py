@@ -35,7 +35,8 @@ def test_what_a_fusion_reads_and_whether_it_ranks() -> None:
 def test_the_original_temperatures_are_the_original_codes() -> None:
     temperatures = {n: get_weighting(n).original_temperature for n in study_weightings()}
     assert temperatures == {"average": None, "manual": None, "learned": None, "Loss": 0.1, "KL": 0.1, "EL2N": 0.1,
-                            "LogitsCos": 0.1, "GraNd": 0.1, "Euclidean": 0.1, "Performance": 0.001, "cos": 0.001}
+                            "LogitsCos": 0.1, "GraNd": 0.1, "LEEP": 0.1, "LogME": 0.1, "Arrow": 0.1,
+                            "GradAlign": 0.1, "Euclidean": 0.1, "Performance": 0.001, "cos": 0.001}
 
 
 def test_the_metric_weightings_are_the_metric_registrys() -> None:

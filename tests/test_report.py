@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from pipeline.report import fmt
-from pipeline.results import family_precision, ndcg_at
+from pipeline.results import family_precision
+from pipeline.validation import ndcg_at
 
 
 def test_family_precision_counts_only_tasks_with_a_category() -> None:

@@ -63,11 +63,12 @@ WEIGHTINGS: dict[str, WeightingSpec] = {w.name: w for w in (
 )}
 
 
-def metric_names() -> list[str]:
-    """The similarity metrics, from their registry (get_similarity/metrics.py), in registration order."""
+def metric_names(method: str | None = None) -> list[str]:
+    """The similarity metrics (those that apply to delta ``method`` when given), from their registry
+    (get_similarity/metrics.py), in registration order."""
     from get_similarity.metrics import METRICS
 
-    return list(METRICS)
+    return [name for name, metric in METRICS.items() if method is None or metric.applies_to(method)]
 
 
 def get_weighting(name: str) -> WeightingSpec:

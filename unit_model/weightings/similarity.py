@@ -58,6 +58,16 @@ def read_similarity_tsv(path: str | Path, metric: str | None) -> tuple[str, dict
     return metric, scores
 
 
+def retrieval_of(path: Path) -> str | None:
+    """The prefilter a similarity table was scored with (get_similarity --prefilter), from the settings recorded
+    beside it; None for a table every metric scored in full."""
+    from get_similarity.scoring import SETTINGS_FILE
+    from utils.io import read_json_object
+
+    recorded = path.parent / SETTINGS_FILE
+    return read_json_object(recorded).get("prefilter") if recorded.is_file() else None
+
+
 def plan_others(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> Weighting:
     """Weights from any zero-shot similarity result.tsv, each metric in its declared direction."""
     path = Path(require(config, "result_tsv"))
@@ -67,9 +77,13 @@ def plan_others(config: FusionConfig, tasks: list[str], cache: ModuleCache) -> W
     for t in config.target_list:  # before any checkpoint is opened: the likelier mistake is the wrong table
         if t not in present:
             raise UserInputError(f"{path}: target {t!r} has no {metric} rows")
+    retrieval = retrieval_of(path)
+    scored = {key[:2] for key in table}
     plans = []
     for t in config.target_list:
         sources = leave_one_out(t, tasks)
+        if retrieval:  # a two-stage table: this metric scored only the sources its prefilter retrieved
+            sources = [s for s in sources if (t, s) in scored]
         plans.append(Plan(t, sources, source_modules(cache, config.source_ckpt_path, t, sources), {}, {}, direction))
     cache.check(config.delta)
     groups = sorted({param_group(k, config.granularity) for k in plans[0].modules[0].shapes})
