@@ -21,6 +21,10 @@ EXTRACT_TASKS = ["ext_animals", "ext_colours", "ext_food", "ext_names"]
 FAMILIES: dict[str, list[str]] = {"sentiment": SENTIMENT_TASKS, "topic": TOPIC_TASKS, "lookup": LOOKUP_TASKS,
                                   "entail": ENTAIL_TASKS, "extract": EXTRACT_TASKS}
 ALL_TASKS = [task for tasks in FAMILIES.values() for task in tasks]
+# Label-word traps (targets only): each has one family's skill and another family's label words.
+TRAP_TASKS = ["trap_sent_truefalse", "trap_topic_yesno", "trap_nli_happysad", "trap_topic_posneg"]
+TRAP_CATEGORIES = {"trap_sent_truefalse": "sentiment", "trap_topic_yesno": "topic", "trap_nli_happysad": "entail",
+                   "trap_topic_posneg": "topic"}
 # One task per family: the small default of the tuning scripts.
 SAMPLE_TASKS = [tasks[0] for tasks in FAMILIES.values()]
 
@@ -51,6 +55,7 @@ CROSSFIT_QA_TASKS = [
 
 TASK_LISTS: dict[str, list[str]] = {
     "ALL_TASKS": ALL_TASKS,
+    "TRAP_TASKS": TRAP_TASKS,
     "SAMPLE_TASKS": SAMPLE_TASKS,
     "SENTIMENT_TASKS": SENTIMENT_TASKS,
     "TOPIC_TASKS": TOPIC_TASKS,
@@ -62,8 +67,8 @@ TASK_LISTS: dict[str, list[str]] = {
 }
 
 # Manual categories: task -> category, used by the "manual division" fusion method and family precision.
-MANUAL_CATEGORIES: dict[str, str] = {task: category for groups in (FAMILIES, PAPER_CATEGORIES)
-                                     for category, tasks in groups.items() for task in tasks}
+MANUAL_CATEGORIES: dict[str, str] = {**{task: category for groups in (FAMILIES, PAPER_CATEGORIES)
+                                        for category, tasks in groups.items() for task in tasks}, **TRAP_CATEGORIES}
 CATEGORIES_FILE = "task_categories.tsv"  # optional, in a task folder: columns task, category
 
 

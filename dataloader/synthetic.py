@@ -243,6 +243,19 @@ SUITE: tuple[TaskSpec, ...] = (
     extract_task("ext_names", "names", "who is mentioned in : {text}"),
 )
 
+# Label-word traps: targets (never sources: they are not in FAMILIES) whose skill is one family's and whose label
+# words are another's. They tell apart a metric that rewards a source for emitting the target's words from one that
+# finds the sources with its skill.
+TRAPS: tuple[TaskSpec, ...] = (
+    sentiment_task("trap_sent_truefalse", "{text} . the writer liked it , true or false ?", "false", "true"),
+    topic_task("trap_topic_yesno", "{text} . is this about food , yes or no ?",
+               {"food": "yes", "sports": "no", "music": "no"}, metric="ACC"),
+    entail_task("trap_nli_happysad", "{premise} . does it follow that {hypothesis} ? happy or sad :", "sad",
+                "happy"),
+    topic_task("trap_topic_posneg", "{text} . about animals , positive or negative ?",
+               {"animals": "positive", "vehicles": "negative", "food": "negative"}, metric="ACC"),
+)
+
 # Pre-training mixture: the same skills with other prompts and label words, plus copying.
 PRETRAIN_TASKS: tuple[TaskSpec, ...] = (
     sentiment_task("pt_sent_a", "opinion : {text} polarity ?", "minus", "plus"),
@@ -264,6 +277,7 @@ PRETRAIN_TASKS: tuple[TaskSpec, ...] = (
 PRETRAIN_SKILL_WEIGHTS = {"extract": 2.0, "copy": 2.0}
 
 SUITE_BY_NAME = {spec.name: spec for spec in SUITE}
+TRAP_FAMILIES = {spec.name: spec.family for spec in TRAPS}
 FAMILIES: dict[str, list[str]] = {}
 for _spec in SUITE:
     FAMILIES.setdefault(_spec.family, []).append(_spec.name)
@@ -308,7 +322,7 @@ def build_task_splits(spec: TaskSpec) -> dict[tuple[int, int], dict[str, list[tu
     return files
 
 
-def write_suite(out_dir: Path, specs: tuple[TaskSpec, ...] = SUITE) -> list[Path]:
+def write_suite(out_dir: Path, specs: tuple[TaskSpec, ...] = SUITE + TRAPS) -> list[Path]:
     """Write the suite in CrossFit layout plus `task_metrics.tsv`; returns the written files."""
     written = []
     for spec in specs:

@@ -7,7 +7,9 @@
   LEEP = (1/n) Σ_i log Σ_z P̂(y_i | z) θ_i(z). Higher is better; at most 0.
 * ``logme``: LogME (You et al. 2021), the maximum over (α, β) of the log evidence of a Bayesian linear regression
   of each one-hot label column on the features, per example, averaged over the columns. The evidence of one
-  column y is log N(y; 0, FFᵀ/α + I/β); LogME finds its maximum by the paper's fixed-point updates. Higher.
+  column y is log N(y; 0, FFᵀ/α + I/β); LogME finds its maximum by the paper's fixed-point updates. With at
+  least as many feature dimensions as examples (the few-shot case) the updates can run to β → ∞ (y fitted
+  exactly); the supremum there, log N(y; 0, FFᵀ/α) at its best α, is then taken in closed form. Higher.
 * ``arrow_alignment``: Arrow's prototype (Ostapenko et al. 2024) of a low-rank update ΔW = B·A·s is its top right
   singular vector v; its alignment with the target is the root-mean-square over the target's tokens of cos(v, h),
   h the base model's input to that projection, averaged over the projections. (Arrow routes a token by |⟨v, h⟩|;
@@ -79,6 +81,10 @@ def column_evidence(f: torch.Tensor, y: torch.Tensor, tolerance: float = 1e-9,
     alpha, beta = 1.0, 1.0
     for _ in range(max_steps):
         gamma, m_sq, residual = fit(alpha, beta)
+        if residual <= 1e-12 * float(y.double() @ y.double()) and len(s) == n and s.min() > 0:
+            return noiseless_evidence(sigma, projected, alpha)
+        if alpha > 1e12 * beta * max(float(sigma.max()), 1e-300):  # α → ∞: the features explain nothing
+            return noise_only_evidence(y, n)
         new_alpha, new_beta = gamma / max(m_sq, 1e-300), (n - gamma) / max(residual, 1e-300)
         converged = abs(new_alpha - alpha) <= tolerance * alpha and abs(new_beta - beta) <= tolerance * beta
         alpha, beta = new_alpha, new_beta
@@ -89,6 +95,26 @@ def column_evidence(f: torch.Tensor, y: torch.Tensor, tolerance: float = 1e-9,
     evidence = (n / 2 * math.log(beta) + d / 2 * math.log(alpha) - n / 2 * math.log(2 * math.pi)
                 - beta / 2 * residual - alpha / 2 * m_sq - log_det / 2)
     return evidence / n, alpha, beta
+
+
+def noiseless_evidence(sigma: np.ndarray, projected: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """(log evidence / n, α, ∞) at the edge β → ∞, where the updates go when the n examples' features have full rank
+    n (d ≥ n, so some weights fit y exactly and the noise precision grows without bound). The evidence there is
+    log N(y; 0, FFᵀ/α), largest at α = n / yᵀ(FFᵀ)⁻¹y; FFᵀ = U diag(σ) Uᵀ in the SVD's basis."""
+    n = len(sigma)
+    quadratic = float((projected ** 2 / sigma).sum())  # yᵀ (FFᵀ)⁻¹ y
+    alpha = n / quadratic if quadratic > 0 else alpha
+    evidence = (-n / 2 * math.log(2 * math.pi) - float(np.log(sigma).sum()) / 2 + n / 2 * math.log(alpha)
+                - alpha / 2 * quadratic)
+    return evidence / n, alpha, math.inf
+
+
+def noise_only_evidence(y: torch.Tensor, n: int) -> tuple[float, float, float]:
+    """(log evidence / n, ∞, β) at the edge α → ∞, where the updates go when no weight explains y better than
+    noise: the evidence there is log N(y; 0, I/β), largest at β = n / ‖y‖²."""
+    sq = float(y.double() @ y.double())
+    beta = n / sq if sq > 0 else 1.0
+    return (-n / 2 * math.log(2 * math.pi) + n / 2 * math.log(beta) - beta / 2 * sq) / n, math.inf, beta
 
 
 @dataclass

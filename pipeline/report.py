@@ -121,6 +121,16 @@ def estimator_blocks(results: StudyResults) -> list[Block]:
                    Block("table", header=("delta", "fusion", "cells", "over its best member", "to the oracle"),
                          rows=tuple((g.delta, g.fusion, str(g.cells), with_ci(g.over_best_member, 3),
                                      with_ci(g.to_oracle, 3)) for g in results.member_gaps))]
+    if results.label_words:
+        blocks += [Block("heading", "Label words or skill? (targets whose label words belong to another family)"),
+                   Block("paragraph", "Share of each fusion's weight on the sources that answer with the target's "
+                                      "label words but belong to another family, and on the sources of the target's "
+                                      "own family; \"uniform\": each group's share by count; \"tuned alone\": each "
+                                      "group's mean single-source test gain over random init (first budget). Mean "
+                                      "over the trap cells [95% bootstrap CI]."),
+                   Block("table", header=("delta", "fusion", "cells", "label-word sources", "skill sources"),
+                         rows=tuple((w.delta, w.fusion, str(w.cells), with_ci(w.label_word), with_ci(w.skill))
+                                    for w in results.label_words))]
     return blocks
 
 
@@ -305,10 +315,12 @@ def render(results: StudyResults, layout: StudyLayout) -> None:
 def write_report(plan: StudyPlan, layout: StudyLayout, categories: dict[str, str] | None = None) -> StudyResults:
     """Compute the study's results from its folders and render them; ``categories`` (default: the task folder's)
     give family precision."""
+    from pipeline.validation import task_label_words
     from task_list import task_categories
 
     categories = task_categories(plan.p.task_dir) if categories is None else categories
+    words = task_label_words(plan.p.task_dir, list(dict.fromkeys([*plan.task_pool, *plan.targets])))
     results = compute_results(layout, plan.deltas, plan.targets, plan.fusions, plan.data_seeds,
-                              [iters for iters, _ in plan.budgets], categories)
+                              [iters for iters, _ in plan.budgets], categories, words)
     render(results, layout)
     return results

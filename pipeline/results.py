@@ -30,8 +30,10 @@ from pipeline.layout import StudyLayout
 from pipeline.validation import (
     EstimatorCell,
     EstimatorSummary,
+    LabelWordShare,
     MemberGap,
     estimator_cells,
+    label_word_shares,
     member_gaps,
     ndcg_at,
     summarise_estimators,
@@ -162,6 +164,7 @@ class StudyResults:
     estimator_cells: list[EstimatorCell] = field(default_factory=list)
     estimators: list[EstimatorSummary] = field(default_factory=list)
     member_gaps: list[MemberGap] = field(default_factory=list)
+    label_words: list[LabelWordShare] = field(default_factory=list)
 
 
 def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], fusions: list[str],
@@ -186,19 +189,21 @@ def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], f
 
 def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: list[str], fusions: list[Fusion],
                     data_seeds: list[int], categories: dict[str, str],
-                    ) -> tuple[list[Transferability], list[PairScore], dict[int, dict[str, dict[str, float]]]]:
+                    ) -> tuple[list[Transferability], list[PairScore], dict[int, dict[str, dict[str, float]]],
+                               dict[int, dict[str, float]]]:
     """Each ranking fusion's transferability per (target, data seed), then its means; the single-source transfers;
-    and their test scores, data seed -> target -> source. Splits without a pairs.tsv (the report was not asked for)
-    give none."""
+    their test scores, data seed -> target -> source; and random init's, data seed -> target. Splits without a
+    pairs.tsv (the report was not asked for) give none."""
     rows, pairs = [], []
     by_seed: dict[int, dict[str, dict[str, float]]] = {}
+    random_by_seed: dict[int, dict[str, float]] = {}
     per_fusion: dict[str, list[Transferability]] = defaultdict(list)
     for s in data_seeds:
         side = layout.side(delta, s)
         pairs_path = side.pairs
         if not pairs_path.is_file():
             continue
-        random = test_scores(side.random(first_iters))
+        random = random_by_seed[s] = test_scores(side.random(first_iters))
         single: dict[str, dict[str, float]] = defaultdict(dict)
         by_seed[s] = single
         for row in read_rows(pairs_path, ["target", "source", "test"]):
@@ -221,18 +226,20 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
         means = [float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
                  for v in ([r.spearman for r in per], [r.ndcg for r in per], [r.family_precision for r in per])]
         rows.append(Transferability(delta, name, "mean", None, *means))
-    return rows, pairs, {s: dict(single) for s, single in by_seed.items()}
+    return rows, pairs, {s: dict(single) for s, single in by_seed.items()}, random_by_seed
 
 
 def compute_results(layout: StudyLayout, deltas: list[str], targets: list[str], fusions: list[Fusion],
-                    data_seeds: list[int], budgets: list[int], categories: dict[str, str]) -> StudyResults:
-    """Everything the report shows, read back from the study's folders (so it can be rebuilt at any time)."""
+                    data_seeds: list[int], budgets: list[int], categories: dict[str, str],
+                    label_words: dict[str, set[str]] | None = None) -> StudyResults:
+    """Everything the report shows, read back from the study's folders (so it can be rebuilt at any time);
+    ``label_words`` (task -> its label words) give the label-word table."""
     names = [f.name for f in fusions]
-    tables, rows, pairs, cells, gaps = [], [], [], [], []
+    tables, rows, pairs, cells, gaps, shares = [], [], [], [], [], []
     for delta in deltas:
         tables += [arm_table(layout, delta, iters, targets, names, data_seeds) for iters in budgets]
-        made, made_pairs, single = transferability(layout, delta, budgets[0], targets, fusions, data_seeds,
-                                                   categories)
+        made, made_pairs, single, random = transferability(layout, delta, budgets[0], targets, fusions, data_seeds,
+                                                           categories)
         rows += made
         pairs += made_pairs
         cells += estimator_cells(layout, delta, data_seeds, targets, single)
@@ -240,5 +247,7 @@ def compute_results(layout: StudyLayout, deltas: list[str], targets: list[str], 
         weights = {f: {s: fusion_weights(layout.side(delta, s).weights(f)) for s in single
                        if layout.side(delta, s).weights(f).is_file()} for f in names}
         gaps += member_gaps(delta, names, {f: first.scores[f] for f in names}, weights, single)
+        ranking = [f.name for f in fusions if f.weighting.ranks_sources]
+        shares += label_word_shares(delta, ranking, weights, single, random, label_words or {}, categories)
     return StudyResults(deltas, targets, names, data_seeds, budgets, tables, rows, pairs, cells,
-                        summarise_estimators(cells), gaps)
+                        summarise_estimators(cells), gaps, shares)

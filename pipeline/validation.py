@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.comparison import PairedComparison, paired_comparison
 from pipeline.layout import StudyLayout
+from utils.errors import UserInputError
 from utils.io import read_tsv
 
 REFERENCE_ESTIMATOR = "Loss"  # the one every other estimator is compared with, cell by cell
@@ -180,3 +181,74 @@ def member_gaps(delta: str, fusions: list[str], fused: dict[str, dict[tuple[str,
             out.append(MemberGap(delta, f, len(over), paired_comparison(*map(list, zip(*over))),
                                  paired_comparison(*map(list, zip(*oracle)))))
     return out
+
+
+@dataclass(frozen=True)
+class LabelWordShare:
+    """On targets whose label words belong to another family: how much weight a fusion puts on the sources that
+    share the target's label words (of another family) and on those of the target's own family (its skill),
+    mean over those cells with CIs. ``fusion`` "uniform" is the share each group has by count, and "tuned alone"
+    the mean single-source gain over random init of each group."""
+
+    delta: str
+    fusion: str
+    cells: int
+    label_word: PairedComparison
+    skill: PairedComparison
+
+
+def task_label_words(task_dir, tasks: list[str]) -> dict[str, set[str]]:
+    """The label words of each classification task (models.examples.label_set of its largest train split); a task
+    with free-text answers or without data has none."""
+    from dataloader.crossfit import available_shots, load_task
+    from dataloader.metrics import metric_for_task
+    from models.examples import label_set
+
+    words = {}
+    for task in tasks:
+        try:
+            k, seed = max(available_shots(task_dir, task))
+        except (ValueError, OSError, UserInputError):  # no folder or no split: no known label words
+            continue
+        labels = label_set(load_task(task_dir, task, k, seed, ["train"])["train"], metric_for_task(task, task_dir))
+        if labels:
+            words[task] = set(labels)
+    return words
+
+
+def label_word_groups(target: str, sources: list[str], words: dict[str, set[str]],
+                      categories: dict[str, str]) -> tuple[list[str], list[str]] | None:
+    """(sources that share a label word with ``target`` from another category, sources of its category), or None
+    when the target is no trap (either group empty, or its words or category unknown)."""
+    if target not in words or target not in categories:
+        return None
+    mine = categories[target]
+    word = [s for s in sources if categories.get(s) not in (None, mine) and words.get(s, set()) & words[target]]
+    skill = [s for s in sources if categories.get(s) == mine]
+    return (word, skill) if word and skill else None
+
+
+def label_word_shares(delta: str, fusions: list[str], weights: dict[str, dict[int, dict[str, dict[str, float]]]],
+                      single: dict[int, dict[str, dict[str, float]]], random: dict[int, dict[str, float]],
+                      words: dict[str, set[str]], categories: dict[str, str]) -> list[LabelWordShare]:
+    """Each fusion's weight on label-word sources against skill sources, over the trap cells; then the share by
+    count ("uniform") and the groups' single-source gains ("tuned alone")."""
+    shares: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for s, by_target in single.items():
+        for t, transfers in by_target.items():
+            groups = label_word_groups(t, sorted(transfers), words, categories)
+            if groups is None:
+                continue
+            word, skill = groups
+            shares["uniform"].append((len(word) / len(transfers), len(skill) / len(transfers)))
+            base = random[s][t]
+            shares["tuned alone"].append((float(np.mean([transfers[x] - base for x in word])),
+                                          float(np.mean([transfers[x] - base for x in skill]))))
+            for f in fusions:
+                w = weights.get(f, {}).get(s, {}).get(t)
+                if w:
+                    total = sum(w.values())
+                    shares[f].append((sum(w.get(x, 0.0) for x in word) / total,
+                                      sum(w.get(x, 0.0) for x in skill) / total))
+    return [LabelWordShare(delta, f, len(v), mean_ci([a for a, _ in v]), mean_ci([b for _, b in v]))
+            for f, v in shares.items() if v]

@@ -88,6 +88,26 @@ def test_logme_is_the_maximised_evidence(n: int, d: int) -> None:
     assert estimators.logme(torch.tensor(f), labels) == pytest.approx(sum(per_class) / 3, abs=1e-12)
 
 
+def test_logme_at_the_edges() -> None:
+    """With more feature dimensions than examples (the demo has 16 and 128) the updates can leave every finite
+    (α, β): to β → ∞ when the features fit y exactly, to α → ∞ when they explain it no better than noise. The value
+    is then the supremum on that edge in closed form, which no finite (α, β) exceeds."""
+    rng = np.random.default_rng(0)
+    y = np.array([float(i % 4 == 0) for i in range(16)])
+    f = rng.normal(size=(16, 128)) * 0.05
+    f[:, 0] += 3 * y  # one dimension carries the label
+    value, alpha, beta = estimators.column_evidence(torch.tensor(f), torch.tensor(y))
+    gram = f @ f.T
+    assert beta == math.inf and alpha == pytest.approx(16 / (y @ np.linalg.solve(gram, y)), rel=1e-9)
+    assert value == pytest.approx(multivariate_normal.logpdf(y, np.zeros(16), gram / alpha) / 16, abs=1e-9)
+    assert value >= scipy_max_evidence(f, y) / 16 - 1e-6
+    noise = np.random.default_rng(1).normal(size=(16, 128))
+    value, alpha, beta = estimators.column_evidence(torch.tensor(noise), torch.tensor(y))
+    assert alpha == math.inf and beta == pytest.approx(16 / (y @ y))
+    assert value == pytest.approx(multivariate_normal.logpdf(y, np.zeros(16), np.eye(16) / beta) / 16, abs=1e-9)
+    assert value >= scipy_max_evidence(noise, y) / 16 - 1e-6
+
+
 def test_logme_prefers_features_that_separate_the_labels() -> None:
     rng = np.random.default_rng(0)
     labels = [i % 2 for i in range(40)]

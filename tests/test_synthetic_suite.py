@@ -10,7 +10,7 @@ import pytest
 import task_list
 from dataloader.crossfit import list_tasks, load_task
 from dataloader.metrics import METRICS, metric_for_task
-from dataloader.synthetic import FAMILIES, SUITE, write_suite
+from dataloader.synthetic import FAMILIES, SUITE, TRAP_FAMILIES, TRAPS, write_suite
 from tests.conftest import SUITE_DIR
 from utils.errors import UserInputError
 
@@ -26,7 +26,12 @@ def test_committed_suite_equals_a_fresh_generation(tmp_path):
 
 def test_families_tasks_and_metrics():
     assert len(FAMILIES) >= 5 and all(len(tasks) >= 4 for tasks in FAMILIES.values())
-    assert list_tasks(SUITE_DIR) == sorted(spec.name for spec in SUITE)
+    assert list_tasks(SUITE_DIR) == sorted(spec.name for spec in SUITE + TRAPS)
+    assert task_list.TRAP_TASKS == [spec.name for spec in TRAPS]
+    assert task_list.TRAP_CATEGORIES == TRAP_FAMILIES  # a trap's category is its skill's family
+    for trap in TRAPS:  # its label words are another family's, never its own family's
+        owners = {spec.family for spec in SUITE if set(spec.labels) & set(trap.labels)}
+        assert owners and trap.family not in owners, trap.name
     metrics = {metric_for_task(spec.name, SUITE_DIR) for spec in SUITE}
     assert {"ACC", "Classification-F1", "EM"} <= metrics and metrics & {"Rouge-L", "Pearson-Correlation"}
     assert metrics <= set(METRICS)
