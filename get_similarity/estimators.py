@@ -19,7 +19,7 @@
   loss, to first order. ∇L_t is taken at the neutral module, in the space where the method's update is linear
   (ΔW for LoRA, the scale vectors for (IA)³). Higher.
 
-Everything is computed in float64.
+The products run in the probe's precision (float32 from the scorer, float64 in the tests), every sum in float64.
 """
 
 from __future__ import annotations
@@ -141,6 +141,26 @@ class Update:
         return self.scale ** 2 * float(((b.T @ b) * (a @ a.T)).sum())
 
 
+class Probe(dict):
+    """A target probe, part -> tensor, that keeps the float64 stack of each set of parts it was asked for: every
+    source is compared with the same probe, so its stacks are built once per target, not once per source."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stacks: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def stack(self, names: list[str]) -> torch.Tensor:
+        key = tuple(names)
+        if key not in self.stacks:
+            self.stacks[key] = torch.stack([self[k] for k in names])
+        return self.stacks[key]
+
+
+def stacked(probe: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The stack of ``probe``'s parts ``names`` (kept by a Probe, built anew from a plain mapping)."""
+    return probe.stack(names) if isinstance(probe, Probe) else torch.stack([probe[k] for k in names])
+
+
 def low_rank_stacks(updates: Mapping[str, Update]) -> list[tuple[list[str], torch.Tensor, torch.Tensor, float]]:
     """The low-rank parts grouped by shape and scale, each group stacked: (names, A (P, r, in), B (P, out, r),
     scale), so that one batched operation serves every layer of a shape."""
@@ -148,8 +168,8 @@ def low_rank_stacks(updates: Mapping[str, Update]) -> list[tuple[list[str], torc
     for k, u in updates.items():
         if u.tensor is None:
             groups.setdefault((tuple(u.a.shape), tuple(u.b.shape), u.scale), []).append(k)
-    return [(names, torch.stack([updates[k].a for k in names]).double(),
-             torch.stack([updates[k].b for k in names]).double(), key[2]) for key, names in groups.items()]
+    return [(names, torch.stack([updates[k].a for k in names]), torch.stack([updates[k].b for k in names]), key[2])
+            for key, names in groups.items()]
 
 
 def gradient_alignment(gradient: Mapping[str, torch.Tensor], updates: Mapping[str, Update]) -> float:
@@ -160,10 +180,12 @@ def gradient_alignment(gradient: Mapping[str, torch.Tensor], updates: Mapping[st
         raise ValueError("the gradient and the task vector share no part")
     inner, g_sq, t_sq = [], [], []
     for names, a, b, scale in low_rank_stacks(shared):  # ⟨g, ΔW⟩ and ‖ΔW‖² from the factors, batched
-        g = torch.stack([gradient[k] for k in names]).double()
-        inner.append(-scale * float((torch.bmm(b.transpose(1, 2), g) * a).sum()))
-        t_sq.append(scale ** 2 * float((torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2))).sum()))
-        g_sq.append(float(g.pow(2).sum()))
+        g = stacked(gradient, names)
+        a, b = a.to(g.dtype), b.to(g.dtype)
+        inner.append(-scale * float((torch.bmm(b.transpose(1, 2), g) * a).double().sum()))
+        t_sq.append(scale ** 2 * float((torch.bmm(b.transpose(1, 2), b) * torch.bmm(a, a.transpose(1, 2)))
+                                       .double().sum()))
+        g_sq.append(float(g.double().pow(2).sum()))
     for k, u in shared.items():
         if u.tensor is not None:
             inner.append(-u.inner(gradient[k]))
@@ -192,9 +214,10 @@ def arrow_alignment(second_moments: Mapping[str, torch.Tensor], updates: Mapping
         raise ValueError("no low-rank part of the source has target inputs")
     values = []
     for names, a, b, _ in low_rank_stacks(shared):
-        v = top_directions(a, b)
-        c = torch.stack([second_moments[k] for k in names]).double()
-        values.extend(torch.einsum("pi,pij,pj->p", v, c, v).clamp_min(0).sqrt().tolist())
+        c = stacked(second_moments, names)
+        v = top_directions(a.to(c.dtype), b.to(c.dtype))
+        quadratic = (torch.bmm(c, v[..., None])[..., 0] * v).double().sum(-1)  # vᵀ C v per part
+        values.extend(quadratic.clamp_min(0).sqrt().tolist())
     return math.fsum(values) / len(values)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from dataloader.crossfit import Example, load_task
 from dataloader.metrics import metric_for_task
-from get_similarity.estimators import Update, input_second_moment
+from get_similarity.estimators import Probe, Update, input_second_moment
 from get_similarity.metrics import (
     METRICS,
     AnswerOutputs,
@@ -301,7 +301,7 @@ class SimilarityScorer:
                                  f"{spec.name} modules have no neutral state to take a probe at")
         load_delta_state(self.model, neutral, "the neutral module")
         make = {"inputs": self._input_probe, "gradient": self._gradient_probe}
-        return {probe: make[probe](task) for probe in wanted}
+        return {probe: Probe(make[probe](task)) for probe in wanted}
 
     def _projections(self) -> dict[str, torch.nn.Linear]:
         """Factor pair -> the projection it updates, checked to have ΔW's shape."""
