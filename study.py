@@ -37,7 +37,7 @@ from utils.params import block_params  # noqa: E402  (the same parameter-block r
 output = "runs/study"  # the study's folder: {delta}/seed_{s}/..., results/, params.json, .steps/
 model = "models/default"  # backbone folder or hub id
 task_dir = "data/synthetic"  # CrossFit-layout data: the pool's large splits and the targets' few-shot ones
-tasks = "ALL_TASKS"  # the source pool; leave-one-out: a target's sources are the other tasks
+tasks = "ALL_TASKS"  # the source pool; leave-one-out: a target's sources are the other tasks (all, if it is not in it)
 # Lookup tasks are left out as targets: the default backbone already solves them zero-shot (no room for gain).
 targets = "sent_review sent_stars topic_numbered topic_places nli_support nli_entail"  # tuned on few shots
 deltas = "lora"  # delta methods, one study each: adapter lora prefix ia3

@@ -147,9 +147,7 @@ def resolve_plan(p: argparse.Namespace) -> StudyPlan:
         raise UserInputError(f"--target_warmup: expected auto or a number of steps, found {p.target_warmup!r}")
     task_pool = resolve_tasks(words(p.tasks), flag="--tasks")
     targets = resolve_tasks(words(p.targets), flag="--targets")
-    outside = [t for t in targets if t not in task_pool]
-    if outside:
-        raise UserInputError(f"--targets: {', '.join(outside)} not in --tasks (the source pool)")
+    # A target outside the pool is held out: its sources are the whole pool (inside it, every other task).
     deltas = words(p.deltas)
     for d in deltas:
         if d not in METHODS:

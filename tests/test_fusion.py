@@ -566,6 +566,33 @@ def test_others_uses_each_metrics_direction(world: dict, metric: str) -> None:
     assert meta["extra"]["direction"] == ("higher" if metric == "LogitsCos" else "lower")
 
 
+def test_a_held_out_target_and_a_retrieved_table(world: dict) -> None:
+    """A target outside --tasks takes every task of the pool as a source; a table scored with a prefilter (two-stage
+    retrieval) is fused over the sources it scored, while a full table missing a source is refused."""
+    import json
+
+    root, t = world["root"], "sent_review"
+    pool = [s for s in TASKS if s != t]
+    argv = ["--tasks", *pool, "--targets", t, "--source_ckpt_path", str(root / "sources"), "--result_tsv",
+            str(root / "similarity.tsv"), "--metric", "Loss", "--lora_combine", "params"]
+    assert run(unit_model_others, [*argv, "--save_ckpt_path", str(root / "held_out")]) == 0
+    w = weights_of(read_weights(root / "held_out" / "weights.tsv"), t)
+    assert sorted(w) == sorted(pool) and max(w, key=w.get) == FRIEND[t]
+    retrieved = root / "retrieved"
+    retrieved.mkdir()
+    kept = [FRIEND[t], "topic_news"]
+    lines = (root / "similarity.tsv").read_text().splitlines()
+    (retrieved / "result.tsv").write_text("\n".join([lines[0], *[x for x in lines[1:] if x.split("\t")[0] != t
+                                                                  or x.split("\t")[1] in kept]]) + "\n")
+    table = ["--result_tsv", str(retrieved / "result.tsv")]
+    assert run(unit_model_others, [*argv, *table, "--save_ckpt_path", str(root / "full_missing")]) == 2
+    (retrieved / "score_settings.json").write_text(json.dumps({"prefilter": "Arrow", "prefilter_top": 2}))
+    assert run(unit_model_others, [*argv, *table, "--save_ckpt_path", str(root / "two")]) == 0
+    w = weights_of(read_weights(root / "two" / "weights.tsv"), t)
+    assert sorted(w) == sorted(kept)
+    assert_tensors_equal(load_delta_checkpoint(root / "two" / f"without_{t}")[0], expected_fusion(world["theta"], w))
+
+
 def test_others_per_layer_weights_and_averaging(world: dict) -> None:
     root = world["root"]
     argv = common(root, "oth_l", "--result_tsv", str(root / "similarity.tsv"), "--metric", "Loss",

@@ -116,11 +116,9 @@ def check_config(config: FusionConfig) -> tuple[FusionConfig, list[str]]:
     if config.export_peft:
         check_exportable(config.delta)
     tasks = resolve_tasks(config.tasks)
-    # Targets default to every task; a study fuses for a few targets, each with all other tasks as sources.
+    # Targets default to every task; a study fuses for a few targets, each with all other tasks as sources. A
+    # target outside the pool is held out: every task of the pool is its source.
     target_list = resolve_tasks(config.targets, flag="--targets") if config.targets else tasks
-    outside = [t for t in target_list if t not in tasks]
-    if outside:
-        raise UserInputError(f"--targets: {', '.join(outside)} not among --tasks (the source pool)")
     return dataclasses.replace(config, target_list=target_list), tasks
 
 
