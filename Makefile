@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo study study-full test test-fast test-portable lint bench
+.PHONY: demo study study-full traps test test-fast test-portable lint bench
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 # learned weights, six targets, three data seeds, the transferability report (docs/study.md gives its time).
 study: $(STAMP)
 	OUTPUT=runs/study TRANSFERABILITY=true bash scripts/pipeline.sh
+
+# The label-word traps (docs/estimators.md): four held-out targets whose label words are another family's, every
+# similarity metric as a weighting, the committed source library; TRAP_BUDGET=200 tunes every arm 200 steps.
+TRAP_BUDGET ?= 40
+TRAP_FUSIONS := average Loss KL EL2N LogitsCos GraNd LEEP LogME Arrow GradAlign learned
+traps: $(STAMP)
+	OUTPUT=runs/traps-$(TRAP_BUDGET) TARGETS=TRAP_TASKS TARGET_BUDGETS=$(TRAP_BUDGET) FUSIONS="$(TRAP_FUSIONS)" \
+		bash scripts/demo.sh
 
 # All three delta methods, every bundled task as a target (hours on 2 CPU cores; minutes on a GPU).
 study-full: $(STAMP)

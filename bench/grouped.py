@@ -76,8 +76,13 @@ def tune_all_once(sources: Path, names: list[str], out: Path, steps: int, size: 
     return wall, cpu, float(match.group(1))
 
 
+# The metrics the grouped forward pass serves, as measured when grouping was built (the estimators added since, LEEP
+# and LogME, ride on the same passes; Arrow and GradAlign run none per source).
+SCORED = ["Loss", "KL", "EL2N", "LogitsCos", "GraNd"]
+
+
 def score_once(sources: Path, names: list[str], out: Path, examples: int, size: int) -> tuple[float, float, float]:
-    argv = [sys.executable, "-m", "get_similarity.score", "--delta", "lora", "--metric", "all", "--tasks", TARGET,
+    argv = [sys.executable, "-m", "get_similarity.score", "--delta", "lora", "--metric", *SCORED, "--tasks", TARGET,
             "--source_tasks", *names, "--source_ckpt_path", str(sources), "--random_tuned_ckpt_path", str(sources),
             "--max_examples", str(examples), "--output_dir", str(out), "--task_dir", str(SUITE_DIR),
             "--group_size", str(size), "--device", "cpu", "--quiet"]
@@ -86,8 +91,8 @@ def score_once(sources: Path, names: list[str], out: Path, examples: int, size: 
     if match is None:
         raise RuntimeError(f"score.py printed no time: {stdout.strip()[-200:]}")
     rows = (out / "result.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    if len(rows) != 5 * len(names):
-        raise RuntimeError(f"{out / 'result.tsv'}: expected {5 * len(names)} rows, found {len(rows)}")
+    if len(rows) != len(SCORED) * len(names):
+        raise RuntimeError(f"{out / 'result.tsv'}: expected {len(SCORED) * len(names)} rows, found {len(rows)}")
     remove_tree(out)
     return wall, cpu, float(match.group(1)) * len(names)
 

@@ -527,8 +527,6 @@ CASES: dict[str, Case] = {
                                                                  words=("--tasks", "alpha"))),
     "fusion/duplicate-target": Case(unit_model_average.main, _flag(average_argv, "--targets", "beta", "beta",
                                                                    words=("--targets", "beta"))),
-    "fusion/target-not-in-pool": Case(unit_model_average.main, _flag(average_argv, "--targets", "delta",
-                                                                     words=("--targets", "delta"))),
     "fusion/result-tsv-missing-columns": Case(unit_model_others.main, _fusion_missing_columns),
     "fusion/sources-of-two-methods": Case(unit_model_average.main, _fusion_mixed_methods),
     "fusion/truncated-source": Case(unit_model_average.main, _fusion_truncated),
@@ -538,8 +536,6 @@ CASES: dict[str, Case] = {
     # ---- the pipeline
     "study/duplicate-target": Case(study.main, lambda w, t: (
         [*study_argv(w, t), "--targets", "alpha alpha"], ["--targets", "alpha"])),
-    "study/target-not-in-pool": Case(study.main, lambda w, t: ([*study_argv(w, t), "--targets", "delta"],
-                                                               ["--targets", "delta"])),
     "study/task-not-in-folder": Case(study.main, _study_missing_task),
     "study/bad-tsv-in-a-later-stage": Case(study.main, _study_bad_tsv),
     "study/lr-nan": Case(study.main, _flag(study_argv, "--target_lr", "nan", words=("--target_lr",))),

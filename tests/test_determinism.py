@@ -88,7 +88,7 @@ def test_score_twice_gives_identical_result_tsv(tmp_path: Path) -> None:
         "--output_dir", str(out), "--device", "cpu", "--quiet"])
     same_bytes(outs, ["result.tsv"])
     rows = (outs[0] / "result.tsv").read_text().splitlines()
-    assert len(rows) == 1 + 3 * 2 * 5 * 2  # targets x other sources x metrics x blocks
+    assert len(rows) == 1 + 3 * 2 * 9 * 2  # targets x other sources x metrics (all nine apply to LoRA) x blocks
     assert len({r.split("\t")[-1] for r in rows[1:]}) > 20  # real, distinct scores
 
 

@@ -226,16 +226,19 @@ def test_index_html_is_one_page_whose_images_all_decode(finished):
     results = finished / "results"
     page = Page()
     page.feed((results / "index.html").read_text(encoding="utf-8"))
-    figures = ["gain_by_method.png", *(p.name for p in results.glob("learning_curves_*.png")),
+    figures = ["gain_by_method.png", "estimators.png", *(p.name for p in results.glob("learning_curves_*.png")),
                *(p.name for p in (results / "heatmaps").iterdir())]
-    assert len(page.images) == len(figures) == 1 + len(DELTAS) * (len(BUDGETS) + len(SEEDS) * len(FUSIONS.split()))
+    assert (results / "estimators.png").is_file()
+    assert len(page.images) == len(figures) == 2 + len(DELTAS) * (len(BUDGETS) + len(SEEDS) * len(FUSIONS.split()))
     for src in page.images:
         assert src.startswith("data:image/png;base64,")  # nothing outside the page
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
         image.load()
         assert image.size[0] > 100 and image.size[1] > 100
-    # a table per (delta, budget), plus transferability's; the captions name every heatmap
-    assert page.tables == len(DELTAS) * len(BUDGETS) + 1
+    # a table per (delta, budget), plus transferability's, the estimators', the fusions against their members and,
+    # when a target is a label-word trap, the label-word table; the captions name every heatmap
+    traps = "Label words or skill?" in (results / "summary.md").read_text(encoding="utf-8")
+    assert page.tables == len(DELTAS) * len(BUDGETS) + 3 + traps
     assert "lora seed 13 KL" in page.captions
 
 
