@@ -18,7 +18,7 @@ case "$MODEL" in
           "are committed); run scripts/pipeline.sh for another backbone" >&2; exit 2 ;;
 esac
 : "${TARGETS:=sent_review topic_places nli_entail}"
-: "${FUSIONS:=average Loss KL learned}"
+: "${FUSIONS:=average Loss KL learned GradAlign}"
 : "${TRANSFERABILITY:=true}"  # how well each weighting predicts single-source transfer (tune-all, pairs)
 export MODEL OUTPUT SOURCE_LIBRARY TARGETS FUSIONS TRANSFERABILITY
 start=$(date +%s)
