@@ -65,3 +65,4 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/grouped.py
 	$(PY) bench/threads.py
 	$(PY) bench/cli_startup.py
+	$(PY) bench/library_scale.py

@@ -16,8 +16,8 @@ Three measurements, one report (``bench/results/library_scale.md``):
    fresh child each. The growth exponent b of seconds ~ a·N^b is fitted on each stage's times (least squares in
    log-log); 1 is linear.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/library_scale.py           # the full run (about 15 minutes)
-    OMP_NUM_THREADS=2 .venv/bin/python bench/library_scale.py --quick   # N = 10, 30; no t5-base
+    .venv/bin/python bench/library_scale.py           # the full run, PyTorch's default threads (the goal is on 2 cores)
+    .venv/bin/python bench/library_scale.py --quick   # N = 10, 30; no t5-base
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def resolve_metrics(names: list[str] | str, method: str | None = None) -> list[M
     return [METRICS[n] for n in dict.fromkeys(picked)]  # de-duplicated, first mention wins
 
 
-def check_prefilter(name: str, method: str, flag: str = "--prefilter") -> Metric:
+def check_prefilter(name: str, method: str, flag: str = "--prefilter", method_flag: str = "--delta") -> Metric:
     """The metric of a two-stage retrieval: one that runs no forward pass per source and applies to ``method``."""
     cheap = METRICS.get(name)
     if cheap is None or cheap.kind != "parameter":
@@ -127,7 +127,8 @@ def check_prefilter(name: str, method: str, flag: str = "--prefilter") -> Metric
         raise UserInputError(f"{flag} {name}: expected a metric that runs no forward pass per source, one of "
                              f"{', '.join(cheap_ones)}")
     if not cheap.applies_to(method):
-        raise UserInputError(f"{flag} {name}: applies to {', '.join(cheap.methods)} modules, not to {method}")
+        raise UserInputError(f"{flag} {name}: applies to {', '.join(cheap.methods)} modules, not to {method_flag} "
+                             f"{method}")
     return cheap
 
 

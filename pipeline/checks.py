@@ -104,7 +104,7 @@ def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
 
     for delta in plan.deltas:
         if plan.p.prefilter:
-            check_prefilter(plan.p.prefilter, f"--deltas {delta}", flag="--prefilter")
+            check_prefilter(plan.p.prefilter, delta, method_flag="--deltas")
         for fusion in plan.fusions:
             metric = METRICS.get(fusion.weighting.name)
             if metric is not None and not metric.applies_to(delta):

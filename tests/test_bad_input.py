@@ -536,6 +536,12 @@ CASES: dict[str, Case] = {
     # ---- the pipeline
     "study/duplicate-target": Case(study.main, lambda w, t: (
         [*study_argv(w, t), "--targets", "alpha alpha"], ["--targets", "alpha"])),
+    "study/prefilter-runs-forward-passes": Case(study.main, _flag(study_argv, "--prefilter", "Loss",
+                                                                  words=("--prefilter Loss", "no forward pass"))),
+    "study/prefilter-of-another-method": Case(study.main, _flag(study_argv, "--deltas", "ia3", "--prefilter", "Arrow",
+                                                                words=("--prefilter Arrow", "--deltas ia3"))),
+    "study/estimator-of-another-method": Case(study.main, _flag(study_argv, "--deltas", "ia3", "--fusions", "Arrow",
+                                                                words=("--fusions Arrow", "lora", "ia3"))),
     "study/task-not-in-folder": Case(study.main, _study_missing_task),
     "study/bad-tsv-in-a-later-stage": Case(study.main, _study_bad_tsv),
     "study/lr-nan": Case(study.main, _flag(study_argv, "--target_lr", "nan", words=("--target_lr",))),
