@@ -198,9 +198,10 @@ def test_gradient_probe_is_the_directional_derivative_of_the_loss(tiny_backbone_
     assert abs(derivative) > 1e-4  # the check is not 0 = 0
 
 
-def test_grouped_scores_equal_one_at_a_time(tiny_backbone_dir: Path) -> None:
-    """LEEP, LogME and the parameter-space metrics of a group of sources scored in one pass equal each alone."""
-    model, tokenizer = tiny_with_delta(tiny_backbone_dir, "lora")
+def test_grouped_scores_equal_one_at_a_time(family_backbone_dir: Path) -> None:
+    """LEEP, LogME and the parameter-space metrics of a group of sources scored in one pass equal each alone, on
+    both backbone families (the features are the output layer's input, aligned as the logits are)."""
+    model, tokenizer = tiny_with_delta(family_backbone_dir, "lora")
     model.eval()
     init = delta_state_dict(model)
     scorer = SimilarityScorer(model, tokenizer.pad_token_id, init, "block", batch_size=3, cfg=CONFIGS["lora"])
@@ -213,7 +214,7 @@ def test_grouped_scores_equal_one_at_a_time(tiny_backbone_dir: Path) -> None:
         alone = scorer.score(task, tensors, metrics, name, context=context)
         assert alone.keys() == scores.keys()
         for metric in alone:
-            assert set(alone[metric]) == {"encoder", "decoder"}
+            assert set(alone[metric]) == set(scorer.groups)
             for group, value in alone[metric].items():
                 assert scores[metric][group] == pytest.approx(value, rel=1e-4, abs=1e-6)
 
