@@ -168,7 +168,7 @@ class SimilarityScorer:
         forward = [m for m in metrics if m.kind in ("token", "answer")]
         for group in self.groups if forward else ():
             for i, (tensors, source) in enumerate(sources):
-                self._load(tensors if group is None else self.group_state(tensors, group), source, slots, i)
+                self._load(self.group_state(tensors, group), source, slots, i)
             for i, scores in enumerate(self._forward_scores(task, forward, reference, context, slots)):
                 for name, value in scores.items():
                     out[i][name][group] = value
