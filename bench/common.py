@@ -259,7 +259,8 @@ def write_report(results_dir: str | Path, name: str, title: str, command: str, t
 def command_line(script: str, argv: Sequence[str] | None, launcher: str = ".venv/bin/python") -> str:
     """The command that reproduces a report, as typed from the repository root."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset"), launcher, script, *args])
+    threads = os.environ.get("OMP_NUM_THREADS")  # unset: PyTorch's default, and no prefix to type
+    return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), launcher, script, *args])
 
 
 def scratch_dir(prefix: str) -> Path:
