@@ -17,7 +17,7 @@ Three measurements, one report (``bench/results/library_scale.md``):
    log-log); 1 is linear.
 
     .venv/bin/python bench/library_scale.py           # the full run, PyTorch's default threads (the goal is on 2 cores)
-    .venv/bin/python bench/library_scale.py --quick   # N = 10, 30; no t5-base
+    .venv/bin/python bench/library_scale.py --quick   # N = 10, 30; no t5-base; measurement 3 in-process
 """
 
 from __future__ import annotations
@@ -233,23 +233,29 @@ def main(argv: list[str] | None = None) -> int:
                                       "Arrow probe s/target", "GradAlign probe s/target"], cost_rows))
         # 3. the parameter-space stage alone at t5-base shape
         shape = "default" if a.quick else "t5-base"
-        stream_rows, seconds = [], []
+        stream_rows, seconds, stream_peaks = [], [], []
         for n in ns:
             timing = scratch / f"stream{n}.json"
-            r = run_peak_rss("bench.library_scale", ["--stream", str(n), shape, str(timing)],
-                             ["torch", "get_similarity.estimators"], scratch, f"parameter-space stage over {n}")
+            peak, added = "-", "-"
+            if a.quick:  # in this process, for seconds: no peak without a fresh child
+                stream_parameter_stage(n, shape, str(timing))
+            else:
+                r = run_peak_rss("bench.library_scale", ["--stream", str(n), shape, str(timing)],
+                                 ["torch", "get_similarity.estimators"], scratch, f"parameter-space stage over {n}")
+                peak, added = fmt(r["peak_mb"], 0), fmt(r["peak_mb"] - r["baseline_mb"], 0)
+                stream_peaks.append(r["peak_mb"])
             loop = json.loads(timing.read_text(encoding="utf-8"))["seconds"]
             seconds.append(loop)
-            stream_rows.append([n, fmt(loop, 2), fmt(loop / n * 1e3, 3), fmt(r["peak_mb"], 0),
-                                fmt(r["peak_mb"] - r["baseline_mb"], 0)])
+            stream_rows.append([n, fmt(loop, 2), fmt(loop / n * 1e3, 3), peak, added])
             print(" | ".join(map(str, stream_rows[-1])), flush=True)
         stream_exponent = growth_exponent(ns, seconds)
         tables.append(markdown_table([f"N modules ({shape} shape)", "Arrow + GradAlign s (generation excluded)",
                                       "ms per module",
                                       "peak MB", "peak - imports MB"], stream_rows))
-        notes += [f"parameter-space stage at {shape} shape: seconds ~ N^b with b = {stream_exponent:.2f}; peak at "
-                  f"N={ns[-1]} / at N={ns[0]} = "
-                  f"{float(stream_rows[-1][3].replace(',', '')) / float(stream_rows[0][3].replace(',', '')):.3f}"]
+        peaks = (f"; peak at N={ns[-1]} / at N={ns[0]} = {stream_peaks[-1] / stream_peaks[0]:.3f}"
+                 if stream_peaks else "")
+        notes.append(f"parameter-space stage at {shape} shape: seconds ~ N^b with b = {stream_exponent:.2f}{peaks}"
+                     + (" (--quick: in this process, so no peak)" if a.quick else ""))
     finally:
         remove_tree(scratch)
     notes += [f"target {TARGET}, 16-shot dev split of data seed 100; LoRA r=8 on q, v (the scripts' sizes); random "
