@@ -69,6 +69,12 @@ class Metric:
     def applies_to(self, method: str) -> bool:
         return not self.methods or method in self.methods
 
+    def require_method(self, method: str, where: str, method_flag: str = "--delta") -> None:
+        """Refuse, in one line that starts with ``where``, a delta method this metric does not apply to."""
+        if not self.applies_to(method):
+            raise UserInputError(f"{where}: applies to {', '.join(self.methods)} modules, not to "
+                                 f"{method_flag} {method}")
+
     def similarity(self, value: float) -> float:
         """The value oriented so that higher always means more similar (negated for "lower" metrics)."""
         return value if self.direction == "higher" else -value
@@ -110,9 +116,8 @@ def resolve_metrics(names: list[str] | str, method: str | None = None) -> list[M
         if token == "all":
             picked.extend(n for n, m in METRICS.items() if method is None or m.applies_to(method))
         elif token in METRICS:
-            if method is not None and not METRICS[token].applies_to(method):
-                raise UserInputError(f"--metric {token}: applies to {', '.join(METRICS[token].methods)} modules, "
-                                     f"not to --delta {method}")
+            if method is not None:
+                METRICS[token].require_method(method, f"--metric {token}")
             picked.append(token)
         else:
             raise UserInputError(f"--metric: unknown metric {token!r}; expected 'all' or some of {', '.join(METRICS)}")
@@ -126,9 +131,7 @@ def check_prefilter(name: str, method: str, flag: str = "--prefilter", method_fl
         cheap_ones = [m.name for m in METRICS.values() if m.kind == "parameter"]
         raise UserInputError(f"{flag} {name}: expected a metric that runs no forward pass per source, one of "
                              f"{', '.join(cheap_ones)}")
-    if not cheap.applies_to(method):
-        raise UserInputError(f"{flag} {name}: applies to {', '.join(cheap.methods)} modules, not to {method_flag} "
-                             f"{method}")
+    cheap.require_method(method, f"{flag} {name}", method_flag)
     return cheap
 
 

@@ -107,9 +107,8 @@ def check_fusions(plan: StudyPlan, layout: StudyLayout) -> None:
             check_prefilter(plan.p.prefilter, delta, method_flag="--deltas")
         for fusion in plan.fusions:
             metric = METRICS.get(fusion.weighting.name)
-            if metric is not None and not metric.applies_to(delta):
-                raise UserInputError(f"--fusions {fusion.name}: {metric.name} applies to {', '.join(metric.methods)} "
-                                     f"modules, not to --deltas {delta}")
+            if metric is not None:
+                metric.require_method(delta, f"--fusions {fusion.name}: {metric.name}", "--deltas")
     run = DeltaRun(plan, layout, None, plan.deltas[0], 1)
     for fusion in plan.fusions:
         try:
