@@ -11,6 +11,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -273,11 +274,13 @@ class SimilarityScorer:
         updates, probe = self.updates(tensors), context.probes[metric.probe]
         if len(self.groups) == 1:
             return {g: metric.fn(probe, updates) for g in self.groups}
-        part_group = self._part_groups()
+        part_group = self.part_groups
         return {g: metric.fn(probe, {k: u for k, u in updates.items() if part_group[k] == g}) for g in self.groups}
 
-    def _part_groups(self) -> dict[str, str]:
-        """The parameter group of each task-vector part (a factor pair's is that of its A factor)."""
+    @cached_property
+    def part_groups(self) -> dict[str, str]:
+        """The parameter group of each task-vector part (a factor pair's is that of its A factor): the same for
+        every source, so worked out once."""
         spec, _ = self._spec()
         pairs = spec.factor_pairs(list(self.init_state))
         paired = {k for pair in pairs.values() for k in pair}
