@@ -187,13 +187,23 @@ def arm_table(layout: StudyLayout, delta: str, iters: int, targets: list[str], f
     return table
 
 
+def read_weights(layout: StudyLayout, delta: str, fusions: list[str], data_seeds: list[int],
+                 ) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """Each fusion's weights on each split that has them, fusion -> data seed -> target -> source, read once for
+    every figure that needs them."""
+    return {f: {s: fusion_weights(layout.side(delta, s).weights(f)) for s in data_seeds
+                if layout.side(delta, s).weights(f).is_file()} for f in fusions}
+
+
 def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: list[str], fusions: list[Fusion],
                     data_seeds: list[int], categories: dict[str, str],
+                    weights: dict[str, dict[int, dict[str, dict[str, float]]]],
                     ) -> tuple[list[Transferability], list[PairScore], dict[int, dict[str, dict[str, float]]],
                                dict[int, dict[str, float]]]:
     """Each ranking fusion's transferability per (target, data seed), then its means; the single-source transfers;
     their test scores, data seed -> target -> source; and random init's, data seed -> target. Splits without a
-    pairs.tsv (the report was not asked for) give none."""
+    pairs.tsv (the report was not asked for) give none. ``weights`` is read_weights'; a split it lacks is read here
+    (and a missing weights.tsv refused, as before)."""
     rows, pairs = [], []
     by_seed: dict[int, dict[str, dict[str, float]]] = {}
     random_by_seed: dict[int, dict[str, float]] = {}
@@ -213,10 +223,10 @@ def transferability(layout: StudyLayout, delta: str, first_iters: int, targets: 
         for fusion in fusions:
             if not fusion.weighting.ranks_sources:
                 continue
-            weights = fusion_weights(side.weights(fusion.name))
+            by_target = weights.get(fusion.name, {}).get(s) or fusion_weights(side.weights(fusion.name))
             for t in targets:
                 sources = sorted(single[t])
-                w = {src: weights[t][src] for src in sources}
+                w = {src: by_target[t][src] for src in sources}
                 row = Transferability(delta, fusion.name, t, s, spearman([w[x] for x in sources],
                                                                          [single[t][x] for x in sources]),
                                       ndcg_at(w, single[t]), family_precision(w, t, categories))
@@ -238,14 +248,13 @@ def compute_results(layout: StudyLayout, deltas: list[str], targets: list[str], 
     tables, rows, pairs, cells, gaps, shares = [], [], [], [], [], []
     for delta in deltas:
         tables += [arm_table(layout, delta, iters, targets, names, data_seeds) for iters in budgets]
+        weights = read_weights(layout, delta, names, data_seeds)
         made, made_pairs, single, random = transferability(layout, delta, budgets[0], targets, fusions, data_seeds,
-                                                           categories)
+                                                           categories, weights)
         rows += made
         pairs += made_pairs
         cells += estimator_cells(layout, delta, data_seeds, targets, single)
         first = next(t for t in tables if t.delta == delta and t.iters == budgets[0])
-        weights = {f: {s: fusion_weights(layout.side(delta, s).weights(f)) for s in single
-                       if layout.side(delta, s).weights(f).is_file()} for f in names}
         gaps += member_gaps(delta, names, {f: first.scores[f] for f in names}, weights, single)
         ranking = [f.name for f in fusions if f.weighting.ranks_sources]
         shares += label_word_shares(delta, ranking, weights, single, random, label_words or {}, categories)
